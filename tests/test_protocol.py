@@ -1,0 +1,163 @@
+"""The wire protocol: round trips, and a clear error for every kind of bad input."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tff_amqp import protocol as p
+
+
+def _batch(**overrides) -> p.Envelope:
+    ops = [
+        p.Open(clients=3),
+        p.CreateValue(target=1, value=b"\x01\x02"),
+        p.CreateData(target=2, key="readings", type_spec=b"\x03"),
+        p.CreateCall(target=3, fn=1, arg=2),
+        p.CreateCall(target=4, fn=1),
+        p.CreateStruct(target=5, elements=((None, 3), ("named", 4))),
+        p.CreateSelection(target=6, source=5, index=1),
+        p.Compute(source=6),
+        p.Dispose(targets=(1, 2)),
+        p.Close(),
+    ]
+    fields = dict(
+        sender="coordinator",
+        invocation_id="inv",
+        correlation_id="corr",
+        deadline=time.time() + 60,
+        operations=ops,
+        seq=0,
+    )
+    fields.update(overrides)
+    return p.batch_envelope(**fields)
+
+
+def test_every_message_kind_round_trips():
+    envelopes = [
+        _batch(),
+        p.Envelope(kind=p.Kind.RESULT, body=p.Result(values={6: b"abc"}), sender="alpha"),
+        p.Envelope(
+            kind=p.Kind.ERROR,
+            body=p.ErrorReport(code=p.ErrorCode.PRIVACY, message="no"),
+            sender="alpha",
+        ),
+        p.Envelope(
+            kind=p.Kind.HEARTBEAT,
+            body=p.SiloStatus(silo="alpha", clients=2, data_keys=("a",), active_invocations=1),
+            sender="alpha",
+        ),
+    ]
+    for envelope in envelopes:
+        assert p.decode(p.encode(envelope)) == envelope
+
+
+def _raw(**overrides) -> bytes:
+    message = {
+        "v": p.PROTOCOL_VERSION,
+        "kind": "batch",
+        "id": "m1",
+        "corr": "c1",
+        "inv": "i1",
+        "deadline": 0.0,
+        "sender": "coordinator",
+        "body": {"seq": 0, "ops": [{"op": "close"}]},
+    }
+    message.update(overrides)
+    return msgpack.packb(message, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "words"),
+    [
+        (b"\xc1garbage", p.ErrorCode.MALFORMED, "msgpack"),
+        (msgpack.packb([1, 2, 3]), p.ErrorCode.MALFORMED, "map"),
+        (_raw(v=2), p.ErrorCode.VERSION, "version 2"),
+        (_raw(v="1"), p.ErrorCode.MALFORMED, "version"),
+        (_raw(kind="launch"), p.ErrorCode.MALFORMED, "kind"),
+        (_raw(body={"seq": 0, "ops": [{"op": "rm -rf"}]}), p.ErrorCode.UNKNOWN_OPERATION, "rm -rf"),
+        (
+            _raw(body={"seq": 0, "ops": [{"op": "call", "target": -1, "fn": 1}]}),
+            p.ErrorCode.MALFORMED,
+            "target",
+        ),
+        (
+            _raw(body={"seq": 0, "ops": [{"op": "value", "target": 1, "value": "text"}]}),
+            p.ErrorCode.MALFORMED,
+            "binary",
+        ),
+        (_raw(body={"seq": "0", "ops": []}), p.ErrorCode.MALFORMED, "seq"),
+        (_raw(deadline=float("nan")), p.ErrorCode.MALFORMED, "finite"),
+        (_raw(sender=""), p.ErrorCode.MALFORMED, "sender"),
+        (
+            _raw(kind="hello", body={"silo": "a.b", "clients": 1}),
+            p.ErrorCode.MALFORMED,
+            "silo name",
+        ),
+    ],
+)
+def test_bad_messages_get_specific_errors(payload, code, words):
+    with pytest.raises(p.ProtocolError) as error:
+        p.decode(payload)
+    assert error.value.code == code
+    assert words in str(error.value)
+
+
+def test_oversize_is_refused_before_publishing_with_the_limit_in_the_message():
+    envelope = _batch(operations=[p.CreateValue(target=1, value=b"x" * 2048)])
+    with pytest.raises(p.ProtocolError) as error:
+        p.encode(envelope, max_bytes=1024)
+    assert error.value.code == p.ErrorCode.TOO_LARGE
+    assert "1024" in str(error.value) and "max_message_size" in str(error.value)
+    with pytest.raises(p.ProtocolError):
+        p.decode(p.encode(envelope), max_bytes=1024)
+
+
+def test_peek_ids_recovers_routing_of_undecodable_messages():
+    assert p.peek_ids(_raw(v=99)) == ("i1", "c1")
+    assert p.peek_ids(b"\x00\xff") == ("", "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decode_never_crashes_on_arbitrary_bytes(data):
+    try:
+        p.decode(data)
+    except p.ProtocolError:
+        pass
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+_values = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from([k.value for k in p.Kind] + ["other"]),
+    body=st.dictionaries(
+        st.sampled_from(["ops", "seq", "values", "code", "message", "silo", "clients", "raw"]),
+        _values,
+    ),
+)
+def test_decode_never_crashes_on_structured_garbage(kind, body):
+    try:
+        p.decode(_raw(kind=kind, body=body))
+    except p.ProtocolError:
+        pass

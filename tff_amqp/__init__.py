@@ -1,0 +1,43 @@
+"""tff-amqp: run TensorFlow Federated computations across silos that open only
+outbound AMQP connections to a RabbitMQ broker.
+
+    import tff_amqp
+    ctx = tff_amqp.set_sync_amqp_execution_context("amqp://guest:guest@localhost/")
+    result = my_federated_computation(tff_amqp.silo_data("patients"))
+
+Names are imported lazily: importing TensorFlow Federated takes seconds, and
+the CLI should answer `--help` at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "create_sync_amqp_execution_context": "tff_amqp.context",
+    "create_async_amqp_execution_context": "tff_amqp.context",
+    "set_sync_amqp_execution_context": "tff_amqp.context",
+    "set_async_amqp_execution_context": "tff_amqp.context",
+    "AmqpSyncExecutionContext": "tff_amqp.context",
+    "AmqpAsyncExecutionContext": "tff_amqp.context",
+    "silo_data": "tff_amqp.data_reference",
+    "SiloDataReference": "tff_amqp.data_reference",
+    "TffAmqpError": "tff_amqp.errors",
+    "BrokerUnreachableError": "tff_amqp.errors",
+    "CohortError": "tff_amqp.errors",
+    "SiloError": "tff_amqp.errors",
+    "InvocationTimeoutError": "tff_amqp.errors",
+    "UnsupportedIntrinsicError": "tff_amqp.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tff_amqp' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,615 @@
+"""The tff-amqp wire protocol: every message between coordinator and silos.
+
+One module holds every message shape, so both sides agree by construction and
+every decoder validates the same way. A message body is a msgpack map:
+
+    {"v": 1, "kind": ..., "id": ..., "corr": ..., "inv": ..., "deadline": ...,
+     "sender": ..., "body": {...}}
+
+Values and computations travel as serialized TFF ``executor_pb2.Value`` /
+``computation_pb2.Type`` protos inside msgpack ``bin`` fields; the silo hands
+them to its local worker without interpreting them.
+
+Decoding never trusts input: wrong types, unknown kinds or operations, future
+protocol versions and oversize payloads raise :class:`ProtocolError` with a
+code and a message that says what was wrong, so the receiver can answer with
+an error reply (or dead-letter it) and keep serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+CONTENT_TYPE = "application/x-tff-amqp+msgpack"
+
+# RabbitMQ 3.x accepts up to 128 MiB per message (4.x: 16 MiB by default).
+# Anything above our limit is refused before it is published.
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+_MAX_ID_LEN = 128
+_MAX_NAME_LEN = 200
+
+
+class ErrorCode(enum.StrEnum):
+    """Machine-readable error categories carried in error replies."""
+
+    MALFORMED = "malformed"
+    VERSION = "unsupported_version"
+    TOO_LARGE = "too_large"
+    UNKNOWN_OPERATION = "unknown_operation"
+    BAD_REFERENCE = "bad_reference"
+    PRIVACY = "privacy_refused"
+    DATA = "data_error"
+    EXECUTION = "execution_error"
+    EXPIRED = "expired"
+    UNKNOWN_INVOCATION = "unknown_invocation"
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; `code` says which rule it broke."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Kind(enum.StrEnum):
+    """What a message is for."""
+
+    BATCH = "batch"  # coordinator -> silo: operations of one invocation
+    RESULT = "result"  # silo -> coordinator: values computed for a batch
+    ERROR = "error"  # silo -> coordinator: a batch (or message) failed
+    HELLO = "hello"  # silo -> coordinator: joined the federation
+    HEARTBEAT = "heartbeat"  # silo -> coordinator: still alive, with load
+    GOODBYE = "goodbye"  # silo -> coordinator: leaving on purpose
+
+
+# --------------------------------------------------------------------------
+# Operations: a batch carries an ordered list of them. Value ids are chosen by
+# the coordinator, so a whole pipeline of operations needs no round trip.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """Base class of batch operations. `op` is the tag on the wire."""
+
+    op: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Operation:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Open(Operation):
+    """Start the invocation's executor. `clients`: CLIENTS cardinality, or take it
+    from the silo's data under `data_key`, or (both None) the silo's default."""
+
+    op: ClassVar[str] = "open"
+    clients: int | None = None
+    data_key: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "clients": self.clients, "data_key": self.data_key}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Open:
+        clients = _opt_int(raw, "clients", minimum=0)
+        data_key = _opt_str(raw, "data_key")
+        return cls(clients=clients, data_key=data_key)
+
+
+@dataclass(frozen=True)
+class CreateValue(Operation):
+    """Embed a serialized `executor_pb2.Value` under id `target`."""
+
+    op: ClassVar[str] = "value"
+    target: int
+    value: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "value": self.value}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateValue:
+        return cls(target=_id(raw, "target"), value=_bytes(raw, "value"))
+
+
+@dataclass(frozen=True)
+class CreateData(Operation):
+    """Resolve the silo's local data under `key` as a CLIENTS-placed value of
+    the serialized TFF type `type_spec`."""
+
+    op: ClassVar[str] = "data"
+    target: int
+    key: str
+    type_spec: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "key": self.key, "type": self.type_spec}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateData:
+        return cls(target=_id(raw, "target"), key=_str(raw, "key"), type_spec=_bytes(raw, "type"))
+
+
+@dataclass(frozen=True)
+class CreateCall(Operation):
+    """Call value `fn` on value `arg` (or no argument)."""
+
+    op: ClassVar[str] = "call"
+    target: int
+    fn: int
+    arg: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "fn": self.fn, "arg": self.arg}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateCall:
+        arg = raw.get("arg")
+        return cls(
+            target=_id(raw, "target"),
+            fn=_id(raw, "fn"),
+            arg=None if arg is None else _id(raw, "arg"),
+        )
+
+
+@dataclass(frozen=True)
+class CreateStruct(Operation):
+    """Build a struct of existing values, optionally named."""
+
+    op: ClassVar[str] = "struct"
+    target: int
+    elements: tuple[tuple[str | None, int], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "target": self.target,
+            "elements": [[name, ref] for name, ref in self.elements],
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateStruct:
+        elements = raw.get("elements")
+        if not isinstance(elements, list) or len(elements) > 100_000:
+            raise ProtocolError(ErrorCode.MALFORMED, "struct 'elements' must be a list")
+        parsed: list[tuple[str | None, int]] = []
+        for element in elements:
+            if not isinstance(element, list) or len(element) != 2:
+                raise ProtocolError(ErrorCode.MALFORMED, "struct element must be [name, id]")
+            name, ref = element
+            if name is not None and (not isinstance(name, str) or len(name) > _MAX_NAME_LEN):
+                raise ProtocolError(ErrorCode.MALFORMED, "struct element name must be a string")
+            parsed.append((name, _id({"id": ref}, "id")))
+        return cls(target=_id(raw, "target"), elements=tuple(parsed))
+
+
+@dataclass(frozen=True)
+class CreateSelection(Operation):
+    """Select element `index` of struct value `source`."""
+
+    op: ClassVar[str] = "select"
+    target: int
+    source: int
+    index: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "source": self.source, "index": self.index}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateSelection:
+        return cls(
+            target=_id(raw, "target"),
+            source=_id(raw, "source"),
+            index=_int(raw, "index", minimum=0),
+        )
+
+
+@dataclass(frozen=True)
+class Compute(Operation):
+    """Send value `source` back in the batch's reply (subject to the silo's
+    privacy policy: only aggregates unless raw release is allowed)."""
+
+    op: ClassVar[str] = "compute"
+    source: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "source": self.source}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Compute:
+        return cls(source=_id(raw, "source"))
+
+
+@dataclass(frozen=True)
+class Dispose(Operation):
+    """Free values that are no longer needed."""
+
+    op: ClassVar[str] = "dispose"
+    targets: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "targets": list(self.targets)}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Dispose:
+        targets = raw.get("targets")
+        if not isinstance(targets, list) or len(targets) > 1_000_000:
+            raise ProtocolError(ErrorCode.MALFORMED, "dispose 'targets' must be a list of ids")
+        return cls(targets=tuple(_id({"id": t}, "id") for t in targets))
+
+
+@dataclass(frozen=True)
+class Close(Operation):
+    """The invocation is over at this silo: free all of its state."""
+
+    op: ClassVar[str] = "close"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Close:
+        return cls()
+
+
+OPERATIONS: dict[str, type[Operation]] = {
+    cls.op: cls
+    for cls in (
+        Open,
+        CreateValue,
+        CreateData,
+        CreateCall,
+        CreateStruct,
+        CreateSelection,
+        Compute,
+        Dispose,
+        Close,
+    )
+}
+
+# --------------------------------------------------------------------------
+# Message bodies
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Operations for one silo in one invocation, applied in order."""
+
+    operations: tuple[Operation, ...]
+    # Sequence number within the invocation, so the silo applies batches in
+    # order and detects duplicates.
+    seq: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ops": [op.to_wire() for op in self.operations]}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Batch:
+        ops = raw.get("ops")
+        if not isinstance(ops, list):
+            raise ProtocolError(ErrorCode.MALFORMED, "batch 'ops' must be a list")
+        if len(ops) > 1_000_000:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"batch has {len(ops)} operations")
+        operations = []
+        for raw_op in ops:
+            if not isinstance(raw_op, dict):
+                raise ProtocolError(ErrorCode.MALFORMED, "each operation must be a map")
+            tag = raw_op.get("op")
+            op_cls = OPERATIONS.get(tag) if isinstance(tag, str) else None
+            if op_cls is None:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_OPERATION,
+                    f"unknown operation {tag!r}; this silo speaks {sorted(OPERATIONS)}",
+                )
+            operations.append(op_cls.from_wire(raw_op))
+        return cls(operations=tuple(operations), seq=_int(raw, "seq", minimum=0))
+
+
+@dataclass(frozen=True)
+class Result:
+    """Values released by a silo for the `Compute` operations of a batch."""
+
+    values: dict[int, bytes]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"values": [[k, v] for k, v in self.values.items()]}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Result:
+        pairs = raw.get("values")
+        if not isinstance(pairs, list):
+            raise ProtocolError(ErrorCode.MALFORMED, "result 'values' must be a list")
+        values: dict[int, bytes] = {}
+        for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ProtocolError(ErrorCode.MALFORMED, "result value must be [id, bytes]")
+            values[_id({"id": pair[0]}, "id")] = _bytes({"b": pair[1]}, "b")
+        return cls(values=values)
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """Why a batch or a message was refused or failed."""
+
+    code: ErrorCode
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": str(self.code), "message": self.message}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> ErrorReport:
+        code = _str(raw, "code")
+        try:
+            parsed = ErrorCode(code)
+        except ValueError:
+            parsed = ErrorCode.EXECUTION
+        return cls(code=parsed, message=_str(raw, "message", max_len=64 * 1024))
+
+
+@dataclass(frozen=True)
+class SiloStatus:
+    """Hello / heartbeat / goodbye content: who the silo is and how busy."""
+
+    silo: str
+    clients: int
+    data_keys: tuple[str, ...] = ()
+    active_invocations: int = 0
+    allow_raw_client_values: bool = False
+    started_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "silo": self.silo,
+            "clients": self.clients,
+            "data_keys": list(self.data_keys),
+            "active": self.active_invocations,
+            "raw": self.allow_raw_client_values,
+            "started_at": self.started_at,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> SiloStatus:
+        keys = raw.get("data_keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ProtocolError(ErrorCode.MALFORMED, "'data_keys' must be a list of strings")
+        raw_flag = raw.get("raw", False)
+        if not isinstance(raw_flag, bool):
+            raise ProtocolError(ErrorCode.MALFORMED, "'raw' must be a boolean")
+        return cls(
+            silo=_name(raw, "silo"),
+            clients=_int(raw, "clients", minimum=0),
+            data_keys=tuple(keys),
+            active_invocations=_int(raw, "active", minimum=0),
+            allow_raw_client_values=raw_flag,
+            started_at=_float(raw, "started_at"),
+        )
+
+
+Body = Batch | Result | ErrorReport | SiloStatus
+
+_BODY_TYPES: dict[Kind, type] = {
+    Kind.BATCH: Batch,
+    Kind.RESULT: Result,
+    Kind.ERROR: ErrorReport,
+    Kind.HELLO: SiloStatus,
+    Kind.HEARTBEAT: SiloStatus,
+    Kind.GOODBYE: SiloStatus,
+}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A complete message: routing metadata plus a typed body."""
+
+    kind: Kind
+    body: Body
+    sender: str
+    invocation_id: str = ""
+    correlation_id: str = ""
+    deadline: float = 0.0  # seconds since the epoch; 0 = none
+    message_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    version: int = PROTOCOL_VERSION
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.deadline) and (now if now is not None else time.time()) > self.deadline
+
+    def ttl_seconds(self, now: float | None = None) -> float | None:
+        """Seconds left before the deadline (None if there is no deadline)."""
+        if not self.deadline:
+            return None
+        return max(0.0, self.deadline - (now if now is not None else time.time()))
+
+
+def encode(envelope: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
+    """Serialize an envelope; refuse it if it would exceed `max_bytes`."""
+    payload = msgpack.packb(
+        {
+            "v": envelope.version,
+            "kind": str(envelope.kind),
+            "id": envelope.message_id,
+            "corr": envelope.correlation_id,
+            "inv": envelope.invocation_id,
+            "deadline": float(envelope.deadline),
+            "sender": envelope.sender,
+            "body": envelope.body.to_wire(),
+        },
+        use_bin_type=True,
+    )
+    if len(payload) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"message of {len(payload)} bytes exceeds the limit of {max_bytes} bytes "
+            "(the broker's max_message_size; RabbitMQ closes the channel on larger "
+            "publishes). Reduce the value size or raise max_message_bytes to match the broker.",
+        )
+    return payload
+
+
+def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
+    """Parse and validate a message. Raises ProtocolError on anything wrong."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise ProtocolError(ErrorCode.MALFORMED, "payload must be bytes")
+    if len(payload) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"message of {len(payload)} bytes exceeds {max_bytes} bytes"
+        )
+    try:
+        raw = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+        )
+    except Exception as e:  # msgpack raises many types for garbage input
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "message must be a msgpack map")
+    version = raw.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError(ErrorCode.MALFORMED, "missing protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION,
+            f"protocol version {version} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION}); upgrade tff-amqp so coordinator and silos match",
+        )
+    kind_raw = raw.get("kind")
+    try:
+        kind = Kind(kind_raw)
+    except ValueError:
+        raise ProtocolError(ErrorCode.MALFORMED, f"unknown message kind {kind_raw!r}") from None
+    body_raw = raw.get("body")
+    if not isinstance(body_raw, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "'body' must be a map")
+    body = _BODY_TYPES[kind].from_wire(body_raw)
+    return Envelope(
+        kind=kind,
+        body=body,
+        sender=_str(raw, "sender", max_len=_MAX_NAME_LEN),
+        invocation_id=_str(raw, "inv", max_len=_MAX_ID_LEN, allow_empty=True),
+        correlation_id=_str(raw, "corr", max_len=_MAX_ID_LEN, allow_empty=True),
+        deadline=_float(raw, "deadline"),
+        message_id=_str(raw, "id", max_len=_MAX_ID_LEN),
+        version=version,
+    )
+
+
+def peek_ids(payload: bytes) -> tuple[str, str]:
+    """Best-effort (invocation id, correlation id) of a message that failed to
+    decode, so the error reply can still be routed. Never raises."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False)
+        if isinstance(raw, dict):
+            inv, corr = raw.get("inv", ""), raw.get("corr", "")
+            return (inv if isinstance(inv, str) else "")[:_MAX_ID_LEN], (
+                corr if isinstance(corr, str) else ""
+            )[:_MAX_ID_LEN]
+    except Exception:
+        pass
+    return "", ""
+
+
+# --------------------------------------------------------------------------
+# Field validators
+# --------------------------------------------------------------------------
+
+
+def _int(raw: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be >= {minimum}")
+    if value > 2**62:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is out of range")
+    return value
+
+
+def _opt_int(raw: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int | None:
+    return None if raw.get(key) is None else _int(raw, key, minimum=minimum)
+
+
+def _id(raw: Mapping[str, Any], key: str) -> int:
+    return _int(raw, key, minimum=0)
+
+
+def _float(raw: Mapping[str, Any], key: str) -> float:
+    value = raw.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be finite")
+    return float(value)
+
+
+def _str(
+    raw: Mapping[str, Any], key: str, *, max_len: int = _MAX_NAME_LEN, allow_empty: bool = False
+) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be a string")
+    if len(value) > max_len:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is longer than {max_len}")
+    if not value and not allow_empty:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must not be empty")
+    return value
+
+
+def _opt_str(raw: Mapping[str, Any], key: str) -> str | None:
+    return None if raw.get(key) is None else _str(raw, key)
+
+
+def _name(raw: Mapping[str, Any], key: str) -> str:
+    value = _str(raw, key)
+    if not is_valid_name(value):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is not a valid silo name")
+    return value
+
+
+def _bytes(raw: Mapping[str, Any], key: str) -> bytes:
+    value = raw.get(key)
+    if not isinstance(value, bytes):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be binary")
+    return value
+
+
+def is_valid_name(name: str) -> bool:
+    """Silo and federation names become parts of queue names and routing keys:
+    letters, digits, '-' and '_' only (no '.', '*' or '#')."""
+    return 0 < len(name) <= 64 and name.isascii() and all(c.isalnum() or c in "-_" for c in name)
+
+
+def batch_envelope(
+    *,
+    sender: str,
+    invocation_id: str,
+    correlation_id: str,
+    deadline: float,
+    operations: Sequence[Operation],
+    seq: int,
+) -> Envelope:
+    """Convenience constructor used by the coordinator."""
+    return Envelope(
+        kind=Kind.BATCH,
+        body=Batch(operations=tuple(operations), seq=seq),
+        sender=sender,
+        invocation_id=invocation_id,
+        correlation_id=correlation_id,
+        deadline=deadline,
+    )

@@ -1,0 +1,33 @@
+"""One retry policy for everything that reconnects (Flower-style: retries live
+in a policy object, not sprinkled through call sites)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tenacity
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded in total time.
+
+    `total_timeout` bounds every wait: an unreachable broker becomes a clear
+    error instead of a hang.
+    """
+
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+    total_timeout: float = 30.0
+
+    def retrying(self, should_retry: Callable[[BaseException], bool]) -> tenacity.AsyncRetrying:
+        """An async iterator of attempts; the last error is re-raised."""
+        return tenacity.AsyncRetrying(
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=self.initial_delay, max=self.max_delay
+            ),
+            stop=tenacity.stop_after_delay(self.total_timeout),
+            retry=tenacity.retry_if_exception(should_retry),
+            reraise=True,
+        )
