@@ -1,0 +1,153 @@
+"""A local federation: silo agent processes on this machine, owned by us.
+
+Used by `tff-amqp demo` and the benchmarks. Every process is started in its
+own process group, dies with its parent (PR_SET_PDEATHSIG), writes to its own
+log file (never our stdout: an orphan holding it would hang a pipeline), and
+is stopped with SIGTERM, then SIGKILL after a bounded wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGKILL this child when its parent dies, so
+    no process outlives us even if we are SIGKILLed."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM the process group, wait at most `timeout`, then SIGKILL it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Kill stragglers of the group (e.g. a worker_binary) even if the leader exited.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5.0)
+
+
+@dataclass
+class SiloProcess:
+    """One running `tff-amqp silo` process."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+class LocalFederation:
+    """Starts and stops silo agents as child processes.
+
+    with LocalFederation(broker_url, "demo") as federation:
+        federation.start_silo("north", data={"readings": Path("north/")})
+    """
+
+    def __init__(self, broker_url: str, federation: str, *, log_dir: Path | None = None) -> None:
+        self.broker_url = broker_url
+        self.federation = federation
+        self._own_log_dir = log_dir is None
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="tff-amqp-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.silos: dict[str, SiloProcess] = {}
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_silo(
+        self,
+        name: str,
+        *,
+        data: Mapping[str, Path] | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> SiloProcess:
+        command = [
+            sys.executable,
+            "-m",
+            "tff_amqp",
+            "silo",
+            "--broker",
+            self.broker_url,
+            "--federation",
+            self.federation,
+            "--name",
+            name,
+        ]
+        for key, path in (data or {}).items():
+            command += ["--data", f"{key}={path}"]
+        command += list(extra_args)
+        log_path = self.log_dir / f"silo-{name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+                env={**os.environ, **(env or {})},
+            )
+        silo = SiloProcess(name, process, log_path)
+        self.silos[name] = silo
+        return silo
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until every silo logged `silo.ready` (bounded); raise with the
+        log tail of a silo that exited or never became ready."""
+        deadline = time.monotonic() + timeout
+        pending = dict(self.silos)
+        while pending:
+            for name, silo in list(pending.items()):
+                if '"silo.ready"' in silo.log_tail(200):
+                    del pending[name]
+                elif not silo.running:
+                    raise RuntimeError(
+                        f"silo {name!r} exited with code {silo.process.returncode}:\n"
+                        f"{silo.log_tail()}"
+                    )
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(pending)
+                raise TimeoutError(
+                    f"silo(s) {names} not ready after {timeout:.0f} s; last log lines:\n"
+                    + "\n".join(s.log_tail(5) for s in pending.values())
+                )
+            if pending:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for silo in self.silos.values():
+            stop_process_group(silo.process)
+        self.silos.clear()
