@@ -1,0 +1,1 @@
+"""The silo side: an agent that serves executor requests next to local data."""

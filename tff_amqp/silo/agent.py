@@ -1,0 +1,378 @@
+"""The silo agent: connects out to the broker and serves executor requests.
+
+A silo opens only outbound connections. It consumes its own request queue,
+acknowledges each message on receipt (the coordinator's deadline owns retries,
+and RabbitMQ's consumer_timeout must never fire during long local work),
+applies each invocation's batches in order on its local ``worker_binary``, and
+publishes results and heartbeats to the federation's reply exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+
+from tff_amqp import protocol as p
+from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
+from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
+from tff_amqp.topology import Topology, check_silo_name
+from tff_amqp.transport.connection import connect, username_of
+from tff_amqp.worker import WorkerBinary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiloConfig:
+    """Everything a silo agent needs to run."""
+
+    broker_url: str
+    federation: str
+    name: str
+    data: tuple[DataSource, ...] = ()
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    heartbeat_interval: float = 1.0
+    prefetch: int = 32
+    # Declare exchanges and the request queue (needs configure permission).
+    # Provisioned silos have them created by `tff-amqp provision` instead.
+    declare_topology: bool = True
+    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    # Sessions idle this long past their deadline are freed even without Close.
+    session_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_silo_name(self.name)
+
+
+class _InvocationRunner:
+    """Applies the batches of one invocation strictly in arrival order."""
+
+    def __init__(self, agent: SiloAgent, session: InvocationSession) -> None:
+        self.session = session
+        self._agent = agent
+        self._queue: asyncio.Queue[p.Envelope] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"invocation-{session.invocation_id}")
+
+    def submit(self, envelope: p.Envelope) -> None:
+        self._queue.put_nowait(envelope)
+
+    async def _run(self) -> None:
+        try:
+            while not self.session.closed:
+                envelope = await self._queue.get()
+                await self._agent._process_batch(self.session, envelope)
+        finally:
+            await self.session.close()
+            self._agent._forget(self.session.invocation_id)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class SiloAgent:
+    """One silo: a worker_binary, a request consumer and a heartbeat."""
+
+    def __init__(self, config: SiloConfig) -> None:
+        self.config = config
+        self.topology = Topology(config.federation)
+        self.data = SiloDataStore(config.name, config.data)
+        self.stats: dict[str, int] = {
+            "batches": 0,
+            "errors": 0,
+            "duplicates": 0,
+            "expired": 0,
+            "malformed": 0,
+        }
+        self._user_id = username_of(config.broker_url)
+        self._worker: WorkerBinary | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._replies: AbstractExchange | None = None
+        self._runners: dict[str, _InvocationRunner] = {}
+        self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+        self.ready = asyncio.Event()
+
+    async def __aenter__(self) -> SiloAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._worker = WorkerBinary()
+        await self._worker.start()
+        self._connection = await connect(
+            self.config.broker_url, name=f"tff-amqp silo {self.config.name}"
+        )
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=self.config.prefetch)
+        queue_name = self.topology.request_queue(self.config.name)
+        if self.config.declare_topology:
+            requests = await self._channel.declare_exchange(
+                self.topology.requests_exchange, ExchangeType.DIRECT, durable=True
+            )
+            self._replies = await self._channel.declare_exchange(
+                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+            )
+            queue = await self._channel.declare_queue(
+                queue_name,
+                durable=True,
+                arguments={"x-dead-letter-exchange": self.topology.dead_letter_exchange},
+            )
+            await queue.bind(
+                requests, routing_key=self.topology.request_routing_key(self.config.name)
+            )
+        else:
+            self._replies = await self._channel.get_exchange(
+                self.topology.replies_exchange, ensure=False
+            )
+            queue = await self._channel.get_queue(queue_name, ensure=False)
+        await queue.consume(self._on_message, no_ack=False)
+        await self._publish_status(p.Kind.HELLO)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self.ready.set()
+        log.info(
+            "silo.ready",
+            extra={
+                "silo": self.config.name,
+                "federation": self.config.federation,
+                "queue": queue_name,
+                "clients": self.data.default_num_clients(),
+                "data_keys": self.data.keys,
+                "worker_pid": self._worker.pid,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Say goodbye, free every invocation, close the broker connection and
+        stop the worker. Bounded and idempotent."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        for runner in list(self._runners.values()):
+            await runner.stop()
+        self._runners.clear()
+        if self._connection is not None and not self._connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 5.0)
+        self._connection = None
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        log.info("silo.stopped", extra={"silo": self.config.name, **self.stats})
+
+    # ------------------------------------------------------------------ intake
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Ack on receipt: the coordinator's deadline owns retries, and a
+        # long-held unacked message would trip RabbitMQ's consumer_timeout.
+        await message.ack()
+        body = message.body
+        try:
+            envelope = p.decode(body, max_bytes=self.config.max_message_bytes)
+        except p.ProtocolError as e:
+            self.stats["malformed"] += 1
+            inv, corr = p.peek_ids(body)
+            corr = corr or (message.correlation_id or "")
+            log.warning("silo.malformed", extra={"code": str(e.code), "error": str(e)})
+            await self._reply_error(inv, corr, e.code, f"silo {self.config.name!r}: {e}")
+            return
+        if envelope.message_id in self._seen_ids:
+            self.stats["duplicates"] += 1
+            log.info("silo.duplicate", extra={"message_id": envelope.message_id})
+            return
+        self._remember(envelope.message_id)
+        if envelope.kind is not p.Kind.BATCH:
+            await self._reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                p.ErrorCode.MALFORMED,
+                f"silo {self.config.name!r} only accepts 'batch' messages, got {envelope.kind!r}",
+            )
+            return
+        if envelope.expired():
+            self.stats["expired"] += 1
+            await self._reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                p.ErrorCode.EXPIRED,
+                f"silo {self.config.name!r} received the request after its deadline; not executed",
+            )
+            return
+        runner = self._runners.get(envelope.invocation_id)
+        if runner is None:
+            if not envelope.invocation_id:
+                await self._reply_error(
+                    "", envelope.correlation_id, p.ErrorCode.MALFORMED, "missing invocation id"
+                )
+                return
+            session = InvocationSession(
+                silo=self.config.name,
+                invocation_id=envelope.invocation_id,
+                worker=self._require_worker().client,
+                policy=self.config.policy,
+                resolve_data=self._resolve_data,
+                count_clients=self._count_clients,
+                deadline=envelope.deadline,
+            )
+            runner = _InvocationRunner(self, session)
+            self._runners[envelope.invocation_id] = runner
+        runner.submit(envelope)
+
+    async def _process_batch(self, session: InvocationSession, envelope: p.Envelope) -> None:
+        batch = envelope.body
+        assert isinstance(batch, p.Batch)
+        if session.is_duplicate(batch.seq):
+            self.stats["duplicates"] += 1
+            return
+        self.stats["batches"] += 1
+        wants_reply = any(isinstance(op, p.Compute) for op in batch.operations)
+        try:
+            released = await session.apply(batch)
+        except SessionError as e:
+            self.stats["errors"] += 1
+            log.warning(
+                "silo.batch_failed",
+                extra={"invocation": session.invocation_id, "code": str(e.code), "error": str(e)},
+            )
+            await self._reply_error(session.invocation_id, envelope.correlation_id, e.code, str(e))
+            return
+        if wants_reply:
+            await self._publish(
+                p.Envelope(
+                    kind=p.Kind.RESULT,
+                    body=p.Result(values=released),
+                    sender=self.config.name,
+                    invocation_id=session.invocation_id,
+                    correlation_id=envelope.correlation_id,
+                )
+            )
+
+    def _forget(self, invocation_id: str) -> None:
+        self._runners.pop(invocation_id, None)
+
+    def _remember(self, message_id: str) -> None:
+        self._seen_ids[message_id] = None
+        while len(self._seen_ids) > 10_000:
+            self._seen_ids.popitem(last=False)
+
+    # ------------------------------------------------------------------- data
+
+    def _resolve_data(self, key: str, type_bytes: bytes) -> tuple[int, bytes]:
+        from tensorflow_federated.proto.v0 import computation_pb2
+        from tensorflow_federated.python.core.impl.types import (
+            computation_types,
+            placements,
+            type_serialization,
+        )
+
+        type_spec = type_serialization.deserialize_type(computation_pb2.Type.FromString(type_bytes))
+        if not (
+            isinstance(type_spec, computation_types.FederatedType)
+            and type_spec.placement is placements.CLIENTS
+        ):
+            raise SessionError(
+                p.ErrorCode.DATA, f"silo_data({key!r}) must be CLIENTS-placed, got {type_spec}"
+            )
+        value = self.data.federated_value(key, type_spec)
+        return self.data.num_clients(key), value.SerializeToString()
+
+    def _count_clients(self, key: str | None) -> int:
+        return self.data.num_clients(key) if key is not None else self.data.default_num_clients()
+
+    # ------------------------------------------------------------- publishing
+
+    def _status(self) -> p.SiloStatus:
+        try:
+            clients = self.data.default_num_clients()
+        except DataError:
+            # Data folder changed under us: still alive, report no clients.
+            clients = 0
+        return p.SiloStatus(
+            silo=self.config.name,
+            clients=clients,
+            data_keys=tuple(self.data.keys),
+            active_invocations=len(self._runners),
+            allow_raw_client_values=self.config.policy.allow_raw_client_values,
+            started_at=self._started_at,
+        )
+
+    async def _publish_status(self, kind: p.Kind) -> None:
+        await self._publish(p.Envelope(kind=kind, body=self._status(), sender=self.config.name))
+
+    async def _heartbeat_loop(self) -> None:
+        # Runs beside the work: long local training never silences it.
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                await self._publish_status(p.Kind.HEARTBEAT)
+            except Exception as e:  # reconnecting; robust connection recovers
+                log.debug("silo.heartbeat_failed", extra={"error": str(e)})
+
+    async def _reply_error(self, inv: str, corr: str, code: p.ErrorCode, message: str) -> None:
+        await self._publish(
+            p.Envelope(
+                kind=p.Kind.ERROR,
+                body=p.ErrorReport(code=code, message=message),
+                sender=self.config.name,
+                invocation_id=inv,
+                correlation_id=corr,
+            )
+        )
+
+    async def _publish(self, envelope: p.Envelope) -> None:
+        if self._replies is None:
+            raise RuntimeError("silo agent is not started")
+        try:
+            payload = p.encode(envelope, max_bytes=self.config.max_message_bytes)
+        except p.ProtocolError as e:
+            if envelope.kind is p.Kind.ERROR:
+                raise
+            # A result too large to send is reported, not silently dropped.
+            await self._reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                e.code,
+                f"silo {self.config.name!r}: {e}",
+            )
+            return
+        message = aio_pika.Message(
+            payload,
+            content_type=p.CONTENT_TYPE,
+            message_id=envelope.message_id,
+            correlation_id=envelope.correlation_id or None,
+            type=str(envelope.kind),
+            user_id=self._user_id,
+            timestamp=time.time(),
+        )
+        # mandatory=False: RabbitMQ 3.x would otherwise return every reply.
+        await self._replies.publish(
+            message, routing_key=self.topology.reply_routing_key(self.config.name), mandatory=False
+        )
+
+    def _require_worker(self) -> WorkerBinary:
+        if self._worker is None:
+            raise RuntimeError("silo agent is not started")
+        return self._worker
