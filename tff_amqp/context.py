@@ -1,0 +1,222 @@
+"""Execution contexts that run TFF computations over RabbitMQ.
+
+Shaped like `tff.backends.native`: `create_*` returns a context, `set_*`
+installs it as TFF's default. The native compiler prepares computations; our
+executor factory creates one `AmqpExecutor` per invocation, and the context
+closes the invocation (freeing silo state) when the call ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from tensorflow_federated.python.common_libs import async_utils
+from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+    tensorflow_computation,
+)
+from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
+from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+from tensorflow_federated.python.core.impl.executors import executor_factory
+from tensorflow_federated.python.core.impl.types import placements
+
+from tff_amqp.coordinator.executor import AmqpExecutor
+from tff_amqp.coordinator.invocation import Invocation
+from tff_amqp.coordinator.runtime import CoordinatorOptions, CoordinatorRuntime
+from tff_amqp.errors import InvocationTimeoutError
+
+log = logging.getLogger(__name__)
+
+# The invocations created during the current `invoke` call (per task).
+_current_invocations: contextvars.ContextVar[list[Invocation] | None] = contextvars.ContextVar(
+    "tff_amqp_invocations", default=None
+)
+
+
+class AmqpExecutorFactory(executor_factory.ExecutorFactory):
+    """Creates one executor per invocation, bound to the shared runtime."""
+
+    def __init__(self, runtime: CoordinatorRuntime) -> None:
+        self._runtime = runtime
+
+    def create_executor(self, cardinalities: Mapping[Any, int]) -> AmqpExecutor:
+        invocation = Invocation(self._runtime, cardinalities.get(placements.CLIENTS))
+        registry = _current_invocations.get()
+        if registry is not None:
+            registry.append(invocation)
+        return AmqpExecutor(invocation)
+
+    def clean_up_executor(self, cardinalities: Mapping[Any, int]) -> None:
+        pass
+
+
+class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
+    """Asynchronous context: `await comp(args)` runs over the federation."""
+
+    def __init__(self, options: CoordinatorOptions) -> None:
+        self.runtime = CoordinatorRuntime(options)
+        super().__init__(
+            executor_fn=AmqpExecutorFactory(self.runtime),
+            compiler_fn=compiler.desugar_and_transform_to_native,
+            transform_args=tensorflow_computation.transform_args,
+            transform_result=tensorflow_computation.transform_result,
+        )
+
+    @property
+    def options(self) -> CoordinatorOptions:
+        return self.runtime.options
+
+    async def invoke(self, comp: Any, arg: Any) -> Any:
+        await self.runtime.ensure_started()
+        if self._compiler_pipeline is not None:
+            # Compile off the event loop (the pipeline caches the result), so
+            # heartbeats and broker traffic keep flowing during a long compile.
+            await asyncio.to_thread(self._compiler_pipeline.compile, comp)
+        invocations: list[Invocation] = []
+        token = _current_invocations.set(invocations)
+        deadline = self.options.deadline
+        try:
+            try:
+                async with asyncio.timeout(deadline):
+                    return await super().invoke(comp, arg)
+            except TimeoutError as e:
+                if isinstance(e, InvocationTimeoutError):
+                    raise
+                raise InvocationTimeoutError(
+                    f"invocation did not finish within its deadline of {deadline:.1f} s "
+                    "(raise `deadline=` if the computation legitimately takes longer)"
+                ) from e
+        finally:
+            _current_invocations.reset(token)
+            for invocation in invocations:
+                await invocation.close()
+
+    async def close(self) -> None:
+        await self.runtime.close()
+
+
+class AmqpSyncExecutionContext(context_base.SyncContext):
+    """Synchronous context: runs the async one on a private event loop thread."""
+
+    def __init__(self, options: CoordinatorOptions) -> None:
+        self._async_context = AmqpAsyncExecutionContext(options)
+        self._runner = async_utils.AsyncThreadRunner()
+        self._closed = False
+
+    @property
+    def options(self) -> CoordinatorOptions:
+        return self._async_context.options
+
+    @property
+    def runtime(self) -> CoordinatorRuntime:
+        return self._async_context.runtime
+
+    def invoke(self, comp: Any, arg: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("this AMQP execution context is closed")
+        return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on the context's loop (e.g. to inspect the runtime)."""
+        return self._runner.run_coro_and_return_result(coro)
+
+    def close(self) -> None:
+        """Release the broker connection and the local worker. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._runner.run_coro_and_return_result(self._async_context.close())
+
+    def __enter__(self) -> AmqpSyncExecutionContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _options(broker_url: str, kwargs: dict[str, Any]) -> CoordinatorOptions:
+    return CoordinatorOptions(broker_url=broker_url, **kwargs)
+
+
+def create_async_amqp_execution_context(
+    broker_url: str,
+    *,
+    federation: str = "default",
+    min_silos: int = 1,
+    max_silos: int | None = None,
+    cohort_timeout: float = 60.0,
+    deadline: float = 600.0,
+    heartbeat_timeout: float = 5.0,
+    **kwargs: Any,
+) -> AmqpAsyncExecutionContext:
+    """An async context that runs computations on the silos of `federation`."""
+    return AmqpAsyncExecutionContext(
+        _options(
+            broker_url,
+            dict(
+                federation=federation,
+                min_silos=min_silos,
+                max_silos=max_silos,
+                cohort_timeout=cohort_timeout,
+                deadline=deadline,
+                heartbeat_timeout=heartbeat_timeout,
+                **kwargs,
+            ),
+        )
+    )
+
+
+def create_sync_amqp_execution_context(
+    broker_url: str,
+    *,
+    federation: str = "default",
+    min_silos: int = 1,
+    max_silos: int | None = None,
+    cohort_timeout: float = 60.0,
+    deadline: float = 600.0,
+    heartbeat_timeout: float = 5.0,
+    **kwargs: Any,
+) -> AmqpSyncExecutionContext:
+    """A sync context that runs computations on the silos of `federation`.
+
+    Args:
+      broker_url: `amqp://user:password@host:5672/vhost` (or `amqps://`).
+      federation: namespace of queues and exchanges; silos must use the same.
+      min_silos: an invocation waits (at most `cohort_timeout`) for this many
+        live silos and fails with `CohortError` otherwise.
+      max_silos: at most this many silos take part (None: all live ones).
+      cohort_timeout: seconds to wait for the cohort.
+      deadline: hard limit in seconds for one invocation; requests expire with it.
+      heartbeat_timeout: a silo silent this long is considered gone.
+    """
+    return AmqpSyncExecutionContext(
+        _options(
+            broker_url,
+            dict(
+                federation=federation,
+                min_silos=min_silos,
+                max_silos=max_silos,
+                cohort_timeout=cohort_timeout,
+                deadline=deadline,
+                heartbeat_timeout=heartbeat_timeout,
+                **kwargs,
+            ),
+        )
+    )
+
+
+def set_sync_amqp_execution_context(broker_url: str, **kwargs: Any) -> AmqpSyncExecutionContext:
+    """Create a sync AMQP context and install it as TFF's default context."""
+    context = create_sync_amqp_execution_context(broker_url, **kwargs)
+    context_stack_impl.context_stack.set_default_context(context)
+    return context
+
+
+def set_async_amqp_execution_context(broker_url: str, **kwargs: Any) -> AmqpAsyncExecutionContext:
+    """Create an async AMQP context and install it as TFF's default context."""
+    context = create_async_amqp_execution_context(broker_url, **kwargs)
+    context_stack_impl.context_stack.set_default_context(context)
+    return context

@@ -1,0 +1,1 @@
+"""The coordinator: runs TFF computations, sending client work to silos."""

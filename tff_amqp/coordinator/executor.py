@@ -1,0 +1,203 @@
+"""The coordinator's executor: TFF's executor API over silos.
+
+`AmqpExecutor` is the reference-resolving layer: it evaluates the compiled
+computation (lambdas, blocks, references, structs, selections, calls) on the
+coordinator, and hands every intrinsic call to the federating strategy, which
+decides where the work runs. Compiled TensorFlow computations that are not
+arguments of intrinsics run on the coordinator's local worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tensorflow_federated.proto.v0 import computation_pb2
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.impl.compiler import building_blocks
+from tensorflow_federated.python.core.impl.computation import computation_impl
+from tensorflow_federated.python.core.impl.executors import executor_base, value_serialization
+from tensorflow_federated.python.core.impl.types import computation_types, placements
+
+from tff_amqp.coordinator.invocation import Invocation
+from tff_amqp.coordinator.scope import EMPTY_SCOPE, Scope
+from tff_amqp.coordinator.strategy import FederatingStrategy
+from tff_amqp.coordinator.values import (
+    ClientsValue,
+    CoordinatorValue,
+    FunctionValue,
+    LocalValue,
+    StructValue,
+)
+from tff_amqp.data_reference import SiloDataReference
+
+_FUNCTIONAL = (
+    building_blocks.Lambda,
+    building_blocks.CompiledComputation,
+    building_blocks.Intrinsic,
+    building_blocks.Data,
+    building_blocks.Placement,
+)
+
+
+class AmqpExecutor(executor_base.Executor):
+    """Executor for one invocation (TFF creates one per call)."""
+
+    def __init__(self, invocation: Invocation) -> None:
+        self.invocation = invocation
+        self.strategy = FederatingStrategy(self)
+
+    def close(self) -> None:
+        # The execution context closes the invocation when the call ends.
+        pass
+
+    # --------------------------------------------------------- executor API
+
+    async def create_value(self, value: Any, type_spec: Any = None) -> CoordinatorValue:
+        if isinstance(value, CoordinatorValue):
+            return value
+        if isinstance(value, computation_impl.ConcreteComputation):
+            value = computation_impl.ConcreteComputation.get_proto(value)
+        if isinstance(value, computation_pb2.Computation):
+            bb = building_blocks.ComputationBuildingBlock.from_proto(value)
+            return self.evaluate_functional(bb, EMPTY_SCOPE)
+        type_spec = computation_types.to_type(type_spec) if type_spec is not None else None
+        if type_spec is None:
+            raise TypeError(f"a type is required to embed a value of type {type(value).__name__}")
+        if isinstance(value, SiloDataReference):
+            if not isinstance(type_spec, computation_types.FederatedType):
+                raise TypeError(f"{value!r} must be passed as a CLIENTS-placed argument")
+            return await self.invocation.create_silo_data(value.key, type_spec)
+        if isinstance(type_spec, computation_types.FederatedType):
+            if type_spec.placement is placements.CLIENTS:
+                return await self.invocation.create_clients_value(value, type_spec)
+        elif isinstance(type_spec, computation_types.StructType) and _has_clients(type_spec):
+            elements = structure.iter_elements(structure.from_container(value))
+            created = await asyncio.gather(
+                *(
+                    self.create_value(v, t)
+                    for (_, v), (_, t) in zip(elements, structure.iter_elements(type_spec))
+                )
+            )
+            names = structure.name_list_with_nones(type_spec)
+            return StructValue(self.invocation, list(zip(names, created)))
+        proto, type_spec = await asyncio.to_thread(
+            value_serialization.serialize_value, value, type_spec
+        )
+        return await self.invocation.create_local(proto, type_spec)
+
+    async def create_call(
+        self, comp: CoordinatorValue, arg: CoordinatorValue | None = None
+    ) -> CoordinatorValue:
+        return await self.call(comp, arg)
+
+    async def create_struct(self, elements: Any) -> StructValue:
+        items = structure.iter_elements(structure.from_container(elements))
+        return StructValue(self.invocation, [(name, value) for name, value in items])
+
+    async def create_selection(self, source: CoordinatorValue, index: int) -> CoordinatorValue:
+        return await self.select(source, index)
+
+    # ---------------------------------------------------- reference resolving
+
+    async def evaluate(
+        self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
+    ) -> CoordinatorValue:
+        if isinstance(bb, building_blocks.Reference):
+            return await scope.lookup(bb.name)
+        if isinstance(bb, building_blocks.Block):
+            return await self._evaluate_block(bb, scope)
+        if isinstance(bb, building_blocks.Call):
+            fn = await self.evaluate(bb.function, scope)
+            arg = await self.evaluate(bb.argument, scope) if bb.argument is not None else None
+            return await self.call(fn, arg)
+        if isinstance(bb, building_blocks.Struct):
+            values = await asyncio.gather(
+                *(self.evaluate(e, scope) for _, e in structure.iter_elements(bb))
+            )
+            names = structure.name_list_with_nones(bb)
+            return StructValue(self.invocation, list(zip(names, values)))
+        if isinstance(bb, building_blocks.Selection):
+            source = await self.evaluate(bb.source, scope)
+            return await self.select(source, bb.as_index())
+        if isinstance(bb, building_blocks.Literal):
+            return await self.invocation.create_local(
+                value_serialization.serialize_value(bb.proto, bb.type_signature)[0],
+                bb.type_signature,
+            )
+        return self.evaluate_functional(bb, scope)
+
+    def evaluate_functional(
+        self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
+    ) -> CoordinatorValue:
+        if isinstance(bb, _FUNCTIONAL):
+            return FunctionValue(self.invocation, bb, scope)
+        raise NotImplementedError(f"unsupported computation building block {type(bb).__name__}")
+
+    async def _evaluate_block(self, bb: building_blocks.Block, scope: Scope) -> CoordinatorValue:
+        # Locals run as concurrent tasks: independent aggregations overlap and
+        # their requests share broker round trips; references wait as needed.
+        tasks: list[asyncio.Task[CoordinatorValue]] = []
+        try:
+            for name, local in bb.locals:
+                task = asyncio.create_task(self.evaluate(local, scope))
+                tasks.append(task)
+                scope = scope.bind(name, task)
+            return await self.evaluate(bb.result, scope)
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def call(self, fn: CoordinatorValue, arg: CoordinatorValue | None) -> CoordinatorValue:
+        if isinstance(fn, FunctionValue):
+            bb = fn.building_block
+            if isinstance(bb, building_blocks.Intrinsic):
+                return await self.strategy.call(bb, arg)
+            if isinstance(bb, building_blocks.Lambda):
+                scope = fn.scope
+                if bb.parameter_name is not None:
+                    if arg is None:
+                        raise TypeError(f"lambda {bb.parameter_name!r} called without argument")
+                    scope = scope.bind(bb.parameter_name, arg)
+                return await self.evaluate(bb.result, scope)
+        result_type = fn.type_signature.result  # type: ignore[attr-defined]
+        return await self.call_locally(fn, arg, result_type)
+
+    async def call_locally(
+        self,
+        fn: CoordinatorValue,
+        arg: CoordinatorValue | None,
+        result_type: computation_types.Type,
+    ) -> LocalValue:
+        """Run a call on the coordinator's worker (unplaced / SERVER work)."""
+        invocation = self.invocation
+        fn_ref = await invocation.to_local(fn)
+        arg_ref = await invocation.to_local(arg) if arg is not None else None
+        local = await invocation.local()
+        ref = await local.create_call(fn_ref, arg_ref)
+        return LocalValue(invocation, ref, result_type)
+
+    async def select(self, source: CoordinatorValue, index: int) -> CoordinatorValue:
+        if isinstance(source, StructValue):
+            return source.elements[index][1]
+        type_spec = source.type_signature
+        if not isinstance(type_spec, computation_types.StructType):
+            raise TypeError(f"cannot select [{index}] from a value of type {type_spec}")
+        element_type = type_spec[index]
+        if isinstance(source, LocalValue):
+            local = await self.invocation.local()
+            ref = await local.create_selection(source.ref, index)
+            return LocalValue(self.invocation, ref, element_type)
+        if isinstance(source, ClientsValue):
+            raise TypeError("selection from a CLIENTS-placed value is not expected here")
+        raise TypeError(f"cannot select from {type(source).__name__}")
+
+
+def _has_clients(type_spec: computation_types.Type) -> bool:
+    if isinstance(type_spec, computation_types.FederatedType):
+        return type_spec.placement is placements.CLIENTS
+    if isinstance(type_spec, computation_types.StructType):
+        return any(_has_clients(t) for _, t in structure.iter_elements(type_spec))
+    return False

@@ -1,0 +1,366 @@
+"""One invocation of a computation: its cohort, deadline, and where values live.
+
+The invocation owns the coordinator-local worker executor (SERVER and unplaced
+values) and one outbox per cohort silo (CLIENTS values). It moves values
+between places: materializing server values for silos, and receiving silo
+aggregates. It never moves a CLIENTS value to the coordinator except through a
+silo's release, which the silo's privacy policy governs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.impl.compiler import building_blocks
+from tensorflow_federated.python.core.impl.executors import value_serialization
+from tensorflow_federated.python.core.impl.types import (
+    computation_types,
+    placements,
+    type_serialization,
+)
+
+from tff_amqp import protocol as p
+from tff_amqp.coordinator.outbox import SiloOutbox
+from tff_amqp.coordinator.values import (
+    ClientsValue,
+    CoordinatorValue,
+    FunctionValue,
+    LocalValue,
+    StructValue,
+)
+from tff_amqp.errors import InvocationTimeoutError, SiloError
+
+if TYPE_CHECKING:
+    from tff_amqp.coordinator.link import CoordinatorLink
+    from tff_amqp.coordinator.runtime import CoordinatorRuntime
+    from tff_amqp.worker import WorkerExecutor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientAssignment:
+    """How an invocation's clients map to silos: explicit client lists are
+    split into contiguous chunks; `None` means silos use their own data."""
+
+    chunks: dict[str, tuple[int, int]] | None
+
+    def size(self, silo: str) -> int | None:
+        if self.chunks is None:
+            return None
+        start, stop = self.chunks[silo]
+        return stop - start
+
+
+class Invocation:
+    """State of one invocation across the coordinator and its cohort."""
+
+    def __init__(self, runtime: CoordinatorRuntime, clients: int | None) -> None:
+        self.runtime = runtime
+        self.id = uuid.uuid4().hex
+        self.sender = runtime.options.coordinator_name
+        self.started = time.monotonic()
+        self.deadline_epoch = time.time() + runtime.options.deadline
+        self._deadline_monotonic = self.started + runtime.options.deadline
+        self._clients = clients
+        self._ids = itertools.count(1)
+        self._cohort: list[str] | None = None
+        self._cohort_lock = asyncio.Lock()
+        self._assignment = ClientAssignment(None)
+        self._outboxes: dict[str, SiloOutbox] = {}
+        self._local: WorkerExecutor | None = None
+        self._local_lock = asyncio.Lock()
+        # (id(value), place) -> materialized id/ref; values kept alive in _pins
+        self._silo_cache: dict[tuple[int, str], asyncio.Future[int]] = {}
+        self._local_cache: dict[int, asyncio.Future[Any]] = {}
+        self._computed: dict[int, asyncio.Future[executor_pb2.Value]] = {}
+        self._pins: list[object] = []
+        self.closed = False
+
+    @property
+    def link(self) -> CoordinatorLink:
+        return self.runtime.link
+
+    # ------------------------------------------------------------------ time
+
+    def remaining(self) -> float:
+        return self._deadline_monotonic - time.monotonic()
+
+    async def wait_for_silo(self, silo: str, future: asyncio.Future[p.Result]) -> p.Result:
+        """Wait for a silo's reply, bounded by the deadline, failing at once if
+        the silo's heartbeats lapse."""
+        membership = self.runtime.membership
+        while True:
+            remaining = self.remaining()
+            if remaining <= 0:
+                raise InvocationTimeoutError(
+                    f"invocation {self.id[:8]} passed its deadline of "
+                    f"{self.runtime.options.deadline:.1f} s waiting for silo {silo!r}"
+                )
+            done, _ = await asyncio.wait({future}, timeout=min(remaining, 0.5))
+            if done:
+                return future.result()
+            if not membership.is_live(silo):
+                record = membership.record(silo)
+                ago = time.monotonic() - record.last_seen if record else float("nan")
+                raise SiloError(
+                    silo,
+                    "lost",
+                    f"silo {silo!r} stopped sending heartbeats (last seen {ago:.1f} s ago) while "
+                    f"invocation {self.id[:8]} waited for it",
+                )
+
+    # ---------------------------------------------------------------- cohort
+
+    async def cohort(self) -> list[str]:
+        """The silos of this invocation, chosen once (bounded wait)."""
+        async with self._cohort_lock:
+            if self._cohort is None:
+                options = self.runtime.options
+                timeout = min(options.cohort_timeout, max(self.remaining(), 0.0))
+                silos = await self.runtime.membership.wait_for_cohort(
+                    options.min_silos, options.max_silos, timeout
+                )
+                if self._clients is not None:
+                    silos = silos[: max(1, min(len(silos), self._clients))]
+                    self._assignment = _split(self._clients, silos)
+                self._cohort = silos
+                for silo in silos:
+                    self._outboxes[silo] = SiloOutbox(self, silo, lambda: next(self._ids))
+                log.info("invocation.cohort", extra={"invocation": self.id[:8], "silos": silos})
+            return self._cohort
+
+    async def outbox(self, silo: str, *, data_key: str | None = None) -> SiloOutbox:
+        await self.cohort()
+        outbox = self._outboxes[silo]
+        if not outbox.opened:
+            outbox.open(clients=self._assignment.size(silo), data_key=data_key)
+        return outbox
+
+    # ------------------------------------------------------------ local side
+
+    async def local(self) -> WorkerExecutor:
+        async with self._local_lock:
+            if self._local is None:
+                self._local = await self.runtime.worker.client.get_executor(0)
+            return self._local
+
+    async def create_local(
+        self, value: executor_pb2.Value, type_spec: computation_types.Type
+    ) -> LocalValue:
+        ref = await (await self.local()).create_value(value)
+        return LocalValue(self, ref, type_spec)
+
+    async def compute_local(self, value: LocalValue) -> object:
+        proto = await self._local_proto(value)
+        result, _ = value_serialization.deserialize_value(proto, value.type_signature)
+        return result
+
+    async def _local_proto(self, value: LocalValue) -> executor_pb2.Value:
+        key = id(value)
+        if key not in self._computed:
+            self._pins.append(value)
+            self._computed[key] = asyncio.ensure_future((await self.local()).compute(value.ref))
+        return await self._computed[key]
+
+    async def to_local(self, value: CoordinatorValue) -> Any:
+        """A reference to `value` inside the coordinator's worker."""
+        if isinstance(value, LocalValue):
+            return value.ref
+        if isinstance(value, ClientsValue):
+            raise TypeError(
+                "a CLIENTS-placed value cannot be moved to the coordinator; only federated "
+                "aggregations release client data"
+            )
+        key = id(value)
+        if key not in self._local_cache:
+            self._pins.append(value)
+            self._local_cache[key] = asyncio.ensure_future(self._materialize_local(value))
+        return await self._local_cache[key]
+
+    async def _materialize_local(self, value: CoordinatorValue) -> Any:
+        local = await self.local()
+        if isinstance(value, StructValue):
+            refs = await asyncio.gather(*(self.to_local(v) for _, v in value.elements))
+            return await local.create_struct(
+                [(name, ref) for (name, _), ref in zip(value.elements, refs)]
+            )
+        if isinstance(value, FunctionValue):
+            return await local.create_value(_function_proto(value))
+        raise TypeError(f"cannot materialize {type(value).__name__} locally")
+
+    # ------------------------------------------------------------- silo side
+
+    async def to_silo(self, value: CoordinatorValue, silo: str) -> int:
+        """The id of `value` at `silo`, sending it there once if needed."""
+        if isinstance(value, ClientsValue):
+            if silo not in value.ids:
+                raise SiloError(silo, "bad_reference", f"value is not present at silo {silo!r}")
+            return value.ids[silo]
+        key = (id(value), silo)
+        if key not in self._silo_cache:
+            self._pins.append(value)
+            self._silo_cache[key] = asyncio.ensure_future(self._materialize_at_silo(value, silo))
+        return await self._silo_cache[key]
+
+    async def _materialize_at_silo(self, value: CoordinatorValue, silo: str) -> int:
+        if isinstance(value, StructValue):
+            ids = await asyncio.gather(*(self.to_silo(v, silo) for _, v in value.elements))
+            outbox = await self.outbox(silo)
+            return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
+        if isinstance(value, FunctionValue):
+            proto = _function_proto(value)
+        elif isinstance(value, LocalValue):
+            # Server values are materialized once and shipped as serialized protos.
+            proto = await self._local_proto(value)
+        else:
+            raise TypeError(f"cannot send {type(value).__name__} to a silo")
+        outbox = await self.outbox(silo)
+        return outbox.create_value(proto.SerializeToString())
+
+    async def call_at_silos(
+        self,
+        fn: CoordinatorValue,
+        arg: CoordinatorValue | None,
+        result_type: computation_types.Type,
+    ) -> ClientsValue:
+        silos = await self.cohort()
+
+        async def at(silo: str) -> int:
+            fn_id = await self.to_silo(fn, silo)
+            arg_id = await self.to_silo(arg, silo) if arg is not None else None
+            return (await self.outbox(silo)).create_call(fn_id, arg_id)
+
+        ids = await asyncio.gather(*(at(s) for s in silos))
+        return ClientsValue(self, dict(zip(silos, ids)), result_type)
+
+    async def gather_from_silos(self, value: ClientsValue) -> dict[str, executor_pb2.Value]:
+        """Ask every silo to release its part of `value` (aggregates, normally)."""
+
+        async def one(silo: str) -> tuple[str, executor_pb2.Value]:
+            outbox = await self.outbox(silo)
+            data = await outbox.compute(value.ids[silo])
+            return silo, executor_pb2.Value.FromString(data)
+
+        return dict(await asyncio.gather(*(one(s) for s in value.ids)))
+
+    async def create_clients_value(
+        self, value: object, type_spec: computation_types.FederatedType
+    ) -> ClientsValue:
+        silos = await self.cohort()
+        ids: dict[str, int] = {}
+        for silo in silos:
+            if type_spec.all_equal:
+                part = value
+            else:
+                if not isinstance(value, list | tuple):
+                    raise TypeError(
+                        f"a CLIENTS-placed argument must be a list of client values or "
+                        f"tff_amqp.silo_data(KEY); got {type(value).__name__}"
+                    )
+                chunk = self._assignment.chunks
+                if chunk is None:
+                    raise ValueError("client lists need a known CLIENTS cardinality")
+                start, stop = chunk[silo]
+                part = list(value[start:stop])
+            proto, _ = await asyncio.to_thread(value_serialization.serialize_value, part, type_spec)
+            ids[silo] = (await self.outbox(silo)).create_value(proto.SerializeToString())
+        return ClientsValue(self, ids, type_spec)
+
+    async def create_silo_data(
+        self, key: str, type_spec: computation_types.FederatedType
+    ) -> ClientsValue:
+        if type_spec.placement is not placements.CLIENTS or type_spec.all_equal:
+            raise TypeError(
+                f"tff_amqp.silo_data({key!r}) stands for per-client data and must be passed "
+                f"where a CLIENTS-placed (not all-equal) value is expected, not {type_spec}"
+            )
+        silos = await self.cohort()
+        type_bytes = type_serialization.serialize_type(type_spec).SerializeToString()
+        ids = {}
+        for silo in silos:
+            outbox = await self.outbox(silo, data_key=key)
+            ids[silo] = outbox.create_data(key, type_bytes)
+        return ClientsValue(self, ids, type_spec)
+
+    async def release_clients_value(self, value: ClientsValue) -> object:
+        """Compute a CLIENTS value at the coordinator: each silo must agree to
+        release it (by default, silos refuse raw client values)."""
+        parts = await self.gather_from_silos(value)
+        type_spec = value.type_signature
+        assert isinstance(type_spec, computation_types.FederatedType)
+        members: list[object] = []
+        for silo in value.ids:
+            result, _ = value_serialization.deserialize_value(parts[silo], type_spec)
+            if type_spec.all_equal:
+                return result
+            members.extend(result)  # type: ignore[arg-type]
+        return members
+
+    # ---------------------------------------------------------------- ending
+
+    async def close(self) -> None:
+        """Free the invocation's state everywhere. Bounded, never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        for outbox in self._outboxes.values():
+            try:
+                await asyncio.wait_for(outbox.close(), 5.0)
+            except Exception:
+                log.debug("closing silo outbox failed", exc_info=True)
+        self.link.forget_invocation(self.id)
+        for future in [
+            *self._silo_cache.values(),
+            *self._local_cache.values(),
+            *self._computed.values(),
+        ]:
+            if not future.done():
+                future.cancel()
+        if self._local is not None:
+            try:
+                await asyncio.wait_for(self._local.close(), 5.0)
+            except Exception:
+                log.debug("closing local executor failed", exc_info=True)
+        self._pins.clear()
+
+
+def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:
+    base, extra = divmod(clients, len(silos))
+    chunks, start = {}, 0
+    for i, silo in enumerate(silos):
+        stop = start + base + (1 if i < extra else 0)
+        chunks[silo] = (start, stop)
+        start = stop
+    return ClientAssignment(chunks)
+
+
+def _function_proto(value: FunctionValue) -> executor_pb2.Value:
+    bb = value.building_block
+    if isinstance(bb, building_blocks.Lambda | building_blocks.Block) and not value.scope.is_empty:
+        free = _free_references(bb)
+        if free:
+            raise NotImplementedError(
+                f"cannot ship a function that closes over {sorted(free)}; tff-amqp sends only "
+                "closed functions (the native compiler produces these)"
+            )
+    return executor_pb2.Value(computation=bb.proto)
+
+
+def _free_references(bb: building_blocks.ComputationBuildingBlock) -> set[str]:
+    from tensorflow_federated.python.core.impl.compiler import transformation_utils
+
+    return set(transformation_utils.get_map_of_unbound_references(bb)[bb])
+
+
+def struct_elements(value: object) -> list[tuple[str | None, object]]:
+    return list(structure.iter_elements(structure.from_container(value)))

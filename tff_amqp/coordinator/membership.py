@@ -1,0 +1,94 @@
+"""Which silos are alive, from their hello / heartbeat / goodbye messages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from tff_amqp import protocol as p
+from tff_amqp.errors import CohortError
+
+
+@dataclass
+class SiloRecord:
+    """What the coordinator knows about one silo."""
+
+    name: str
+    status: p.SiloStatus
+    user_id: str | None
+    first_seen: float
+    last_seen: float
+
+
+class Membership:
+    """Live silos, with liveness from heartbeats.
+
+    A silo is live while its last message is younger than `liveness_timeout`.
+    """
+
+    def __init__(self, liveness_timeout: float = 5.0) -> None:
+        self.liveness_timeout = liveness_timeout
+        self._silos: dict[str, SiloRecord] = {}
+        self._changed = asyncio.Condition()
+
+    async def observe(self, kind: p.Kind, status: p.SiloStatus, user_id: str | None) -> None:
+        now = time.monotonic()
+        if kind is p.Kind.GOODBYE:
+            self._silos.pop(status.silo, None)
+        else:
+            record = self._silos.get(status.silo)
+            if record is None or record.status.started_at != status.started_at:
+                record = SiloRecord(status.silo, status, user_id, now, now)
+                self._silos[status.silo] = record
+            record.status = status
+            record.user_id = user_id
+            record.last_seen = now
+        async with self._changed:
+            self._changed.notify_all()
+
+    def record(self, silo: str) -> SiloRecord | None:
+        return self._silos.get(silo)
+
+    def is_live(self, silo: str, now: float | None = None) -> bool:
+        record = self._silos.get(silo)
+        now = time.monotonic() if now is None else now
+        return record is not None and now - record.last_seen <= self.liveness_timeout
+
+    def live(self) -> list[SiloRecord]:
+        now = time.monotonic()
+        return sorted(
+            (r for r in self._silos.values() if now - r.last_seen <= self.liveness_timeout),
+            key=lambda r: r.name,
+        )
+
+    def known(self) -> list[SiloRecord]:
+        return sorted(self._silos.values(), key=lambda r: r.name)
+
+    async def wait_for_cohort(
+        self, min_silos: int, max_silos: int | None, timeout: float
+    ) -> list[str]:
+        """Wait (at most `timeout` s) until `min_silos` are live; return up to
+        `max_silos` of them (sorted by name, so cohorts are reproducible)."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                live = self.live()
+                if len(live) >= min_silos:
+                    chosen = live if max_silos is None else live[:max_silos]
+                    return [r.name for r in chosen]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = ", ".join(r.name for r in live) or "none"
+                    raise CohortError(
+                        f"cohort did not form within {timeout:.1f} s: {len(live)} live silo(s) "
+                        f"({names}) but min_silos={min_silos}. Start more silos "
+                        "(`tff-amqp silo ...`), check they use the same --federation, or lower "
+                        "min_silos."
+                    )
+                # Wake on every change, and at least every second so silos
+                # whose heartbeats lapse drop out of the count.
+                try:
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    pass

@@ -1,0 +1,147 @@
+"""Pipelined operations for one silo within one invocation.
+
+Operations are queued locally; ids are assigned here, so creating values and
+calls costs no round trip. A batch goes out when a result is needed (or the
+invocation ends); every `compute` asked for in the same event-loop turn rides
+in the same message, so independent aggregates share one broker round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from tff_amqp import protocol as p
+
+if TYPE_CHECKING:
+    from tff_amqp.coordinator.invocation import Invocation
+
+
+class SiloOutbox:
+    """Queue of operations to one silo, flushed as batches in order."""
+
+    def __init__(self, invocation: Invocation, silo: str, next_id: Callable[[], int]) -> None:
+        self.silo = silo
+        self._invocation = invocation
+        self._next_id = next_id
+        self._ops: list[p.Operation] = []
+        self._waiter: asyncio.Future[p.Result] | None = None
+        self._flush_scheduled = False
+        self._seq = itertools.count()
+        self._publish_lock = asyncio.Lock()
+        self._sends: set[asyncio.Task[None]] = set()
+        self.opened = False
+        self.closed = False
+
+    # ------------------------------------------------------------ operations
+
+    def open(self, *, clients: int | None = None, data_key: str | None = None) -> None:
+        if not self.opened:
+            self.opened = True
+            self._ops.insert(0, p.Open(clients=clients, data_key=data_key))
+
+    def create_value(self, serialized: bytes) -> int:
+        return self._add(lambda t: p.CreateValue(target=t, value=serialized))
+
+    def create_data(self, key: str, type_spec: bytes) -> int:
+        return self._add(lambda t: p.CreateData(target=t, key=key, type_spec=type_spec))
+
+    def create_call(self, fn: int, arg: int | None) -> int:
+        return self._add(lambda t: p.CreateCall(target=t, fn=fn, arg=arg))
+
+    def create_struct(self, elements: list[tuple[str | None, int]]) -> int:
+        return self._add(lambda t: p.CreateStruct(target=t, elements=tuple(elements)))
+
+    def create_selection(self, source: int, index: int) -> int:
+        return self._add(lambda t: p.CreateSelection(target=t, source=source, index=index))
+
+    async def compute(self, source: int) -> bytes:
+        """Ask the silo to release value `source`; waits for the reply
+        (bounded by the invocation's deadline and the silo's liveness)."""
+        self._check_usable()
+        self._ops.append(p.Compute(source=source))
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter
+        self._schedule_flush()
+        result = await self._invocation.wait_for_silo(self.silo, waiter)
+        if source not in result.values:
+            raise p.ProtocolError(
+                p.ErrorCode.MALFORMED, f"silo {self.silo!r} did not return value {source}"
+            )
+        return result.values[source]
+
+    async def close(self) -> None:
+        """Tell the silo to free the invocation; waits only for the publish."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.opened:
+            self._ops.append(p.Close())
+            self._flush_now()
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+
+    # ---------------------------------------------------------------- flushing
+
+    def _add(self, make: Callable[[int], p.Operation]) -> int:
+        self._check_usable()
+        target = self._next_id()
+        self._ops.append(make(target))
+        return target
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"invocation already closed at silo {self.silo!r}")
+        if not self.opened:
+            raise RuntimeError(f"silo {self.silo!r} used before it was opened")
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        if not self._ops:
+            return
+        ops, self._ops = self._ops, []
+        waiter, self._waiter = self._waiter, None
+        task = asyncio.create_task(self._send(ops, waiter, next(self._seq)))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send(
+        self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
+    ) -> None:
+        invocation = self._invocation
+        envelope = p.batch_envelope(
+            sender=invocation.sender,
+            invocation_id=invocation.id,
+            correlation_id=uuid.uuid4().hex,
+            deadline=invocation.deadline_epoch,
+            operations=ops,
+            seq=seq,
+        )
+        try:
+            # Publishes leave in sequence order; replies are awaited outside
+            # the lock so batches pipeline.
+            async with self._publish_lock:
+                reply = await invocation.link.send(
+                    self.silo, envelope, expect_reply=waiter is not None
+                )
+            if waiter is not None and reply is not None:
+                result = await reply
+                if not waiter.done():
+                    waiter.set_result(result)
+        except BaseException as e:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    def pending_operations(self) -> Iterator[p.Operation]:
+        return iter(self._ops)

@@ -1,0 +1,108 @@
+"""Executor values on the coordinator.
+
+A value lives in one of three places: the coordinator's local worker
+(unplaced and SERVER-placed values), the silos (CLIENTS-placed values: one
+handle per silo, the data never leaves), or nowhere yet (structs and functions
+are kept symbolic until something needs them materialized).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.impl.compiler import building_blocks
+from tensorflow_federated.python.core.impl.executors import executor_value_base
+from tensorflow_federated.python.core.impl.types import computation_types
+
+if TYPE_CHECKING:
+    from tff_amqp.coordinator.invocation import Invocation
+    from tff_amqp.coordinator.scope import Scope
+
+
+class CoordinatorValue(executor_value_base.ExecutorValue):
+    """Base class: every value knows its TFF type and its invocation."""
+
+    def __init__(self, invocation: Invocation, type_spec: computation_types.Type) -> None:
+        self._invocation = invocation
+        self._type_signature = type_spec
+
+    @property
+    def type_signature(self) -> computation_types.Type:
+        return self._type_signature
+
+    @property
+    def invocation(self) -> Invocation:
+        return self._invocation
+
+    @property
+    def reference(self) -> object:
+        # TFF's abstract API; our values are their own references.
+        return self
+
+
+class LocalValue(CoordinatorValue):
+    """An unplaced or SERVER-placed value inside the coordinator's worker."""
+
+    def __init__(self, invocation: Invocation, ref: Any, type_spec: computation_types.Type) -> None:
+        super().__init__(invocation, type_spec)
+        self.ref = ref
+
+    async def compute(self) -> object:
+        return await self._invocation.compute_local(self)
+
+
+class ClientsValue(CoordinatorValue):
+    """A CLIENTS-placed value: one handle (value id) per silo of the cohort."""
+
+    def __init__(
+        self, invocation: Invocation, ids: dict[str, int], type_spec: computation_types.Type
+    ) -> None:
+        super().__init__(invocation, type_spec)
+        self.ids = ids
+
+    async def compute(self) -> object:
+        return await self._invocation.release_clients_value(self)
+
+
+class StructValue(CoordinatorValue):
+    """A struct whose elements may live in different places."""
+
+    def __init__(
+        self,
+        invocation: Invocation,
+        elements: Sequence[tuple[str | None, CoordinatorValue]],
+    ) -> None:
+        type_spec = computation_types.StructType(
+            [(name, v.type_signature) if name else v.type_signature for name, v in elements]
+        )
+        super().__init__(invocation, type_spec)
+        self.elements = list(elements)
+
+    async def compute(self) -> object:
+        import asyncio
+
+        values = await asyncio.gather(*(v.compute() for _, v in self.elements))
+        return structure.Struct([(name, val) for (name, _), val in zip(self.elements, values)])
+
+
+class FunctionValue(CoordinatorValue):
+    """A functional building block (lambda, compiled computation, intrinsic)
+    and the scope it closes over; materialized only where it is called."""
+
+    def __init__(
+        self,
+        invocation: Invocation,
+        building_block: building_blocks.ComputationBuildingBlock,
+        scope: Scope,
+    ) -> None:
+        super().__init__(invocation, building_block.type_signature)
+        self.building_block = building_block
+        self.scope = scope
+
+    async def compute(self) -> object:
+        raise TypeError(
+            f"a function value ({self.building_block.compact_representation()[:80]}) cannot be "
+            "computed into a Python value"
+        )
