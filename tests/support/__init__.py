@@ -1,0 +1,1 @@
+"""Shared test infrastructure: broker, local federations, clean-up checks."""

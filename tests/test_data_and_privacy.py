@@ -1,0 +1,132 @@
+"""Silo data stays at the silo; only aggregates leave it.
+
+Over the real broker with real silo processes: a federated mean of a CSV
+column equals the mean computed from the files, no row reaches the
+coordinator, raw client values are refused by default and served only with
+the explicit opt-in flag, and a refusing silo keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tff_amqp
+from tests.support.federation import (
+    new_federation_name,
+    read_column,
+    read_column_of_file,
+    run_in,
+    start_federation,
+)
+from tff_amqp.errors import SiloError
+from tff_amqp.local import LocalFederation
+
+ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
+ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
+
+
+@tff.tensorflow.computation(tff.SequenceType(ROW))
+def client_sum_and_count(rows):
+    return rows.reduce(
+        (np.float64(0.0), np.float64(0.0)),
+        lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
+    )
+
+
+@tff.tensorflow.computation(np.float64, np.float64)
+def divide(total, count):
+    return total / count
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def mean_glucose(rows):
+    sums = tff.federated_sum(tff.federated_map(client_sum_and_count, rows))
+    return tff.federated_map(divide, sums)
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def client_counts(rows):
+    # Releases one value per client: not an aggregate.
+    return tff.federated_map(
+        tff.tensorflow.computation(
+            lambda ds: ds.reduce(np.int32(0), lambda n, _: n + 1), tff.SequenceType(ROW)
+        ),
+        rows,
+    )
+
+
+def test_federated_mean_of_csv_column_equals_direct_mean(amqp_context, silo_federation):
+    link = amqp_context.runtime.link
+    received: list[bytes] = []
+    link.taps.append(received.append)
+    try:
+        result = run_in(amqp_context, mean_glucose, tff_amqp.silo_data("readings"))
+    finally:
+        link.taps.remove(received.append)
+
+    values = [
+        v for folder in silo_federation.silos.values() for v in read_column(folder, "glucose")
+    ]
+    # The silos cast to float32 first, as the element type asks.
+    expected = np.mean(np.asarray(values, np.float32).astype(np.float64))
+    np.testing.assert_allclose(result, expected, rtol=1e-9)
+
+    # No row reached the coordinator: none of the glucose values appears in
+    # any received payload, in any encoding the silo might have used.
+    payload = b"".join(received)
+    assert payload, "the coordinator received no replies at all"
+    for value in values:
+        for encoded in (
+            struct.pack("<f", value),
+            struct.pack("<d", float(np.float32(value))),
+            f"{value}".encode(),
+        ):
+            assert encoded not in payload, f"raw row value {value} reached the coordinator"
+    assert b"confidential" not in payload
+    # Replies are a few partial aggregates, far smaller than the data.
+    csv_bytes = sum(
+        p.stat().st_size for f in silo_federation.silos.values() for p in f.glob("*.csv")
+    )
+    assert sum(len(b) for b in received) < csv_bytes
+
+
+def test_raw_client_values_are_refused_by_default_and_silo_keeps_serving(amqp_context):
+    with pytest.raises(SiloError) as error:
+        run_in(amqp_context, client_counts, tff_amqp.silo_data("readings"))
+    assert error.value.code == "privacy_refused"
+    assert "--allow-raw-client-values" in str(error.value)
+    # The silos are still there and still answer.
+    assert run_in(amqp_context, mean_glucose, tff_amqp.silo_data("readings")) > 0
+
+
+def test_raw_client_values_served_with_opt_in(amqp_url, tmp_path):
+    with LocalFederation(amqp_url, new_federation_name(), log_dir=tmp_path / "logs") as local:
+        federation = start_federation(
+            local,
+            tmp_path,
+            names=("solo",),
+            clients_per_silo=(3,),
+            extra_args=("--allow-raw-client-values",),
+        )
+        with tff_amqp.create_sync_amqp_execution_context(
+            amqp_url, federation=federation.name, cohort_timeout=120.0
+        ) as context:
+            counts = run_in(context, client_counts, tff_amqp.silo_data("readings"))
+    files = sorted(federation.silos["solo"].glob("*.csv"))
+    expected = [len(read_column_of_file(f, "age")) for f in files]
+    assert len(files) == 3
+    assert [int(c) for c in counts] == expected
+
+
+def test_missing_data_key_is_a_clear_error_naming_the_silo(amqp_context):
+    with pytest.raises(SiloError) as error:
+        run_in(amqp_context, mean_glucose, tff_amqp.silo_data("no-such-key"))
+    assert error.value.code == "data_error"
+    assert "no-such-key" in str(error.value)
+    assert error.value.silo in str(error.value)
