@@ -1,0 +1,95 @@
+"""Shared helpers of the benchmarks: timing, TFF's native context with owned
+clean-up, machine description and result files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_s": statistics.median(ordered),
+        "p10_s": ordered[int(0.1 * (len(ordered) - 1))],
+        "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
+        "n": len(ordered),
+    }
+
+
+def _worker_children() -> list[int]:
+    me = str(os.getpid())
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = stat[stat.rindex(")") + 2 :].split()[1]
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == me and b"worker_binary" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def native_context() -> Iterator[Any]:
+    """TFF's own native runtime; its worker_binary is killed on exit (TFF's
+    launcher would leave it running)."""
+    import tensorflow_federated as tff
+
+    context = tff.backends.native.create_sync_local_cpp_execution_context()
+    try:
+        yield context
+    finally:
+        for pid in _worker_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=float))
+    return path
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,154 @@
+"""Overhead of tff-amqp against TFF's native runtime, measured in the same run.
+
+    .venv/bin/python benchmarks/overhead.py [--broker URL] [--repeats N]
+
+Runs a federated mean and one FedAvg round (a small Keras model) through
+tff-amqp with 3 local silo processes, and the same computations through TFF's
+native C++ runtime; prints medians and ratios, writes
+benchmarks/results/overhead.json. Targets (issue "core"): mean <= 3x native,
+FedAvg round <= 1.5x native.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from benchmarks._common import (
+    machine,
+    native_context,
+    print_table,
+    summary,
+    timed,
+    write_result,
+)
+
+CLIENTS = 9
+
+
+def build():
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+    def mean(x):
+        return tff.federated_mean(x)
+
+    rng = np.random.default_rng(0)
+    datasets = []
+    for _ in range(CLIENTS):
+        x = rng.normal(size=(64, 20)).astype(np.float32)
+        y = rng.integers(0, 5, size=64).astype(np.int32)
+        datasets.append(
+            tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(16)
+        )
+    spec = datasets[0].element_spec
+
+    def model_fn():
+        model = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(input_shape=(20,)),
+                tf.keras.layers.Dense(32, activation="relu"),
+                tf.keras.layers.Dense(5),
+            ]
+        )
+        return tff.learning.models.from_keras_model(
+            model,
+            input_spec=spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+    )
+    values = [float(i) for i in range(CLIENTS)]
+    return mean, values, process, datasets
+
+
+def measure(context, mean, values, process, datasets, repeats):
+    import tensorflow_federated as tff
+
+    with tff.framework.get_context_stack().install(context):
+        state = process.initialize()
+        mean_samples = timed(lambda: mean(values), repeats=repeats * 4, warmup=2)
+        round_samples = timed(lambda: process.next(state, datasets), repeats=repeats, warmup=1)
+        result = float(mean(values))
+    return summary(mean_samples), summary(round_samples), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--broker", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import tff_amqp
+    from tff_amqp.local import LocalFederation
+
+    print(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}", flush=True)
+    mean, values, process, datasets = build()
+    with native_context() as native:
+        native_mean, native_round, native_value = measure(
+            native, mean, values, process, datasets, args.repeats
+        )
+    federation = f"bench-{uuid.uuid4().hex[:6]}"
+    with LocalFederation(args.broker, federation) as local:
+        for name in ("s1", "s2", "s3"):
+            local.start_silo(name)
+        local.wait_ready(timeout=180)
+        with tff_amqp.create_sync_amqp_execution_context(
+            args.broker, federation=federation, min_silos=3, cohort_timeout=120
+        ) as ctx:
+            amqp_mean, amqp_round, amqp_value = measure(
+                ctx, mean, values, process, datasets, args.repeats
+            )
+    assert abs(amqp_value - native_value) < 1e-5, (amqp_value, native_value)
+
+    rows = [
+        [
+            "federated_mean",
+            native_mean["median_s"] * 1e3,
+            amqp_mean["median_s"] * 1e3,
+            amqp_mean["median_s"] / native_mean["median_s"],
+            3.0,
+        ],
+        [
+            "fedavg_round",
+            native_round["median_s"] * 1e3,
+            amqp_round["median_s"] * 1e3,
+            amqp_round["median_s"] / native_round["median_s"],
+            1.5,
+        ],
+    ]
+    print()
+    print_table(["computation", "native ms", "tff-amqp ms", "ratio", "target"], rows)
+    path = write_result(
+        "overhead",
+        {
+            "machine": machine(),
+            "clients": CLIENTS,
+            "silos": 3,
+            "native": {"federated_mean": native_mean, "fedavg_round": native_round},
+            "tff_amqp": {"federated_mean": amqp_mean, "fedavg_round": amqp_round},
+            "ratios": {r[0]: r[3] for r in rows},
+            "targets": {r[0]: r[4] for r in rows},
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

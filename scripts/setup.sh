@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up everything tff-amqp needs on this machine; idempotent.
+#   - uv (installed with pip if missing)
+#   - .venv at the repository root, exactly as uv.lock says
+#   - a reachable RabbitMQ: AMQP_URL if set, else the local service (started if installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv"
+  python3 -m pip install --quiet uv
+fi
+say "syncing .venv from uv.lock"
+uv sync --frozen --extra test --quiet
+
+if [ "${SKIP_BROKER:-0}" = "1" ]; then
+  exit 0
+fi
+
+broker_up() { timeout 10 rabbitmq-diagnostics -q ping >/dev/null 2>&1; }
+
+if [ -n "${AMQP_URL:-}" ]; then
+  say "using AMQP_URL (${AMQP_URL%%@*}@...)"
+elif command -v rabbitmq-server >/dev/null 2>&1; then
+  if ! broker_up; then
+    say "starting the local RabbitMQ (rabbitmq-server -detached)"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do
+      broker_up && break
+      sleep 1
+    done
+    broker_up || { say "RabbitMQ did not answer a ping within 60 s; see /var/log/rabbitmq/"; exit 1; }
+  fi
+  say "local RabbitMQ is up"
+elif docker info >/dev/null 2>&1; then
+  say "no local RabbitMQ; tests will start one with testcontainers"
+else
+  say "no broker: install rabbitmq-server (apt-get install rabbitmq-server), or run"
+  say "'docker compose up -d rabbitmq', or set AMQP_URL=amqp://user:pass@host:5672/"
+  exit 1
+fi

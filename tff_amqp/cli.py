@@ -1,0 +1,182 @@
+"""The `tff-amqp` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tff_amqp.logs import configure_logging
+
+log = logging.getLogger("tff_amqp.cli")
+
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _broker_default() -> str:
+    return os.environ.get("TFF_AMQP_BROKER") or os.environ.get("AMQP_URL") or DEFAULT_BROKER
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tff-amqp",
+        description="Run TensorFlow Federated across silos that only open outbound AMQP "
+        "connections to a RabbitMQ broker.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("TFF_AMQP_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity of JSON log lines on stderr (env TFF_AMQP_LOG_LEVEL; default info)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    silo = sub.add_parser(
+        "silo",
+        parents=[common],
+        help="run a silo agent: connect out to the broker and serve executor requests",
+        description="Run a silo agent. It opens only an outbound connection to the broker, "
+        "owns a local TFF worker_binary and keeps its clients' data local: only outputs of "
+        "federated aggregations leave it.",
+    )
+    silo.add_argument(
+        "--broker",
+        default=_broker_default(),
+        help="broker URL, amqp[s]://user:pass@host:port/vhost "
+        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
+    silo.add_argument(
+        "--federation",
+        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
+        help="federation name; namespaces queues and exchanges (default %(default)s)",
+    )
+    silo.add_argument("--name", required=True, help="this silo's name (letters, digits, - and _)")
+    silo.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=PATH",
+        help="local data: a CSV file (one client) or a folder of CSV files (one "
+        "client per file); repeatable",
+    )
+    silo.add_argument(
+        "--allow-raw-client-values",
+        action="store_true",
+        help="let the coordinator fetch raw client-placed values (simulation and "
+        "testing only: it breaks the privacy boundary)",
+    )
+    silo.add_argument(
+        "--min-clients-per-aggregate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="refuse aggregations over fewer than N local clients (default 1)",
+    )
+    silo.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats (default %(default)s)",
+    )
+    silo.add_argument(
+        "--no-declare",
+        action="store_true",
+        help="do not declare exchanges/queues (for provisioned silos without configure permission)",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run a local federation demo: 3 silos, a federated mean and FedAvg",
+        description="Start 3 silo processes with sample CSV data on this machine, run a "
+        "federated mean and a few FedAvg rounds through the broker, print the results and "
+        "stop everything it started.",
+    )
+    demo.add_argument(
+        "--broker",
+        default=_broker_default(),
+        help="broker URL (env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
+    demo.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    demo.add_argument(
+        "--keep-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the sample data and logs to DIR and keep them",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # TensorFlow's C++ start-up chatter is not ours to show by default.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_logging(args.log_level)
+    if args.command == "silo":
+        return _run_silo(args)
+    if args.command == "demo":
+        from tff_amqp.demo import run_demo
+
+        return run_demo(args.broker, rounds=args.rounds, keep_data=args.keep_data)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _run_silo(args: argparse.Namespace) -> int:
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.silo.data import DataError, DataSource
+
+    try:
+        sources = tuple(DataSource.parse(flag) for flag in args.data)
+    except DataError as e:
+        print(f"tff-amqp silo: {e}", file=sys.stderr)
+        return 2
+
+    from tff_amqp.silo.agent import SiloAgent, SiloConfig
+    from tff_amqp.silo.session import PrivacyPolicy
+
+    try:
+        config = SiloConfig(
+            broker_url=args.broker,
+            federation=args.federation,
+            name=args.name,
+            data=sources,
+            policy=PrivacyPolicy(
+                allow_raw_client_values=args.allow_raw_client_values,
+                min_clients_per_aggregate=args.min_clients_per_aggregate,
+            ),
+            heartbeat_interval=args.heartbeat_interval,
+            declare_topology=not args.no_declare,
+        )
+    except ValueError as e:
+        print(f"tff-amqp silo: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(SiloAgent(config)))
+    except (TffAmqpError, DataError) as e:
+        print(f"tff-amqp silo: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(agent: object) -> None:
+    from tff_amqp.silo.agent import SiloAgent
+
+    assert isinstance(agent, SiloAgent)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with agent:
+        await stop.wait()
