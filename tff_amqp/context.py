@@ -93,7 +93,14 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         finally:
             _current_invocations.reset(token)
             for invocation in invocations:
-                await invocation.close()
+                # Freeing silo and local state is off the caller's critical
+                # path; the runtime waits for it before it shuts down.
+                self.runtime.in_background(invocation.close())
+
+    async def start(self) -> None:
+        """Connect and start the local worker now (otherwise done on first use),
+        so an unreachable broker fails here rather than in the first call."""
+        await self.runtime.ensure_started()
 
     async def close(self) -> None:
         await self.runtime.close()
@@ -119,6 +126,11 @@ class AmqpSyncExecutionContext(context_base.SyncContext):
         if self._closed:
             raise RuntimeError("this AMQP execution context is closed")
         return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
+
+    def start(self) -> AmqpSyncExecutionContext:
+        """Connect and start the local worker now (otherwise done on first use)."""
+        self._runner.run_coro_and_return_result(self._async_context.start())
+        return self
 
     def run(self, coro: Any) -> Any:
         """Run a coroutine on the context's loop (e.g. to inspect the runtime)."""

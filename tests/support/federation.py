@@ -109,6 +109,7 @@ def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
         cohort_timeout=120.0,
         deadline=300.0,
     )
+    context.start()
     try:
         yield context
     finally:

@@ -57,7 +57,13 @@ class AmqpExecutor(executor_base.Executor):
         if isinstance(value, CoordinatorValue):
             return value
         if isinstance(value, computation_impl.ConcreteComputation):
-            value = computation_impl.ConcreteComputation.get_proto(value)
+            parsed = self.invocation.runtime.parsed
+            bb = parsed.get(value)
+            if bb is None:
+                proto = computation_impl.ConcreteComputation.get_proto(value)
+                bb = building_blocks.ComputationBuildingBlock.from_proto(proto)
+                parsed[value] = bb
+            return self.evaluate_functional(bb, EMPTY_SCOPE)
         if isinstance(value, computation_pb2.Computation):
             bb = building_blocks.ComputationBuildingBlock.from_proto(value)
             return self.evaluate_functional(bb, EMPTY_SCOPE)
@@ -175,8 +181,7 @@ class AmqpExecutor(executor_base.Executor):
         invocation = self.invocation
         fn_ref = await invocation.to_local(fn)
         arg_ref = await invocation.to_local(arg) if arg is not None else None
-        local = await invocation.local()
-        ref = await local.create_call(fn_ref, arg_ref)
+        ref = await invocation.local_call(fn_ref, arg_ref)
         return LocalValue(invocation, ref, result_type)
 
     async def select(self, source: CoordinatorValue, index: int) -> CoordinatorValue:
@@ -187,8 +192,7 @@ class AmqpExecutor(executor_base.Executor):
             raise TypeError(f"cannot select [{index}] from a value of type {type_spec}")
         element_type = type_spec[index]
         if isinstance(source, LocalValue):
-            local = await self.invocation.local()
-            ref = await local.create_selection(source.ref, index)
+            ref = await self.invocation.local_selection(source.ref, index)
             return LocalValue(self.invocation, ref, element_type)
         if isinstance(source, ClientsValue):
             raise TypeError("selection from a CLIENTS-placed value is not expected here")

@@ -83,7 +83,9 @@ class Invocation:
         self._silo_cache: dict[tuple[int, str], asyncio.Future[int]] = {}
         self._local_cache: dict[int, asyncio.Future[Any]] = {}
         self._computed: dict[int, asyncio.Future[executor_pb2.Value]] = {}
+        self._serialized: dict[int, asyncio.Future[bytes]] = {}
         self._pins: list[object] = []
+        self._local_refs: list[Any] = []
         self.closed = False
 
     @property
@@ -149,16 +151,28 @@ class Invocation:
     # ------------------------------------------------------------ local side
 
     async def local(self) -> WorkerExecutor:
+        """The coordinator worker's executor, shared by invocations (warm
+        caches); this invocation disposes of the values it created."""
         async with self._local_lock:
             if self._local is None:
-                self._local = await self.runtime.worker.client.get_executor(0)
+                self._local = await self.runtime.worker.client.shared_executor(0)
             return self._local
+
+    def _owned(self, ref: Any) -> Any:
+        self._local_refs.append(ref)
+        return ref
 
     async def create_local(
         self, value: executor_pb2.Value, type_spec: computation_types.Type
     ) -> LocalValue:
-        ref = await (await self.local()).create_value(value)
+        ref = self._owned(await (await self.local()).create_value(value))
         return LocalValue(self, ref, type_spec)
+
+    async def local_call(self, fn: Any, arg: Any | None) -> Any:
+        return self._owned(await (await self.local()).create_call(fn, arg))
+
+    async def local_selection(self, source: Any, index: int) -> Any:
+        return self._owned(await (await self.local()).create_selection(source, index))
 
     async def compute_local(self, value: LocalValue) -> object:
         proto = await self._local_proto(value)
@@ -191,11 +205,15 @@ class Invocation:
         local = await self.local()
         if isinstance(value, StructValue):
             refs = await asyncio.gather(*(self.to_local(v) for _, v in value.elements))
-            return await local.create_struct(
-                [(name, ref) for (name, _), ref in zip(value.elements, refs)]
+            return self._owned(
+                await local.create_struct(
+                    [(name, ref) for (name, _), ref in zip(value.elements, refs)]
+                )
             )
         if isinstance(value, FunctionValue):
-            return await local.create_value(_function_proto(value))
+            proto, serialized = self.runtime.function_wire(value)
+            ref, shared = await local.create_computation(serialized, proto)
+            return ref if shared else self._owned(ref)
         raise TypeError(f"cannot materialize {type(value).__name__} locally")
 
     # ------------------------------------------------------------- silo side
@@ -218,14 +236,24 @@ class Invocation:
             outbox = await self.outbox(silo)
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
         if isinstance(value, FunctionValue):
-            proto = _function_proto(value)
+            _, serialized = self.runtime.function_wire(value)
         elif isinstance(value, LocalValue):
-            # Server values are materialized once and shipped as serialized protos.
-            proto = await self._local_proto(value)
+            # Server values are computed and serialized once, then shipped.
+            serialized = await self._local_bytes(value)
         else:
             raise TypeError(f"cannot send {type(value).__name__} to a silo")
         outbox = await self.outbox(silo)
-        return outbox.create_value(proto.SerializeToString())
+        return outbox.create_value(serialized)
+
+    async def _local_bytes(self, value: LocalValue) -> bytes:
+        key = id(value)
+        if key not in self._serialized:
+            self._serialized[key] = asyncio.ensure_future(self._serialize_local(value))
+        return await self._serialized[key]
+
+    async def _serialize_local(self, value: LocalValue) -> bytes:
+        proto = await self._local_proto(value)
+        return proto.SerializeToString()
 
     async def call_at_silos(
         self,
@@ -257,8 +285,8 @@ class Invocation:
         self, value: object, type_spec: computation_types.FederatedType
     ) -> ClientsValue:
         silos = await self.cohort()
-        ids: dict[str, int] = {}
-        for silo in silos:
+
+        async def part_for(silo: str) -> bytes:
             if type_spec.all_equal:
                 part = value
             else:
@@ -272,8 +300,12 @@ class Invocation:
                     raise ValueError("client lists need a known CLIENTS cardinality")
                 start, stop = chunk[silo]
                 part = list(value[start:stop])
-            proto, _ = await asyncio.to_thread(value_serialization.serialize_value, part, type_spec)
-            ids[silo] = (await self.outbox(silo)).create_value(proto.SerializeToString())
+            return await asyncio.to_thread(_serialize, part, type_spec)
+
+        parts = await asyncio.gather(*(part_for(silo) for silo in silos))
+        ids: dict[str, int] = {}
+        for silo, serialized in zip(silos, parts):
+            ids[silo] = (await self.outbox(silo)).create_value(serialized)
         return ClientsValue(self, ids, type_spec)
 
     async def create_silo_data(
@@ -313,24 +345,29 @@ class Invocation:
         if self.closed:
             return
         self.closed = True
-        for outbox in self._outboxes.values():
+
+        async def close_outbox(outbox: SiloOutbox) -> None:
             try:
                 await asyncio.wait_for(outbox.close(), 5.0)
             except Exception:
                 log.debug("closing silo outbox failed", exc_info=True)
+
+        await asyncio.gather(*(close_outbox(o) for o in self._outboxes.values()))
         self.link.forget_invocation(self.id)
         for future in [
             *self._silo_cache.values(),
             *self._local_cache.values(),
             *self._computed.values(),
+            *self._serialized.values(),
         ]:
             if not future.done():
                 future.cancel()
-        if self._local is not None:
+        if self._local is not None and self._local_refs:
             try:
-                await asyncio.wait_for(self._local.close(), 5.0)
+                await asyncio.wait_for(self._local.dispose(self._local_refs), 5.0)
             except Exception:
-                log.debug("closing local executor failed", exc_info=True)
+                log.debug("disposing local values failed", exc_info=True)
+            self._local_refs.clear()
         self._pins.clear()
 
 
@@ -344,7 +381,12 @@ def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:
     return ClientAssignment(chunks)
 
 
-def _function_proto(value: FunctionValue) -> executor_pb2.Value:
+def _serialize(value: object, type_spec: computation_types.Type) -> bytes:
+    proto, _ = value_serialization.serialize_value(value, type_spec)
+    return proto.SerializeToString()
+
+
+def function_proto(value: FunctionValue) -> executor_pb2.Value:
     bb = value.building_block
     if isinstance(bb, building_blocks.Lambda | building_blocks.Block) and not value.scope.is_empty:
         free = _free_references(bb)

@@ -7,11 +7,17 @@ import asyncio
 import logging
 import os
 import socket
+import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
+
+from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
+from tff_amqp.coordinator.values import FunctionValue
 from tff_amqp.topology import Topology
 from tff_amqp.worker import WorkerBinary
 
@@ -57,6 +63,34 @@ class CoordinatorRuntime:
         self._worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # id(building block) -> (building block, Value proto, bytes); the block
+        # is kept so its id cannot be reused while cached.
+        self._function_wire: dict[int, tuple[object, executor_pb2.Value, bytes]] = {}
+        # Parsed computations, per compiled computation object (the compiler
+        # pipeline caches those, so repeated calls hit this cache).
+        self.parsed: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+
+    def function_wire(self, value: FunctionValue) -> tuple[executor_pb2.Value, bytes]:
+        """A function's Value proto and its serialized bytes, built once per
+        building block (they are large, and the same ones ship every round)."""
+        from tff_amqp.coordinator.invocation import function_proto
+
+        key = id(value.building_block)
+        entry = self._function_wire.get(key)
+        if entry is None or entry[0] is not value.building_block:
+            proto = function_proto(value)
+            entry = (value.building_block, proto, proto.SerializeToString())
+            if len(self._function_wire) >= 1024:
+                self._function_wire.pop(next(iter(self._function_wire)))
+            self._function_wire[key] = entry
+        return entry[1], entry[2]
+
+    def in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run clean-up work without blocking the caller; awaited by close()."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def link(self) -> CoordinatorLink:
@@ -101,6 +135,8 @@ class CoordinatorRuntime:
             log.info("coordinator.started", extra={"federation": self.options.federation})
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=10.0)
         if self._link is not None:
             await self._link.close()
             self._link = None

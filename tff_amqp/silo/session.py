@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
@@ -58,7 +58,14 @@ ClientCounter = Callable[[str | None], int]
 
 
 class InvocationSession:
-    """Per-invocation handles and provenance at one silo."""
+    """Per-invocation handles and provenance at one silo.
+
+    A batch is applied as a dataflow graph: every operation starts as soon as
+    the values it uses exist, so independent operations overlap in the worker
+    and a batch costs its dependency depth, not its length, in round trips.
+    Provenance (what may be released) is decided from the operations
+    themselves, before anything runs.
+    """
 
     def __init__(
         self,
@@ -80,7 +87,9 @@ class InvocationSession:
         self._count_clients = count_clients
         self._executor: WorkerExecutor | None = None
         self._clients: int | None = None
-        self._refs: dict[int, object] = {}
+        self._refs: dict[int, asyncio.Future[object]] = {}
+        # refs shared with other invocations (cached computations): never disposed here
+        self._shared: set[int] = set()
         # ids of values that may leave the silo under the default policy
         self._releasable: set[int] = set()
         # ids of values that are aggregation intrinsics (their calls are releasable)
@@ -97,59 +106,145 @@ class InvocationSession:
         return seq <= self._last_seq
 
     async def apply(self, batch: p.Batch) -> dict[int, bytes]:
-        """Apply a batch in order; return the values its Compute ops release."""
+        """Apply a batch; return the values its Compute ops release."""
         if self.failed is not None:
             raise self.failed
         self._last_seq = batch.seq
         released: dict[int, bytes] = {}
-        op: p.Operation | None = None
+        running: list[asyncio.Task[None]] = []
         try:
             for op in batch.operations:
-                value = await self._apply_one(op)
-                if value is not None:
-                    released[op.source] = value  # type: ignore[attr-defined]
+                match op:
+                    case p.Open():
+                        await self._open(op)
+                    case p.Dispose():
+                        await _settle(running)
+                        await self._dispose(op.targets)
+                    case p.Close():
+                        await _settle(running)
+                        await self.close()
+                    case p.Compute():
+                        self._check_release(op.source)
+                        running.append(asyncio.create_task(self._compute(op, released)))
+                    case _:
+                        running.append(self._schedule(op))
+            await _settle(running)
         except SessionError as e:
             self.failed = e
             raise
         except WorkerError as e:
-            self.failed = SessionError(
-                p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
-            )
+            self.failed = SessionError(p.ErrorCode.EXECUTION, f"silo {self.silo!r}: {e}")
             raise self.failed from e
+        finally:
+            for task in running:
+                task.cancel()
         return released
 
-    async def _apply_one(self, op: p.Operation) -> bytes | None:
+    # ----------------------------------------------------------- scheduling
+
+    def _schedule(self, op: p.Operation) -> asyncio.Task[None]:
+        """Bind the op's target to a future and start it. Provenance and
+        reference checks happen here, synchronously, in batch order."""
+        executor = self._require_executor()
+        target: int = op.target  # type: ignore[attr-defined]
+        if target in self._refs:
+            raise SessionError(p.ErrorCode.BAD_REFERENCE, f"value id {target} is already in use")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._refs[target] = future
+        run: Callable[[], Awaitable[object]]
         match op:
-            case p.Open():
-                await self._open(op)
             case p.CreateValue():
-                await self._create_value(op)
+                run = self._prepare_value(op, executor)
             case p.CreateData():
-                await self._create_data(op)
+                run = lambda: self._create_data(op, executor)  # noqa: E731
             case p.CreateCall():
-                await self._create_call(op)
+                run = self._prepare_call(op, executor)
             case p.CreateStruct():
-                executor = self._require_executor()
-                elements = [(name, self._ref(ref)) for name, ref in op.elements]
-                self._bind(op.target, await executor.create_struct(elements))
+                deps = [(name, self._ref(ref)) for name, ref in op.elements]
                 if all(ref in self._releasable for _, ref in op.elements):
-                    self._releasable.add(op.target)
+                    self._releasable.add(target)
+
+                async def run() -> object:
+                    elements = [(name, await dep) for name, dep in deps]
+                    return await executor.create_struct(elements)
+
             case p.CreateSelection():
-                executor = self._require_executor()
-                self._bind(
-                    op.target, await executor.create_selection(self._ref(op.source), op.index)
-                )
+                source = self._ref(op.source)
                 if op.source in self._releasable:
-                    self._releasable.add(op.target)
-            case p.Compute():
-                return await self._compute(op)
-            case p.Dispose():
-                await self._dispose(op.targets)
-            case p.Close():
-                await self.close()
+                    self._releasable.add(target)
+
+                async def run() -> object:
+                    return await executor.create_selection(await source, op.index)
+
             case _:
                 raise SessionError(p.ErrorCode.UNKNOWN_OPERATION, f"unsupported operation {op!r}")
-        return None
+        return asyncio.create_task(self._resolve(op, future, run))
+
+    async def _resolve(
+        self, op: p.Operation, future: asyncio.Future[object], run: Callable[[], Awaitable[object]]
+    ) -> None:
+        try:
+            future.set_result(await run())
+        except WorkerError as e:
+            error = SessionError(
+                p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
+            )
+            future.set_exception(error)
+            raise error from e
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: dependents report it
+
+    def _prepare_value(
+        self, op: p.CreateValue, executor: WorkerExecutor
+    ) -> Callable[[], Awaitable[object]]:
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        value = executor_pb2.Value()
+        try:
+            value.ParseFromString(op.value)
+        except Exception as e:
+            raise SessionError(
+                p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
+            ) from e
+        self._releasable.add(op.target)
+        if value.WhichOneof("value") != "computation":
+            return lambda: executor.create_value(value)
+        comp = value.computation
+        if comp.WhichOneof("computation") == "intrinsic" and comp.intrinsic.uri in AGGREGATION_URIS:
+            self._aggregators.add(op.target)
+
+        async def run() -> object:
+            ref, shared = await executor.create_computation(op.value, value)
+            if shared:
+                self._shared.add(op.target)
+            return ref
+
+        return run
+
+    def _prepare_call(
+        self, op: p.CreateCall, executor: WorkerExecutor
+    ) -> Callable[[], Awaitable[object]]:
+        fn = self._ref(op.fn)
+        arg = self._ref(op.arg) if op.arg is not None else None
+        if op.fn in self._aggregators:
+            if (self._clients or 0) < self._policy.min_clients_per_aggregate:
+                raise SessionError(
+                    p.ErrorCode.PRIVACY,
+                    f"silo {self.silo!r} refuses to aggregate over {self._clients} client(s): "
+                    f"its policy requires at least {self._policy.min_clients_per_aggregate}",
+                )
+            self._releasable.add(op.target)
+
+        async def run() -> object:
+            return await executor.create_call(await fn, await arg if arg is not None else None)
+
+        return run
+
+    # ------------------------------------------------------------ operations
 
     async def _open(self, op: p.Open) -> None:
         if self._executor is not None:
@@ -162,37 +257,12 @@ class InvocationSession:
             except Exception as e:
                 raise SessionError(p.ErrorCode.DATA, str(e)) from e
         self._clients = clients
-        self._executor = await self._worker.get_executor(clients)
-        log.debug(
-            "opened invocation",
-            extra={"invocation": self.invocation_id, "clients": clients},
-        )
+        self._executor = await self._worker.shared_executor(clients)
+        log.debug("silo.opened", extra={"invocation": self.invocation_id, "clients": clients})
 
-    async def _create_value(self, op: p.CreateValue) -> None:
+    async def _create_data(self, op: p.CreateData, executor: WorkerExecutor) -> object:
         from tensorflow_federated.proto.v0 import executor_pb2
 
-        executor = self._require_executor()
-        value = executor_pb2.Value()
-        try:
-            value.ParseFromString(op.value)
-        except Exception as e:
-            raise SessionError(
-                p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
-            ) from e
-        self._bind(op.target, await executor.create_value(value))
-        self._releasable.add(op.target)
-        if value.WhichOneof("value") == "computation":
-            comp = value.computation
-            if (
-                comp.WhichOneof("computation") == "intrinsic"
-                and comp.intrinsic.uri in AGGREGATION_URIS
-            ):
-                self._aggregators.add(op.target)
-
-    async def _create_data(self, op: p.CreateData) -> None:
-        from tensorflow_federated.proto.v0 import executor_pb2
-
-        executor = self._require_executor()
         try:
             count, serialized = await asyncio.to_thread(self._resolve_data, op.key, op.type_spec)
         except SessionError:
@@ -206,61 +276,55 @@ class InvocationSession:
                 f"was opened for {self._clients}; every silo_data argument of one invocation "
                 "must have the same number of clients at a silo",
             )
-        value = executor_pb2.Value.FromString(serialized)
         # Client data never becomes releasable by itself.
-        self._bind(op.target, await executor.create_value(value))
+        return await executor.create_value(executor_pb2.Value.FromString(serialized))
 
-    async def _create_call(self, op: p.CreateCall) -> None:
-        executor = self._require_executor()
-        fn = self._ref(op.fn)
-        arg = self._ref(op.arg) if op.arg is not None else None
-        is_aggregation = op.fn in self._aggregators
-        if is_aggregation and (self._clients or 0) < self._policy.min_clients_per_aggregate:
+    def _check_release(self, source: int) -> None:
+        self._ref(source)
+        if source not in self._releasable and not self._policy.allow_raw_client_values:
             raise SessionError(
                 p.ErrorCode.PRIVACY,
-                f"silo {self.silo!r} refuses to aggregate over {self._clients} client(s): "
-                f"its policy requires at least {self._policy.min_clients_per_aggregate}",
-            )
-        self._bind(op.target, await executor.create_call(fn, arg))
-        if is_aggregation:
-            self._releasable.add(op.target)
-
-    async def _compute(self, op: p.Compute) -> bytes:
-        executor = self._require_executor()
-        ref = self._ref(op.source)
-        if op.source not in self._releasable and not self._policy.allow_raw_client_values:
-            raise SessionError(
-                p.ErrorCode.PRIVACY,
-                f"silo {self.silo!r} refuses to release value {op.source}: it is not the output "
+                f"silo {self.silo!r} refuses to release value {source}: it is not the output "
                 "of a federated aggregation over its clients. Only aggregates leave a silo; "
                 "start the silo with --allow-raw-client-values to permit this (simulation and "
                 "testing only)",
             )
-        value = await executor.compute(ref)
-        return value.SerializeToString()
+
+    async def _compute(self, op: p.Compute, released: dict[int, bytes]) -> None:
+        executor = self._require_executor()
+        ref = await self._ref(op.source)
+        try:
+            value = await executor.compute(ref)  # type: ignore[arg-type]
+        except WorkerError as e:
+            raise SessionError(
+                p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
+            ) from e
+        released[op.source] = value.SerializeToString()
 
     async def _dispose(self, targets: tuple[int, ...]) -> None:
-        refs = [self._refs.pop(t) for t in targets if t in self._refs]
-        for t in targets:
-            self._releasable.discard(t)
-            self._aggregators.discard(t)
+        refs = []
+        for target in targets:
+            future = self._refs.pop(target, None)
+            self._releasable.discard(target)
+            self._aggregators.discard(target)
+            shared = target in self._shared
+            self._shared.discard(target)
+            if future is not None and not shared and future.done() and future.exception() is None:
+                refs.append(future.result())
         if refs and self._executor is not None:
-            await self._executor.dispose(refs)
+            await self._executor.dispose(refs)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        """Free everything this invocation holds; idempotent, never raises."""
+        """Free every value of this invocation; idempotent, never raises."""
         if self.closed:
             return
         self.closed = True
+        try:
+            await self._dispose(tuple(self._refs))
+        except Exception:  # the worker may already be gone
+            log.debug("silo.dispose_failed", exc_info=True)
         self._refs.clear()
-        self._releasable.clear()
-        self._aggregators.clear()
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            try:
-                await executor.close()
-            except Exception:  # the worker may already be gone
-                log.debug("closing worker executor failed", exc_info=True)
+        self._executor = None
 
     def _require_executor(self) -> WorkerExecutor:
         if self._executor is None:
@@ -271,7 +335,7 @@ class InvocationSession:
             )
         return self._executor
 
-    def _ref(self, value_id: int) -> object:
+    def _ref(self, value_id: int) -> asyncio.Future[object]:
         try:
             return self._refs[value_id]
         except KeyError:
@@ -280,10 +344,16 @@ class InvocationSession:
                 f"silo {self.silo!r} has no value {value_id} in invocation {self.invocation_id}",
             ) from None
 
-    def _bind(self, value_id: int, ref: object) -> None:
-        if value_id in self._refs:
-            raise SessionError(p.ErrorCode.BAD_REFERENCE, f"value id {value_id} is already in use")
-        self._refs[value_id] = ref
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for all tasks; raise the first error (in batch order)."""
+    if not tasks:
+        return
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _describe(op: p.Operation | None) -> str:

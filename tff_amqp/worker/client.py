@@ -7,6 +7,8 @@ side.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import Sequence
 
 import grpc
@@ -32,10 +34,28 @@ async def _call(operation: str, coro: object) -> object:
 
 
 class WorkerClient:
-    """Entry point: one executor per invocation inside the worker."""
+    """Entry point: executors inside the worker, one per CLIENTS cardinality."""
+
+    # Pinned executors keep TensorFlow's per-executor caches and our cached
+    # computations warm across invocations; bounded so odd cardinalities
+    # cannot pile up.
+    MAX_PINNED = 16
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = executor_pb2_grpc.ExecutorGroupStub(channel)
+        self._pinned: dict[int | None, WorkerExecutor] = {}
+
+    async def shared_executor(self, clients: int | None) -> WorkerExecutor:
+        """The executor for this cardinality, kept alive for reuse. Callers
+        dispose of their own values and never close it."""
+        executor = self._pinned.get(clients)
+        if executor is None:
+            executor = await self.get_executor(clients)
+            if len(self._pinned) < self.MAX_PINNED:
+                executor.pinned = True
+                self._pinned.setdefault(clients, executor)
+                executor = self._pinned[clients]
+        return executor
 
     async def get_executor(self, clients: int | None) -> WorkerExecutor:
         from tensorflow_federated.python.core.impl.executors import value_serialization
@@ -50,7 +70,9 @@ class WorkerClient:
 
 
 class WorkerExecutor:
-    """One executor (one invocation's values) inside the worker."""
+    """One executor inside the worker (values of one CLIENTS cardinality)."""
+
+    MAX_CACHED_COMPUTATIONS = 4096
 
     def __init__(
         self, stub: executor_pb2_grpc.ExecutorGroupStub, executor: executor_pb2.ExecutorId
@@ -58,6 +80,27 @@ class WorkerExecutor:
         self._stub = stub
         self.executor = executor
         self.closed = False
+        self.pinned = False
+        self._computations: dict[bytes, asyncio.Future[executor_pb2.ValueRef]] = {}
+
+    async def create_computation(
+        self, serialized: bytes, value: executor_pb2.Value
+    ) -> tuple[executor_pb2.ValueRef, bool]:
+        """Embed a computation, reusing an identical one already embedded in
+        this pinned executor (the same functions arrive every round). Returns
+        (ref, cached); the caller must not dispose a cached ref."""
+        key = hashlib.sha256(serialized).digest()
+        future = self._computations.get(key)
+        if future is None:
+            if not self.pinned or len(self._computations) >= self.MAX_CACHED_COMPUTATIONS:
+                return await self.create_value(value), False
+            future = asyncio.ensure_future(self.create_value(value))
+            self._computations[key] = future
+        try:
+            return await asyncio.shield(future), True
+        except WorkerError:
+            self._computations.pop(key, None)
+            raise
 
     @property
     def executor_id(self) -> str:
