@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats (default %(default)s)",
     )
     silo.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
+    )
+    silo.add_argument(
         "--no-declare",
         action="store_true",
         help="do not declare exchanges/queues (for provisioned silos without configure permission)",
@@ -134,6 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_silo(args: argparse.Namespace) -> int:
     from tff_amqp.errors import TffAmqpError
+    from tff_amqp.topology import Topology, check_silo_name
+
+    # Fail on typos at once, before TensorFlow takes seconds to import.
+    try:
+        check_silo_name(args.name)
+        Topology(args.federation)
+    except ValueError as e:
+        print(f"tff-amqp silo: {e}", file=sys.stderr)
+        return 2
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
@@ -157,6 +173,7 @@ def _run_silo(args: argparse.Namespace) -> int:
             ),
             heartbeat_interval=args.heartbeat_interval,
             declare_topology=not args.no_declare,
+            connect_timeout=args.connect_timeout,
         )
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)

@@ -145,6 +145,7 @@ def run_demo(broker_url: str, *, rounds: int = 5, keep_data: Path | None = None)
     try:
         folders = write_sample_data(root)
         say(f"  sample spreadsheets written under {root}")
+        started = time.monotonic()
         with LocalFederation(broker_url, federation, log_dir=root / "logs") as local:
             for clinic, folder in folders.items():
                 local.start_silo(clinic, data={"patients": folder})
@@ -158,7 +159,8 @@ def run_demo(broker_url: str, *, rounds: int = 5, keep_data: Path | None = None)
                 "(outbound AMQP connections only)"
             )
             _run_jobs(broker_url, federation, len(folders), comps, folders, rounds, say)
-        say(f"Done. Stopped {len(folders)} silos; logs in {root / 'logs'}.")
+        kept = f"; data and logs kept in {root}" if keep_data is not None else ""
+        say(f"Done. Stopped {len(folders)} silos{kept}.")
         return 0
     finally:
         if keep_data is None:

@@ -26,6 +26,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
+from tff_amqp.retry import RetryPolicy
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
@@ -52,9 +53,12 @@ class SiloConfig:
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     # Sessions idle this long past their deadline are freed even without Close.
     session_grace: float = 30.0
+    # Bounded wait for the broker at start-up (then robust reconnection).
+    connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         check_silo_name(self.name)
+        Topology(self.federation)  # validates the federation name
 
 
 class _InvocationRunner:
@@ -117,11 +121,23 @@ class SiloAgent:
         await self.stop()
 
     async def start(self) -> None:
+        """Connect, start the worker, declare/consume, say hello. On any
+        failure everything already started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        # The broker first: an unreachable broker should fail fast and cheap.
+        self._connection = await connect(
+            self.config.broker_url,
+            name=f"tff-amqp silo {self.config.name}",
+            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+        )
         self._worker = WorkerBinary()
         await self._worker.start()
-        self._connection = await connect(
-            self.config.broker_url, name=f"tff-amqp silo {self.config.name}"
-        )
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.config.prefetch)
         queue_name = self.topology.request_queue(self.config.name)
