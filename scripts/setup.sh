@@ -13,7 +13,7 @@ if ! command -v uv >/dev/null 2>&1; then
   python3 -m pip install --quiet uv
 fi
 say "syncing .venv from uv.lock"
-uv sync --frozen --extra test --quiet
+uv sync --frozen --extra test --extra bench --quiet
 
 if [ "${SKIP_BROKER:-0}" = "1" ]; then
   exit 0

@@ -99,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not declare exchanges/queues (for provisioned silos without configure permission)",
     )
 
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="list the live silos of a federation with their last heartbeat and load",
+    )
+    status.add_argument("--broker", default=_broker_default(), help="broker URL")
+    status.add_argument(
+        "--federation",
+        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
+        help="federation name (default %(default)s)",
+    )
+    status.add_argument(
+        "--window",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to listen for heartbeats (default %(default)s)",
+    )
+
     demo = sub.add_parser(
         "demo",
         parents=[common],
@@ -131,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.command == "silo":
         return _run_silo(args)
+    if args.command == "status":
+        return _run_status(args)
     if args.command == "demo":
         from tff_amqp.demo import run_demo
 
@@ -183,6 +204,21 @@ def _run_silo(args: argparse.Namespace) -> int:
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.status import format_table, observe
+    from tff_amqp.topology import Topology
+
+    try:
+        Topology(args.federation)
+        seen = asyncio.run(observe(args.broker, args.federation, args.window))
+    except (TffAmqpError, ValueError) as e:
+        print(f"tff-amqp status: {e}", file=sys.stderr)
+        return 1
+    print(format_table(seen, args.federation, args.window))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,12 +107,26 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         await self.runtime.close()
 
 
+_shared_runner: async_utils.AsyncThreadRunner | None = None
+_shared_runner_lock = threading.Lock()
+
+
+def _runner() -> async_utils.AsyncThreadRunner:
+    """One event-loop thread for every sync context of the process: grpc.aio
+    supports a single event loop per process."""
+    global _shared_runner
+    with _shared_runner_lock:
+        if _shared_runner is None:
+            _shared_runner = async_utils.AsyncThreadRunner()
+        return _shared_runner
+
+
 class AmqpSyncExecutionContext(context_base.SyncContext):
-    """Synchronous context: runs the async one on a private event loop thread."""
+    """Synchronous context: runs the async one on the shared event-loop thread."""
 
     def __init__(self, options: CoordinatorOptions) -> None:
         self._async_context = AmqpAsyncExecutionContext(options)
-        self._runner = async_utils.AsyncThreadRunner()
+        self._runner = _runner()
         self._closed = False
 
     @property
@@ -162,6 +177,7 @@ def create_async_amqp_execution_context(
     cohort_timeout: float = 60.0,
     deadline: float = 600.0,
     heartbeat_timeout: float = 5.0,
+    straggler_timeout: float | None = None,
     **kwargs: Any,
 ) -> AmqpAsyncExecutionContext:
     """An async context that runs computations on the silos of `federation`."""
@@ -175,6 +191,7 @@ def create_async_amqp_execution_context(
                 cohort_timeout=cohort_timeout,
                 deadline=deadline,
                 heartbeat_timeout=heartbeat_timeout,
+                straggler_timeout=straggler_timeout,
                 **kwargs,
             ),
         )
@@ -190,6 +207,7 @@ def create_sync_amqp_execution_context(
     cohort_timeout: float = 60.0,
     deadline: float = 600.0,
     heartbeat_timeout: float = 5.0,
+    straggler_timeout: float | None = None,
     **kwargs: Any,
 ) -> AmqpSyncExecutionContext:
     """A sync context that runs computations on the silos of `federation`.
@@ -203,6 +221,9 @@ def create_sync_amqp_execution_context(
       cohort_timeout: seconds to wait for the cohort.
       deadline: hard limit in seconds for one invocation; requests expire with it.
       heartbeat_timeout: a silo silent this long is considered gone.
+      straggler_timeout: K of N. After this many seconds of an aggregation
+        phase, proceed with the partials of at least `min_silos` silos and drop
+        the others for the rest of the invocation (None: wait for all).
     """
     return AmqpSyncExecutionContext(
         _options(
@@ -214,6 +235,7 @@ def create_sync_amqp_execution_context(
                 cohort_timeout=cohort_timeout,
                 deadline=deadline,
                 heartbeat_timeout=heartbeat_timeout,
+                straggler_timeout=straggler_timeout,
                 **kwargs,
             ),
         )

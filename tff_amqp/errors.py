@@ -15,6 +15,10 @@ class CohortError(TffAmqpError):
     """Not enough live silos formed a cohort in time."""
 
 
+class QuorumError(CohortError):
+    """Too few silos answered an aggregation phase (crashes, stragglers)."""
+
+
 class SiloError(TffAmqpError):
     """A silo refused or failed an operation of the invocation."""
 

@@ -37,7 +37,7 @@ from tff_amqp.coordinator.values import (
     LocalValue,
     StructValue,
 )
-from tff_amqp.errors import InvocationTimeoutError, SiloError
+from tff_amqp.errors import InvocationTimeoutError, QuorumError, SiloError
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.link import CoordinatorLink
@@ -86,6 +86,7 @@ class Invocation:
         self._serialized: dict[int, asyncio.Future[bytes]] = {}
         self._pins: list[object] = []
         self._local_refs: list[Any] = []
+        self.dropped: set[str] = set()
         self.closed = False
 
     @property
@@ -110,6 +111,10 @@ class Invocation:
                 )
             done, _ = await asyncio.wait({future}, timeout=min(remaining, 0.5))
             if done:
+                if future.cancelled() and silo in self.dropped:
+                    raise SiloError(
+                        silo, "dropped", f"silo {silo!r} was dropped from invocation {self.id[:8]}"
+                    )
                 return future.result()
             if not membership.is_live(silo):
                 record = membership.record(silo)
@@ -261,7 +266,8 @@ class Invocation:
         arg: CoordinatorValue | None,
         result_type: computation_types.Type,
     ) -> ClientsValue:
-        silos = await self.cohort()
+        await self.cohort()
+        silos = self.active_silos()
 
         async def at(silo: str) -> int:
             fn_id = await self.to_silo(fn, silo)
@@ -272,14 +278,78 @@ class Invocation:
         return ClientsValue(self, dict(zip(silos, ids)), result_type)
 
     async def gather_from_silos(self, value: ClientsValue) -> dict[str, executor_pb2.Value]:
-        """Ask every silo to release its part of `value` (aggregates, normally)."""
+        """Ask every active silo to release its part of `value` (aggregates,
+        normally). K of N: once `straggler_timeout` has passed and at least
+        `min_silos` answered, proceed without the others; a silo whose
+        heartbeats lapse is dropped at once if the quorum still holds.
+        Dropped silos take no further part in this invocation."""
+        options = self.runtime.options
+        silos = [s for s in value.ids if s not in self.dropped]
+        tasks = {asyncio.ensure_future(self._release(s, value.ids[s])): s for s in silos}
+        results: dict[str, executor_pb2.Value] = {}
+        lost: dict[str, SiloError] = {}
+        started = time.monotonic()
+        pending = set(tasks)
+        try:
+            while pending:
+                budget: float | None = None
+                if options.straggler_timeout is not None:
+                    left = started + options.straggler_timeout - time.monotonic()
+                    if left <= 0 and len(results) >= options.min_silos:
+                        break
+                    budget = left if left > 0 else None
+                done, pending = await asyncio.wait(
+                    pending, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    silo, error = tasks[task], task.exception()
+                    if error is None:
+                        results[silo] = task.result()
+                    elif isinstance(error, SiloError) and error.code in ("lost", "dropped"):
+                        lost[silo] = error
+                    else:
+                        raise error
+                if len(results) + len(pending) < options.min_silos:
+                    raise QuorumError(
+                        f"invocation {self.id[:8]} lost its quorum: {len(results)} silo(s) "
+                        f"answered, {len(pending)} still pending, min_silos={options.min_silos}; "
+                        + "; ".join(str(e) for e in lost.values())
+                    )
+        finally:
+            for task in pending:
+                task.cancel()
+        stragglers = [s for s in silos if s not in results]
+        if stragglers:
+            self.drop(stragglers, reason="lost" if set(stragglers) <= set(lost) else "straggler")
+        return results
 
-        async def one(silo: str) -> tuple[str, executor_pb2.Value]:
-            outbox = await self.outbox(silo)
-            data = await outbox.compute(value.ids[silo])
-            return silo, executor_pb2.Value.FromString(data)
+    async def _release(self, silo: str, value_id: int) -> executor_pb2.Value:
+        outbox = await self.outbox(silo)
+        return executor_pb2.Value.FromString(await outbox.compute(value_id))
 
-        return dict(await asyncio.gather(*(one(s) for s in value.ids)))
+    def active_silos(self) -> list[str]:
+        return [s for s in (self._cohort or []) if s not in self.dropped]
+
+    def drop(self, silos: Sequence[str], *, reason: str) -> None:
+        """Exclude silos from the rest of this invocation and tell them to free
+        its state; their late replies are discarded (and counted)."""
+        for silo in silos:
+            if silo in self.dropped:
+                continue
+            self.dropped.add(silo)
+            self.link.forget_silo(self.id, silo)
+            outbox = self._outboxes.get(silo)
+            if outbox is not None:
+                self.runtime.in_background(outbox.close())
+        log.warning(
+            "invocation.dropped_silos",
+            extra={
+                "invocation": self.id[:8],
+                "silos": list(silos),
+                "reason": reason,
+                "remaining": self.active_silos(),
+            },
+        )
 
     async def create_clients_value(
         self, value: object, type_spec: computation_types.FederatedType
@@ -332,6 +402,8 @@ class Invocation:
         assert isinstance(type_spec, computation_types.FederatedType)
         members: list[object] = []
         for silo in value.ids:
+            if silo not in parts:
+                continue
             result, _ = value_serialization.deserialize_value(parts[silo], type_spec)
             if type_spec.all_equal:
                 return result

@@ -27,8 +27,9 @@ from aio_pika.abc import (
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
+from tff_amqp.retry import RetryPolicy
 from tff_amqp.topology import Topology
-from tff_amqp.transport.connection import connect
+from tff_amqp.transport.connection import connect, publish_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ class CoordinatorLink:
             "malformed": 0,
             "dead_lettered": 0,
             "received_bytes": 0,
+            "late_replies": 0,
+            "reconnects": 0,
         }
+        self._late: set[str] = set()
         # Observers of every raw payload that reaches the coordinator (audits,
         # tests proving no client rows ever arrive).
         self.taps: list[Callable[[bytes], None]] = []
@@ -74,9 +78,12 @@ class CoordinatorLink:
         self._channel: AbstractChannel | None = None
         self._requests: AbstractExchange | None = None
         self._pending: dict[str, _Pending] = {}
+        # While the robust connection reconnects, publishes are retried.
+        self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
 
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp coordinator {self.sender}")
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=256)
         self._requests = await self._channel.declare_exchange(
@@ -88,20 +95,35 @@ class CoordinatorLink:
         dead = await self._channel.declare_exchange(
             self.topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
         )
+        # Not exclusive: the queue (and replies in flight) survives a dropped
+        # connection, and the robust connection resumes consuming it. It is
+        # deleted after a minute without a consumer. One coordinator per
+        # federation is enforced by consuming it exclusively.
+        queue = await self._channel.declare_queue(
+            self.topology.coordinator_queue,
+            durable=False,
+            auto_delete=False,
+            arguments={"x-expires": 60_000},
+        )
+        await queue.bind(replies, routing_key=self.topology.reply_binding_key())
+        await queue.bind(dead)
         try:
-            queue = await self._channel.declare_queue(
-                self.topology.coordinator_queue, durable=False, auto_delete=True, exclusive=True
-            )
-        except aiormq.exceptions.ChannelLockedResource as e:
+            await queue.consume(self._on_message, no_ack=True, exclusive=True)
+        except aiormq.exceptions.ChannelAccessRefused as e:
             await self.close()
             raise TffAmqpError(
                 f"another coordinator is already running for federation "
-                f"{self.topology.federation!r} (its queue {self.topology.coordinator_queue} is "
-                "exclusive); stop it or use a different federation"
+                f"{self.topology.federation!r} (it consumes {self.topology.coordinator_queue} "
+                "exclusively); stop it or use a different federation"
             ) from e
-        await queue.bind(replies, routing_key=self.topology.reply_binding_key())
-        await queue.bind(dead)
-        await queue.consume(self._on_message, no_ack=True)
+        # Replies and heartbeats left from an earlier coordinator are stale.
+        # (Purging after consuming, so a second coordinator cannot purge ours.)
+        await queue.purge()
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.stats["reconnects"] += 1
+        self.membership.mark_stale()
+        log.warning("coordinator.reconnected", extra={"federation": self.topology.federation})
 
     async def close(self) -> None:
         for pending in self._pending.values():
@@ -140,8 +162,8 @@ class CoordinatorLink:
             # Expired requests are dead-lettered back to us, never run late.
             expiration=max(ttl, 0.001) if ttl is not None else None,
         )
-        await self._requests.publish(
-            message, routing_key=self.topology.request_routing_key(silo), mandatory=False
+        await publish_with_retry(
+            self._requests, message, self.topology.request_routing_key(silo), self.publish_policy
         )
         self.stats["published"] += 1
         self.stats["published_bytes"] += len(payload)
@@ -151,6 +173,15 @@ class CoordinatorLink:
         pending = self._pending.pop(correlation_id, None)
         if pending is not None and not pending.future.done():
             pending.future.cancel()
+
+    def forget_silo(self, invocation_id: str, silo: str) -> None:
+        """Stop waiting for a dropped silo; its replies will count as late."""
+        for corr, pending in list(self._pending.items()):
+            if pending.invocation_id == invocation_id and pending.silo == silo:
+                self._late.add(corr)
+                self.forget(corr)
+        while len(self._late) > 100_000:
+            self._late.pop()
 
     def forget_invocation(self, invocation_id: str) -> None:
         for corr in [c for c, pend in self._pending.items() if pend.invocation_id == invocation_id]:
@@ -207,6 +238,11 @@ class CoordinatorLink:
             return
         await self.membership_touch(silo, message.user_id)
         pending = self._pending.get(envelope.correlation_id)
+        if pending is None and envelope.correlation_id in self._late:
+            self._late.discard(envelope.correlation_id)
+            self.stats["late_replies"] += 1
+            log.info("coordinator.late_reply_discarded", extra={"silo": silo})
+            return
         if pending is None:
             self.stats["unknown_replies"] += 1
             log.debug("coordinator.unknown_reply", extra={"corr": envelope.correlation_id})

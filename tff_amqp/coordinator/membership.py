@@ -47,6 +47,12 @@ class Membership:
         async with self._changed:
             self._changed.notify_all()
 
+    def mark_stale(self) -> None:
+        """Forget liveness (after our own connection was lost, heartbeats we
+        missed say nothing): silos count as live again on their next one."""
+        for record in self._silos.values():
+            record.last_seen = float("-inf")
+
     def record(self, silo: str) -> SiloRecord | None:
         return self._silos.get(silo)
 

@@ -137,11 +137,14 @@ class SiloOutbox:
                 result = await reply
                 if not waiter.done():
                     waiter.set_result(result)
+        except asyncio.CancelledError:
+            # The reply was abandoned (silo dropped, invocation closed).
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+            raise
         except BaseException as e:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
 
     def pending_operations(self) -> Iterator[p.Operation]:
         return iter(self._ops)

@@ -35,6 +35,9 @@ class CoordinatorOptions:
     cohort_timeout: float = 60.0
     deadline: float = 600.0
     heartbeat_timeout: float = 5.0
+    # K of N: after this many seconds of an aggregation phase, proceed with the
+    # partials of at least min_silos silos and drop the rest (None: wait for all).
+    straggler_timeout: float | None = None
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     coordinator_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
@@ -45,6 +48,8 @@ class CoordinatorOptions:
             raise ValueError("min_silos must be at least 1")
         if self.max_silos is not None and self.max_silos < self.min_silos:
             raise ValueError("max_silos must be >= min_silos")
+        if self.straggler_timeout is not None and not self.straggler_timeout > 0:
+            raise ValueError("straggler_timeout must be a positive number of seconds or None")
         for name in ("cohort_timeout", "deadline", "heartbeat_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")

@@ -236,6 +236,8 @@ class FederatingStrategy:
         released = await self._invocation.gather_from_silos(partials)
         members = []
         for silo in partials.ids:
+            if silo not in released:  # dropped as a straggler or lost
+                continue
             federated = released[silo].federated
             if len(federated.value) != 1:
                 raise ValueError(f"silo {silo!r} returned a malformed aggregate")

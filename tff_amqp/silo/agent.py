@@ -30,7 +30,7 @@ from tff_amqp.retry import RetryPolicy
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
-from tff_amqp.transport.connection import connect, username_of
+from tff_amqp.transport.connection import connect, publish_with_retry, username_of
 from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class SiloAgent:
         self._runners: dict[str, _InvocationRunner] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._sweeper_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
+        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
         self.ready = asyncio.Event()
 
     async def __aenter__(self) -> SiloAgent:
@@ -164,6 +166,7 @@ class SiloAgent:
         await queue.consume(self._on_message, no_ack=False)
         await self._publish_status(p.Kind.HELLO)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self._sweeper_task = asyncio.create_task(self._sweep_loop(), name="sweeper")
         self.ready.set()
         log.info(
             "silo.ready",
@@ -180,11 +183,12 @@ class SiloAgent:
     async def stop(self) -> None:
         """Say goodbye, free every invocation, close the broker connection and
         stop the worker. Bounded and idempotent."""
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
-            self._heartbeat_task = None
+        for task in (self._heartbeat_task, self._sweeper_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat_task = self._sweeper_task = None
         for runner in list(self._runners.values()):
             await runner.stop()
         self._runners.clear()
@@ -347,6 +351,22 @@ class SiloAgent:
             except Exception as e:  # reconnecting; robust connection recovers
                 log.debug("silo.heartbeat_failed", extra={"error": str(e)})
 
+    async def _sweep_loop(self) -> None:
+        """Free invocations whose coordinator went away without a `close`:
+        nothing is kept past the invocation's deadline plus a grace period."""
+        while True:
+            await asyncio.sleep(min(5.0, self.config.session_grace))
+            now = time.time()
+            for runner in list(self._runners.values()):
+                deadline = runner.session.deadline
+                if deadline and now > deadline + self.config.session_grace:
+                    log.info(
+                        "silo.session_expired",
+                        extra={"invocation": runner.session.invocation_id},
+                    )
+                    self.stats["expired_sessions"] = self.stats.get("expired_sessions", 0) + 1
+                    await runner.stop()
+
     async def _reply_error(self, inv: str, corr: str, code: p.ErrorCode, message: str) -> None:
         await self._publish(
             p.Envelope(
@@ -383,9 +403,14 @@ class SiloAgent:
             user_id=self._user_id,
             timestamp=time.time(),
         )
-        # mandatory=False: RabbitMQ 3.x would otherwise return every reply.
-        await self._replies.publish(
-            message, routing_key=self.topology.reply_routing_key(self.config.name), mandatory=False
+        # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
+        # return every reply. Retried across reconnects; the coordinator drops
+        # duplicate replies.
+        await publish_with_retry(
+            self._replies,
+            message,
+            self.topology.reply_routing_key(self.config.name),
+            self._publish_policy,
         )
 
     def _require_worker(self) -> WorkerBinary:

@@ -9,7 +9,7 @@ import ssl
 import aio_pika
 import aiormq
 import yarl
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from tff_amqp.errors import BrokerUnreachableError
 from tff_amqp.retry import RetryPolicy
@@ -48,6 +48,10 @@ async def connect(
         raise ValueError(f"broker URL must start with amqp:// or amqps://, got {redact_url(url)}")
     if "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
+    if "reconnect_interval" not in parsed.query:
+        # aio-pika waits 5 s between attempts by default; silos should be
+        # back well within the coordinator's heartbeat timeout.
+        parsed = parsed.update_query(reconnect_interval=1)
     kwargs: dict[str, object] = {"client_properties": {"connection_name": name}, "timeout": 10}
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
@@ -73,3 +77,26 @@ async def connect(
             f"{policy.total_timeout:.0f} s ({type(e).__name__}: {e}). " + _HOW_TO_GET_A_BROKER
         ) from e
     raise AssertionError("unreachable")
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(
+        error,
+        aiormq.exceptions.ChannelInvalidStateError
+        | aiormq.exceptions.ConnectionClosed
+        | aiormq.exceptions.ChannelClosed
+        | aio_pika.exceptions.ChannelInvalidStateError
+        | ConnectionError
+        | asyncio.TimeoutError,
+    )
+
+
+async def publish_with_retry(
+    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, policy: RetryPolicy
+) -> None:
+    """Publish with confirms; retry while the robust connection reconnects.
+    A retry can duplicate a message whose confirm was lost: receivers drop
+    duplicates by message id."""
+    async for attempt in policy.retrying(_transient):
+        with attempt:
+            await exchange.publish(message, routing_key=routing_key, mandatory=False, timeout=10)

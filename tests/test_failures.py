@@ -1,0 +1,248 @@
+"""Slow, frozen, crashed and restarted silos, and a flaky broker, never hang a
+round nor corrupt it. Real broker, real silo processes, faults injected here.
+
+Tests run in file order on one 4-silo federation; the last one kills a silo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import aio_pika
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+import tff_amqp
+from tests.support.federation import (
+    Federation,
+    new_federation_name,
+    read_column,
+    run_in,
+    start_federation,
+)
+from tests.test_data_and_privacy import ROW, mean_glucose
+from tff_amqp import protocol as p
+from tff_amqp.errors import CohortError, TffAmqpError
+from tff_amqp.local import LocalFederation
+from tff_amqp.silo.data import DataSource, SiloDataStore
+from tff_amqp.topology import Topology
+
+NAMES = ("alpha", "bravo", "charlie", "delta")
+
+
+@pytest.fixture(scope="module")
+def four_silos(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("four")
+    with LocalFederation(amqp_url, new_federation_name(), log_dir=root / "logs") as local:
+        yield start_federation(local, root, names=NAMES, clients_per_silo=(2, 1, 3, 2))
+
+
+def _context(amqp_url: str, federation: Federation, **options) -> tff_amqp.AmqpSyncExecutionContext:
+    options.setdefault("cohort_timeout", 60.0)
+    options.setdefault("deadline", 120.0)
+    return tff_amqp.create_sync_amqp_execution_context(
+        amqp_url, federation=federation.name, **options
+    ).start()
+
+
+def _direct_mean(federation: Federation, silos) -> float:
+    values = [v for s in silos for v in read_column(federation.silos[s], "glucose")]
+    return float(np.mean(np.asarray(values, np.float32).astype(np.float64)))
+
+
+def _native_mean(native_context, federation: Federation, silos) -> float:
+    """What TFF's native runtime gives over these silos' data."""
+    element_type = tff.to_type(ROW)
+    datasets = []
+    for s in silos:
+        store = SiloDataStore(s, [DataSource("readings", federation.silos[s])])
+        datasets += store.client_datasets("readings", element_type)
+    return float(run_in(native_context, mean_glucose, datasets))
+
+
+def _wait_live(context, silos, timeout: float = 30.0) -> None:
+    membership = context.runtime.membership
+    deadline = time.monotonic() + timeout
+    while not all(membership.is_live(s) for s in silos):
+        assert time.monotonic() < deadline, f"silos {silos} not live again"
+        time.sleep(0.2)
+
+
+def test_frozen_silo_is_dropped_after_the_straggler_timeout(amqp_url, four_silos, native_context):
+    frozen = four_silos.local.silos["delta"].process
+    others = [n for n in NAMES if n != "delta"]
+    with _context(amqp_url, four_silos, min_silos=4) as warm_up:
+        # Cold silos take more than a second on their first round; with a
+        # 1 s straggler timeout that round would (rightly) drop one.
+        everyone = run_in(warm_up, mean_glucose, tff_amqp.silo_data("readings"))
+        np.testing.assert_allclose(everyone, _direct_mean(four_silos, NAMES), rtol=1e-9)
+    # A long heartbeat timeout, so this exercises the straggler path, not liveness.
+    with _context(
+        amqp_url, four_silos, min_silos=3, straggler_timeout=1.0, heartbeat_timeout=60.0
+    ) as context:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        assert elapsed < 1.0 + 2.0, f"round took {elapsed:.2f} s with straggler_timeout=1"
+        np.testing.assert_allclose(
+            result, _native_mean(native_context, four_silos, others), rtol=1e-6
+        )
+        np.testing.assert_allclose(result, _direct_mean(four_silos, others), rtol=1e-9)
+
+        # The thawed silo's late reply is discarded and counted, and it takes
+        # part in the next invocation again.
+        link = context.runtime.link
+        deadline = time.monotonic() + 20
+        while link.stats["late_replies"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert link.stats["late_replies"] >= 1
+        again = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+        np.testing.assert_allclose(again, everyone, rtol=1e-9)
+
+
+def test_quorum_that_cannot_form_is_a_clear_error_within_the_cohort_timeout(amqp_url, four_silos):
+    with _context(amqp_url, four_silos, min_silos=5, cohort_timeout=2.0) as context:
+        started = time.monotonic()
+        with pytest.raises(CohortError) as error:
+            run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+        assert time.monotonic() - started < 2.0 + 3.0
+    message = str(error.value)
+    assert "4 live silo(s)" in message and "min_silos=5" in message
+    for name in NAMES:
+        assert name in message
+
+
+def test_duplicate_delivery_of_a_request_is_executed_once(amqp_url, four_silos):
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+
+    topology = Topology(four_silos.name)
+    value, _ = value_serialization.serialize_value(np.float32(7.0), tff.TensorType(np.float32))
+    envelope = p.batch_envelope(
+        sender="test",
+        invocation_id=uuid.uuid4().hex,
+        correlation_id=uuid.uuid4().hex,
+        deadline=time.time() + 60,
+        operations=[
+            p.Open(clients=1),
+            p.CreateValue(target=1, value=value.SerializeToString()),
+            p.Compute(source=1),
+        ],
+        seq=0,
+    )
+
+    async def exchange() -> list[p.Envelope]:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            replies = await channel.get_exchange(topology.replies_exchange)
+            probe = await channel.declare_queue(exclusive=True)
+            await probe.bind(replies, routing_key=topology.reply_routing_key("alpha"))
+            requests = await channel.get_exchange(topology.requests_exchange)
+            message = aio_pika.Message(p.encode(envelope), message_id=envelope.message_id)
+            for _ in range(2):  # the same message, delivered twice
+                await requests.publish(message, routing_key="alpha")
+            seen: list[p.Envelope] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                incoming = await probe.get(no_ack=True, fail=False)
+                if incoming is None:
+                    await asyncio.sleep(0.1)
+                    continue
+                reply = p.decode(incoming.body)
+                if reply.correlation_id == envelope.correlation_id:
+                    seen.append(reply)
+            closing = p.batch_envelope(
+                sender="test",
+                invocation_id=envelope.invocation_id,
+                correlation_id="",
+                deadline=time.time() + 60,
+                operations=[p.Close()],
+                seq=1,
+            )
+            await requests.publish(aio_pika.Message(p.encode(closing)), routing_key="alpha")
+            return seen
+
+    seen = asyncio.run(exchange())
+    assert [r.kind for r in seen] == [p.Kind.RESULT]
+    result = seen[0].body
+    assert isinstance(result, p.Result) and set(result.values) == {1}
+
+
+def _rabbitmqctl(*args: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("this test injects broker faults with rabbitmqctl, which is not on PATH")
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def test_connections_closed_mid_run_then_the_next_invocation_succeeds(amqp_url, four_silos):
+    expected = _direct_mean(four_silos, NAMES)
+    outcomes: list[object] = []
+    stop = threading.Event()
+    with _context(amqp_url, four_silos, min_silos=4, deadline=30.0) as context:
+
+        def keep_running() -> None:
+            while not stop.is_set():
+                try:
+                    outcomes.append(run_in(context, mean_glucose, tff_amqp.silo_data("readings")))
+                except TffAmqpError as e:  # failing clearly is allowed, hanging is not
+                    outcomes.append(e)
+
+        worker = threading.Thread(target=keep_running)
+        worker.start()
+        try:
+            time.sleep(1.0)
+            _rabbitmqctl("close_all_connections", "tff-amqp fault injection")
+            time.sleep(3.0)
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+        assert not worker.is_alive(), "an invocation hung after the connections were closed"
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception):
+                np.testing.assert_allclose(outcome, expected, rtol=1e-9)
+        _wait_live(context, NAMES)
+        np.testing.assert_allclose(
+            run_in(context, mean_glucose, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+        )
+    assert any(not isinstance(o, Exception) for o in outcomes)
+
+
+def test_broker_restart_between_rounds(amqp_url, four_silos):
+    expected = _direct_mean(four_silos, NAMES)
+    with _context(amqp_url, four_silos, min_silos=4, cohort_timeout=90.0) as context:
+        np.testing.assert_allclose(
+            run_in(context, mean_glucose, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+        )
+        _rabbitmqctl("stop_app")
+        _rabbitmqctl("start_app")
+        _rabbitmqctl("await_startup")
+        np.testing.assert_allclose(
+            run_in(context, mean_glucose, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+        )
+
+
+def test_killed_silo_is_dropped_when_the_quorum_holds(amqp_url, four_silos, native_context):
+    victim = four_silos.local.silos["bravo"].process
+    others = [n for n in NAMES if n != "bravo"]
+    with _context(amqp_url, four_silos, min_silos=3, heartbeat_timeout=2.0) as context:
+        _wait_live(context, NAMES)
+        os.kill(victim.pid, signal.SIGKILL)
+        started = time.monotonic()
+        result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+        assert time.monotonic() - started < 2.0 + 4.0
+        np.testing.assert_allclose(
+            result, _native_mean(native_context, four_silos, others), rtol=1e-6
+        )

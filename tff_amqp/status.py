@@ -1,0 +1,99 @@
+"""`tff-amqp status`: which silos of a federation are alive, and how busy.
+
+Listens on the federation's reply exchange for one observation window (a
+temporary exclusive queue, so the coordinator's own queue is untouched) and
+reports every silo heard from, with its last heartbeat and load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractIncomingMessage, ExchangeType
+
+from tff_amqp import protocol as p
+from tff_amqp.retry import RetryPolicy
+from tff_amqp.topology import Topology
+from tff_amqp.transport.connection import connect
+
+
+@dataclass
+class SiloSeen:
+    status: p.SiloStatus
+    kind: p.Kind
+    last_seen: float
+    heartbeats: int = 0
+
+
+async def observe(broker_url: str, federation: str, window: float = 3.0) -> dict[str, SiloSeen]:
+    """Silos heard from during `window` seconds."""
+    topology = Topology(federation)
+    connection = await connect(
+        broker_url, name="tff-amqp status", policy=RetryPolicy(total_timeout=10.0)
+    )
+    seen: dict[str, SiloSeen] = {}
+    try:
+        channel = await connection.channel()
+        replies = await channel.declare_exchange(
+            topology.replies_exchange, ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(
+            f"{topology.prefix}.status.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(replies, routing_key=topology.reply_binding_key())
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            try:
+                envelope = p.decode(message.body)
+            except p.ProtocolError:
+                return
+            if isinstance(envelope.body, p.SiloStatus):
+                entry = seen.get(envelope.body.silo)
+                if entry is None:
+                    entry = seen[envelope.body.silo] = SiloSeen(envelope.body, envelope.kind, 0.0)
+                entry.status, entry.kind, entry.last_seen = (
+                    envelope.body,
+                    envelope.kind,
+                    time.time(),
+                )
+                entry.heartbeats += 1
+
+        await queue.consume(on_message, no_ack=True)
+        await asyncio.sleep(window)
+    finally:
+        await connection.close()
+    return seen
+
+
+def format_table(seen: dict[str, SiloSeen], federation: str, window: float) -> str:
+    if not seen:
+        return (
+            f"no silo of federation {federation!r} was heard from in {window:.0f} s. Start one "
+            f"with `tff-amqp silo --federation {federation} --name NAME ...`."
+        )
+    now = time.time()
+    rows = [
+        ["silo", "state", "last heartbeat", "clients", "active invocations", "data keys", "raw"]
+    ]
+    for name in sorted(seen):
+        entry = seen[name]
+        state = "leaving" if entry.kind is p.Kind.GOODBYE else "live"
+        rows.append(
+            [
+                name,
+                state,
+                f"{now - entry.last_seen:.1f} s ago",
+                str(entry.status.clients),
+                str(entry.status.active_invocations),
+                ",".join(entry.status.data_keys) or "-",
+                "yes" if entry.status.allow_raw_client_values else "no",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    live = sum(1 for e in seen.values() if e.kind is not p.Kind.GOODBYE)
+    return f"federation {federation!r}: {live} live silo(s)\n" + "\n".join(lines)
