@@ -80,3 +80,23 @@ def test_demo_runs_a_local_federation_end_to_end(amqp_url):
     rounds = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+ s$", out, flags=re.M)
     assert [r[0] for r in rounds] == ["1", "2"]
     assert "Stopped 3 silos" in out
+
+
+def test_status_lists_live_silos_with_heartbeat_and_load(amqp_url, silo_federation):
+    result = _run(
+        "status", "--broker", amqp_url, "--federation", silo_federation.name, "--window", "2.5"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"federation {silo_federation.name!r}: {len(silo_federation.silos)} live silo(s)" in (
+        result.stdout
+    )
+    for name in silo_federation.silos:
+        line = next(row for row in result.stdout.splitlines() if row.startswith(name))
+        assert "live" in line and "s ago" in line and "readings" in line
+
+
+def test_status_of_an_empty_federation_says_how_to_start_a_silo(amqp_url):
+    result = _run("status", "--broker", amqp_url, "--federation", "nobody-here", "--window", "1")
+    assert result.returncode == 0
+    assert "no silo of federation 'nobody-here'" in result.stdout
+    assert "tff-amqp silo --federation nobody-here" in result.stdout

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 import aio_pika
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 
 import tff_amqp
 from tests.support.federation import (
@@ -111,6 +113,31 @@ def test_frozen_silo_is_dropped_after_the_straggler_timeout(amqp_url, four_silos
         assert link.stats["late_replies"] >= 1
         again = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         np.testing.assert_allclose(again, everyone, rtol=1e-9)
+
+
+@tff.tensorflow.computation(tff.SequenceType(ROW))
+def slow_count(rows):
+    # Several seconds of work inside TensorFlow (in the silo's worker), far
+    # longer than the heartbeat timeout below.
+    pause = tf.data.Dataset.range(1).apply(tf_data_testing.sleep(4_000_000))
+    waited = pause.reduce(np.int64(0), lambda acc, x: acc + x)
+    return rows.reduce(np.int64(0), lambda n, _: n + 1) + waited
+
+
+@tff.federated_computation(tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS))
+def slow_total(rows):
+    return tff.federated_sum(tff.federated_map(slow_count, rows))
+
+
+def test_long_local_work_is_not_mistaken_for_a_dead_silo(amqp_url, four_silos):
+    rows = sum(len(read_column(four_silos.silos[s], "glucose")) for s in NAMES)
+    with _context(amqp_url, four_silos, min_silos=4, heartbeat_timeout=2.0) as context:
+        _wait_live(context, NAMES)
+        started = time.monotonic()
+        total = run_in(context, slow_total, tff_amqp.silo_data("readings"))
+        assert time.monotonic() - started > 4.0  # the work really took longer than 2 s
+        assert context.runtime.membership.live()  # nobody was declared dead
+    assert total == rows
 
 
 def test_quorum_that_cannot_form_is_a_clear_error_within_the_cohort_timeout(amqp_url, four_silos):
