@@ -2,20 +2,30 @@
 # Set up everything tff-amqp needs on this machine; idempotent.
 #   - uv (installed with pip if missing)
 #   - .venv at the repository root, exactly as uv.lock says
-#   - a reachable RabbitMQ: AMQP_URL if set, else the local service (started if installed)
+#   - a reachable RabbitMQ: AMQP_URL if set, else the local service (started if
+#     installed), else a Docker engine for testcontainers. SKIP_BROKER=1 skips this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
-if ! command -v uv >/dev/null 2>&1; then
-  say "installing uv"
-  python3 -m pip install --quiet uv
+# uv: on PATH, or as a module of python3 (pip --user may not put it on PATH).
+if command -v uv >/dev/null 2>&1; then
+  UV=(uv)
+elif python3 -m uv --version >/dev/null 2>&1; then
+  UV=(python3 -m uv)
+else
+  say "installing uv with pip"
+  python3 -m pip install --quiet uv \
+    || python3 -m pip install --quiet --user uv \
+    || python3 -m pip install --quiet --user --break-system-packages uv
+  UV=(python3 -m uv)
 fi
 say "syncing .venv from uv.lock"
-uv sync --frozen --extra test --extra bench --quiet
+"${UV[@]}" sync --frozen --extra test --extra bench --quiet
 
 if [ "${SKIP_BROKER:-0}" = "1" ]; then
+  say "SKIP_BROKER=1: not checking for a broker"
   exit 0
 fi
 
@@ -27,15 +37,18 @@ elif command -v rabbitmq-server >/dev/null 2>&1; then
   if ! broker_up; then
     say "starting the local RabbitMQ (rabbitmq-server -detached)"
     rabbitmq-server -detached >/dev/null 2>&1 || true
-    for _ in $(seq 1 60); do
-      broker_up && break
+    deadline=$((SECONDS + 60))
+    until broker_up; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        say "RabbitMQ did not answer a ping within 60 s; see /var/log/rabbitmq/"
+        exit 1
+      fi
       sleep 1
     done
-    broker_up || { say "RabbitMQ did not answer a ping within 60 s; see /var/log/rabbitmq/"; exit 1; }
   fi
   say "local RabbitMQ is up"
-elif docker info >/dev/null 2>&1; then
-  say "no local RabbitMQ; tests will start one with testcontainers"
+elif timeout 10 docker info >/dev/null 2>&1; then
+  say "no local RabbitMQ; tests will start one with testcontainers (Docker)"
 else
   say "no broker: install rabbitmq-server (apt-get install rabbitmq-server), or run"
   say "'docker compose up -d rabbitmq', or set AMQP_URL=amqp://user:pass@host:5672/"

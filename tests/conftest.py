@@ -1,135 +1,146 @@
-"""Test session set-up: a real broker, process hygiene, TFF's native context.
+"""Test session set-up: a real broker, per-test federations, process hygiene,
+TFF's native context.
 
 Every process a test starts inherits TFF_AMQP_TEST_SESSION; when the session
 ends, any process still carrying it (a silo, a worker_binary, TFF's own
 native worker) is killed and the session FAILS, naming it.
+
+TensorFlow Federated is imported lazily inside fixtures (it takes ~6 s), so
+collecting tests stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-os.environ.setdefault("TFF_AMQP_TEST_SESSION", uuid.uuid4().hex)
+from tests.support.broker import (
+    NO_BROKER_MESSAGE,
+    TESTCONTAINERS_IMAGE,
+    BrokerUnreachable,
+    check_broker,
+    container_url,
+    delete_federation_entities,
+    docker_engine_available,
+    new_federation_name,
+    redact,
+)
+from tests.support.processes import (
+    ProcessGroup,
+    child_pids_named,
+    kill_pid,
+    marked_processes,
+)
+
+MARKER = "TFF_AMQP_TEST_SESSION"
+os.environ.setdefault(MARKER, uuid.uuid4().hex)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_MARKER = f"TFF_AMQP_TEST_SESSION={os.environ['TFF_AMQP_TEST_SESSION']}".encode()
 
 pytest_plugins = ["tests.support.federation"]
 
-
-def _docker_engine_available() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+_LEAKS = pytest.StashKey[list[tuple[int, str]]]()
 
 
-def _check_broker(url: str) -> None:
-    import asyncio
-
-    from tff_amqp.retry import RetryPolicy
-    from tff_amqp.transport.connection import connect
-
-    async def probe() -> None:
-        connection = await connect(url, name="tff-amqp tests", policy=RetryPolicy(total_timeout=20))
-        await connection.close()
-
-    asyncio.run(probe())
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    url = os.environ.get("AMQP_URL")
+    broker = redact(url) if url else "unset (testcontainers if Docker answers, else fail)"
+    return [f"tff-amqp: AMQP_URL={broker}; {MARKER}={os.environ[MARKER]}"]
 
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    """AMQP_URL if set; else a testcontainers RabbitMQ if Docker runs; else fail."""
+    """A reachable broker: AMQP_URL if set; else a testcontainers RabbitMQ if a
+    Docker engine answers; else the test fails (never skips)."""
     url = os.environ.get("AMQP_URL")
     if url:
-        _check_broker(url)
+        try:
+            check_broker(url)
+        except BrokerUnreachable as exc:
+            pytest.fail(str(exc), pytrace=False)
         yield url
         return
-    if _docker_engine_available():
+    if docker_engine_available():
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        with RabbitMqContainer("rabbitmq:3.13-management") as container:
-            params = container.get_connection_params()
-            url = (
-                f"amqp://{params.credentials.username}:{params.credentials.password}"
-                f"@{params.host}:{params.port}/"
-            )
-            _check_broker(url)
+        with RabbitMqContainer(TESTCONTAINERS_IMAGE) as container:
+            url = container_url(container)
+            try:
+                check_broker(url, timeout=60)
+            except BrokerUnreachable as exc:
+                pytest.fail(str(exc), pytrace=False)
             yield url
         return
-    pytest.fail(
-        "no RabbitMQ broker for the integration tests: set AMQP_URL "
-        "(e.g. amqp://guest:guest@127.0.0.1:5672/), or run `bash scripts/test.sh`, which starts "
-        "the local RabbitMQ, or start a Docker engine for testcontainers.",
-        pytrace=False,
-    )
+    pytest.fail(NO_BROKER_MESSAGE, pytrace=False)
 
 
-def _descendant_workers() -> list[int]:
-    return [pid for pid, cmd in _marked_processes() if b"worker_binary" in cmd]
+@pytest.fixture
+def federation(amqp_url: str) -> Iterator[str]:
+    """A federation name of this test alone (``t-<8 hex>``), so tests never see
+    each other's queues. Afterwards its ``tff.<name>.*`` queues and exchanges
+    are deleted, best effort: only on a broker on this machine whose
+    `rabbitmqctl` works (listing costs ~0.7 s); elsewhere they stay (harmless,
+    nobody else uses the name; the coordinator's queue is auto-delete)."""
+    name = new_federation_name()
+    yield name
+    delete_federation_entities(amqp_url, name)
+
+
+@pytest.fixture
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessGroup]:
+    """A ProcessGroup for this test; its processes are stopped after the test.
+    Logs are under pytest's tmp dir (``.../logs<N>/<name>.log``)."""
+    with ProcessGroup(tmp_path_factory.mktemp("logs")) as group:
+        yield group
 
 
 @pytest.fixture(scope="session")
 def native_context() -> Iterator[Any]:
-    """TFF's own native runtime (C++ worker_binary behind RemoteExecutor), for
-    parity checks. TFF's launcher leaves its worker running; we kill it."""
+    """TFF's own native runtime (C++ worker_binary behind a RemoteExecutor), for
+    parity checks: ``with tff.framework.get_context_stack().install(native_context)``.
+
+    TFF's launcher starts worker_binary as our direct child and leaves it
+    running; at teardown we SIGKILL the ones that appeared meanwhile. (They stay
+    zombies until TFF's Popen reaps them, which keeps their pids from being
+    reused before TFF's own exit-time kill.)
+    """
     import tensorflow_federated as tff
 
+    before = child_pids_named("worker_binary")
     context = tff.backends.native.create_sync_local_cpp_execution_context()
-    before = set(_descendant_workers())
     try:
         yield context
     finally:
-        for pid in set(_descendant_workers()) - before:
-            _kill(pid)
-
-
-def _marked_processes() -> list[tuple[int, bytes]]:
-    """(pid, cmdline) of processes other than us carrying this session's marker."""
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z":
-            continue
-        if _MARKER in environ.split(b"\0"):
-            found.append((int(entry.name), cmdline))
-    return found
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
+        for pid in child_pids_named("worker_binary") - before:
+            kill_pid(pid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Give processes stopped during teardown a moment to exit.
-    deadline = time.monotonic() + 10
-    leftovers = _marked_processes()
+    """After every fixture is torn down: no process carrying our marker may be
+    left. Stragglers get 10 s (TFF_AMQP_LEAK_GRACE_SECONDS) to exit, then are
+    killed, and the session fails."""
+    marker = os.environ[MARKER]
+    deadline = time.monotonic() + float(os.environ.get("TFF_AMQP_LEAK_GRACE_SECONDS", "10"))
+    leftovers = marked_processes(MARKER, marker)
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.5)
-        leftovers = _marked_processes()
-    if leftovers:
-        for pid, _ in leftovers:
-            _kill(pid)
-        lines = "\n".join(
-            f"  pid {pid}: {cmd.decode(errors='replace')[:200]}" for pid, cmd in leftovers
-        )
-        print(f"\nLEAKED PROCESSES (killed now), the test session fails:\n{lines}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        leftovers = marked_processes(MARKER, marker)
+    if not leftovers:
+        return
+    for pid, _ in leftovers:
+        kill_pid(pid)
+    session.config.stash[_LEAKS] = leftovers
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    leftovers = config.stash.get(_LEAKS, None)
+    if not leftovers:
+        return
+    terminalreporter.write_sep("=", "LEAKED PROCESSES: the session fails", red=True)
+    for pid, command in leftovers:
+        terminalreporter.write_line(f"pid {pid} (killed now): {command[:300]}")
