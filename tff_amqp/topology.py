@@ -11,6 +11,24 @@ permissions can be granted with one regular expression per role:
 - ``tff.<fed>.coordinator`` the coordinator's queue, bound with ``reply.*``
 - ``tff.<fed>.dead``       fanout exchange receiving expired/rejected requests,
                            routed back to the coordinator's queue
+
+Large values travel apart from control traffic (no head-of-line blocking):
+
+- ``tff.<fed>.bulk``        direct exchange, coordinator -> silos, chunks of large values;
+                            routing key = silo name, broadcast = one publish with a ``CC``
+                            header naming the other silos (the broker fans out)
+- ``tff.<fed>.bulk.<silo>`` durable queue of one silo's incoming chunks
+- ``bulk.<silo>``           routing key of a silo's outgoing chunks on ``tff.<fed>.replies``
+- ``tff.<fed>.coordinator.bulk`` the coordinator's chunk queue, bound with ``bulk.*``
+
+The stateless (MapReduce) regime hands work items to pools of workers:
+
+- ``tff.<fed>.work``        direct exchange, coordinator -> a silo's worker pool,
+                            routing key = silo name
+- ``tff.<fed>.work.<silo>`` durable queue shared by one silo's workers (competing consumers)
+
+A silo's broker user therefore needs: configure nothing; write ``tff.<fed>.replies`` (topic
+keys ``reply.<silo>`` and ``bulk.<silo>`` only); read ``tff.<fed>.(req|bulk|work).<silo>``.
 """
 
 from __future__ import annotations
@@ -56,6 +74,34 @@ class Topology:
     def request_queue(self, silo: str) -> str:
         check_silo_name(silo)
         return f"{self.prefix}.req.{silo}"
+
+    @property
+    def bulk_exchange(self) -> str:
+        return f"{self.prefix}.bulk"
+
+    def bulk_queue(self, silo: str) -> str:
+        check_silo_name(silo)
+        return f"{self.prefix}.bulk.{silo}"
+
+    @property
+    def coordinator_bulk_queue(self) -> str:
+        return f"{self.prefix}.coordinator.bulk"
+
+    @staticmethod
+    def bulk_reply_routing_key(silo: str) -> str:
+        return f"bulk.{silo}"
+
+    @staticmethod
+    def bulk_reply_binding_key() -> str:
+        return "bulk.*"
+
+    @property
+    def work_exchange(self) -> str:
+        return f"{self.prefix}.work"
+
+    def work_queue(self, silo: str) -> str:
+        check_silo_name(silo)
+        return f"{self.prefix}.work.{silo}"
 
     @staticmethod
     def request_routing_key(silo: str) -> str:
