@@ -1,7 +1,7 @@
 """Slow, frozen, crashed and restarted silos, and a flaky broker, never hang a
 round nor corrupt it. Real broker, real silo processes, faults injected here.
 
-Tests run in file order on one 4-silo federation; the last one kills a silo.
+Tests run in file order on one 4-silo federation; the last ones kill silos.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ from tests.support.federation import (
 )
 from tests.test_data_and_privacy import ROW, mean_glucose
 from tff_amqp import protocol as p
-from tff_amqp.errors import CohortError, TffAmqpError
+from tff_amqp.errors import (
+    CohortError,
+    InvocationTimeoutError,
+    QuorumError,
+    SiloError,
+    TffAmqpError,
+)
 from tff_amqp.local import LocalFederation
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.topology import Topology
@@ -208,6 +214,93 @@ def test_duplicate_delivery_of_a_request_is_executed_once(amqp_url, four_silos):
     assert isinstance(result, p.Result) and set(result.values) == {1}
 
 
+class _GhostSilo:
+    """A silo that announces itself and keeps sending heartbeats but never
+    takes a request from its queue (a consumer wedged outside our control)."""
+
+    def __init__(self, amqp_url: str, topology: Topology, name: str) -> None:
+        self.name = name
+        self._url = amqp_url
+        self._topology = topology
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.left_in_queue: int | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> _GhostSilo:
+        self._thread.start()
+        assert self._ready.wait(30), "ghost silo did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def queued_requests(self) -> int:
+        async def count() -> int:
+            connection = await aio_pika.connect(self._url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(
+                    self._topology.request_queue(self.name), passive=True
+                )
+                return queue.declaration_result.message_count or 0
+
+        return asyncio.run(count())
+
+    async def _run(self) -> None:
+        topology = self._topology
+        connection = await aio_pika.connect(self._url)
+        async with connection:
+            channel = await connection.channel()
+            requests = await channel.get_exchange(topology.requests_exchange)
+            replies = await channel.get_exchange(topology.replies_exchange)
+            queue = await channel.declare_queue(
+                topology.request_queue(self.name),
+                durable=True,
+                arguments={"x-dead-letter-exchange": topology.dead_letter_exchange},
+            )
+            await queue.bind(requests, routing_key=topology.request_routing_key(self.name))
+            status = p.SiloStatus(
+                silo=self.name, clients=1, data_keys=("readings",), started_at=time.time()
+            )
+            self._ready.set()
+            while not self._stop.is_set():
+                heartbeat = p.Envelope(kind=p.Kind.HEARTBEAT, body=status, sender=self.name)
+                await replies.publish(
+                    aio_pika.Message(p.encode(heartbeat), user_id=connection.url.user),
+                    routing_key=topology.reply_routing_key(self.name),
+                )
+                await asyncio.sleep(0.3)
+            await queue.delete(if_unused=False, if_empty=False)
+
+
+def test_expired_request_is_dead_lettered_back_and_never_run_late(amqp_url, four_silos):
+    topology = Topology(four_silos.name)
+    with _GhostSilo(amqp_url, topology, "echo") as ghost:
+        with _context(
+            amqp_url, four_silos, min_silos=5, deadline=4.0, heartbeat_timeout=30.0
+        ) as context:
+            _wait_live(context, [*NAMES, "echo"])
+            started = time.monotonic()
+            with pytest.raises((InvocationTimeoutError, SiloError)) as error:
+                run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+            elapsed = time.monotonic() - started
+            # Whichever notices first (the coordinator's own deadline or the
+            # broker's dead-letter), the error names the deadline and the silo.
+            message = str(error.value)
+            assert "'echo'" in message and ("deadline" in message or "expired" in message)
+            assert elapsed < 4.0 + 3.0, f"failed after {elapsed:.1f} s with a 4 s deadline"
+            # The request did not stay in the silo's queue to run late: the
+            # broker expired it and dead-lettered it back to the coordinator.
+            link = context.runtime.link
+            waited_until = time.monotonic() + 10
+            while link.stats["dead_lettered"] < 1 and time.monotonic() < waited_until:
+                time.sleep(0.1)
+            assert link.stats["dead_lettered"] >= 1
+            assert ghost.queued_requests() == 0
+
+
 def _rabbitmqctl(*args: str) -> None:
     if shutil.which("rabbitmqctl") is None:
         pytest.fail("this test injects broker faults with rabbitmqctl, which is not on PATH")
@@ -273,3 +366,50 @@ def test_killed_silo_is_dropped_when_the_quorum_holds(amqp_url, four_silos, nati
         np.testing.assert_allclose(
             result, _native_mean(native_context, four_silos, others), rtol=1e-6
         )
+
+
+def test_restarted_silo_rejoins_for_the_next_invocation(amqp_url, four_silos):
+    local = four_silos.local
+    old = local.silos["bravo"].process
+    if old.poll() is None:  # run alone, the test before did not kill it
+        os.kill(old.pid, signal.SIGKILL)
+    old.wait(timeout=30)
+    local.start_silo("bravo", data={"readings": four_silos.silos["bravo"]})
+    # min_silos=4: the cohort only forms once the restarted silo is back.
+    with _context(amqp_url, four_silos, min_silos=4, cohort_timeout=180.0) as context:
+        result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+        assert [r.name for r in context.runtime.membership.live()] == list(NAMES)
+    np.testing.assert_allclose(result, _direct_mean(four_silos, NAMES), rtol=1e-9)
+
+
+def test_quorum_lost_mid_round_is_a_clear_error_before_the_deadline(amqp_url, four_silos):
+    victim = four_silos.local.silos["charlie"].process
+    with _context(
+        amqp_url, four_silos, min_silos=4, heartbeat_timeout=2.0, deadline=120.0
+    ) as context:
+        _wait_live(context, NAMES)
+        link = context.runtime.link
+        published_before = link.stats["published"]
+        killed_at: list[float] = []
+
+        def kill_once_requests_are_out() -> None:
+            # Kill while the silos work on the round (slow_total takes ~4 s).
+            until = time.monotonic() + 60
+            while link.stats["published"] == published_before and time.monotonic() < until:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        killer = threading.Thread(target=kill_once_requests_are_out)
+        killer.start()
+        with pytest.raises(QuorumError) as error:
+            run_in(context, slow_total, tff_amqp.silo_data("readings"))
+        failed_at = time.monotonic()
+        killer.join(timeout=60)
+    assert killed_at, "the silo was never killed"
+    # Lost within the heartbeat timeout (plus heartbeat period and margin),
+    # far from the 120 s deadline.
+    assert failed_at - killed_at[0] < 2.0 + 4.0
+    message = str(error.value)
+    assert "lost its quorum" in message and "min_silos=4" in message and "'charlie'" in message

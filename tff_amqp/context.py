@@ -87,9 +87,13 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
             except TimeoutError as e:
                 if isinstance(e, InvocationTimeoutError):
                     raise
+                where = "; ".join(i.describe_wait() for i in invocations) or (
+                    "it was still compiling or ingesting arguments"
+                )
                 raise InvocationTimeoutError(
-                    f"invocation did not finish within its deadline of {deadline:.1f} s "
-                    "(raise `deadline=` if the computation legitimately takes longer)"
+                    f"invocation did not finish within its deadline of {deadline:.1f} s: "
+                    f"{where}. Raise `deadline=` if the computation legitimately takes "
+                    "longer, or check those silos (`tff-amqp status`)"
                 ) from e
         finally:
             _current_invocations.reset(token)

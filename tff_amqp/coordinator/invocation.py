@@ -88,6 +88,9 @@ class Invocation:
         self._local_refs: list[Any] = []
         self.dropped: set[str] = set()
         self.closed = False
+        # Silos whose replies are being awaited right now (for deadline errors).
+        self._awaiting: dict[str, int] = {}
+        self._interrupted: set[str] = set()
 
     @property
     def link(self) -> CoordinatorLink:
@@ -98,9 +101,40 @@ class Invocation:
     def remaining(self) -> float:
         return self._deadline_monotonic - time.monotonic()
 
+    def waiting_on(self) -> list[str]:
+        """Silos whose replies this invocation is waiting for (or was, when
+        its wait was cancelled)."""
+        waiting = {silo for silo, count in self._awaiting.items() if count > 0}
+        return sorted(waiting | self._interrupted)
+
+    def describe_wait(self) -> str:
+        """Where the invocation stands, for an error raised at its deadline."""
+        silos = self.waiting_on()
+        if silos:
+            names = ", ".join(repr(s) for s in silos)
+            return (
+                f"invocation {self.id[:8]} was waiting for silo(s) {names} "
+                "(a request left unread in a silo's queue expires at the deadline and is "
+                "dead-lettered back, never run late)"
+            )
+        if self._cohort is None:
+            return f"invocation {self.id[:8]} had not formed its cohort yet"
+        return f"invocation {self.id[:8]} was working at the coordinator (no silo reply pending)"
+
     async def wait_for_silo(self, silo: str, future: asyncio.Future[p.Result]) -> p.Result:
         """Wait for a silo's reply, bounded by the deadline, failing at once if
         the silo's heartbeats lapse."""
+        self._awaiting[silo] = self._awaiting.get(silo, 0) + 1
+        try:
+            return await self._wait_for_silo(silo, future)
+        except asyncio.CancelledError:
+            # Cancelled at the deadline: remember whom we were waiting for.
+            self._interrupted.add(silo)
+            raise
+        finally:
+            self._awaiting[silo] -= 1
+
+    async def _wait_for_silo(self, silo: str, future: asyncio.Future[p.Result]) -> p.Result:
         membership = self.runtime.membership
         while True:
             remaining = self.remaining()

@@ -145,6 +145,9 @@ class SiloOutbox:
         except BaseException as e:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(e)
+                # Mark it retrieved: when the invocation already ended (e.g. at
+                # its deadline) nobody awaits it, and asyncio would log it.
+                waiter.exception()
 
     def pending_operations(self) -> Iterator[p.Operation]:
         return iter(self._ops)
