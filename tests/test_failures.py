@@ -121,6 +121,28 @@ def test_frozen_silo_is_dropped_after_the_straggler_timeout(amqp_url, four_silos
         np.testing.assert_allclose(again, everyone, rtol=1e-9)
 
 
+def test_quorum_grace_ends_the_phase_soon_after_the_quorum_answered(amqp_url, four_silos):
+    frozen = four_silos.local.silos["alpha"].process
+    others = [n for n in NAMES if n != "alpha"]
+    with _context(amqp_url, four_silos, min_silos=4) as warm_up:
+        run_in(warm_up, mean_glucose, tff_amqp.silo_data("readings"))  # warm silos
+    # No straggler timeout: without the grace this round would wait for the
+    # frozen silo until the 120 s deadline.
+    with _context(
+        amqp_url, four_silos, min_silos=3, quorum_grace=0.5, heartbeat_timeout=60.0
+    ) as context:
+        _wait_live(context, NAMES)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert elapsed < 0.5 + 2.5, f"round took {elapsed:.2f} s with quorum_grace=0.5"
+    np.testing.assert_allclose(result, _direct_mean(four_silos, others), rtol=1e-9)
+
+
 @tff.tensorflow.computation(tff.SequenceType(ROW))
 def slow_count(rows):
     # Several seconds of work inside TensorFlow (in the silo's worker), far

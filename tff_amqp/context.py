@@ -228,6 +228,11 @@ def create_sync_amqp_execution_context(
       straggler_timeout: K of N. After this many seconds of an aggregation
         phase, proceed with the partials of at least `min_silos` silos and drop
         the others for the rest of the invocation (None: wait for all).
+      quorum_grace: once `min_silos` silos answered an aggregation phase, wait
+        at most this many more seconds for the others, then drop them as
+        stragglers (None: only `straggler_timeout` limits the wait).
+      max_message_bytes: the largest message published (the broker's
+        `max_message_size`); larger ones are refused before publishing.
     """
     return AmqpSyncExecutionContext(
         _options(

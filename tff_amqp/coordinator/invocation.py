@@ -313,22 +313,28 @@ class Invocation:
 
     async def gather_from_silos(self, value: ClientsValue) -> dict[str, executor_pb2.Value]:
         """Ask every active silo to release its part of `value` (aggregates,
-        normally). K of N: once `straggler_timeout` has passed and at least
-        `min_silos` answered, proceed without the others; a silo whose
-        heartbeats lapse is dropped at once if the quorum still holds.
-        Dropped silos take no further part in this invocation."""
+        normally). K of N: once the phase's cut-off has passed (see
+        `phase_cutoff`) and at least `min_silos` answered, proceed without the
+        others; a silo whose heartbeats lapse is dropped at once if the quorum
+        still holds. Dropped silos take no further part in this invocation."""
         options = self.runtime.options
         silos = [s for s in value.ids if s not in self.dropped]
         tasks = {asyncio.ensure_future(self._release(s, value.ids[s])): s for s in silos}
         results: dict[str, executor_pb2.Value] = {}
         lost: dict[str, SiloError] = {}
         started = time.monotonic()
+        quorum_at: float | None = None
         pending = set(tasks)
         try:
             while pending:
+                if quorum_at is None and len(results) >= options.min_silos:
+                    quorum_at = time.monotonic()
+                cutoff = phase_cutoff(
+                    started, quorum_at, options.straggler_timeout, options.quorum_grace
+                )
                 budget: float | None = None
-                if options.straggler_timeout is not None:
-                    left = started + options.straggler_timeout - time.monotonic()
+                if cutoff is not None:
+                    left = cutoff - time.monotonic()
                     if left <= 0 and len(results) >= options.min_silos:
                         break
                     budget = left if left > 0 else None
@@ -475,6 +481,24 @@ class Invocation:
                 log.debug("disposing local values failed", exc_info=True)
             self._local_refs.clear()
         self._pins.clear()
+
+
+def phase_cutoff(
+    started: float,
+    quorum_at: float | None,
+    straggler_timeout: float | None,
+    quorum_grace: float | None,
+) -> float | None:
+    """When an aggregation phase that began at `started` stops waiting for the
+    silos that have not answered, provided it has its quorum (monotonic time;
+    None: wait for every silo, bounded by the deadline). The earlier of the
+    straggler timeout and, once the quorum answered at `quorum_at`, the grace."""
+    candidates = []
+    if straggler_timeout is not None:
+        candidates.append(started + straggler_timeout)
+    if quorum_grace is not None and quorum_at is not None:
+        candidates.append(quorum_at + quorum_grace)
+    return min(candidates) if candidates else None
 
 
 def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:

@@ -38,6 +38,9 @@ class CoordinatorOptions:
     # K of N: after this many seconds of an aggregation phase, proceed with the
     # partials of at least min_silos silos and drop the rest (None: wait for all).
     straggler_timeout: float | None = None
+    # Once min_silos answered a phase, wait at most this much longer for the
+    # others (None: no grace limit; the straggler timeout still applies).
+    quorum_grace: float | None = None
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     coordinator_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
@@ -50,6 +53,8 @@ class CoordinatorOptions:
             raise ValueError("max_silos must be >= min_silos")
         if self.straggler_timeout is not None and not self.straggler_timeout > 0:
             raise ValueError("straggler_timeout must be a positive number of seconds or None")
+        if self.quorum_grace is not None and not self.quorum_grace >= 0:
+            raise ValueError("quorum_grace must be a non-negative number of seconds or None")
         for name in ("cohort_timeout", "deadline", "heartbeat_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
