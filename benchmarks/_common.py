@@ -16,6 +16,11 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 
+# Keep TensorFlow's and gRPC's C++ logging (theirs and native's worker_binary)
+# out of the benchmark output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
