@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the sample data and logs to DIR and keep them",
     )
+    from tff_amqp.provision import add_provision_parser
+
+    add_provision_parser(sub, common)
     return parser
 
 
@@ -156,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tff_amqp.demo import run_demo
 
         return run_demo(args.broker, rounds=args.rounds, keep_data=args.keep_data)
+    if args.command == "provision":
+        from tff_amqp.provision import run_provision
+
+        return run_provision(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
