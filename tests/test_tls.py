@@ -1,6 +1,7 @@
-"""TLS: a silo connects with amqps://, verifies the broker and logs in with its
-client certificate (EXTERNAL, user = certificate CN); without a certificate,
-or with one from another CA, the broker refuses it.
+"""TLS: a silo and the coordinator connect with amqps://, verify the broker and
+log in with their client certificates (EXTERNAL, user = certificate CN), and
+run a computation; without a certificate, or with one from another CA, the
+broker refuses the connection.
 
 Runs on a PRIVATE RabbitMQ node with a TLS listener (the shared broker is never
 reconfigured). The node's management API lets `tff-amqp provision --cert-cn`
@@ -29,6 +30,7 @@ from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
 
 CERT_CN = "silo-tls-alpha"
+COORDINATOR_CN = "coordinator-tls"
 
 
 class TlsBroker:
@@ -94,7 +96,7 @@ def _refused(url: str, tls: TlsFiles) -> str:
     return str(caught.value)
 
 
-def test_silo_connects_with_client_certificate_and_serves(
+def test_silo_and_coordinator_connect_with_client_certificates_and_serve(
     tls_broker: TlsBroker, tmp_path: Path
 ) -> None:
     import tensorflow_federated as tff
@@ -120,10 +122,21 @@ def test_silo_connects_with_client_certificate_and_serves(
     with ProcessGroup(tmp_path / "logs") as group:
         silo = start_silo(group, url, federation, "alpha", {"readings": folder}, tls_args)
         wait_ready(silo, timeout=180)
-        # The coordinator uses the plain loopback listener as guest: the silo's
-        # replies carry user_id=CN, which the coordinator must accept.
+        # The coordinator too: amqps with its own certificate, given in the
+        # URL's query (aiormq reads cafile/certfile/keyfile from it).
+        coordinator_url = _provision(
+            [
+                "add-coordinator", "--federation", federation, "--broker", tls_broker.admin_url,
+                "--amqp-url", tls_broker.amqps_base, "--cert-cn", COORDINATOR_CN,
+            ]
+        )  # fmt: skip
+        coordinator_cert, coordinator_key = tls_broker.pki.client(COORDINATOR_CN)
+        coordinator_url += (
+            f"&cafile={tls_broker.pki.ca_cert}&certfile={coordinator_cert}"
+            f"&keyfile={coordinator_key}"
+        )
         context = tff_amqp.create_sync_amqp_execution_context(
-            tls_broker.broker.url, federation=federation, min_silos=1, cohort_timeout=60.0
+            coordinator_url, federation=federation, min_silos=1, cohort_timeout=60.0
         )
         try:
 
@@ -132,12 +145,15 @@ def test_silo_connects_with_client_certificate_and_serves(
                 return tff.federated_sum(values)
 
             assert run_in(context, total, [1.5, 2.5]) == pytest.approx(4.0)
+            # Checked while the coordinator is connected.
+            connections = tls_broker.broker.ctl(
+                "list_connections", "-q", "user", "ssl", "auth_mechanism"
+            )
         finally:
             context.close()
-        connections = tls_broker.broker.ctl(
-            "list_connections", "-q", "user", "ssl", "auth_mechanism"
-        )
+        assert "guest" not in connections
         assert f"{CERT_CN}\ttrue\tEXTERNAL" in connections
+        assert f"{COORDINATOR_CN}\ttrue\tEXTERNAL" in connections
 
 
 def test_without_client_certificate_the_broker_refuses(tls_broker: TlsBroker) -> None:
