@@ -84,6 +84,17 @@ def coordinator_permissions(topology: Topology) -> Permissions:
     return Permissions(configure=everything, write=everything, read=everything)
 
 
+def federation_exchanges(topology: Topology) -> dict[str, str]:
+    """Every exchange of a federation and its type (all durable)."""
+    return {
+        topology.requests_exchange: "direct",
+        topology.replies_exchange: "topic",
+        topology.dead_letter_exchange: "fanout",
+        topology.bulk_exchange: "direct",
+        topology.work_exchange: "direct",
+    }
+
+
 def generate_password() -> str:
     # 32 bytes of entropy, URL-safe (goes into the AMQP URL unescaped).
     return secrets.token_urlsafe(32)
@@ -170,14 +181,7 @@ class Provisioner:
         self.api.call("PUT", f"vhosts/{_q(self.vhost)}", {})
 
     def declare_exchanges(self) -> None:
-        t = self.topology
-        for name, kind in (
-            (t.requests_exchange, "direct"),
-            (t.replies_exchange, "topic"),
-            (t.dead_letter_exchange, "fanout"),
-            (t.bulk_exchange, "direct"),
-            (t.work_exchange, "direct"),
-        ):
+        for name, kind in federation_exchanges(self.topology).items():
             self.api.call(
                 "PUT",
                 f"exchanges/{_q(self.vhost)}/{_q(name)}",
