@@ -316,3 +316,68 @@ def test_federation_end_to_end_with_provisioned_credentials(
     assert count == len(values)
     np.testing.assert_allclose(total, np.asarray(values, np.float32).astype(np.float64).sum())
     assert stats["rejected_replies"] == 0 and stats["replies"] >= 2
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from tff_amqp.cli import main
+
+    code = main(["provision", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_provision_errors_are_clear(amqp_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    admin = admin_url_for(amqp_url)
+    from tests.support.private_broker import free_port
+
+    cases = [
+        (["add-silo", "a", "--federation", "f", "--broker", amqp_url], "management API URL"),
+        (
+            ["add-silo", "a", "--federation", "f", "--broker", f"http://127.0.0.1:{free_port()}/"],
+            "administrator's credentials",
+        ),
+        (
+            [
+                "add-silo",
+                "a",
+                "--federation",
+                "f",
+                "--broker",
+                f"http://guest:guest@127.0.0.1:{free_port()}/",
+            ],
+            "rabbitmq_management plugin",
+        ),
+        (
+            ["add-silo", "a", "--federation", "f", "--broker", admin.replace(":guest@", ":wrong@")],
+            "HTTP 401",
+        ),
+        (["add-silo", "a.b", "--federation", "f", "--broker", admin], "invalid silo name"),
+        (["add-coordinator", "--federation", "f*", "--broker", admin], "invalid federation name"),
+    ]
+    for args, words in cases:
+        code, out, err = _cli(capsys, *args)
+        assert code == 1 and words in err, (args, err)
+        assert out == ""
+
+
+def test_remove_silo_undoes_add_silo(amqp_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.broker import delete_federation_entities, new_federation_name
+
+    federation = new_federation_name()
+    common = ["--federation", federation, "--broker", admin_url_for(amqp_url)]
+    try:
+        code, out, _ = _cli(capsys, "add-silo", "solo", *common)
+        assert code == 0
+        url = out.strip().splitlines()[-1]
+        assert asyncio.run(_take_all(url, [Topology(federation).request_queue("solo")])) == 0
+        code, out, _ = _cli(capsys, "remove-silo", "solo", *common)
+        assert code == 0 and f"user silo.{federation}.solo" in out
+        assert f"queue tff.{federation}.req.solo" in out
+        # The user is gone: the URL no longer logs in.
+        with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
+            asyncio.run(_take_all(url, []))
+        code, out, _ = _cli(capsys, "remove-silo", "solo", *common)
+        assert code == 0 and "already gone" in out
+    finally:
+        _cli(capsys, "remove-silo", "solo", *common)
+        delete_federation_entities(amqp_url, federation)
