@@ -47,6 +47,12 @@ elif command -v rabbitmq-server >/dev/null 2>&1; then
     done
   fi
   say "local RabbitMQ is up"
+  # `tff-amqp provision` (and its tests) use the management HTTP API. Enabling
+  # a plugin does not restart the broker; already enabled is a no-op.
+  if ! rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management; then
+    say "enabling the rabbitmq_management plugin (for tff-amqp provision)"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+  fi
 elif timeout 10 docker info >/dev/null 2>&1; then
   say "no local RabbitMQ; tests will start one with testcontainers (Docker)"
 else

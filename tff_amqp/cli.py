@@ -11,8 +11,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tff_amqp.logs import configure_logging
+
+if TYPE_CHECKING:
+    from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger("tff_amqp.cli")
 
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not declare exchanges/queues (for provisioned silos without configure permission)",
     )
+    silo.add_argument("--tls-ca", type=Path, help="CA certificate that signed the broker's (amqps)")
+    silo.add_argument("--tls-cert", type=Path, help="client certificate (EXTERNAL auth, amqps)")
+    silo.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
 
     status = sub.add_parser(
         "status",
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the sample data and logs to DIR and keep them",
     )
+    from tff_amqp.provision import add_provision_parser
+
+    add_provision_parser(sub, common)
     return parser
 
 
@@ -156,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tff_amqp.demo import run_demo
 
         return run_demo(args.broker, rounds=args.rounds, keep_data=args.keep_data)
+    if args.command == "provision":
+        from tff_amqp.provision import run_provision
+
+        return run_provision(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -195,6 +209,7 @@ def _run_silo(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,
+            tls=_tls_files(args),
         )
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
@@ -205,6 +220,14 @@ def _run_silo(args: argparse.Namespace) -> int:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    from tff_amqp.transport.tls import TlsFiles
+
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _run_status(args: argparse.Namespace) -> int:

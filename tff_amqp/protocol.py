@@ -360,7 +360,9 @@ class ErrorReport:
             parsed = ErrorCode(code)
         except ValueError:
             parsed = ErrorCode.EXECUTION
-        return cls(code=parsed, message=_str(raw, "message", max_len=64 * 1024))
+        # An empty message is still an error report: never drop one for it.
+        message = _str(raw, "message", max_len=64 * 1024, allow_empty=True)
+        return cls(code=parsed, message=message)
 
 
 @dataclass(frozen=True)

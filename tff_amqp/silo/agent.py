@@ -31,6 +31,7 @@ from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.transport.tls import TlsFiles
 from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class SiloConfig:
     session_grace: float = 30.0
     # Bounded wait for the broker at start-up (then robust reconnection).
     connect_timeout: float = 30.0
+    # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         check_silo_name(self.name)
@@ -137,6 +140,7 @@ class SiloAgent:
             self.config.broker_url,
             name=f"tff-amqp silo {self.config.name}",
             policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         self._worker = WorkerBinary()
         await self._worker.start()
