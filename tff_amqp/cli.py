@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tff_amqp import config
 from tff_amqp.logs import configure_logging
 
 log = logging.getLogger("tff_amqp.cli")
@@ -28,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tff-amqp",
         description="Run TensorFlow Federated across silos that only open outbound AMQP "
         "connections to a RabbitMQ broker.",
+        epilog=config.describe(),
     )
     common = argparse.ArgumentParser(add_help=False)
+    config.add_config_option(common)
     common.add_argument(
         "--log-level",
         default=os.environ.get("TFF_AMQP_LOG_LEVEL", "info"),
@@ -98,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not declare exchanges/queues (for provisioned silos without configure permission)",
     )
+    silo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off)",
+    )
 
     status = sub.add_parser(
         "status",
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
     # TensorFlow's C++ start-up chatter is not ours to show by default.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_logging(args.log_level)
@@ -200,7 +210,7 @@ def _run_silo(args: argparse.Namespace) -> int:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(SiloAgent(config)))
+        asyncio.run(_serve(SiloAgent(config), metrics_port=args.metrics_port))
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 1
@@ -222,7 +232,8 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(agent: object) -> None:
+async def _serve(agent: object, *, metrics_port: int | None = None) -> None:
+    from tff_amqp.observe.metrics import MetricsServer, SiloMetrics
     from tff_amqp.silo.agent import SiloAgent
 
     assert isinstance(agent, SiloAgent)
@@ -231,5 +242,6 @@ async def _serve(agent: object) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with agent:
-        await stop.wait()
+    with MetricsServer.optional(SiloMetrics(agent).registry, metrics_port):
+        async with agent:
+            await stop.wait()

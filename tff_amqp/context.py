@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,10 +81,13 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         invocations: list[Invocation] = []
         token = _current_invocations.set(invocations)
         deadline = self.options.deadline
+        ok = False
         try:
             try:
                 async with asyncio.timeout(deadline):
-                    return await super().invoke(comp, arg)
+                    result = await super().invoke(comp, arg)
+                    ok = True
+                    return result
             except TimeoutError as e:
                 if isinstance(e, InvocationTimeoutError):
                     raise
@@ -94,6 +98,9 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         finally:
             _current_invocations.reset(token)
             for invocation in invocations:
+                invocation.events.invocation_finished(
+                    invocation.id, ok, time.monotonic() - invocation.started
+                )
                 # Freeing silo and local state is off the caller's critical
                 # path; the runtime waits for it before it shuts down.
                 self.runtime.in_background(invocation.close())
