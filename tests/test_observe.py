@@ -44,6 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shown(stream: io.StringIO) -> str:
+    """What a terminal shows on the last line (tqdm redraws it after a \\r)."""
+    return stream.getvalue().split("\r")[-1].rstrip()
+
+
 def test_progress_shows_selection_replies_waiting_and_drops():
     stream = io.StringIO()
     events = InvocationEvents()
@@ -52,10 +57,16 @@ def test_progress_shows_selection_replies_waiting_and_drops():
     events.cohort_chosen("abcdef0123", ["north", "south", "east"], 0.4)
     events.gather_started("abcdef0123", ["north", "south", "east"])
     events.silo_replied("abcdef0123", "north")
-    events.silo_replied("abcdef0123", "south")
     text = stream.getvalue()
     assert "[abcdef01] selected 3 silo(s): north, south, east" in text
-    assert "2/3" in text and "waiting on: east" in text
+    assert "1/3" in text and "waiting on: east, south" in text
+    # A second, overlapping gather: north is waited on again until it replies twice.
+    events.gather_started("abcdef0123", ["north", "south", "east"])
+    events.silo_replied("abcdef0123", "south")
+    events.silo_replied("abcdef0123", "south")
+    assert shown(stream).endswith("waiting on: east, north")
+    events.silo_replied("abcdef0123", "north")
+    assert "replied: 2/3" in shown(stream) and shown(stream).endswith("waiting on: east")
     events.silos_dropped("abcdef0123", ["east"], "straggler")
     events.gather_finished("abcdef0123", ["north", "south"], 1.0)
     events.invocation_finished("abcdef0123", True, 1.5)

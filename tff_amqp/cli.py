@@ -149,6 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the sample data and logs to DIR and keep them",
     )
+    demo.add_argument(
+        "--federation",
+        default=None,
+        help="federation name (default: a fresh demo-<hex> for local silos)",
+    )
+    demo.add_argument(
+        "--silos",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated names of silos already running in --federation (e.g. the "
+        "docker compose ones): use them instead of starting local silo processes",
+    )
+    demo.add_argument(
+        "--write-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only write the sample spreadsheets (DIR/<clinic>/ward_N.csv) and exit",
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the coordinator's Prometheus metrics on PORT (default: off)",
+    )
+    demo.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="per-invocation progress on stderr (default auto: only at a terminal)",
+    )
     return parser
 
 
@@ -165,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from tff_amqp.demo import run_demo
 
-        return run_demo(args.broker, rounds=args.rounds, keep_data=args.keep_data)
+        return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -35,11 +36,15 @@ def progress_enabled(setting: bool | None, stream: TextIO | None = None) -> bool
 class _Invocation:
     started: float
     cohort: list[str] = field(default_factory=list)
-    waiting: list[str] = field(default_factory=list)
-    replied: list[str] = field(default_factory=list)
+    # Gathers can overlap (FedAvg aggregates several values at once): a silo
+    # is waited on while any of its gathers is open.
+    outstanding: Counter[str] = field(default_factory=Counter)
     dropped: dict[str, str] = field(default_factory=dict)
-    gathers: int = 0
     bar: tqdm | None = None
+
+    @property
+    def waiting(self) -> list[str]:
+        return sorted(s for s, n in self.outstanding.items() if n > 0 and s not in self.dropped)
 
 
 class ProgressDisplay(InvocationObserver):
@@ -52,53 +57,46 @@ class ProgressDisplay(InvocationObserver):
     def _write(self, line: str) -> None:
         tqdm.write(line, file=self._stream)
 
+    def _state(self, invocation: str) -> _Invocation:
+        return self._active.setdefault(invocation, _Invocation(time.monotonic()))
+
     def invocation_started(self, invocation: str) -> None:
-        self._active[invocation] = _Invocation(time.monotonic())
+        self._state(invocation)
 
     def cohort_chosen(self, invocation: str, silos: Sequence[str], waited: float) -> None:
-        state = self._active.setdefault(invocation, _Invocation(time.monotonic()))
-        state.cohort = list(silos)
+        self._state(invocation).cohort = list(silos)
         self._write(
             f"[{invocation[:8]}] selected {len(silos)} silo(s): {', '.join(silos)} "
             f"(after {waited:.1f} s)"
         )
 
     def gather_started(self, invocation: str, silos: Sequence[str]) -> None:
-        state = self._active.setdefault(invocation, _Invocation(time.monotonic()))
-        state.gathers += 1
-        state.waiting, state.replied = list(silos), []
+        state = self._state(invocation)
+        state.outstanding.update(silos)
         if state.bar is None:
             state.bar = tqdm(
-                total=len(silos),
-                desc=f"[{invocation[:8]}] replies",
+                total=len(state.cohort) or len(silos),
+                desc=f"[{invocation[:8]}] replied",
                 unit="silo",
                 file=self._stream,
                 leave=False,
                 dynamic_ncols=True,
-                bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}",
+                bar_format="{desc}: {n}/{total} |{bar:20}| {elapsed} {postfix}",
             )
-        else:
-            state.bar.reset(total=len(silos))
         self._refresh(state)
 
     def silo_replied(self, invocation: str, silo: str) -> None:
         state = self._active.get(invocation)
         if state is None:
             return
-        if silo in state.waiting:
-            state.waiting.remove(silo)
-        state.replied.append(silo)
-        if state.bar is not None:
-            state.bar.update(1)
+        if state.outstanding[silo] > 0:
+            state.outstanding[silo] -= 1
         self._refresh(state)
 
     def silos_dropped(self, invocation: str, silos: Sequence[str], reason: str) -> None:
         state = self._active.get(invocation)
         if state is not None:
-            for silo in silos:
-                state.dropped[silo] = reason
-                if silo in state.waiting:
-                    state.waiting.remove(silo)
+            state.dropped.update(dict.fromkeys(silos, reason))
             self._refresh(state)
         what = "straggler(s)" if reason == "straggler" else f"silo(s) ({reason})"
         self._write(f"[{invocation[:8]}] dropped {what}: {', '.join(silos)}")
@@ -126,5 +124,7 @@ class ProgressDisplay(InvocationObserver):
     def _refresh(self, state: _Invocation) -> None:
         if state.bar is None:
             return
-        waiting = ", ".join(state.waiting) if state.waiting else "nobody"
-        state.bar.set_postfix_str(f"waiting on: {waiting}", refresh=True)
+        waiting = state.waiting
+        members = state.cohort or list(state.outstanding)
+        state.bar.n = len([s for s in members if s not in waiting and s not in state.dropped])
+        state.bar.set_postfix_str(f"waiting on: {', '.join(waiting) or 'nobody'}", refresh=True)
