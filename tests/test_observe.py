@@ -228,3 +228,73 @@ def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
     assert value(silo_samples, "tff_amqp_silo_errors_total", **labels) == 0
     # The silo logged where its endpoint listens.
     assert silo.check_log(f'"metrics.listening".*"port": {silo_port}')
+
+
+def test_a_frozen_silo_shows_up_as_a_dropped_straggler_and_a_late_reply(
+    amqp_url, federation, process_group, tmp_path
+):
+    """Real silo processes, one frozen (SIGSTOP) during an invocation with a
+    1 s straggler timeout: the progress display names the dropped straggler,
+    and the coordinator's endpoint counts the drop and, once the silo thaws,
+    its late reply."""
+    import os
+    import signal
+    import time
+
+    import tensorflow_federated as tff
+
+    import tff_amqp
+    from tests.test_data_and_privacy import mean_glucose
+
+    silos = {}
+    for index, name in enumerate(("steady", "frozen")):
+        folder = write_silo_csvs(tmp_path, index, clients=2)
+        silos[name] = start_silo(
+            process_group, amqp_url, federation, name, data={"readings": folder}
+        )
+    wait_ready(silos.values(), timeout=240)
+
+    def run(context):
+        with tff.framework.get_context_stack().install(context):
+            return float(mean_glucose(tff_amqp.silo_data("readings")))
+
+    # Warm up both silos (a cold first round can exceed 1 s on its own).
+    with tff_amqp.create_sync_amqp_execution_context(
+        amqp_url, federation=federation, min_silos=2, cohort_timeout=120.0, progress=False
+    ) as warm_up:
+        run(warm_up)
+
+    stream = io.StringIO()
+    context = tff_amqp.create_sync_amqp_execution_context(
+        amqp_url,
+        federation=federation,
+        min_silos=1,
+        cohort_timeout=120.0,
+        straggler_timeout=1.0,
+        heartbeat_timeout=60.0,  # the straggler path, not liveness
+        metrics_port=0,
+        progress=False,
+    )
+    with context:
+        context.start()
+        context.runtime.events.add(ProgressDisplay(stream))
+        port = context.runtime.telemetry.metrics_port
+        frozen = silos["frozen"].pid
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            run(context)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        samples = scrape(port)
+        assert value(samples, "tff_amqp_coordinator_silos_dropped_total", reason="straggler") == 1
+        assert value(samples, "tff_amqp_coordinator_invocations_total", outcome="ok") == 1
+        deadline = time.monotonic() + 30
+        while value(scrape(port), "tff_amqp_coordinator_late_replies_total") < 1:
+            assert time.monotonic() < deadline, "the thawed silo's late reply was not counted"
+            time.sleep(0.3)
+    text = stream.getvalue()
+    assert "selected 2 silo(s): frozen, steady" in text
+    assert "dropped straggler(s): frozen" in text
+    assert (
+        "done in" in text and "1/2 silo(s) took part (steady); dropped frozen (straggler)" in text
+    )
