@@ -231,6 +231,10 @@ def create_sync_amqp_execution_context(
       straggler_timeout: K of N. After this many seconds of an aggregation
         phase, proceed with the partials of at least `min_silos` silos and drop
         the others for the rest of the invocation (None: wait for all).
+      **kwargs: further `CoordinatorOptions`, e.g. `max_message_bytes`,
+        `metrics_port` (serve Prometheus metrics; 0: any free port; None: off)
+        and `progress` (progress on stderr: True, False, None = only at a
+        terminal).
     """
     return AmqpSyncExecutionContext(
         _options(

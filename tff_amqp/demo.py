@@ -240,7 +240,8 @@ def _run_jobs(
                 say(f"   direct from files  {direct:8.4f} mmol/L  ({n} patients; demo check only)")
 
             say("")
-            say(f"2) Federated training: FedAvg, logistic regression, {rounds} rounds")
+            plural = "round" if rounds == 1 else "rounds"
+            say(f"2) Federated training: FedAvg, logistic regression, {rounds} {plural}")
             say("   round    loss  accuracy   time")
             process = comps["process"]
             state = process.initialize()
