@@ -176,6 +176,8 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
                 say(f"  started silo {clinic} ({len(list(folder.glob('*.csv')))} wards)")
             say("  loading TensorFlow Federated and building computations ...")
             comps = _computations()
+            if not all('"silo.ready"' in silo.log_tail(200) for silo in local.silos.values()):
+                say("  waiting for the silos to connect (each loads TensorFlow first) ...")
             local.wait_ready(timeout=180)
             say(
                 f"  {len(folders)} silos connected within {time.monotonic() - started:.0f} s of "
