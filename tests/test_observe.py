@@ -138,6 +138,19 @@ def test_coordinator_metrics_count_drops_and_outcomes_in_their_own_registry():
     )
 
 
+def test_a_taken_metrics_port_is_a_clear_error():
+    from prometheus_client import CollectorRegistry
+
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.observe.metrics import MetricsServer
+
+    with MetricsServer(CollectorRegistry(), 0) as first:
+        with pytest.raises(
+            TffAmqpError, match=f"cannot serve Prometheus metrics on .*:{first.port}"
+        ):
+            MetricsServer(CollectorRegistry(), first.port)
+
+
 def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
     amqp_url, federation, process_group, tmp_path
 ):

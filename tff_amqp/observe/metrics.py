@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tff_amqp.errors import TffAmqpError
 from tff_amqp.observe.events import InvocationObserver
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,13 @@ class MetricsServer:
     manager that always shuts the server down. Port 0 picks a free port."""
 
     def __init__(self, registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> None:
-        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        except OSError as e:
+            raise TffAmqpError(
+                f"cannot serve Prometheus metrics on {addr}:{port} ({e}); choose another "
+                "metrics port (0 picks a free one)"
+            ) from e
         self.port: int = self._server.server_port
         log.info("metrics.listening", extra={"port": self.port, "addr": addr})
 
