@@ -42,6 +42,34 @@ def test_compose_file_defines_a_healthy_local_broker():
     assert broker["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
 
 
+def test_the_broker_loads_the_federations_definitions():
+    """broker/definitions.json is mounted where the mounted config loads it
+    from, and describes the federation and vhost the services use."""
+    import json
+
+    mounts = dict(v.split(":")[:2] for v in COMPOSE["services"]["rabbitmq"]["volumes"])
+    conf_files = [
+        ROOT / src for src, dst in mounts.items() if dst.startswith("/etc/rabbitmq/conf.d/")
+    ]
+    loads = [
+        line.split("=", 1)[1].strip()
+        for path in conf_files
+        for line in path.read_text().splitlines()
+        if line.strip().startswith("load_definitions")
+    ]
+    assert len(loads) == 1
+    assert mounts["./broker/definitions.json"] == loads[0]
+    definitions = json.loads((ROOT / "broker" / "definitions.json").read_text())
+    federation = tff_services()["clinic_north"]["environment"]["TFF_AMQP_FEDERATION"]
+    vhost = COMPOSE["services"]["provision"]["environment"]["AMQP_BASE"].rsplit("/", 1)[1]
+    assert {v["name"] for v in definitions["vhosts"]} == {vhost}
+    exchanges = {e["name"] for e in definitions["exchanges"]}
+    from tff_amqp.topology import Topology
+
+    topology = Topology(federation)
+    assert {topology.requests_exchange, topology.replies_exchange} <= exchanges
+
+
 def test_every_mounted_and_copied_file_exists():
     for name, service in COMPOSE["services"].items():
         for volume in service.get("volumes", []):
@@ -139,7 +167,7 @@ def test_provision_script_writes_config_files_the_parties_read(tmp_path):
     out = tmp_path / "credentials"
     out.mkdir()
     done = subprocess.run(
-        ["sh", str(ROOT / "docker" / "provision.sh"), "demo", *SILOS],
+        ["sh", str(ROOT / "docker" / "provision.sh"), *COMPOSE["services"]["provision"]["command"]],
         capture_output=True,
         text=True,
         timeout=30,
@@ -148,12 +176,13 @@ def test_provision_script_writes_config_files_the_parties_read(tmp_path):
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "CREDENTIALS_DIR": str(out),
             "ADMIN_URL": "http://guest:guest@rabbitmq:15672/",
-            "AMQP_BASE": "amqp://rabbitmq:5672/",
+            "AMQP_BASE": "amqp://rabbitmq:5672/tff",
         },
     )
     assert done.returncode == 0, done.stderr
     recorded = calls.read_text().splitlines()
-    assert recorded[0].startswith("provision add-coordinator --federation demo")
+    assert recorded[0].startswith("provision add-coordinator --federation default")
+    assert "--amqp-url amqp://rabbitmq:5672/" in recorded[0]
     assert [line.split()[2] for line in recorded[1:]] == list(SILOS)
     for silo in SILOS:
         path = out / f"{silo}.toml"
