@@ -20,14 +20,10 @@ from typing import Any
 import pytest
 
 from tests.support.broker import (
-    NO_BROKER_MESSAGE,
-    TESTCONTAINERS_IMAGE,
     BrokerUnreachable,
-    check_broker,
-    container_url,
     delete_federation_entities,
-    docker_engine_available,
     new_federation_name,
+    provide_broker,
     redact,
 )
 from tests.support.processes import (
@@ -56,26 +52,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def amqp_url() -> Iterator[str]:
     """A reachable broker: AMQP_URL if set; else a testcontainers RabbitMQ if a
     Docker engine answers; else the test fails (never skips)."""
-    url = os.environ.get("AMQP_URL")
-    if url:
-        try:
-            check_broker(url)
-        except BrokerUnreachable as exc:
-            pytest.fail(str(exc), pytrace=False)
-        yield url
-        return
-    if docker_engine_available():
-        from testcontainers.rabbitmq import RabbitMqContainer
-
-        with RabbitMqContainer(TESTCONTAINERS_IMAGE) as container:
-            url = container_url(container)
-            try:
-                check_broker(url, timeout=60)
-            except BrokerUnreachable as exc:
-                pytest.fail(str(exc), pytrace=False)
+    try:
+        with provide_broker(os.environ) as url:
             yield url
-        return
-    pytest.fail(NO_BROKER_MESSAGE, pytrace=False)
+    except BrokerUnreachable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

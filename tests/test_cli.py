@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
+from tests.support.processes import marked_processes
 from tff_amqp.local import die_with_parent
+
+DEMO_MARKER = "TFF_AMQP_DEMO_TEST"
+DEMO = (sys.executable, "-m", "tff_amqp", "demo")
 
 
 def _run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -67,9 +73,26 @@ def test_unreachable_broker_is_a_clear_bounded_error():
     assert "rabbitmq-server -detached" in result.stderr
 
 
-def test_demo_runs_a_local_federation_end_to_end(amqp_url):
-    result = _run(
-        "demo", "--broker", amqp_url, "--rounds", "2", "--log-level", "warning", timeout=600
+def test_demo_runs_a_local_federation_end_to_end_and_leaves_no_process(amqp_url):
+    marker = uuid.uuid4().hex
+    result = subprocess.run(
+        [
+            *DEMO,
+            "--broker",
+            amqp_url,
+            "--rounds",
+            "2",
+            "--log-level",
+            "warning",
+            "--progress",
+            "on",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", DEMO_MARKER: marker},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -80,6 +103,72 @@ def test_demo_runs_a_local_federation_end_to_end(amqp_url):
     rounds = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+ s$", out, flags=re.M)
     assert [r[0] for r in rounds] == ["1", "2"]
     assert "Stopped 3 silos" in out
+    # Progress (forced on) went to stderr: the selected silos and each invocation's end.
+    assert re.search(
+        r"selected 3 silo\(s\): clinic_east, clinic_north, clinic_south", result.stderr
+    )
+    assert len(re.findall(r"\] done in [\d.]+ s: 3/3 silo\(s\) took part", result.stderr)) >= 3
+    # Every silo and worker_binary the demo started is gone (the demo
+    # stopped them itself: nothing was left for the session's leak check).
+    assert marked_processes(DEMO_MARKER, marker) == []
+
+
+def test_interrupted_demo_stops_every_process_it_started(amqp_url):
+    """Ctrl-C while the silos run: the demo stops them all and exits 130."""
+    marker = uuid.uuid4().hex
+    demo = subprocess.Popen(
+        [*DEMO, "--broker", amqp_url, "--rounds", "50"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", DEMO_MARKER: marker},
+    )
+    try:
+        lines = []
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if "started silo clinic_east" in line:
+                break
+        # The silos exist now (and carry the marker).
+        deadline = time.monotonic() + 30
+        while len(marked_processes(DEMO_MARKER, marker)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(marked_processes(DEMO_MARKER, marker)) >= 4, "".join(lines)
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+    assert demo.returncode == 130, "".join(lines) + rest
+    assert "every process the demo started has been stopped" in rest
+    assert marked_processes(DEMO_MARKER, marker) == []
+
+
+def test_demo_without_a_broker_says_how_to_get_one():
+    result = _run("demo", "--broker", "amqp://guest:guest@127.0.0.1:1/", timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach the RabbitMQ broker at amqp://guest:***@127.0.0.1:1/" in result.stderr
+    for advice in (
+        "rabbitmq-server -detached",
+        "apt-get install rabbitmq-server",
+        "docker compose up -d rabbitmq",
+        "--broker amqp://USER:PASSWORD@HOST:5672/",
+    ):
+        assert advice in result.stderr
+    assert "error when creating transport" not in result.stderr  # no library noise
+
+
+def test_demo_writes_sample_data_for_containers(tmp_path):
+    result = _run("demo", "--write-data", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    for clinic in ("clinic_north", "clinic_south", "clinic_east"):
+        wards = sorted((tmp_path / "data" / clinic).glob("ward_*.csv"))
+        assert wards, clinic
+        assert wards[0].read_text().startswith("patient_id,age,systolic_bp,glucose,diabetic")
 
 
 def test_status_lists_live_silos_with_heartbeat_and_load(amqp_url, silo_federation):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tff_amqp import config
 from tff_amqp.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -32,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tff-amqp",
         description="Run TensorFlow Federated across silos that only open outbound AMQP "
         "connections to a RabbitMQ broker.",
+        epilog=config.describe(),
     )
     common = argparse.ArgumentParser(add_help=False)
+    config.add_config_option(common)
     common.add_argument(
         "--log-level",
         default=os.environ.get("TFF_AMQP_LOG_LEVEL", "info"),
@@ -105,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     silo.add_argument("--tls-ca", type=Path, help="CA certificate that signed the broker's (amqps)")
     silo.add_argument("--tls-cert", type=Path, help="client certificate (EXTERNAL auth, amqps)")
     silo.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    silo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off)",
+    )
 
     status = sub.add_parser(
         "status",
@@ -146,6 +156,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the sample data and logs to DIR and keep them",
     )
+    demo.add_argument(
+        "--federation",
+        default=None,
+        help="federation name (default: a fresh demo-<hex> for local silos)",
+    )
+    demo.add_argument(
+        "--silos",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated names of silos already running in --federation (e.g. the "
+        "docker compose ones): use them instead of starting local silo processes",
+    )
+    demo.add_argument(
+        "--write-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only write the sample spreadsheets (DIR/<clinic>/ward_N.csv) and exit",
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the coordinator's Prometheus metrics on PORT (default: off)",
+    )
+    demo.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="per-invocation progress on stderr (default auto: only at a terminal)",
+    )
     from tff_amqp.provision import add_provision_parser
 
     add_provision_parser(sub, common)
@@ -154,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
     # TensorFlow's C++ start-up chatter is not ours to show by default.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_logging(args.log_level)
@@ -165,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from tff_amqp.demo import run_demo
 
-        return run_demo(args.broker, rounds=args.rounds, keep_data=args.keep_data)
+        return run_demo(args)
     if args.command == "provision":
         from tff_amqp.provision import run_provision
 
@@ -215,7 +257,7 @@ def _run_silo(args: argparse.Namespace) -> int:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(SiloAgent(config)))
+        asyncio.run(_serve(SiloAgent(config), metrics_port=args.metrics_port))
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 1
@@ -245,7 +287,8 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(agent: object) -> None:
+async def _serve(agent: object, *, metrics_port: int | None = None) -> None:
+    from tff_amqp.observe.metrics import MetricsServer, SiloMetrics
     from tff_amqp.silo.agent import SiloAgent
 
     assert isinstance(agent, SiloAgent)
@@ -254,5 +297,6 @@ async def _serve(agent: object) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with agent:
-        await stop.wait()
+    with MetricsServer.optional(SiloMetrics(agent).registry, metrics_port):
+        async with agent:
+            await stop.wait()

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,10 +81,13 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         invocations: list[Invocation] = []
         token = _current_invocations.set(invocations)
         deadline = self.options.deadline
+        ok = False
         try:
             try:
                 async with asyncio.timeout(deadline):
-                    return await super().invoke(comp, arg)
+                    result = await super().invoke(comp, arg)
+                    ok = True
+                    return result
             except TimeoutError as e:
                 if isinstance(e, InvocationTimeoutError):
                     raise
@@ -98,6 +102,9 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         finally:
             _current_invocations.reset(token)
             for invocation in invocations:
+                invocation.events.invocation_finished(
+                    invocation.id, ok, time.monotonic() - invocation.started
+                )
                 # Freeing silo and local state is off the caller's critical
                 # path; the runtime waits for it before it shuts down.
                 self.runtime.in_background(invocation.close())
@@ -231,8 +238,10 @@ def create_sync_amqp_execution_context(
       quorum_grace: once `min_silos` silos answered an aggregation phase, wait
         at most this many more seconds for the others, then drop them as
         stragglers (None: only `straggler_timeout` limits the wait).
-      max_message_bytes: the largest message published (the broker's
-        `max_message_size`); larger ones are refused before publishing.
+      **kwargs: further `CoordinatorOptions`, e.g. `max_message_bytes`,
+        `metrics_port` (serve Prometheus metrics; 0: any free port; None: off)
+        and `progress` (progress on stderr: True, False, None = only at a
+        terminal).
     """
     return AmqpSyncExecutionContext(
         _options(

@@ -8,9 +8,11 @@ FedAvg, all without a single row leaving a clinic.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -131,34 +133,59 @@ def _computations() -> dict[str, Any]:
     return {"mean_glucose": mean_glucose, "process": process, "train_round": train_round}
 
 
-def run_demo(broker_url: str, *, rounds: int = 5, keep_data: Path | None = None) -> int:
-    """Run the demo; returns a process exit code. Cleans up every process."""
-    from tff_amqp.local import LocalFederation
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo (`tff-amqp demo`); returns a process exit code. Every
+    process it starts is stopped, however it ends (Ctrl-C included)."""
+    if args.write_data is not None:
+        folders = write_sample_data(args.write_data)
+        for clinic, folder in folders.items():
+            print(f"{clinic}: {folder}")
+        return 0
     from tff_amqp.transport.connection import redact_url
 
     say = _Printer()
-    say(f"tff-amqp demo: a local federation on {redact_url(broker_url)}")
-    if not _broker_answers(broker_url, say):
+    external = [s.strip() for s in (args.silos or "").split(",") if s.strip()]
+    where = "running silos" if external else "a local federation"
+    say(f"tff-amqp demo: {where} on {redact_url(args.broker)}")
+    if not _broker_answers(args.broker):
         return 1
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    options = {"metrics_port": args.metrics_port, "progress": progress}
+    try:
+        if external:
+            return _run_with_running_silos(args, external, options, say)
+        return _run_with_local_silos(args, options, say)
+    except KeyboardInterrupt:
+        say("Interrupted; every process the demo started has been stopped.")
+        return 130
+
+
+def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say: _Printer) -> int:
+    from tff_amqp.local import LocalFederation
+
+    keep_data: Path | None = args.keep_data
     root = keep_data or Path(tempfile.mkdtemp(prefix="tff-amqp-demo-"))
-    federation = f"demo-{uuid.uuid4().hex[:6]}"
+    federation = args.federation or f"demo-{uuid.uuid4().hex[:6]}"
     try:
         folders = write_sample_data(root)
         say(f"  sample spreadsheets written under {root}")
         started = time.monotonic()
-        with LocalFederation(broker_url, federation, log_dir=root / "logs") as local:
+        with LocalFederation(args.broker, federation, log_dir=root / "logs") as local:
             for clinic, folder in folders.items():
                 local.start_silo(clinic, data={"patients": folder})
                 say(f"  started silo {clinic} ({len(list(folder.glob('*.csv')))} wards)")
             say("  loading TensorFlow Federated and building computations ...")
             comps = _computations()
-            started = time.monotonic()
+            if not all('"silo.ready"' in silo.log_tail(200) for silo in local.silos.values()):
+                say("  waiting for the silos to connect (each loads TensorFlow first) ...")
             local.wait_ready(timeout=180)
             say(
-                f"  {len(folders)} silos connected in {time.monotonic() - started:.1f} s "
-                "(outbound AMQP connections only)"
+                f"  {len(folders)} silos connected within {time.monotonic() - started:.0f} s of "
+                "starting (each opened one outbound AMQP connection)"
             )
-            _run_jobs(broker_url, federation, len(folders), comps, folders, rounds, say)
+            _run_jobs(
+                args.broker, federation, len(folders), comps, folders, args.rounds, say, options
+            )
         kept = f"; data and logs kept in {root}" if keep_data is not None else ""
         say(f"Done. Stopped {len(folders)} silos{kept}.")
         return 0
@@ -167,20 +194,37 @@ def run_demo(broker_url: str, *, rounds: int = 5, keep_data: Path | None = None)
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _run_with_running_silos(
+    args: argparse.Namespace, silos: list[str], options: dict[str, Any], say: _Printer
+) -> int:
+    federation = args.federation or "demo"
+    say(f"  federation {federation!r}: waiting for silos {', '.join(silos)} (at most 180 s)")
+    say("  loading TensorFlow Federated and building computations ...")
+    comps = _computations()
+    _run_jobs(args.broker, federation, len(silos), comps, None, args.rounds, say, options)
+    say("Done.")
+    return 0
+
+
 def _run_jobs(
     broker_url: str,
     federation: str,
     n_silos: int,
     comps: dict[str, Any],
-    folders: dict[str, Path],
+    folders: dict[str, Path] | None,
     rounds: int,
     say: _Printer,
+    options: dict[str, Any],
 ) -> None:
     import tff_amqp
 
     with tff_amqp.create_sync_amqp_execution_context(
-        broker_url, federation=federation, min_silos=n_silos, cohort_timeout=120.0
+        broker_url, federation=federation, min_silos=n_silos, cohort_timeout=180.0, **options
     ) as context:
+        context.start()
+        port = context.runtime.telemetry.metrics_port if context.runtime.telemetry else None
+        if port is not None:
+            say(f"  coordinator metrics: http://127.0.0.1:{port}/metrics")
         import tensorflow_federated as tff
 
         with tff.framework.get_context_stack().install(context):
@@ -189,15 +233,17 @@ def _run_jobs(
             t0 = time.monotonic()
             mean = float(comps["mean_glucose"](tff_amqp.silo_data("patients")))
             elapsed = time.monotonic() - t0
-            direct, n = _direct_mean(folders, "glucose")
             say(
                 f"   federated result   {mean:8.4f} mmol/L  ({elapsed:.2f} s; only per-ward sums "
                 "and counts left the silos)"
             )
-            say(f"   direct from files  {direct:8.4f} mmol/L  ({n} patients; demo check only)")
+            if folders is not None:
+                direct, n = _direct_mean(folders, "glucose")
+                say(f"   direct from files  {direct:8.4f} mmol/L  ({n} patients; demo check only)")
 
             say("")
-            say(f"2) Federated training: FedAvg, logistic regression, {rounds} rounds")
+            plural = "round" if rounds == 1 else "rounds"
+            say(f"2) Federated training: FedAvg, logistic regression, {rounds} {plural}")
             say("   round    loss  accuracy   time")
             process = comps["process"]
             state = process.initialize()
@@ -217,7 +263,9 @@ def _run_jobs(
         )
 
 
-def _broker_answers(broker_url: str, say: _Printer) -> bool:
+def _broker_answers(broker_url: str) -> bool:
+    """Probe the broker (5 s); if it does not answer, say on stderr exactly
+    how to get one."""
     import asyncio
 
     from tff_amqp.errors import BrokerUnreachableError
@@ -234,12 +282,21 @@ def _broker_answers(broker_url: str, say: _Printer) -> bool:
         asyncio.run(probe())
         return True
     except BrokerUnreachableError as e:
-        say(f"error: {e}")
-        say(
-            "       On this machine: `rabbitmq-server -detached` (wait for "
-            "`rabbitmq-diagnostics -q ping`), or `docker compose up -d rabbitmq`."
-        )
+        # The error's own advice is one line; the demo gives the full list.
+        reason = str(e).split(" Start one with", 1)[0]
+        print(f"error: {reason}\n\n{NO_BROKER_HELP}", file=sys.stderr, flush=True)
         return False
+
+
+NO_BROKER_HELP = """\
+How to get a RabbitMQ broker for the demo:
+  RabbitMQ installed here:   rabbitmq-server -detached
+                             (ready when `rabbitmq-diagnostics -q ping` succeeds)
+  not installed (Debian):    sudo apt-get install rabbitmq-server
+  with Docker:               docker compose up -d rabbitmq   (in the tff-amqp repository)
+  a broker elsewhere:        tff-amqp demo --broker amqp://USER:PASSWORD@HOST:5672/
+                             (or export TFF_AMQP_BROKER=amqp://...)
+Then run the demo again: bash scripts/demo.sh"""
 
 
 class _Printer:

@@ -46,3 +46,9 @@ def configure_logging(level: str = "warning") -> None:
     root.propagate = False
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # aiormq logs every failed connection attempt as an error; our retry
+    # policy reports the outcome once, clearly. Shown only when debugging.
+    debugging = level.upper() == "DEBUG"
+    logging.getLogger("aiormq.connection").setLevel(
+        logging.DEBUG if debugging else logging.CRITICAL
+    )

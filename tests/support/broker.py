@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -113,6 +113,38 @@ def check_broker(url: str, timeout: float = 20.0) -> None:
                     f"{timeout:.0f} s ({type(exc).__name__}: {exc}). {NO_BROKER_MESSAGE}"
                 ) from exc
         time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def provide_broker(
+    environ: Mapping[str, str],
+    *,
+    docker_available: Callable[[], bool] | None = None,
+    container_factory: Callable[[str], Any] | None = None,
+    check: Callable[..., None] | None = None,
+) -> Iterator[str]:
+    """The test broker's URL, in this order: ``AMQP_URL`` if set (checked to
+    answer); else a testcontainers RabbitMQ if a Docker engine answers
+    (stopped on exit); else BrokerUnreachable with NO_BROKER_MESSAGE. The
+    callables are parameters so each branch can be tested without Docker."""
+    docker_available = docker_available or docker_engine_available
+    check = check or check_broker
+    url = environ.get("AMQP_URL")
+    if url:
+        check(url)
+        yield url
+        return
+    if docker_available():
+        if container_factory is None:
+            from testcontainers.rabbitmq import RabbitMqContainer
+
+            container_factory = RabbitMqContainer
+        with container_factory(TESTCONTAINERS_IMAGE) as container:
+            url = container_url(container)
+            check(url, timeout=60)
+            yield url
+        return
+    raise BrokerUnreachable(NO_BROKER_MESSAGE)
 
 
 def container_url(container: Any) -> str:

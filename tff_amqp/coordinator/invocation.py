@@ -91,6 +91,8 @@ class Invocation:
         # Silos whose replies are being awaited right now (for deadline errors).
         self._awaiting: dict[str, int] = {}
         self._interrupted: set[str] = set()
+        self.events = runtime.events
+        self.events.invocation_started(self.id)
 
     @property
     def link(self) -> CoordinatorLink:
@@ -168,6 +170,7 @@ class Invocation:
             if self._cohort is None:
                 options = self.runtime.options
                 timeout = min(options.cohort_timeout, max(self.remaining(), 0.0))
+                waiting_since = time.monotonic()
                 silos = await self.runtime.membership.wait_for_cohort(
                     options.min_silos, options.max_silos, timeout
                 )
@@ -178,6 +181,7 @@ class Invocation:
                 for silo in silos:
                     self._outboxes[silo] = SiloOutbox(self, silo, lambda: next(self._ids))
                 log.info("invocation.cohort", extra={"invocation": self.id[:8], "silos": silos})
+                self.events.cohort_chosen(self.id, silos, time.monotonic() - waiting_since)
             return self._cohort
 
     async def outbox(self, silo: str, *, data_key: str | None = None) -> SiloOutbox:
@@ -325,6 +329,7 @@ class Invocation:
         started = time.monotonic()
         quorum_at: float | None = None
         pending = set(tasks)
+        self.events.gather_started(self.id, silos)
         try:
             while pending:
                 if quorum_at is None and len(results) >= options.min_silos:
@@ -345,6 +350,7 @@ class Invocation:
                     silo, error = tasks[task], task.exception()
                     if error is None:
                         results[silo] = task.result()
+                        self.events.silo_replied(self.id, silo)
                     elif isinstance(error, SiloError) and error.code in ("lost", "dropped"):
                         lost[silo] = error
                     else:
@@ -358,6 +364,7 @@ class Invocation:
         finally:
             for task in pending:
                 task.cancel()
+        self.events.gather_finished(self.id, list(results), time.monotonic() - started)
         stragglers = [s for s in silos if s not in results]
         if stragglers:
             self.drop(stragglers, reason="lost" if set(stragglers) <= set(lost) else "straggler")
@@ -373,9 +380,11 @@ class Invocation:
     def drop(self, silos: Sequence[str], *, reason: str) -> None:
         """Exclude silos from the rest of this invocation and tell them to free
         its state; their late replies are discarded (and counted)."""
+        silos = [s for s in silos if s not in self.dropped]
+        if not silos:
+            return
+        self.events.silos_dropped(self.id, silos, reason)
         for silo in silos:
-            if silo in self.dropped:
-                continue
             self.dropped.add(silo)
             self.link.forget_silo(self.id, silo)
             outbox = self._outboxes.get(silo)

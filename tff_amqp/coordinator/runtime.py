@@ -18,6 +18,8 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.values import FunctionValue
+from tff_amqp.observe.events import InvocationEvents
+from tff_amqp.observe.telemetry import CoordinatorTelemetry
 from tff_amqp.topology import Topology
 from tff_amqp.worker import WorkerBinary
 
@@ -42,6 +44,10 @@ class CoordinatorOptions:
     # others (None: no grace limit; the straggler timeout still applies).
     quorum_grace: float | None = None
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    # Serve Prometheus metrics on this port (0: any free port; None: off).
+    metrics_port: int | None = None
+    # Progress display on stderr: True, False, or None (only when it is a terminal).
+    progress: bool | None = None
     coordinator_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
     )
@@ -69,6 +75,8 @@ class CoordinatorRuntime:
         self.options = options
         self.topology = Topology(options.federation)
         self.membership = Membership(liveness_timeout=options.heartbeat_timeout)
+        self.events = InvocationEvents()
+        self.telemetry: CoordinatorTelemetry | None = None
         self._link: CoordinatorLink | None = None
         self._worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
@@ -142,11 +150,15 @@ class CoordinatorRuntime:
                 await worker.stop()
                 raise
             self._worker, self._link = worker, link
+            self.telemetry = CoordinatorTelemetry(self)
             log.info("coordinator.started", extra={"federation": self.options.federation})
 
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=10.0)
+        if self.telemetry is not None:
+            self.telemetry.close()
+            self.telemetry = None
         if self._link is not None:
             await self._link.close()
             self._link = None

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -104,7 +105,13 @@ class SiloAgent:
             "duplicates": 0,
             "expired": 0,
             "malformed": 0,
+            "invocations": 0,
+            "received_bytes": 0,
+            "published_bytes": 0,
+            "reconnects": 0,
         }
+        # Called with (seconds, ok) after each batch (metrics).
+        self.batch_observers: list[Callable[[float, bool], None]] = []
         self._user_id = username_of(config.broker_url)
         self._worker: WorkerBinary | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -142,6 +149,7 @@ class SiloAgent:
             policy=RetryPolicy(total_timeout=self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._worker = WorkerBinary()
         await self._worker.start()
         self._channel = await self._connection.channel()
@@ -214,6 +222,7 @@ class SiloAgent:
         # long-held unacked message would trip RabbitMQ's consumer_timeout.
         await message.ack()
         body = message.body
+        self.stats["received_bytes"] += len(body)
         try:
             envelope = p.decode(body, max_bytes=self.config.max_message_bytes)
         except p.ProtocolError as e:
@@ -263,6 +272,7 @@ class SiloAgent:
             )
             runner = _InvocationRunner(self, session)
             self._runners[envelope.invocation_id] = runner
+            self.stats["invocations"] += 1
         runner.submit(envelope)
 
     async def _process_batch(self, session: InvocationSession, envelope: p.Envelope) -> None:
@@ -273,16 +283,19 @@ class SiloAgent:
             return
         self.stats["batches"] += 1
         wants_reply = any(isinstance(op, p.Compute) for op in batch.operations)
+        started = time.monotonic()
         try:
             released = await session.apply(batch)
         except SessionError as e:
             self.stats["errors"] += 1
+            self._observe_batch(started, ok=False)
             log.warning(
                 "silo.batch_failed",
                 extra={"invocation": session.invocation_id, "code": str(e.code), "error": str(e)},
             )
             await self._reply_error(session.invocation_id, envelope.correlation_id, e.code, str(e))
             return
+        self._observe_batch(started, ok=True)
         if wants_reply:
             await self._publish(
                 p.Envelope(
@@ -293,6 +306,14 @@ class SiloAgent:
                     correlation_id=envelope.correlation_id,
                 )
             )
+
+    def _observe_batch(self, started: float, *, ok: bool) -> None:
+        for observer in self.batch_observers:
+            observer(time.monotonic() - started, ok)
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.stats["reconnects"] += 1
+        log.warning("silo.reconnected", extra={"silo": self.config.name})
 
     def _forget(self, invocation_id: str) -> None:
         self._runners.pop(invocation_id, None)
@@ -416,6 +437,7 @@ class SiloAgent:
             self.topology.reply_routing_key(self.config.name),
             self._publish_policy,
         )
+        self.stats["published_bytes"] += len(payload)
 
     def _require_worker(self) -> WorkerBinary:
         if self._worker is None:

@@ -1,0 +1,1 @@
+"""Watching a federation at work: invocation events, progress display, metrics."""

@@ -1,0 +1,39 @@
+"""The coordinator's optional watchers, per the context options
+``metrics_port`` and ``progress``: started with the runtime, closed with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tff_amqp.observe.metrics import CoordinatorMetrics, MetricsServer
+from tff_amqp.observe.progress import ProgressDisplay, progress_enabled
+
+
+class CoordinatorTelemetry:
+    """Metrics endpoint and progress display of one coordinator runtime."""
+
+    def __init__(self, runtime: Any) -> None:
+        options = runtime.options
+        self._events = runtime.events
+        self.metrics: CoordinatorMetrics | None = None
+        self.server: MetricsServer | None = None
+        self.progress: ProgressDisplay | None = None
+        if options.metrics_port is not None:
+            self.metrics = CoordinatorMetrics(runtime)
+            self.server = MetricsServer(self.metrics.registry, options.metrics_port)
+            self._events.add(self.metrics)
+        if progress_enabled(options.progress):
+            self.progress = ProgressDisplay()
+            self._events.add(self.progress)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.port if self.server is not None else None
+
+    def close(self) -> None:
+        for observer in (self.metrics, self.progress):
+            if observer is not None:
+                self._events.remove(observer)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
