@@ -224,9 +224,17 @@ def _run_silo(args: argparse.Namespace) -> int:
     try:
         check_silo_name(args.name)
         Topology(args.federation)
+        tls = _tls_files(args)
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 2
+    # Likewise an unreachable broker or refused credentials: say so within
+    # --connect-timeout, not after TensorFlow has loaded.
+    try:
+        asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
+    except TffAmqpError as e:
+        print(f"tff-amqp silo: {e}", file=sys.stderr)
+        return 1
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
@@ -251,7 +259,7 @@ def _run_silo(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,
-            tls=_tls_files(args),
+            tls=tls,
         )
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
@@ -262,6 +270,20 @@ def _run_silo(args: argparse.Namespace) -> int:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _probe_broker(url: str, timeout: float, tls: TlsFiles | None) -> None:
+    """Open and close one connection (bounded by `timeout`)."""
+    from tff_amqp.retry import RetryPolicy
+    from tff_amqp.transport.connection import connect
+
+    connection = await connect(
+        url,
+        name="tff-amqp silo (probe)",
+        policy=RetryPolicy(total_timeout=timeout),
+        ssl_context=tls.context() if tls else None,
+    )
+    await connection.close()
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
