@@ -12,6 +12,7 @@ import argparse
 import collections
 import csv
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -152,12 +153,43 @@ def run_demo(args: argparse.Namespace) -> int:
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     options = {"metrics_port": args.metrics_port, "progress": progress}
     try:
-        if external:
-            return _run_with_running_silos(args, external, options, say)
-        return _run_with_local_silos(args, options, say)
+        with _INTERRUPTS:
+            if external:
+                return _run_with_running_silos(args, external, options, say)
+            return _run_with_local_silos(args, options, say)
     except KeyboardInterrupt:
         say("Interrupted; every process the demo started has been stopped.")
         return 130
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual, and is also
+    remembered: Python drops an exception raised inside a finalizer or
+    weakref callback (which TensorFlow's long import runs many of), so the
+    demo checks again between phases and never carries on after a Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+_INTERRUPTS = _Interrupts()
 
 
 def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say: _Printer) -> int:
@@ -176,9 +208,11 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
                 say(f"  started silo {clinic} ({len(list(folder.glob('*.csv')))} wards)")
             say("  loading TensorFlow Federated and building computations ...")
             comps = _computations()
+            _INTERRUPTS.check()
             if not all('"silo.ready"' in silo.log_tail(200) for silo in local.silos.values()):
                 say("  waiting for the silos to connect (each loads TensorFlow first) ...")
             local.wait_ready(timeout=180)
+            _INTERRUPTS.check()
             say(
                 f"  {len(folders)} silos connected within {time.monotonic() - started:.0f} s of "
                 "starting (each opened one outbound AMQP connection)"
@@ -201,6 +235,7 @@ def _run_with_running_silos(
     say(f"  federation {federation!r}: waiting for silos {', '.join(silos)} (at most 180 s)")
     say("  loading TensorFlow Federated and building computations ...")
     comps = _computations()
+    _INTERRUPTS.check()
     _run_jobs(args.broker, federation, len(silos), comps, None, args.rounds, say, options)
     say("Done.")
     return 0
@@ -248,6 +283,7 @@ def _run_jobs(
             process = comps["process"]
             state = process.initialize()
             for r in range(1, rounds + 1):
+                _INTERRUPTS.check()
                 t0 = time.monotonic()
                 output = comps["train_round"](state, tff_amqp.silo_data("patients"))
                 state = output.state
