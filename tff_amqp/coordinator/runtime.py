@@ -111,6 +111,11 @@ class CoordinatorRuntime:
         task.add_done_callback(self._background.discard)
 
     @property
+    def background_tasks(self) -> int:
+        """Clean-up tasks still running (closing earlier invocations)."""
+        return len(self._background)
+
+    @property
     def link(self) -> CoordinatorLink:
         if self._link is None:
             raise RuntimeError("coordinator runtime is not started")
