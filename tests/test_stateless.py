@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 import signal
 import threading
 import time
@@ -176,25 +177,42 @@ def _run_in_thread(fn) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def _first_busy_worker(pools: Pools, silos, timeout: float = 60.0) -> ManagedProcess:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for silo in silos:
-            for worker in pools.workers[silo]:
-                if worker.running and worker.check_log(r'"event":\s*"worker\.item_started"'):
-                    return worker
-        time.sleep(0.05)
-    raise AssertionError("no worker started an item")
+STARTED = re.compile(r'"event":\s*"worker\.item_started"')
+DONE = re.compile(r'"event":\s*"worker\.item_done"')
+REDELIVERED = re.compile(r'"event":\s*"worker\.item_started".*"redelivered":\s*true')
+
+
+class LogMarks:
+    """Where each worker's log stood, so a test only reads what came after."""
+
+    def __init__(self, pools: Pools) -> None:
+        self._marks = {w.name: len(w.log_text()) for ws in pools.workers.values() for w in ws}
+
+    def new_text(self, worker: ManagedProcess) -> str:
+        return worker.log_text()[self._marks.get(worker.name, 0) :]
+
+    def busy_worker(self, pools: Pools, silos, timeout: float = 60.0) -> ManagedProcess:
+        """A worker that started an item and has not finished it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for silo in silos:
+                for worker in pools.workers[silo]:
+                    text = self.new_text(worker)
+                    if worker.running and len(STARTED.findall(text)) > len(DONE.findall(text)):
+                        return worker
+            time.sleep(0.05)
+        raise AssertionError("no worker started an item")
 
 
 def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
     rows = pools.rows()
     with _context(amqp_url, pools) as context:
         _wait_workers(context, SILOS, WORKERS_PER_SILO)
+        marks = LogMarks(pools)
         thread, outcome = _run_in_thread(
             lambda: run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         )
-        victim = _first_busy_worker(pools, SILOS)
+        victim = marks.busy_worker(pools, SILOS)
         victim.process.send_signal(signal.SIGKILL)  # no goodbye, no ack
         victim.kill()  # and its worker_binary
         thread.join(120.0)
@@ -209,7 +227,7 @@ def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
         w
         for ws in pools.workers.values()
         for w in ws
-        if w.running and w.check_log(r'"event":\s*"worker\.item_started".*"redelivered":\s*true')
+        if w.running and REDELIVERED.search(marks.new_text(w))
     ]
     assert redone, "no worker logged the redelivered item"
     # Replace the victim for the next tests.
@@ -221,10 +239,11 @@ def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
 def test_silo_whose_workers_all_die_is_dropped_when_quorum_holds(amqp_url, pools):
     with _context(amqp_url, pools, min_silos=1, heartbeat_timeout=2.0) as context:
         _wait_workers(context, SILOS, WORKERS_PER_SILO)
+        marks = LogMarks(pools)
         thread, outcome = _run_in_thread(
             lambda: run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         )
-        _first_busy_worker(pools, ["south"])
+        marks.busy_worker(pools, ["south"])
         for worker in pools.workers["south"]:
             worker.kill()
         thread.join(120.0)
