@@ -236,9 +236,24 @@ def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
     wait_workers_ready([pools.add_worker(amqp_url, silo)])
 
 
+def test_straggling_silo_is_dropped_after_the_straggler_timeout(amqp_url, pools):
+    # south keeps one worker for its 5 slow items; north has three.
+    for worker in pools.workers["south"][1:]:
+        worker.stop()
+    pools.workers["south"] = pools.workers["south"][:1]
+    with _context(amqp_url, pools, min_silos=1, straggler_timeout=4.0) as context:
+        _wait_workers(context, ["north"], WORKERS_PER_SILO)
+        new_state, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        report = context.last_round
+        assert context.membership.is_live("south")  # slow, not dead
+    assert report.dropped_silos == ["south"]
+    assert total == pools.rows(["north"]) and new_state == total
+    assert report.merged_items == CLIENTS_PER_SILO
+
+
 def test_silo_whose_workers_all_die_is_dropped_when_quorum_holds(amqp_url, pools):
     with _context(amqp_url, pools, min_silos=1, heartbeat_timeout=2.0) as context:
-        _wait_workers(context, SILOS, WORKERS_PER_SILO)
+        _wait_workers(context, SILOS, 1)
         marks = LogMarks(pools)
         thread, outcome = _run_in_thread(
             lambda: run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
@@ -309,3 +324,34 @@ def test_work_messages_round_trip_and_reject_bad_shards():
     bad = p.encode(envelope).replace(b"\xa5shard\x02", b"\xa5shard\x07")
     with pytest.raises(p.ProtocolError, match="shard 7 of 5"):
         p.decode(bad)
+
+
+def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, process_group):
+    name = new_federation_name()
+    folder = write_xy_clients(tmp_path, 0, 3)
+    worker = start_worker(
+        process_group,
+        amqp_url,
+        name,
+        "tiny",
+        1,
+        {"xy": folder},
+        ["--min-clients-per-item", "2"],
+    )
+    wait_workers_ready([worker])
+    try:
+        options = dict(cohort_timeout=60.0, deadline=120.0)
+        with tff_amqp.create_sync_amqp_mapreduce_context(
+            amqp_url, federation=name, shards_per_silo=3, **options
+        ) as context:
+            # 3 clients in 3 shards: 1 client per item, below the floor of 2.
+            with pytest.raises(tff_amqp.SiloError, match="at least 2 per work item") as error:
+                run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+            assert error.value.silo == "tiny" and error.value.code == "privacy_refused"
+        with tff_amqp.create_sync_amqp_mapreduce_context(
+            amqp_url, federation=name, shards_per_silo=1, **options
+        ) as context:
+            _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        assert total == len(read_column(folder, "x"))
+    finally:
+        delete_federation_entities(amqp_url, name)
