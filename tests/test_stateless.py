@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import re
 import signal
 import threading
@@ -236,6 +237,29 @@ def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
     wait_workers_ready([pools.add_worker(amqp_url, silo)])
 
 
+def test_worker_whose_worker_binary_dies_gives_its_item_back_and_exits(amqp_url, pools):
+    rows = pools.rows()
+    with _context(amqp_url, pools) as context:
+        _wait_workers(context, SILOS, WORKERS_PER_SILO)
+        marks = LogMarks(pools)
+        thread, outcome = _run_in_thread(
+            lambda: run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        )
+        victim = marks.busy_worker(pools, SILOS)
+        binary_pid = int(re.search(r'"worker_pid":\s*(\d+)', victim.log_text()).group(1))
+        os.kill(binary_pid, signal.SIGKILL)
+        thread.join(120.0)
+        assert not thread.is_alive(), "round did not finish"
+        assert "error" not in outcome, outcome.get("error")
+        _, total = outcome["value"]
+    assert total == rows
+    assert victim.process.wait(30) == 1
+    assert "worker_binary died" in victim.log_text()
+    silo = next(s for s, ws in pools.workers.items() if victim in ws)
+    pools.workers[silo].remove(victim)
+    wait_workers_ready([pools.add_worker(amqp_url, silo)])
+
+
 def test_straggling_silo_is_dropped_after_the_straggler_timeout(amqp_url, pools):
     # south keeps one worker for its 5 slow items; north has three.
     for worker in pools.workers["south"][1:]:
@@ -254,11 +278,14 @@ def test_straggling_silo_is_dropped_after_the_straggler_timeout(amqp_url, pools)
 def test_silo_whose_workers_all_die_is_dropped_when_quorum_holds(amqp_url, pools):
     with _context(amqp_url, pools, min_silos=1, heartbeat_timeout=2.0) as context:
         _wait_workers(context, SILOS, 1)
-        marks = LogMarks(pools)
         thread, outcome = _run_in_thread(
             lambda: run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         )
-        marks.busy_worker(pools, ["south"])
+        # Once every item is out (both silos are in the cohort), south's pool dies.
+        deadline = time.monotonic() + 60
+        while context.link.stats["published"] < len(SILOS) * CLIENTS_PER_SILO:
+            assert time.monotonic() < deadline, (context.link.stats, context.membership.live())
+            time.sleep(0.05)
         for worker in pools.workers["south"]:
             worker.kill()
         thread.join(120.0)
@@ -355,3 +382,13 @@ def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, proces
         assert total == len(read_column(folder, "x"))
     finally:
         delete_federation_entities(amqp_url, name)
+
+
+def test_no_live_worker_is_a_clear_cohort_error_within_the_timeout(amqp_url, federation):
+    with tff_amqp.create_sync_amqp_mapreduce_context(
+        amqp_url, federation=federation, cohort_timeout=1.5
+    ) as context:
+        started = time.monotonic()
+        with pytest.raises(tff_amqp.CohortError, match="tff-amqp worker --stateless"):
+            run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        assert time.monotonic() - started < 1.5 + 15.0  # compile + bounded wait

@@ -77,8 +77,9 @@ class WorkLink:
         self._channel: AbstractChannel | None = None
         self._work: AbstractExchange | None = None
         self._pending: dict[str, _PendingItem] = {}
-        # Items already answered or given up on: later replies are duplicates.
-        self._finished: dict[str, None] = {}
+        # Items already answered (False) or given up on with their silo (True):
+        # a later reply is a duplicate, or late.
+        self._finished: dict[str, bool] = {}
         self._declared: set[str] = set()
         self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
 
@@ -172,13 +173,13 @@ class WorkLink:
         self.stats["published_bytes"] += len(payload)
         return future
 
-    def finish(self, item_id: str) -> None:
+    def finish(self, item_id: str, *, dropped: bool = False) -> None:
         """Stop waiting for an item (answered, or its silo was dropped); any
-        later reply for it is counted and discarded."""
+        later reply for it is counted (duplicate or late) and discarded."""
         pending = self._pending.pop(item_id, None)
         if pending is not None and not pending.future.done():
             pending.future.cancel()
-        self._finished[item_id] = None
+        self._finished[item_id] = dropped
         while len(self._finished) > 100_000:
             self._finished.pop(next(iter(self._finished)))
 
@@ -213,8 +214,12 @@ class WorkLink:
         pending = self._pending.get(item_id)
         if pending is None:
             if item_id in self._finished:
-                self.stats["duplicate_results"] += 1
-                log.info("mapreduce.duplicate_result", extra={"item": item_id, "silo": silo})
+                late = self._finished[item_id]
+                self.stats["late_results" if late else "duplicate_results"] += 1
+                log.info(
+                    "mapreduce.late_result" if late else "mapreduce.duplicate_result",
+                    extra={"item": item_id, "silo": silo},
+                )
             else:
                 self.stats["unknown_replies"] += 1
             return

@@ -94,9 +94,15 @@ class MapReduceRound:
         started = time.monotonic()
         settings = self._settings
         try:
-            cohort = await self._membership.wait_for_cohort(
-                settings.min_silos, settings.max_silos, settings.cohort_timeout
-            )
+            try:
+                cohort = await self._membership.wait_for_cohort(
+                    settings.min_silos, settings.max_silos, settings.cohort_timeout
+                )
+            except CohortError as e:
+                raise CohortError(
+                    f"{e} In the stateless regime a silo is live while one of its workers is: "
+                    "start them with `tff-amqp worker --stateless --silo NAME ...`."
+                ) from e
             self.report.cohort = cohort
             state_ref = await self._value(state)
             broadcast_ref = await self._call(self._form.prepare, state_ref)
@@ -226,7 +232,7 @@ class MapReduceRound:
             self.report.dropped_silos.append(silo)
             log.warning("mapreduce.silo_dropped", extra={"silo": silo, "reason": reason})
             for item_id, _ in items[silo].values():
-                self._link.finish(item_id)
+                self._link.finish(item_id, dropped=True)
 
     async def _merge_and_report(self, results: list[p.WorkResult]) -> executor_pb2.ValueRef:
         """Fold the shard accumulators with `merge` (cohort order, shard

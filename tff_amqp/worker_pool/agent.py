@@ -126,6 +126,8 @@ class StatelessWorker:
         self._replies: AbstractExchange | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._busy = 0
+        # Set when this worker can no longer run items (its worker_binary died).
+        self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
         self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
 
@@ -227,6 +229,13 @@ class StatelessWorker:
             reply = await self._handle(envelope)
         finally:
             self._busy -= 1
+        if not self._require_worker().is_running:
+            # Our worker_binary died under the item: not the item's fault.
+            # Give it back to the pool and stop (a supervisor restarts us).
+            log.error("worker.worker_binary_died", extra={"item": envelope.correlation_id})
+            await message.nack(requeue=True)
+            self.failed.set()
+            return
         # Ack only after the reply is confirmed by the broker: if we die
         # before this line, the item is redelivered to another worker.
         await self._publish(reply)
@@ -250,17 +259,24 @@ class StatelessWorker:
                     "work item received after its round's deadline; not executed",
                 )
             result = await self._run(envelope.body)
-        except ItemError as e:
+        except Exception as e:
+            if isinstance(e, ItemError):
+                error = e
+                log.warning(
+                    "worker.item_failed",
+                    extra={"item": envelope.correlation_id, "code": str(e.code), "error": str(e)},
+                )
+            else:
+                # Anything unexpected still gets an answer (and the item its
+                # ack): an unanswered item would sit unacked here forever.
+                log.exception("worker.item_crashed", extra={"item": envelope.correlation_id})
+                error = ItemError(p.ErrorCode.EXECUTION, f"{type(e).__name__}: {e}")
             self.stats["errors"] += 1
-            log.warning(
-                "worker.item_failed",
-                extra={"item": envelope.correlation_id, "code": str(e.code), "error": str(e)},
-            )
             return self._error_envelope(
                 envelope.invocation_id,
                 envelope.correlation_id,
-                e.code,
-                f"silo {self.config.silo!r} worker: {e}",
+                error.code,
+                f"silo {self.config.silo!r} worker: {error}",
             )
         self.stats["items"] += 1
         log.info(

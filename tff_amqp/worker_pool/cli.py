@@ -102,18 +102,32 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(StatelessWorker(config)))
+        failed = asyncio.run(_serve(StatelessWorker(config)))
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
+        return 1
+    if failed:
+        print(
+            "tff-amqp worker: the local worker_binary died; its item went back to the pool. "
+            "Exiting so a supervisor can restart this worker.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-async def _serve(worker: Any) -> None:
+async def _serve(worker: Any) -> bool:
+    """Serve until SIGINT/SIGTERM or until the worker fails; True if it failed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with worker:
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.failed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return bool(worker.failed.is_set())

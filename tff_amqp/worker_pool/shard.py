@@ -25,6 +25,8 @@ class ShardRunner:
     """Evaluates one shard inside an unplaced worker executor; frees every
     value it created."""
 
+    MAX_CONCURRENT_CLIENTS = 8
+
     def __init__(self, executor: WorkerExecutor) -> None:
         self._executor = executor
         self._created: list[object] = []
@@ -52,7 +54,14 @@ class ShardRunner:
             broadcast_ref = await self._track(ex.create_value(broadcast))  # type: ignore[arg-type]
             accumulator = await self._track(ex.create_call(zero_fn))
 
+            # Bounded, so a shard of many clients does not load them all at once.
+            concurrency = asyncio.Semaphore(self.MAX_CONCURRENT_CLIENTS)
+
             async def client_update(data: object) -> object:
+                async with concurrency:
+                    return await one_client(data)
+
+            async def one_client(data: object) -> object:
                 data_ref = await self._track(ex.create_value(data))  # type: ignore[arg-type]
                 arg = await self._track(
                     ex.create_struct(
