@@ -90,6 +90,34 @@ def build():
     return {"wait": round_of(wait_work), "cpu": round_of(cpu_work)}
 
 
+def delete_broker_objects(broker: str, federation: str) -> None:
+    """Remove what this run declared on the broker (its federation is unique)."""
+    import asyncio
+
+    import aio_pika
+
+    from tff_amqp.topology import Topology
+
+    topology = Topology(federation)
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(broker, timeout=10)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(topology.work_queue("pool"))
+            await channel.queue_delete(topology.coordinator_queue)
+            for exchange in (
+                topology.work_exchange,
+                topology.replies_exchange,
+                topology.dead_letter_exchange,
+            ):
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
+    asyncio.run(delete())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -148,6 +176,7 @@ def main() -> int:
                         f"  {name:5s} workers={size}: median {summary(samples)['median_s']:.2f} s",
                         flush=True,
                     )
+    delete_broker_objects(args.broker, federation)
     rows = []
     for name, by_size in results.items():
         base = by_size[pool_sizes[0]]["median_s"]
