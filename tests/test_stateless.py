@@ -381,6 +381,7 @@ def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, proces
             _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         assert total == len(read_column(folder, "x"))
     finally:
+        worker.stop()  # first: its robust connection would re-declare what we delete
         delete_federation_entities(amqp_url, name)
 
 
