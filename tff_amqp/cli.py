@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tff_amqp.provision import add_provision_parser
 
     add_provision_parser(sub, common)
+    from tff_amqp.worker_pool.cli import add_worker_parser
+
+    add_worker_parser(sub, common, _broker_default())
     return parser
 
 
@@ -204,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_silo(args)
     if args.command == "status":
         return _run_status(args)
+    if args.command == "worker":
+        from tff_amqp.worker_pool.cli import run_worker
+
+        return run_worker(args)
     if args.command == "demo":
         from tff_amqp.demo import run_demo
 

@@ -124,6 +124,47 @@ class LocalFederation:
         self.silos[name] = silo
         return silo
 
+    def start_worker(
+        self,
+        silo: str,
+        *,
+        data: Mapping[str, Path] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> SiloProcess:
+        """Start one more stateless worker (`tff-amqp worker --stateless`) of
+        `silo`'s pool; tracked (and stopped) like a silo, as `<silo>#<n>`."""
+        index = sum(1 for name in self.silos if name.startswith(f"{silo}#")) + 1
+        command = [
+            sys.executable,
+            "-m",
+            "tff_amqp",
+            "worker",
+            "--stateless",
+            "--broker",
+            self.broker_url,
+            "--federation",
+            self.federation,
+            "--silo",
+            silo,
+        ]
+        for key, path in (data or {}).items():
+            command += ["--data", f"{key}={path}"]
+        command += list(extra_args)
+        name = f"{silo}#{index}"
+        log_path = self.log_dir / f"worker-{silo}-{index}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        worker = SiloProcess(name, process, log_path)
+        self.silos[name] = worker
+        return worker
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until every silo logged `silo.ready` (bounded); raise with the
         log tail of a silo that exited or never became ready."""
@@ -131,7 +172,8 @@ class LocalFederation:
         pending = dict(self.silos)
         while pending:
             for name, silo in list(pending.items()):
-                if '"silo.ready"' in silo.log_tail(200):
+                tail = silo.log_tail(200)
+                if '"silo.ready"' in tail or '"worker.ready"' in tail:
                     del pending[name]
                 elif not silo.running:
                     raise RuntimeError(

@@ -70,6 +70,8 @@ class Kind(enum.StrEnum):
     HELLO = "hello"  # silo -> coordinator: joined the federation
     HEARTBEAT = "heartbeat"  # silo -> coordinator: still alive, with load
     GOODBYE = "goodbye"  # silo -> coordinator: leaving on purpose
+    WORK = "work"  # coordinator -> a silo's stateless worker pool: one work item
+    WORK_RESULT = "work_result"  # stateless worker -> coordinator: a shard's accumulator
 
 
 # --------------------------------------------------------------------------
@@ -404,7 +406,87 @@ class SiloStatus:
         )
 
 
-Body = Batch | Result | ErrorReport | SiloStatus
+# --------------------------------------------------------------------------
+# Stateless regime (MapReduce work items, `tff_amqp.mapreduce`): a work item
+# is self-contained, so any worker of the silo can run it and a redelivered
+# copy gives the same result. The envelope's `inv` is the round id and `corr`
+# the work item id (results are merged once per item id).
+# --------------------------------------------------------------------------
+
+_MAX_SHARDS = 1_000_000
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Run MapReduceForm `work` on one shard of the silo's clients under
+    `data_key` and fold the results with `zero` / `accumulate`.
+
+    The shard is the `shard`-th of `shards` contiguous slices of the silo's
+    clients (in the data's client order). Computations and the broadcast value
+    are serialized `executor_pb2.Value` protos."""
+
+    data_key: str
+    shard: int
+    shards: int
+    work: bytes
+    zero: bytes
+    accumulate: bytes
+    broadcast: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.shards <= _MAX_SHARDS:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"work item shard {self.shard} of {self.shards}: need 0 <= shard < shards "
+                f"<= {_MAX_SHARDS}",
+            )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "key": self.data_key,
+            "shard": self.shard,
+            "shards": self.shards,
+            "work": self.work,
+            "zero": self.zero,
+            "accumulate": self.accumulate,
+            "broadcast": self.broadcast,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> WorkItem:
+        return cls(
+            data_key=_str(raw, "key"),
+            shard=_int(raw, "shard", minimum=0),
+            shards=_int(raw, "shards", minimum=1),
+            work=_bytes(raw, "work"),
+            zero=_bytes(raw, "zero"),
+            accumulate=_bytes(raw, "accumulate"),
+            broadcast=_bytes(raw, "broadcast"),
+        )
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    """The accumulator of one work item's shard (a serialized `Value`), over
+    `clients` clients; `clients == 0` (an empty shard) carries `zero()`."""
+
+    shard: int
+    clients: int
+    accumulator: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"shard": self.shard, "clients": self.clients, "acc": self.accumulator}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> WorkResult:
+        return cls(
+            shard=_int(raw, "shard", minimum=0),
+            clients=_int(raw, "clients", minimum=0),
+            accumulator=_bytes(raw, "acc"),
+        )
+
+
+Body = Batch | Result | ErrorReport | SiloStatus | WorkItem | WorkResult
 
 _BODY_TYPES: dict[Kind, type] = {
     Kind.BATCH: Batch,
@@ -413,6 +495,8 @@ _BODY_TYPES: dict[Kind, type] = {
     Kind.HELLO: SiloStatus,
     Kind.HEARTBEAT: SiloStatus,
     Kind.GOODBYE: SiloStatus,
+    Kind.WORK: WorkItem,
+    Kind.WORK_RESULT: WorkResult,
 }
 
 

@@ -1,0 +1,464 @@
+"""Execution contexts of the stateless regime.
+
+`invoke` compiles a computation of shape
+`(state@SERVER, data@CLIENTS) -> (state@SERVER, output@SERVER)` to TFF's
+MapReduceForm (`tff.backends.mapreduce.get_map_reduce_form_for_computation`,
+cached per computation) and runs it as one round of work items over the silos'
+worker pools. The CLIENTS argument must be `tff_amqp.silo_data(KEY)`: workers
+read their silo's data themselves. Computations without CLIENTS placement
+(e.g. a learning process's `initialize`) run on the coordinator's own
+worker_binary. Anything else is refused with an error that points to the
+stateful context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.backends.mapreduce import form_utils, forms
+from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+    tensorflow_computation,
+)
+from tensorflow_federated.python.core.impl.computation import computation_impl
+from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
+from tensorflow_federated.python.core.impl.executors import value_serialization
+from tensorflow_federated.python.core.impl.types import (
+    computation_types,
+    placements,
+    type_analysis,
+    type_conversions,
+)
+
+from tff_amqp.context import _runner
+from tff_amqp.coordinator.runtime import CoordinatorOptions
+from tff_amqp.data_reference import SiloDataReference
+from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
+from tff_amqp.mapreduce.link import WorkLink
+from tff_amqp.mapreduce.membership import PoolMembership
+from tff_amqp.mapreduce.round import FormWire, MapReduceRound, RoundReport, RoundSettings
+from tff_amqp.topology import Topology
+from tff_amqp.worker import WorkerBinary
+
+log = logging.getLogger(__name__)
+
+_STATEFUL_HINT = (
+    "Run it with the stateful context instead: "
+    "tff_amqp.create_sync_amqp_execution_context(broker_url, federation=...) with "
+    "`tff-amqp silo` processes, which runs any federated computation."
+)
+
+
+class NotMapReduceFormError(TffAmqpError, TypeError):
+    """The computation cannot run in the stateless (MapReduce) regime."""
+
+
+@dataclass(frozen=True)
+class MapReduceOptions:
+    """Options of a MapReduce context: the stateful context's cohort,
+    deadline and straggler options, plus how finely silos are sharded."""
+
+    coordinator: CoordinatorOptions
+    # Work items per silo and round: the silo's clients are split into this
+    # many contiguous shards (an item with fewer clients than its shard count
+    # allows carries zero()). More shards spread a round over more workers;
+    # each shard's accumulator leaves the silo (see docs/stateless.md).
+    shards_per_silo: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards_per_silo <= 100_000:
+            raise ValueError("shards_per_silo must be between 1 and 100000")
+
+
+class _Runtime:
+    """The broker link, pool membership and the coordinator's worker_binary;
+    started on first use, bound to that event loop."""
+
+    def __init__(self, options: MapReduceOptions) -> None:
+        self.options = options
+        coordinator = options.coordinator
+        self.topology = Topology(coordinator.federation)
+        self.membership = PoolMembership(liveness_timeout=coordinator.heartbeat_timeout)
+        self.link: WorkLink | None = None
+        self.worker: WorkerBinary | None = None
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def ensure_started(self) -> tuple[WorkLink, WorkerBinary]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("a MapReduce context is bound to the event loop it first ran on")
+        self._loop = loop
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.link is None or self.worker is None:
+                coordinator = self.options.coordinator
+                worker = WorkerBinary()
+                await worker.start()
+                link = WorkLink(
+                    coordinator.broker_url,
+                    self.topology,
+                    self.membership,
+                    max_message_bytes=coordinator.max_message_bytes,
+                    sender=coordinator.coordinator_name,
+                )
+                try:
+                    await link.start()
+                except BaseException:
+                    await worker.stop()
+                    raise
+                self.link, self.worker = link, worker
+            return self.link, self.worker
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+
+
+def _wire(comp: computation_impl.ConcreteComputation) -> tuple[bytes, executor_pb2.Value]:
+    value = executor_pb2.Value(computation=computation_impl.ConcreteComputation.get_proto(comp))
+    return value.SerializeToString(), value
+
+
+def _names(type_spec: computation_types.Type) -> tuple[str | None, ...]:
+    assert isinstance(type_spec, computation_types.StructType)
+    return tuple(structure.name_list_with_nones(type_spec))
+
+
+def compile_form(
+    comp: computation_impl.ConcreteComputation,
+) -> tuple[forms.MapReduceForm, FormWire]:
+    """MapReduceForm of `comp` and its wire form, or NotMapReduceFormError."""
+    try:
+        form = form_utils.get_map_reduce_form_for_computation(comp)
+    except Exception as e:
+        raise NotMapReduceFormError(
+            f"computation of type {comp.type_signature} does not fit MapReduce form, so the "
+            f"stateless regime cannot run it (TFF says: {type(e).__name__}: {e}). It needs the "
+            "shape (state@SERVER, data@CLIENTS) -> (state@SERVER, output@SERVER) with one "
+            f"broadcast -> client work -> aggregation round. {_STATEFUL_HINT}"
+        ) from e
+    if form.securely_aggregates_tensors:
+        raise NotMapReduceFormError(
+            "this computation uses secure sums (federated_secure_sum*), which the stateless "
+            "regime does not implement: a shard's plain partial sum would release more than a "
+            f"secure sum promises. {_STATEFUL_HINT}"
+        )
+    update_parameter = form.update.type_signature.parameter
+    return form, FormWire(
+        prepare=_wire(form.prepare),
+        work=_wire(form.work),
+        zero=_wire(form.zero),
+        accumulate=_wire(form.accumulate),
+        merge=_wire(form.merge),
+        report=_wire(form.report),
+        update=_wire(form.update),
+        merge_names=_names(form.merge.type_signature.parameter),
+        update_names=_names(update_parameter),
+        update_result_names=_names(update_parameter[1]),  # type: ignore[index]
+    )
+
+
+def _split_argument(arg: Any) -> tuple[Any, Any]:
+    """(server state, client data) of a 2-argument call."""
+    if isinstance(arg, structure.Struct):
+        elements = [value for _, value in structure.to_elements(arg)]
+    elif isinstance(arg, Mapping):
+        elements = list(arg.values())
+    elif isinstance(arg, list | tuple):
+        elements = list(arg)
+    else:
+        elements = []
+    if len(elements) != 2:
+        raise NotMapReduceFormError(
+            f"expected two arguments (server state, client data), got {type(arg).__name__}"
+        )
+    return elements[0], elements[1]
+
+
+def _to_python(obj: Any) -> Any:
+    return structure.to_odict_or_tuple(obj) if isinstance(obj, structure.Struct) else None
+
+
+class AmqpAsyncMapReduceContext(context_base.AsyncContext):
+    """Asynchronous MapReduce context: `await comp(state, silo_data(KEY))`."""
+
+    def __init__(self, options: MapReduceOptions) -> None:
+        self._options = options
+        self._runtime = _Runtime(options)
+        self._forms: dict[int, tuple[object, forms.MapReduceForm, FormWire]] = {}
+        self.last_round: RoundReport | None = None
+
+    @property
+    def options(self) -> MapReduceOptions:
+        return self._options
+
+    @property
+    def membership(self) -> PoolMembership:
+        return self._runtime.membership
+
+    @property
+    def link(self) -> WorkLink:
+        if self._runtime.link is None:
+            raise RuntimeError("the MapReduce context is not started")
+        return self._runtime.link
+
+    async def start(self) -> None:
+        """Connect and start the local worker now (otherwise on first use)."""
+        await self._runtime.ensure_started()
+
+    async def close(self) -> None:
+        await self._runtime.close()
+
+    async def invoke(self, comp: Any, arg: Any) -> Any:
+        if asyncio.iscoroutine(arg):
+            arg = await arg
+        if not isinstance(comp, computation_impl.ConcreteComputation):
+            raise NotMapReduceFormError(
+                f"expected a TFF computation, got {type(comp).__name__}. {_STATEFUL_HINT}"
+            )
+        deadline = self._options.coordinator.deadline
+        try:
+            async with asyncio.timeout(deadline):
+                if type_analysis.contains(
+                    comp.type_signature,
+                    lambda t: (
+                        isinstance(t, computation_types.FederatedType)
+                        and t.placement is placements.CLIENTS
+                    ),
+                ):
+                    return await self._run_round(comp, arg, time.time() + deadline)
+                return await self._run_locally(comp, arg)
+        except TimeoutError as e:
+            if isinstance(e, InvocationTimeoutError):
+                raise
+            raise InvocationTimeoutError(
+                f"invocation did not finish within its deadline of {deadline:.1f} s "
+                "(raise `deadline=` if a round legitimately takes longer)"
+            ) from e
+
+    async def _form(
+        self, comp: computation_impl.ConcreteComputation
+    ) -> tuple[forms.MapReduceForm, FormWire]:
+        entry = self._forms.get(id(comp))
+        if entry is None or entry[0] is not comp:
+            # Compiling takes seconds: off the loop, so heartbeats keep flowing.
+            form, wire = await asyncio.to_thread(compile_form, comp)
+            entry = (comp, form, wire)
+            self._forms[id(comp)] = entry
+        return entry[1], entry[2]
+
+    async def _run_round(
+        self, comp: computation_impl.ConcreteComputation, arg: Any, deadline: float
+    ) -> Any:
+        form, wire = await self._form(comp)
+        state, data = _split_argument(arg)
+        if not isinstance(data, SiloDataReference):
+            raise NotMapReduceFormError(
+                "the client data argument of a MapReduce round must be tff_amqp.silo_data(KEY): "
+                f"stateless workers read their silo's own data (got {type(data).__name__}). To "
+                f"pass client values from the coordinator, use the stateful context. "
+                f"{_STATEFUL_HINT}"
+            )
+        link, worker = await self._runtime.ensure_started()
+        state_type = form.prepare.type_signature.parameter
+        state = tensorflow_computation.transform_args(_tree_to_python(state))
+        state_value, _ = value_serialization.serialize_value(state, state_type)
+        coordinator = self._options.coordinator
+        round_ = MapReduceRound(
+            link=link,
+            membership=self._runtime.membership,
+            executor=await worker.client.shared_executor(0),
+            form=wire,
+            settings=RoundSettings(
+                min_silos=coordinator.min_silos,
+                max_silos=coordinator.max_silos,
+                cohort_timeout=coordinator.cohort_timeout,
+                straggler_timeout=coordinator.straggler_timeout,
+                shards_per_silo=self._options.shards_per_silo,
+                sender=coordinator.coordinator_name,
+            ),
+            deadline=deadline,
+        )
+        try:
+            result = await round_.run(state_value, data.key)
+        finally:
+            self.last_round = round_.report
+        return self._python_result(result, comp.type_signature.result)
+
+    async def _run_locally(self, comp: computation_impl.ConcreteComputation, arg: Any) -> Any:
+        """A computation without CLIENTS placement (e.g. `initialize`) on the
+        coordinator's own worker_binary."""
+        _, worker = await self._runtime.ensure_started()
+        compiled = await asyncio.to_thread(compiler.desugar_and_transform_to_native, comp)
+        executor = await worker.client.shared_executor(0)
+        serialized, function = _wire(compiled)
+        created = []
+        try:
+            fn, cached = await executor.create_computation(serialized, function)
+            if not cached:
+                created.append(fn)
+            arg_ref = None
+            if comp.type_signature.parameter is not None:
+                value = tensorflow_computation.transform_args(_tree_to_python(arg))
+                proto, _ = value_serialization.serialize_value(value, comp.type_signature.parameter)
+                arg_ref = await executor.create_value(proto)
+                created.append(arg_ref)
+            call = await executor.create_call(fn, arg_ref)
+            created.append(call)
+            result = await executor.compute(call)
+        finally:
+            await executor.dispose(created)
+        return self._python_result(result, comp.type_signature.result)
+
+    @staticmethod
+    def _python_result(value: executor_pb2.Value, result_type: computation_types.Type) -> Any:
+        hint = result_type if value.WhichOneof("value") == "federated" else _unplaced(result_type)
+        python, _ = value_serialization.deserialize_value(value, hint)
+        python = type_conversions.type_to_py_container(python, result_type)
+        return tensorflow_computation.transform_result(python)
+
+
+def _unplaced(type_spec: computation_types.Type) -> computation_types.Type:
+    """`type_spec` without placements (the local worker returns SERVER values
+    of a round, and of an `update`, as plain values)."""
+    if isinstance(type_spec, computation_types.FederatedType):
+        return type_spec.member
+    if isinstance(type_spec, computation_types.StructType):
+        return computation_types.StructType(
+            [(name, _unplaced(element)) for name, element in structure.iter_elements(type_spec)]
+        )
+    return type_spec
+
+
+def _tree_to_python(value: Any) -> Any:
+    import tree
+
+    return tree.traverse(_to_python, value)
+
+
+class AmqpSyncMapReduceContext(context_base.SyncContext):
+    """Synchronous MapReduce context on the process's shared event-loop thread."""
+
+    def __init__(self, options: MapReduceOptions) -> None:
+        self._async_context = AmqpAsyncMapReduceContext(options)
+        self._runner = _runner()
+        self._closed = False
+
+    @property
+    def options(self) -> MapReduceOptions:
+        return self._async_context.options
+
+    @property
+    def membership(self) -> PoolMembership:
+        return self._async_context.membership
+
+    @property
+    def link(self) -> WorkLink:
+        return self._async_context.link
+
+    @property
+    def last_round(self) -> RoundReport | None:
+        return self._async_context.last_round
+
+    def invoke(self, comp: Any, arg: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("this MapReduce context is closed")
+        return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
+
+    def start(self) -> AmqpSyncMapReduceContext:
+        self._runner.run_coro_and_return_result(self._async_context.start())
+        return self
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._runner.run_coro_and_return_result(self._async_context.close())
+
+    def __enter__(self) -> AmqpSyncMapReduceContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _options(broker_url: str, shards_per_silo: int, kwargs: dict[str, Any]) -> MapReduceOptions:
+    return MapReduceOptions(
+        CoordinatorOptions(broker_url=broker_url, **kwargs), shards_per_silo=shards_per_silo
+    )
+
+
+def create_sync_amqp_mapreduce_context(
+    broker_url: str,
+    *,
+    federation: str = "default",
+    shards_per_silo: int = 4,
+    min_silos: int = 1,
+    max_silos: int | None = None,
+    cohort_timeout: float = 60.0,
+    deadline: float = 600.0,
+    heartbeat_timeout: float = 5.0,
+    straggler_timeout: float | None = None,
+    **kwargs: Any,
+) -> AmqpSyncMapReduceContext:
+    """A sync context that runs MapReduce-form computations as work items on
+    the silos' stateless worker pools (`tff-amqp worker --stateless`).
+
+    Args:
+      broker_url: `amqp://user:password@host:5672/vhost` (or `amqps://`).
+      federation: namespace of queues and exchanges; workers use the same.
+      shards_per_silo: work items per silo per round (contiguous client shards).
+      min_silos, max_silos, cohort_timeout, deadline, heartbeat_timeout,
+      straggler_timeout: as for `create_sync_amqp_execution_context`; a silo
+        is live while any of its workers is, and a dropped silo's shards are
+        left out of the round as a whole.
+    """
+    return AmqpSyncMapReduceContext(
+        _options(
+            broker_url,
+            shards_per_silo,
+            dict(
+                federation=federation,
+                min_silos=min_silos,
+                max_silos=max_silos,
+                cohort_timeout=cohort_timeout,
+                deadline=deadline,
+                heartbeat_timeout=heartbeat_timeout,
+                straggler_timeout=straggler_timeout,
+                **kwargs,
+            ),
+        )
+    )
+
+
+def create_async_amqp_mapreduce_context(
+    broker_url: str, *, shards_per_silo: int = 4, **kwargs: Any
+) -> AmqpAsyncMapReduceContext:
+    """The async variant of `create_sync_amqp_mapreduce_context` (same options)."""
+    return AmqpAsyncMapReduceContext(_options(broker_url, shards_per_silo, kwargs))
+
+
+def set_sync_amqp_mapreduce_context(broker_url: str, **kwargs: Any) -> AmqpSyncMapReduceContext:
+    """Create a sync MapReduce context and install it as TFF's default context."""
+    context = create_sync_amqp_mapreduce_context(broker_url, **kwargs)
+    context_stack_impl.context_stack.set_default_context(context)
+    return context
+
+
+def set_async_amqp_mapreduce_context(broker_url: str, **kwargs: Any) -> AmqpAsyncMapReduceContext:
+    """Create an async MapReduce context and install it as TFF's default context."""
+    context = create_async_amqp_mapreduce_context(broker_url, **kwargs)
+    context_stack_impl.context_stack.set_default_context(context)
+    return context

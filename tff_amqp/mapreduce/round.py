@@ -1,0 +1,270 @@
+"""One MapReduce round over silo worker pools.
+
+    prepare (coordinator) -> one work item per client shard of each cohort silo
+    -> workers: work + accumulate over the shard's clients
+    -> coordinator: merge (silo-name, shard order) -> report -> update
+
+This mirrors TFF's `get_computation_for_map_reduce_form`: `federated_aggregate`
+with `zero`/`accumulate` over clients and `merge` across partial
+accumulators, `report` once, then `update(state, <report, <>, <>, <>>)`
+(forms with secure sums are refused before a round starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from tensorflow_federated.proto.v0 import executor_pb2
+
+from tff_amqp import protocol as p
+from tff_amqp.errors import CohortError, InvocationTimeoutError
+from tff_amqp.mapreduce.link import WorkLink
+from tff_amqp.mapreduce.membership import PoolMembership
+from tff_amqp.worker import WorkerExecutor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FormWire:
+    """The MapReduceForm's computations as (serialized Value bytes, Value),
+    built once per form, and the parameter names calls must carry."""
+
+    prepare: tuple[bytes, executor_pb2.Value]
+    work: tuple[bytes, executor_pb2.Value]
+    zero: tuple[bytes, executor_pb2.Value]
+    accumulate: tuple[bytes, executor_pb2.Value]
+    merge: tuple[bytes, executor_pb2.Value]
+    report: tuple[bytes, executor_pb2.Value]
+    update: tuple[bytes, executor_pb2.Value]
+    merge_names: tuple[str | None, ...]
+    update_names: tuple[str | None, ...]
+    update_result_names: tuple[str | None, ...]
+
+
+@dataclass
+class RoundReport:
+    """What happened in a round (kept on the context as `last_round`)."""
+
+    round_id: str
+    cohort: list[str]
+    items: int = 0
+    merged_items: int = 0
+    dropped_silos: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    min_silos: int
+    max_silos: int | None
+    cohort_timeout: float
+    straggler_timeout: float | None
+    shards_per_silo: int
+    sender: str
+
+
+class MapReduceRound:
+    """Drives one round; `run()` returns the serialized `update` result."""
+
+    def __init__(
+        self,
+        *,
+        link: WorkLink,
+        membership: PoolMembership,
+        executor: WorkerExecutor,
+        form: FormWire,
+        settings: RoundSettings,
+        deadline: float,
+    ) -> None:
+        self._link = link
+        self._membership = membership
+        self._executor = executor
+        self._form = form
+        self._settings = settings
+        self._deadline = deadline  # epoch seconds
+        self._created: list[executor_pb2.ValueRef] = []
+        self.report = RoundReport(round_id=uuid.uuid4().hex, cohort=[])
+
+    async def run(self, state: executor_pb2.Value, data_key: str) -> executor_pb2.Value:
+        started = time.monotonic()
+        settings = self._settings
+        try:
+            try:
+                cohort = await self._membership.wait_for_cohort(
+                    settings.min_silos, settings.max_silos, settings.cohort_timeout
+                )
+            except CohortError as e:
+                raise CohortError(
+                    f"{e} In the stateless regime a silo is live while one of its workers is: "
+                    "start them with `tff-amqp worker --stateless --silo NAME ...`."
+                ) from e
+            self.report.cohort = cohort
+            state_ref = await self._value(state)
+            broadcast_ref = await self._call(self._form.prepare, state_ref)
+            broadcast = await self._executor.compute(broadcast_ref)
+            items = await self._publish(cohort, data_key, broadcast.SerializeToString())
+            results = await self._collect(cohort, items)
+            aggregate = await self._merge_and_report(results)
+            empty = await self._track(self._executor.create_struct([]))
+            names = self._form.update_result_names
+            update_arg = await self._track(
+                self._executor.create_struct(
+                    [
+                        (self._form.update_names[0], state_ref),
+                        (
+                            self._form.update_names[1],
+                            await self._track(
+                                self._executor.create_struct(
+                                    [(names[0], aggregate)] + [(n, empty) for n in names[1:]]
+                                )
+                            ),
+                        ),
+                    ]
+                )
+            )
+            result = await self._call(self._form.update, update_arg)
+            return await self._executor.compute(result)
+        finally:
+            self.report.seconds = time.monotonic() - started
+            refs, self._created = self._created, []
+            try:
+                await self._executor.dispose(refs)
+            except Exception:
+                log.debug("mapreduce.dispose_failed", exc_info=True)
+
+    # ------------------------------------------------------------ work items
+
+    async def _publish(
+        self, cohort: list[str], data_key: str, broadcast: bytes
+    ) -> dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]]:
+        """Publish every shard of every cohort silo; silo -> shard -> (item id, future)."""
+        form, shards = self._form, self._settings.shards_per_silo
+        items: dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]] = {}
+        for silo in cohort:
+            await self._link.ensure_work_queue(silo)
+            items[silo] = {}
+            for shard in range(shards):
+                item_id = uuid.uuid4().hex
+                envelope = p.Envelope(
+                    kind=p.Kind.WORK,
+                    body=p.WorkItem(
+                        data_key=data_key,
+                        shard=shard,
+                        shards=shards,
+                        work=form.work[0],
+                        zero=form.zero[0],
+                        accumulate=form.accumulate[0],
+                        broadcast=broadcast,
+                    ),
+                    sender=self._settings.sender,
+                    invocation_id=self.report.round_id,
+                    correlation_id=item_id,
+                    deadline=self._deadline,
+                )
+                items[silo][shard] = (item_id, await self._link.publish(silo, envelope))
+                self.report.items += 1
+        return items
+
+    async def _collect(
+        self,
+        cohort: list[str],
+        items: dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]],
+    ) -> list[p.WorkResult]:
+        """Wait for the shards of each silo. A silo whose workers all went
+        silent, or that straggles past straggler_timeout, is dropped for the
+        round as a whole when the others still make min_silos; an error from
+        any item fails the round (it would fail on every worker)."""
+        settings = self._settings
+        started = time.monotonic()
+        active = list(cohort)
+        try:
+            while True:
+                for silo in active:
+                    for _, future in items[silo].values():
+                        if future.done() and future.exception() is not None:
+                            raise future.exception()  # type: ignore[misc]
+                complete = [s for s in active if all(f.done() for _, f in items[s].values())]
+                if len(complete) == len(active):
+                    break
+                now = time.monotonic()
+                incomplete = [s for s in active if s not in complete]
+                silent = [s for s in incomplete if not self._membership.is_live(s)]
+                straggling = (
+                    settings.straggler_timeout is not None
+                    and now - started >= settings.straggler_timeout
+                )
+                drop = incomplete if straggling else silent
+                if drop and len(active) - len(drop) >= settings.min_silos:
+                    self._drop(drop, items, "straggler timeout" if straggling else "no live worker")
+                    active = [s for s in active if s not in drop]
+                    continue
+                if time.time() > self._deadline:
+                    raise InvocationTimeoutError(
+                        f"round did not finish before its deadline: silo(s) "
+                        f"{', '.join(incomplete)} still had work items pending (live workers: "
+                        + ", ".join(f"{s}={self._membership.workers(s)}" for s in incomplete)
+                        + "). Start workers (`tff-amqp worker --stateless`), raise `deadline=`, "
+                        "or set straggler_timeout to drop slow silos"
+                    )
+                pending = [f for s in incomplete for _, f in items[s].values() if not f.done()]
+                await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for silo_items in items.values():
+                for item_id, future in silo_items.values():
+                    if not future.done():
+                        self._link.finish(item_id)
+                    elif not future.cancelled():
+                        future.exception()  # retrieved: reported above if it mattered
+        results = []
+        for silo in active:
+            for shard in sorted(items[silo]):
+                results.append(items[silo][shard][1].result())
+        self.report.merged_items = sum(1 for r in results if r.clients)
+        return results
+
+    def _drop(self, silos: list[str], items: dict, reason: str) -> None:
+        for silo in silos:
+            self.report.dropped_silos.append(silo)
+            log.warning("mapreduce.silo_dropped", extra={"silo": silo, "reason": reason})
+            for item_id, _ in items[silo].values():
+                self._link.finish(item_id, dropped=True)
+
+    async def _merge_and_report(self, results: list[p.WorkResult]) -> executor_pb2.ValueRef:
+        """Fold the shard accumulators with `merge` (cohort order, shard
+        order), then apply `report`. Empty shards carry zero() and are
+        skipped; if every shard is empty, zero() is reported."""
+        accumulators = [r for r in results if r.clients] or results[:1]
+        if not accumulators:
+            raise CohortError("no silo answered the round")
+        merged = await self._value(executor_pb2.Value.FromString(accumulators[0].accumulator))
+        for result in accumulators[1:]:
+            other = await self._value(executor_pb2.Value.FromString(result.accumulator))
+            names = self._form.merge_names
+            pair = await self._track(
+                self._executor.create_struct([(names[0], merged), (names[1], other)])
+            )
+            merged = await self._call(self._form.merge, pair)
+        return await self._call(self._form.report, merged)
+
+    # --------------------------------------------------------------- helpers
+
+    async def _track(self, awaitable: object) -> executor_pb2.ValueRef:
+        ref = await awaitable  # type: ignore[misc]
+        self._created.append(ref)
+        return ref
+
+    async def _value(self, value: executor_pb2.Value) -> executor_pb2.ValueRef:
+        return await self._track(self._executor.create_value(value))
+
+    async def _call(
+        self, function: tuple[bytes, executor_pb2.Value], arg: executor_pb2.ValueRef
+    ) -> executor_pb2.ValueRef:
+        ref, cached = await self._executor.create_computation(*function)
+        if not cached:
+            self._created.append(ref)
+        return await self._track(self._executor.create_call(ref, arg))

@@ -1,0 +1,494 @@
+"""A stateless worker: one of a silo's pool of interchangeable workers.
+
+It consumes the silo's shared work queue (`tff.<fed>.work.<silo>`, competing
+consumers) with prefetch 1, runs each MapReduce work item on its local
+`worker_binary` over the silo's local data, publishes the shard's accumulator
+with a publisher confirm, and only then acks the item. A worker that dies
+mid-item never acks it, so RabbitMQ redelivers it to another worker of the
+silo; the coordinator merges each item id once.
+
+Unlike a silo agent (which acks on receipt), a worker holds the item unacked
+while it works: RabbitMQ's `consumer_timeout` (30 min by default) bounds how
+long a work item may take; see docs/stateless.md.
+
+Workers announce themselves with the silo's hello / heartbeat / goodbye
+(their own `started_at` tells workers of one silo apart), so the coordinator
+counts a silo live while any of its workers is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+
+from tff_amqp import protocol as p
+from tff_amqp.retry import RetryPolicy
+from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
+from tff_amqp.topology import Topology, check_silo_name
+from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.worker import WorkerBinary, WorkerError
+from tff_amqp.worker_pool.shard import ShardRunner, shard_bounds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a stateless worker needs to run."""
+
+    broker_url: str
+    federation: str
+    silo: str
+    data: tuple[DataSource, ...] = ()
+    # Refuse work items whose shard has fewer clients than this (a shard's
+    # accumulator is what leaves the silo; see docs/privacy.md).
+    min_clients_per_item: int = 1
+    heartbeat_interval: float = 1.0
+    # Declare the work queue (needs configure permission; provisioned silos
+    # have it created by the operator instead).
+    declare_topology: bool = True
+    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    connect_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_silo_name(self.silo)
+        Topology(self.federation)
+        if self.min_clients_per_item < 1:
+            raise ValueError("min_clients_per_item must be at least 1")
+        if not self.heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be a positive number of seconds")
+
+
+class ItemError(Exception):
+    """A work item that cannot succeed on any worker (bad data key, privacy,
+    a failing computation): answered with an error reply, then acked."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo: str) -> None:
+    """The silo's durable work queue, bound to the work exchange; shared by
+    the coordinator and workers (both declare it, so items published before
+    any worker started are kept). Arguments must match on both sides."""
+    exchange = await channel.declare_exchange(
+        topology.work_exchange, ExchangeType.DIRECT, durable=True
+    )
+    queue = await channel.declare_queue(
+        topology.work_queue(silo),
+        durable=True,
+        arguments={"x-dead-letter-exchange": topology.dead_letter_exchange},
+    )
+    await queue.bind(exchange, routing_key=topology.request_routing_key(silo))
+
+
+class StatelessWorker:
+    """One worker: a worker_binary, a work-queue consumer and a heartbeat.
+
+    async with StatelessWorker(config) as worker:
+        ...  # serves until the block ends
+    """
+
+    # Serialized client datasets kept per (data key, element type, client):
+    # the same shards come back every round.
+    MAX_CACHED_CLIENTS = 4096
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.topology = Topology(config.federation)
+        self.data = SiloDataStore(config.silo, config.data)
+        self.stats: dict[str, int] = {
+            "items": 0,
+            "errors": 0,
+            "redelivered": 0,
+            "expired": 0,
+            "malformed": 0,
+        }
+        self._user_id = username_of(config.broker_url)
+        self._started_at = time.time()
+        self._worker: WorkerBinary | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._replies: AbstractExchange | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._busy = 0
+        # Set when this worker can no longer run items (its worker_binary died).
+        self.failed = asyncio.Event()
+        self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
+        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+
+    async def __aenter__(self) -> StatelessWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._connection = await connect(
+            self.config.broker_url,
+            name=f"tff-amqp worker {self.config.silo}",
+            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+        )
+        self._worker = WorkerBinary()
+        await self._worker.start()
+        self._channel = await self._connection.channel()
+        # One item at a time: a second one would wait unacked behind the
+        # first (counting towards consumer_timeout) instead of going to an
+        # idle worker of the pool.
+        await self._channel.set_qos(prefetch_count=1)
+        queue_name = self.topology.work_queue(self.config.silo)
+        if self.config.declare_topology:
+            await declare_work_queue(self._channel, self.topology, self.config.silo)
+            self._replies = await self._channel.declare_exchange(
+                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+            )
+        else:
+            self._replies = await self._channel.get_exchange(
+                self.topology.replies_exchange, ensure=False
+            )
+        queue = await self._channel.get_queue(queue_name, ensure=False)
+        await queue.consume(self._on_message, no_ack=False)
+        await self._publish_status(p.Kind.HELLO)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info(
+            "worker.ready",
+            extra={
+                "silo": self.config.silo,
+                "federation": self.config.federation,
+                "queue": queue_name,
+                "data_keys": self.data.keys,
+                "worker_pid": self._worker.pid,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Say goodbye, close the connection (an item in progress is not
+        acked, so the broker redelivers it) and stop the worker_binary."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        if self._connection is not None and not self._connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 5.0)
+        self._connection = None
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        log.info("worker.stopped", extra={"silo": self.config.silo, **self.stats})
+
+    # ------------------------------------------------------------------ intake
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = p.decode(message.body, max_bytes=self.config.max_message_bytes)
+        except p.ProtocolError as e:
+            self.stats["malformed"] += 1
+            log.warning("worker.malformed", extra={"code": str(e.code), "error": str(e)})
+            inv, corr = p.peek_ids(message.body)
+            if corr:
+                await self._reply_error(inv, corr, e.code, str(e))
+                await message.ack()
+            else:
+                # Nobody to answer: dead-letter it to the coordinator's queue.
+                await message.reject(requeue=False)
+            return
+        if message.redelivered:
+            self.stats["redelivered"] += 1
+        log.info(
+            "worker.item_started",
+            extra={"item": envelope.correlation_id, "redelivered": bool(message.redelivered)},
+        )
+        self._busy += 1
+        try:
+            reply = await self._handle(envelope)
+        finally:
+            self._busy -= 1
+        if not self._require_worker().is_running:
+            # Our worker_binary died under the item: not the item's fault.
+            # Give it back to the pool and stop (a supervisor restarts us).
+            log.error("worker.worker_binary_died", extra={"item": envelope.correlation_id})
+            await message.nack(requeue=True)
+            self.failed.set()
+            return
+        # Ack only after the reply is confirmed by the broker: if we die
+        # before this line, the item is redelivered to another worker.
+        await self._publish(reply)
+        await message.ack()
+
+    async def _handle(self, envelope: p.Envelope) -> p.Envelope:
+        """The reply to a work item: its result or an error."""
+        started = time.monotonic()
+        try:
+            if envelope.kind is not p.Kind.WORK or not isinstance(envelope.body, p.WorkItem):
+                raise ItemError(
+                    p.ErrorCode.MALFORMED,
+                    f"a stateless worker only accepts 'work' messages, got {envelope.kind!r}",
+                )
+            if not envelope.correlation_id:
+                raise ItemError(p.ErrorCode.MALFORMED, "work item without an item id ('corr')")
+            if envelope.expired():
+                self.stats["expired"] += 1
+                raise ItemError(
+                    p.ErrorCode.EXPIRED,
+                    "work item received after its round's deadline; not executed",
+                )
+            result = await self._run(envelope.body)
+        except Exception as e:
+            if isinstance(e, ItemError):
+                error = e
+                log.warning(
+                    "worker.item_failed",
+                    extra={"item": envelope.correlation_id, "code": str(e.code), "error": str(e)},
+                )
+            else:
+                # Anything unexpected still gets an answer (and the item its
+                # ack): an unanswered item would sit unacked here forever.
+                log.exception("worker.item_crashed", extra={"item": envelope.correlation_id})
+                error = ItemError(p.ErrorCode.EXECUTION, f"{type(e).__name__}: {e}")
+            self.stats["errors"] += 1
+            return self._error_envelope(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                error.code,
+                f"silo {self.config.silo!r} worker: {error}",
+            )
+        self.stats["items"] += 1
+        log.info(
+            "worker.item_done",
+            extra={
+                "item": envelope.correlation_id,
+                "shard": result.shard,
+                "clients": result.clients,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return p.Envelope(
+            kind=p.Kind.WORK_RESULT,
+            body=result,
+            sender=self.config.silo,
+            invocation_id=envelope.invocation_id,
+            correlation_id=envelope.correlation_id,
+        )
+
+    async def _run(self, item: p.WorkItem) -> p.WorkResult:
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        work, zero, accumulate, broadcast = (
+            _parse_value(item.work, "work"),
+            _parse_value(item.zero, "zero"),
+            _parse_value(item.accumulate, "accumulate"),
+            _parse_value(item.broadcast, "broadcast"),
+        )
+        work_type = _function_type(work, "work")
+        accumulate_type = _function_type(accumulate, "accumulate")
+        try:
+            total = self.data.num_clients(item.data_key)
+        except DataError as e:
+            raise ItemError(p.ErrorCode.DATA, str(e)) from e
+        start, stop = shard_bounds(total, item.shard, item.shards)
+        executor = await self._require_worker().client.shared_executor(0)
+        if stop == start:
+            # An empty shard (more shards than clients): zero() says so.
+            ref, cached = await executor.create_computation(item.zero, zero)
+            call = await executor.create_call(ref)
+            value = await executor.compute(call)
+            await executor.dispose([call] if cached else [call, ref])
+            return p.WorkResult(item.shard, 0, value.SerializeToString())
+        if stop - start < self.config.min_clients_per_item:
+            raise ItemError(
+                p.ErrorCode.PRIVACY,
+                f"refuses to release an accumulator over {stop - start} client(s) (shard "
+                f"{item.shard} of {item.shards} of {total}): its policy requires at least "
+                f"{self.config.min_clients_per_item} per work item. Use fewer shards per silo.",
+            )
+        data_type = work_type.parameter[0]  # type: ignore[index]
+        data = await asyncio.to_thread(
+            self._client_values_for, item.data_key, data_type, start, stop
+        )
+        runner = ShardRunner(executor)
+        try:
+            accumulator = await runner.run(
+                work=(item.work, work),
+                zero=(item.zero, zero),
+                accumulate=(item.accumulate, accumulate),
+                broadcast=broadcast,
+                client_data=data,
+                work_param_names=_param_names(work_type),
+                accumulate_param_names=_param_names(accumulate_type),
+            )
+        except WorkerError as e:
+            raise ItemError(p.ErrorCode.EXECUTION, str(e)) from e
+        assert isinstance(accumulator, executor_pb2.Value)
+        return p.WorkResult(item.shard, stop - start, accumulator.SerializeToString())
+
+    def _client_values_for(
+        self, key: str, data_type: object, start: int, stop: int
+    ) -> list[object]:
+        """Each client's dataset in [start, stop) as a Value of `data_type`
+        (a sequence type); blocking (file reads), so run in a thread."""
+        from tensorflow_federated.python.core.impl.executors import value_serialization
+        from tensorflow_federated.python.core.impl.types import (
+            computation_types,
+            type_serialization,
+        )
+
+        if not isinstance(data_type, computation_types.SequenceType):
+            raise ItemError(
+                p.ErrorCode.DATA,
+                f"the work computation takes {data_type} per client, but silo data is a "
+                "sequence per client ({T*})",
+            )
+        type_key = type_serialization.serialize_type(data_type).SerializeToString()
+        missing = [c for c in range(start, stop) if (key, type_key, c) not in self._client_values]
+        if missing:
+            try:
+                datasets = self.data.client_datasets(key, data_type.element)
+            except DataError as e:
+                raise ItemError(p.ErrorCode.DATA, str(e)) from e
+            for client in missing:
+                value, _ = value_serialization.serialize_value(datasets[client], data_type)
+                self._client_values[(key, type_key, client)] = value
+                while len(self._client_values) > self.MAX_CACHED_CLIENTS:
+                    self._client_values.popitem(last=False)
+        values = []
+        for client in range(start, stop):
+            self._client_values.move_to_end((key, type_key, client))
+            values.append(self._client_values[(key, type_key, client)])
+        return values
+
+    # ------------------------------------------------------------- publishing
+
+    def _status(self) -> p.SiloStatus:
+        try:
+            clients = self.data.default_num_clients()
+        except DataError:
+            clients = 0
+        return p.SiloStatus(
+            silo=self.config.silo,
+            clients=clients,
+            data_keys=tuple(self.data.keys),
+            active_invocations=self._busy,
+            started_at=self._started_at,
+        )
+
+    async def _publish_status(self, kind: p.Kind) -> None:
+        await self._publish(p.Envelope(kind=kind, body=self._status(), sender=self.config.silo))
+
+    async def _heartbeat_loop(self) -> None:
+        # Beside the work: a long item never silences the heartbeat.
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                await self._publish_status(p.Kind.HEARTBEAT)
+            except Exception as e:
+                log.debug("worker.heartbeat_failed", extra={"error": str(e)})
+
+    def _error_envelope(
+        self, invocation_id: str, correlation_id: str, code: p.ErrorCode, message: str
+    ) -> p.Envelope:
+        return p.Envelope(
+            kind=p.Kind.ERROR,
+            body=p.ErrorReport(code=code, message=message[:60_000]),
+            sender=self.config.silo,
+            invocation_id=invocation_id,
+            correlation_id=correlation_id,
+        )
+
+    async def _reply_error(
+        self, invocation_id: str, correlation_id: str, code: p.ErrorCode, message: str
+    ) -> None:
+        await self._publish(self._error_envelope(invocation_id, correlation_id, code, message))
+
+    async def _publish(self, envelope: p.Envelope) -> None:
+        if self._replies is None:
+            raise RuntimeError("worker is not started")
+        try:
+            payload = p.encode(envelope, max_bytes=self.config.max_message_bytes)
+        except p.ProtocolError as e:
+            if envelope.kind is p.Kind.ERROR:
+                raise
+            # An accumulator too large to send is reported, not dropped.
+            await self._reply_error(
+                envelope.invocation_id, envelope.correlation_id, e.code, f"worker: {e}"
+            )
+            return
+        message = aio_pika.Message(
+            payload,
+            content_type=p.CONTENT_TYPE,
+            message_id=envelope.message_id,
+            correlation_id=envelope.correlation_id or None,
+            type=str(envelope.kind),
+            user_id=self._user_id,
+            timestamp=time.time(),
+        )
+        await publish_with_retry(
+            self._replies,
+            message,
+            self.topology.reply_routing_key(self.config.silo),
+            self._publish_policy,
+        )
+
+    def _require_worker(self) -> WorkerBinary:
+        if self._worker is None:
+            raise RuntimeError("worker is not started")
+        return self._worker
+
+
+def _parse_value(serialized: bytes, what: str) -> object:
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    try:
+        return executor_pb2.Value.FromString(serialized)
+    except Exception as e:
+        raise ItemError(p.ErrorCode.MALFORMED, f"work item {what!r} is not a TFF Value: {e}") from e
+
+
+def _function_type(value: object, what: str) -> object:
+    from tensorflow_federated.python.core.impl.types import computation_types, type_serialization
+
+    if value.WhichOneof("value") != "computation":  # type: ignore[attr-defined]
+        raise ItemError(p.ErrorCode.MALFORMED, f"work item {what!r} is not a computation")
+    type_spec = type_serialization.deserialize_type(value.computation.type)  # type: ignore[attr-defined]
+    if not isinstance(type_spec, computation_types.FunctionType):
+        raise ItemError(p.ErrorCode.MALFORMED, f"work item {what!r} is not a function")
+    return type_spec
+
+
+def _param_names(function_type: object) -> tuple[str | None, str | None]:
+    """Names of a 2-element parameter struct (TFF checks them on calls)."""
+    from tensorflow_federated.python.common_libs import structure
+    from tensorflow_federated.python.core.impl.types import computation_types
+
+    parameter = function_type.parameter  # type: ignore[attr-defined]
+    if not isinstance(parameter, computation_types.StructType) or len(parameter) != 2:
+        raise ItemError(
+            p.ErrorCode.MALFORMED, f"expected a function of 2 arguments, got {function_type}"
+        )
+    first, second = structure.name_list_with_nones(parameter)
+    return first, second

@@ -1,0 +1,133 @@
+"""`tff-amqp worker --stateless`: run one worker of a silo's pool."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+
+def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
+    worker = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run a stateless worker of a silo's pool (MapReduce work items)",
+        description="Run one stateless worker of silo SILO. Start as many per silo as you "
+        "like, and stop them any time: workers keep no state between work items, take items "
+        "from the silo's shared work queue, and ack an item only after its result is "
+        "published, so an item of a worker that dies is redone by another.",
+    )
+    worker.add_argument(
+        "--stateless",
+        action="store_true",
+        help="required: the stateless regime (for the stateful one run `tff-amqp silo`)",
+    )
+    worker.add_argument("--broker", default=broker_default, help="broker URL (env AMQP_URL)")
+    worker.add_argument(
+        "--federation",
+        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
+        help="federation name (default %(default)s)",
+    )
+    worker.add_argument("--silo", required=True, help="the silo this worker serves")
+    worker.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=PATH",
+        help="the silo's data: a CSV file (one client) or a folder of CSV files (one client "
+        "per file); every worker of a silo must see the same data; repeatable",
+    )
+    worker.add_argument(
+        "--min-clients-per-item",
+        type=int,
+        default=1,
+        metavar="N",
+        help="refuse work items whose shard has fewer than N clients (default 1)",
+    )
+    worker.add_argument(
+        "--heartbeat-interval", type=float, default=1.0, metavar="SECONDS", help="default 1"
+    )
+    worker.add_argument(
+        "--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="default 30"
+    )
+    worker.add_argument(
+        "--no-declare",
+        action="store_true",
+        help="do not declare the work queue (provisioned silos without configure permission)",
+    )
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from tff_amqp.topology import Topology, check_silo_name
+
+    if not args.stateless:
+        print(
+            "tff-amqp worker: pass --stateless (the only worker kind); for a stateful silo "
+            "run `tff-amqp silo`",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_silo_name(args.silo)
+        Topology(args.federation)
+    except ValueError as e:
+        print(f"tff-amqp worker: {e}", file=sys.stderr)
+        return 2
+    from tff_amqp.silo.data import DataError, DataSource
+
+    try:
+        sources = tuple(DataSource.parse(flag) for flag in args.data)
+    except DataError as e:
+        print(f"tff-amqp worker: {e}", file=sys.stderr)
+        return 2
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.worker_pool.agent import StatelessWorker, WorkerConfig
+
+    try:
+        config = WorkerConfig(
+            broker_url=args.broker,
+            federation=args.federation,
+            silo=args.silo,
+            data=sources,
+            min_clients_per_item=args.min_clients_per_item,
+            heartbeat_interval=args.heartbeat_interval,
+            declare_topology=not args.no_declare,
+            connect_timeout=args.connect_timeout,
+        )
+    except ValueError as e:
+        print(f"tff-amqp worker: {e}", file=sys.stderr)
+        return 2
+    try:
+        failed = asyncio.run(_serve(StatelessWorker(config)))
+    except (TffAmqpError, DataError) as e:
+        print(f"tff-amqp worker: {e}", file=sys.stderr)
+        return 1
+    if failed:
+        print(
+            "tff-amqp worker: the local worker_binary died; its item went back to the pool. "
+            "Exiting so a supervisor can restart this worker.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _serve(worker: Any) -> bool:
+    """Serve until SIGINT/SIGTERM or until the worker fails; True if it failed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with worker:
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.failed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return bool(worker.failed.is_set())
