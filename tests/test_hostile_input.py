@@ -154,8 +154,15 @@ def test_silo_and_coordinator_survive_garbage_and_still_serve(
             break
         time.sleep(0.2)
     assert seen == to_silo, f"silo logged {seen} of {to_silo} malformed messages"
+
+    def coordinator_done() -> bool:
+        return (
+            link.stats["malformed"] - stats_before["malformed"] >= to_coordinator
+            and link.stats["dead_lettered"] - stats_before["dead_lettered"] >= 3
+        )
+
     deadline = time.monotonic() + 30
-    while link.stats["malformed"] - stats_before["malformed"] < to_coordinator:
+    while not coordinator_done():
         assert time.monotonic() < deadline, (stats_before, link.stats)
         time.sleep(0.1)
     assert link.stats["malformed"] - stats_before["malformed"] == to_coordinator

@@ -319,9 +319,12 @@ def test_federation_end_to_end_with_provisioned_credentials(
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    from tff_amqp.cli import main
+    # The parser and the command, without main()'s logging set-up (which would
+    # keep a handler on pytest's captured stderr after this test).
+    from tff_amqp.cli import build_parser
+    from tff_amqp.provision import run_provision
 
-    code = main(["provision", *args])
+    code = run_provision(build_parser().parse_args(["provision", *args]))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
