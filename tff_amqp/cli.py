@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the sample data and logs to DIR and keep them",
     )
+    from tff_amqp.silo.host_cli import add_silos_parser
+
+    add_silos_parser(sub, common, _broker_default())
     return parser
 
 
@@ -150,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.command == "silo":
         return _run_silo(args)
+    if args.command == "silos":
+        from tff_amqp.silo.host_cli import run_silos
+
+        return run_silos(args)
     if args.command == "status":
         return _run_status(args)
     if args.command == "demo":
