@@ -34,7 +34,7 @@ from benchmarks._common import (
 CLIENTS = 9
 
 
-def build():
+def build(clients: int = CLIENTS):
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -44,7 +44,7 @@ def build():
 
     rng = np.random.default_rng(0)
     datasets = []
-    for _ in range(CLIENTS):
+    for _ in range(clients):
         x = rng.normal(size=(64, 20)).astype(np.float32)
         y = rng.integers(0, 5, size=64).astype(np.int32)
         datasets.append(
@@ -71,7 +71,7 @@ def build():
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
     )
-    values = [float(i) for i in range(CLIENTS)]
+    values = [float(i) for i in range(clients)]
     return mean, values, process, datasets
 
 
