@@ -80,8 +80,31 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(_meminfo_mb("MemTotal:") / 1024, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_mb(field: str) -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
@@ -147,10 +170,8 @@ def children(pid: int, named: str | None = None) -> list[int]:
 
 
 def available_memory_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return float("inf")
+    available = _meminfo_mb("MemAvailable:")
+    return float("inf") if available != available else available  # NaN: unknown
 
 
 def stop_on_sigterm() -> None:
