@@ -26,6 +26,8 @@ from benchmarks._common import (
     machine,
     native_context,
     print_table,
+    progress,
+    stop_on_sigterm,
     summary,
     timed,
     write_result,
@@ -97,8 +99,10 @@ def main() -> int:
     import tff_amqp
     from tff_amqp.local import LocalFederation
 
-    print(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}", flush=True)
+    stop_on_sigterm()
+    progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}")
     mean, values, process, datasets = build()
+    progress("  TFF native ...")
     with native_context() as native:
         native_mean, native_round, native_value = measure(
             native, mean, values, process, datasets, args.repeats
@@ -107,7 +111,9 @@ def main() -> int:
     with LocalFederation(args.broker, federation) as local:
         for name in ("s1", "s2", "s3"):
             local.start_silo(name)
+        progress("  starting 3 silos ...")
         local.wait_ready(timeout=180)
+        progress("  tff-amqp ...")
         with tff_amqp.create_sync_amqp_execution_context(
             args.broker, federation=federation, min_silos=3, cohort_timeout=120
         ) as ctx:
