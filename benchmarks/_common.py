@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# TFF_AMQP_BENCH_RESULTS: write elsewhere (e.g. a one-off run that must not
+# replace the suite's results).
+RESULTS = Path(os.environ.get("TFF_AMQP_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 # Keep TensorFlow's and gRPC's C++ logging (theirs and native's worker_binary)
 # out of the benchmark output.
