@@ -214,17 +214,17 @@ def _header(run: dict[str, Any] | None) -> str:
     warnings = []
     if run.get("quick"):
         warnings.append(
-            "taken with the **--quick** settings (few repeats, small configurations): a smoke "
+            "taken with the `--quick` settings (few repeats, small configurations): a smoke "
             "pass, not a measurement to quote"
         )
     if max(loads) > 0.5 * cpus:
         warnings.append(
-            f"taken on a **loaded machine** (1-minute load average {loads[0]:.1f} at start, "
+            f"taken on a loaded machine (1-minute load average {loads[0]:.1f} at start, "
             f"{loads[1]:.1f} at end, on {cpus} cores): other work shared the CPUs, so absolute "
             "times are inflated and noisy"
         )
     if warnings:
-        lines.append("> **These numbers were " + "; and ".join(warnings) + ".**")
+        lines.append("> **Caution:** these numbers were " + "; and ".join(warnings) + ".")
         lines.append("")
     if run.get("note"):
         lines += [f"> {run['note']}", ""]

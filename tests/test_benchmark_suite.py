@@ -62,7 +62,7 @@ def test_report_labels_a_quick_run_on_a_loaded_machine_and_renders_unknown_resul
     )
     (tmp_path / "payloads.png").write_bytes(b"png")
     text = report.render(tmp_path)
-    assert "**--quick**" in text
+    assert "**Caution:** these numbers were taken with the `--quick` settings" in text
     assert "loaded machine" in text and "6.0 at start" in text
     assert "lead's note" in text
     assert "## Large payloads (`payloads`)" in text
