@@ -6,7 +6,8 @@ machine, against TFF native with the same number of clients, in the same run.
 One client per silo. The silos run in simulation mode (`tff-amqp silos`: up
 to `--silos-per-host` silo agents per process sharing the TensorFlow import
 and, with `--worker shared`, one worker_binary; see docs/simulation.md). For
-reference, the 1-silo step also runs one ordinary `tff-amqp silo` process.
+reference, the 1-silo step (if run) also runs one ordinary `tff-amqp silo`
+process.
 
 Per step: round latency (median, p10, p90), the coordinator's CPU per round
 (this process plus its worker_binary) and its memory, and the silos' memory
@@ -170,7 +171,9 @@ def main() -> int:
         round_ms = native[n]["fedavg_round"]["median_s"] * 1e3
         progress(f"  native {n:3d} clients: mean {mean_ms:.1f} ms, round {round_ms:.0f} ms")
 
-    steps = [(1, "process")] + [(n, "simulated") for n in sizes]
+    # The reference ordinary silo process runs with the 1-silo step.
+    steps = [(1, "process")] if 1 in sizes else []
+    steps += [(n, "simulated") for n in sizes]
     records = []
     for n, mode in steps:
         step = _run_step(args, n, mode, built)
