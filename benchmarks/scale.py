@@ -46,8 +46,8 @@ from benchmarks.overhead import build
 FULL_SILOS = [1, 2, 4, 8, 16, 32, 64]
 QUICK_SILOS = [1, 2, 4, 8]
 # Budget per silo host (TF import + agents + shared worker after FedAvg; 16
-# silos measured ~700 MB), to
-# refuse a step that would not fit rather than push the machine into swap.
+# silos measured ~700 MB), to refuse a step that would not fit rather than
+# push the machine into swap.
 HOST_BUDGET_MB = 1000
 
 
