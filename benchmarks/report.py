@@ -104,6 +104,10 @@ def _scale(data: dict[str, Any]) -> str:
              "MB per silo"],
             rows,
         )
+        + "".join(
+            f"\n\nSkipped: {r['silos']} silos ({r['mode']}): {r['reason']}"
+            for r in data.get("skipped", [])
+        )
         + "\n\nTFF native, same run (one process, as many clients):\n\n"
         + table(["clients", "mean ms", "FedAvg round ms"], native)
     )  # fmt: skip
@@ -212,10 +216,17 @@ def _header(run: dict[str, Any] | None) -> str:
     cpus = start.get("cpus") or 1
     loads = [start.get("load_average", [0])[0], end.get("load_average", [0])[0]]
     warnings = []
-    if run.get("quick"):
+    ran = {n: r for n, r in run.get("benchmarks", {}).items() if "quick" in r}
+    quick = sorted(n for n, r in ran.items() if r["quick"])
+    if quick and len(quick) == len(ran):
         warnings.append(
             "taken with the `--quick` settings (few repeats, small configurations): a smoke "
             "pass, not a measurement to quote"
+        )
+    elif quick:
+        warnings.append(
+            f"for {', '.join(quick)}, taken with the `--quick` settings (few repeats, small "
+            "configurations): a smoke pass, not a measurement to quote"
         )
     if max(loads) > 0.5 * cpus:
         warnings.append(
@@ -233,9 +244,15 @@ def _header(run: dict[str, Any] | None) -> str:
         f"Machine: {_machine_line(start)}.",
         "",
         table(
-            ["benchmark", "status", "seconds", "arguments"],
+            ["benchmark", "status", "quick", "seconds", "arguments"],
             [
-                [name, r.get("status"), r.get("seconds"), " ".join(r.get("args", [])) or "-"]
+                [
+                    name,
+                    r.get("status"),
+                    r.get("quick"),
+                    r.get("seconds"),
+                    " ".join(r.get("args", [])) or "-",
+                ]
                 for name, r in run.get("benchmarks", {}).items()
             ],
         ),

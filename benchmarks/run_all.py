@@ -143,9 +143,10 @@ def main() -> int:
             progress(f"=== {benchmark.name}: skipped ({benchmark.script.name} not present)")
             runs[benchmark.name] = {"status": "not present"}
             continue
-        runs[benchmark.name] = run_one(
-            benchmark, _arguments(benchmark, args.quick), timeout, args.broker
-        )
+        runs[benchmark.name] = {
+            **run_one(benchmark, _arguments(benchmark, args.quick), timeout, args.broker),
+            "quick": args.quick,
+        }
     record["benchmarks"] = runs
     record["machine_at_end"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,10 @@ QUICK_SILOS = [1, 2, 4, 8]
 HOST_BUDGET_MB = 1000
 
 
+class NotEnoughMemory(RuntimeError):
+    """A step would not fit in the machine's available memory: skipped."""
+
+
 def _coordinator_pids() -> list[int]:
     return [os.getpid(), *children(os.getpid(), named="worker_binary")]
 
@@ -105,7 +109,7 @@ def _run_step(
     hosts = 1 if mode == "process" else -(-n // args.silos_per_host)
     need = hosts * HOST_BUDGET_MB
     if available_memory_mb() < need + 2048:
-        raise RuntimeError(
+        raise NotEnoughMemory(
             f"{n} silos in {hosts} processes need about {need} MB; only "
             f"{available_memory_mb():.0f} MB available. Lower --silos or raise --silos-per-host."
         )
@@ -175,9 +179,14 @@ def main() -> int:
     # The reference ordinary silo process runs with the 1-silo step.
     steps = [(1, "process")] if 1 in sizes else []
     steps += [(n, "simulated") for n in sizes]
-    records = []
+    records, skipped = [], []
     for n, mode in steps:
-        step = _run_step(args, n, mode, built)
+        try:
+            step = _run_step(args, n, mode, built)
+        except NotEnoughMemory as e:
+            progress(f"  {n:3d} silos ({mode}): skipped: {e}")
+            skipped.append({"silos": n, "mode": mode, "reason": str(e)})
+            continue
         for key in ("federated_mean", "fedavg_round"):
             step[f"{key}_ratio_to_native"] = step[key]["median_s"] / native[n][key]["median_s"]
         if abs(step["mean_value"] - native[n]["mean_value"]) > 1e-4:
@@ -222,6 +231,7 @@ def main() -> int:
             ),
             "native": [{"clients": n, **native[n]} for n in sizes],
             "steps": records,
+            "skipped": skipped,
         },
     )
     _plot(records, native)

@@ -44,7 +44,9 @@ def test_report_labels_a_quick_run_on_a_loaded_machine_and_renders_unknown_resul
             "note": "lead's note",
             "machine_at_start": _machine(6.0),
             "machine_at_end": _machine(5.0),
-            "benchmarks": {"payloads": {"status": "ok", "seconds": 12.5, "args": ["--quick"]}},
+            "benchmarks": {
+                "payloads": {"status": "ok", "seconds": 12.5, "args": ["--quick"], "quick": True}
+            },
         },
     )
     # A result from a benchmark this report has no section for.
@@ -71,6 +73,24 @@ def test_report_labels_a_quick_run_on_a_loaded_machine_and_renders_unknown_resul
     assert "| chunked | 1.25 |" in text
     assert "- model_mb: 64" in text
     assert "![payloads](results/payloads.png)" in text
+
+
+def test_report_names_the_quick_benchmarks_of_a_mixed_run(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "run_all.json",
+        {
+            "quick": False,
+            "machine_at_start": _machine(0.2),
+            "machine_at_end": _machine(0.2),
+            "benchmarks": {
+                "scale": {"status": "ok", "quick": False},
+                "throughput": {"status": "ok", "quick": True},
+            },
+        },
+    )
+    text = report.render(tmp_path)
+    assert "for throughput, taken with the `--quick` settings" in text
+    assert "loaded machine" not in text
 
 
 def test_report_falls_back_to_the_generic_table_for_an_unexpected_shape(tmp_path: Path) -> None:
