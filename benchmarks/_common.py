@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# TFF_AMQP_BENCH_RESULTS: write elsewhere (e.g. a one-off run that must not
+# replace the suite's results).
+RESULTS = Path(os.environ.get("TFF_AMQP_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 # Keep TensorFlow's and gRPC's C++ logging (theirs and native's worker_binary)
 # out of the benchmark output.
@@ -80,8 +82,31 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(_meminfo_mb("MemTotal:") / 1024, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_mb(field: str) -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
@@ -98,3 +123,68 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------- processes
+# Linux /proc readers (the benchmarks run on Linux, like the silos).
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def children(pid: int, named: str | None = None) -> list[int]:
+    """Live direct children of `pid`, optionally only those whose command
+    line contains `named`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            if named is None or named.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def available_memory_mb() -> float:
+    available = _meminfo_mb("MemAvailable:")
+    return float("inf") if available != available else available  # NaN: unknown
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `with` blocks stop every process we
+    started (Ctrl-C does the same through KeyboardInterrupt)."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -26,6 +26,8 @@ from benchmarks._common import (
     machine,
     native_context,
     print_table,
+    progress,
+    stop_on_sigterm,
     summary,
     timed,
     write_result,
@@ -34,7 +36,7 @@ from benchmarks._common import (
 CLIENTS = 9
 
 
-def build():
+def build(clients: int = CLIENTS):
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -44,7 +46,7 @@ def build():
 
     rng = np.random.default_rng(0)
     datasets = []
-    for _ in range(CLIENTS):
+    for _ in range(clients):
         x = rng.normal(size=(64, 20)).astype(np.float32)
         y = rng.integers(0, 5, size=64).astype(np.int32)
         datasets.append(
@@ -71,7 +73,7 @@ def build():
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
     )
-    values = [float(i) for i in range(CLIENTS)]
+    values = [float(i) for i in range(clients)]
     return mean, values, process, datasets
 
 
@@ -97,8 +99,10 @@ def main() -> int:
     import tff_amqp
     from tff_amqp.local import LocalFederation
 
-    print(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}", flush=True)
+    stop_on_sigterm()
+    progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}")
     mean, values, process, datasets = build()
+    progress("  TFF native ...")
     with native_context() as native:
         native_mean, native_round, native_value = measure(
             native, mean, values, process, datasets, args.repeats
@@ -107,7 +111,9 @@ def main() -> int:
     with LocalFederation(args.broker, federation) as local:
         for name in ("s1", "s2", "s3"):
             local.start_silo(name)
+        progress("  starting 3 silos ...")
         local.wait_ready(timeout=180)
+        progress("  tff-amqp ...")
         with tff_amqp.create_sync_amqp_execution_context(
             args.broker, federation=federation, min_silos=3, cohort_timeout=120
         ) as ctx:

@@ -33,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks._common import RESULTS, machine, native_context, print_table, summary, write_result
+from benchmarks._common import (
+    RESULTS,
+    machine,
+    native_context,
+    print_table,
+    stop_on_sigterm,
+    summary,
+    write_result,
+)
 
 SILOS = [f"s{i}" for i in range(8)]
 CLIENTS = 16
@@ -83,6 +91,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--straggler-timeout", type=float, default=1.0)
     args = parser.parse_args()
+    stop_on_sigterm()
 
     import tensorflow_federated as tff
 

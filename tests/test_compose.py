@@ -219,4 +219,3 @@ def test_broker_config_matches_the_protocol_limit():
             key, _, value = line.partition("=")
             settings[key.strip()] = value.strip()
     assert int(settings["max_message_size"]) == DEFAULT_MAX_MESSAGE_BYTES
-

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tff_amqp.worker_pool.cli import add_worker_parser
 
     add_worker_parser(sub, common, _broker_default())
+    from tff_amqp.silo.host_cli import add_silos_parser
+
+    add_silos_parser(sub, common, _broker_default())
     return parser
 
 
@@ -205,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.command == "silo":
         return _run_silo(args)
+    if args.command == "silos":
+        from tff_amqp.silo.host_cli import run_silos
+
+        return run_silos(args)
     if args.command == "status":
         return _run_status(args)
     if args.command == "worker":

@@ -53,6 +53,9 @@ class SiloProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    # The log event that says it is serving (a silo host logs it once all
+    # of its silos are).
+    ready_event: str = "silo.ready"
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -94,22 +97,50 @@ class LocalFederation:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> SiloProcess:
+        args = ["--name", name]
+        for key, path in (data or {}).items():
+            args += ["--data", f"{key}={path}"]
+        return self._spawn(name, "silo", [*args, *extra_args], env, ready_event="silo.ready")
+
+    def start_silo_host(
+        self,
+        host: str,
+        silos: Sequence[str],
+        *,
+        worker_mode: str = "shared",
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> SiloProcess:
+        """Simulation mode: one `tff-amqp silos` process hosting `silos`
+        (see docs/simulation.md). `host` names the process and its log."""
+        args = ["--worker", worker_mode]
+        for name in silos:
+            args += ["--name", name]
+        return self._spawn(host, "silos", [*args, *extra_args], env, ready_event="silo_host.ready")
+
+    def _spawn(
+        self,
+        name: str,
+        command_name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None,
+        *,
+        ready_event: str,
+    ) -> SiloProcess:
+        if name in self.silos and self.silos[name].running:
+            raise ValueError(f"{name!r} is already running in this local federation")
         command = [
             sys.executable,
             "-m",
             "tff_amqp",
-            "silo",
+            command_name,
             "--broker",
             self.broker_url,
             "--federation",
             self.federation,
-            "--name",
-            name,
+            *args,
         ]
-        for key, path in (data or {}).items():
-            command += ["--data", f"{key}={path}"]
-        command += list(extra_args)
-        log_path = self.log_dir / f"silo-{name}.log"
+        log_path = self.log_dir / f"{command_name}-{name}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 command,
@@ -120,7 +151,7 @@ class LocalFederation:
                 preexec_fn=die_with_parent,
                 env={**os.environ, **(env or {})},
             )
-        silo = SiloProcess(name, process, log_path)
+        silo = SiloProcess(name, process, log_path, ready_event)
         self.silos[name] = silo
         return silo
 
@@ -134,36 +165,12 @@ class LocalFederation:
         """Start one more stateless worker (`tff-amqp worker --stateless`) of
         `silo`'s pool; tracked (and stopped) like a silo, as `<silo>#<n>`."""
         index = sum(1 for name in self.silos if name.startswith(f"{silo}#")) + 1
-        command = [
-            sys.executable,
-            "-m",
-            "tff_amqp",
-            "worker",
-            "--stateless",
-            "--broker",
-            self.broker_url,
-            "--federation",
-            self.federation,
-            "--silo",
-            silo,
-        ]
+        args = ["--stateless", "--silo", silo]
         for key, path in (data or {}).items():
-            command += ["--data", f"{key}={path}"]
-        command += list(extra_args)
-        name = f"{silo}#{index}"
-        log_path = self.log_dir / f"worker-{silo}-{index}.log"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        worker = SiloProcess(name, process, log_path)
-        self.silos[name] = worker
-        return worker
+            args += ["--data", f"{key}={path}"]
+        return self._spawn(
+            f"{silo}#{index}", "worker", [*args, *extra_args], None, ready_event="worker.ready"
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until every silo logged `silo.ready` (bounded); raise with the
@@ -172,8 +179,7 @@ class LocalFederation:
         pending = dict(self.silos)
         while pending:
             for name, silo in list(pending.items()):
-                tail = silo.log_tail(200)
-                if '"silo.ready"' in tail or '"worker.ready"' in tail:
+                if f'"{silo.ready_event}"' in silo.log_tail(200):
                     del pending[name]
                 elif not silo.running:
                     raise RuntimeError(

@@ -33,7 +33,7 @@ from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
 from tff_amqp.transport.tls import TlsFiles
-from tff_amqp.worker import WorkerBinary
+from tff_amqp.worker import WorkerBinary, WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,16 @@ class _InvocationRunner:
 
 
 class SiloAgent:
-    """One silo: a worker_binary, a request consumer and a heartbeat."""
+    """One silo: a worker_binary, a request consumer and a heartbeat.
 
-    def __init__(self, config: SiloConfig) -> None:
+    `worker`: a client of a worker_binary owned by someone else (the
+    simulation host in `tff_amqp.silo.host` shares one between silos); by
+    default the agent starts and stops a worker_binary of its own.
+    """
+
+    def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
+        self._injected_worker = worker
         self.topology = Topology(config.federation)
         self.data = SiloDataStore(config.name, config.data)
         self.stats: dict[str, int] = {
@@ -150,8 +156,9 @@ class SiloAgent:
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
-        self._worker = WorkerBinary()
-        await self._worker.start()
+        if self._injected_worker is None:
+            self._worker = WorkerBinary()
+            await self._worker.start()
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.config.prefetch)
         queue_name = self.topology.request_queue(self.config.name)
@@ -188,7 +195,7 @@ class SiloAgent:
                 "queue": queue_name,
                 "clients": self.data.default_num_clients(),
                 "data_keys": self.data.keys,
-                "worker_pid": self._worker.pid,
+                "worker_pid": self._worker.pid if self._worker is not None else None,
             },
         )
 
@@ -264,7 +271,7 @@ class SiloAgent:
             session = InvocationSession(
                 silo=self.config.name,
                 invocation_id=envelope.invocation_id,
-                worker=self._require_worker().client,
+                worker=self._worker_client(),
                 policy=self.config.policy,
                 resolve_data=self._resolve_data,
                 count_clients=self._count_clients,
@@ -439,7 +446,9 @@ class SiloAgent:
         )
         self.stats["published_bytes"] += len(payload)
 
-    def _require_worker(self) -> WorkerBinary:
+    def _worker_client(self) -> WorkerClient:
+        if self._injected_worker is not None:
+            return self._injected_worker
         if self._worker is None:
             raise RuntimeError("silo agent is not started")
-        return self._worker
+        return self._worker.client

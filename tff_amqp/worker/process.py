@@ -113,6 +113,14 @@ class WorkerBinary:
             raise WorkerError("worker_binary is not started")
         return self._client
 
+    def new_client(self) -> WorkerClient:
+        """Another client on this worker's channel, with its own pinned
+        executors and computation cache (one per silo when silos share a
+        worker; see tff_amqp.silo.host)."""
+        if self._channel is None or self._client is None:
+            raise WorkerError("worker_binary is not started")
+        return WorkerClient(self._channel)
+
     @property
     def log_path(self) -> Path | None:
         return Path(self._log_dir) / "worker_binary.log" if self._log_dir else None

@@ -1,0 +1,82 @@
+"""The one list of benchmarks `benchmarks/run_all` runs and RESULTS.md reports.
+
+A benchmark is a script `benchmarks/<name>.py` that writes
+`benchmarks/results/<name>.json` (and optionally `<name>*.png`). Entries whose
+script does not exist (yet) are skipped with a note, so branches that add one
+only need to be merged. `quick_args=None` means: pass `--quick` if the
+script's `--help` mentions it, else run it with its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    measures: str
+    full_args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] | None = None
+
+    @property
+    def script(self) -> Path:
+        return HERE / f"{self.name}.py"
+
+    @property
+    def exists(self) -> bool:
+        return self.script.is_file()
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark(
+        "overhead",
+        "Overhead against TFF native",
+        "a federated mean and one FedAvg round (small Keras model, 9 clients) over 3 silo "
+        "processes, against TFF's native runtime in the same process",
+        quick_args=("--repeats", "2"),
+    ),
+    Benchmark(
+        "stragglers",
+        "Straggler timeout (K of N)",
+        "round time of a federated mean over 8 silos / 16 clients when one client is slowed by "
+        "D seconds: TFF native, tff-amqp waiting for all, tff-amqp with straggler_timeout",
+        quick_args=("--delays", "0", "5", "--repeats", "1"),
+    ),
+    Benchmark(
+        "scale",
+        "Scale to many silos",
+        "a federated mean and one FedAvg round with 1..64 silos (one client each, simulation "
+        "hosts), TFF native with as many clients; coordinator CPU and memory; RSS per silo",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
+        "throughput",
+        "Pipelined throughput",
+        "invocations and executor operations per second with C invocations in flight, against "
+        "TFF native and the broker's raw request/reply ceiling at the same sizes",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
+        "payloads",
+        "Large payloads",
+        "broadcast of large models through the broker (from the payload work)",
+    ),
+    Benchmark(
+        "stateless_scaling",
+        "Stateless work scaling",
+        "stateless work queues spread over many workers (from the stateless-scaling work)",
+    ),
+)
+
+
+def by_name(name: str) -> Benchmark:
+    for benchmark in BENCHMARKS:
+        if benchmark.name == name:
+            return benchmark
+    known = ", ".join(b.name for b in BENCHMARKS)
+    raise KeyError(f"no benchmark named {name!r}; known: {known}")

@@ -1,0 +1,314 @@
+"""Regenerate benchmarks/RESULTS.md from whatever is in benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.report      (also run by benchmarks/run_all)
+
+Benchmarks with a section renderer here get a tailored table; any other
+`results/<name>.json` (a benchmark merged later) is rendered generically:
+its scalar fields as a list, every list of records and every mapping of
+records as a table. PNG plots `results/<name>*.png` are linked under their
+benchmark. Nothing here needs TensorFlow or a broker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS
+from benchmarks.registry import BENCHMARKS
+
+REPORT = RESULTS.parent / "RESULTS.md"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(stats: dict[str, Any]) -> str:
+    """median (p10-p90) in ms, with the number of samples."""
+    return (
+        f"{stats['median_s'] * 1e3:.3g} ({stats['p10_s'] * 1e3:.3g}-{stats['p90_s'] * 1e3:.3g}, "
+        f"n={stats['n']})"
+    )
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _overhead(data: dict[str, Any]) -> str:
+    rows = []
+    for key in ("federated_mean", "fedavg_round"):
+        rows.append(
+            [key, _ms(data["native"][key]), _ms(data["tff_amqp"][key]), data["ratios"][key],
+             data["targets"][key]]
+        )  # fmt: skip
+    return (
+        f"{data['clients']} clients over {data['silos']} silo processes. Latency in ms: median "
+        "(p10-p90, samples).\n\n"
+        + table(["computation", "TFF native", "tff-amqp", "x native", "target"], rows)
+    )
+
+
+def _stragglers(data: dict[str, Any]) -> str:
+    rows = [
+        [r["mode"], r["delay_s"], r["median_s"], r["p10_s"], r["p90_s"], r["n"],
+         r["ratio_to_native"], r["within_target"]]
+        for r in data["rounds"]
+    ]  # fmt: skip
+    return (
+        f"{data['silos']} silos, {data['clients']} clients, straggler_timeout "
+        f"{data['straggler_timeout_s']} s. Target: {data['target']}. {data['note']}.\n\n"
+        + table(
+            ["mode", "D (s)", "median (s)", "p10 (s)", "p90 (s)", "rounds", "x native",
+             "within target"],
+            rows,
+        )
+    )  # fmt: skip
+
+
+def _scale(data: dict[str, Any]) -> str:
+    rows = [
+        [r["silos"], r["mode"], r["silo_processes"], _ms(r["federated_mean"]),
+         r["federated_mean_ratio_to_native"], _ms(r["fedavg_round"]),
+         r["fedavg_round_ratio_to_native"], r["coordinator_cpu_s_per_round"] * 1e3,
+         r["coordinator_rss_mb"], r["coordinator_worker_rss_mb"], r["rss_mb_per_silo"]]
+        for r in data["steps"]
+    ]  # fmt: skip
+    native = [
+        [r["clients"], _ms(r["federated_mean"]), _ms(r["fedavg_round"])] for r in data["native"]
+    ]
+    return (
+        f"One client per silo; {data['silos_per_host']} silos per host process, worker mode "
+        f"`{data['worker_mode']}`. {data['note']}\n\n"
+        + table(
+            ["silos", "mode", "silo processes", "mean ms", "x native", "FedAvg round ms",
+             "x native", "coordinator CPU ms/round", "coordinator MB", "coordinator worker MB",
+             "MB per silo"],
+            rows,
+        )
+        + "".join(
+            f"\n\nSkipped: {r['silos']} silos ({r['mode']}): {r['reason']}"
+            for r in data.get("skipped", [])
+        )
+        + "\n\nTFF native, same run (one process, as many clients):\n\n"
+        + table(["clients", "mean ms", "FedAvg round ms"], native)
+    )  # fmt: skip
+
+
+def _throughput(data: dict[str, Any]) -> str:
+    rows = [
+        [r["concurrency"], r["native_invocations_per_s"], r["invocations_per_s"],
+         r["ratio_to_native"], r["executor_ops_per_s"], r["broker_round_trips_per_s"],
+         r["broker_ceiling_round_trips_per_s"], r["fraction_of_broker_ceiling"],
+         r["request_bytes"], r["reply_bytes"]]
+        for r in data["levels"]
+    ]  # fmt: skip
+    return (
+        f"{data['silos']} silos, {data['clients']} clients, {data['invocations_per_level']} "
+        f"invocations per level. {data['note']}.\n\n"
+        + table(
+            ["in flight (C)", "native inv/s", "tff-amqp inv/s", "x native", "executor ops/s",
+             "broker round trips/s", "broker ceiling round trips/s", "of ceiling",
+             "request bytes", "reply bytes"],
+            rows,
+        )
+    )  # fmt: skip
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "overhead": _overhead,
+    "stragglers": _stragglers,
+    "scale": _scale,
+    "throughput": _throughput,
+}
+
+
+# ------------------------------------------------------------------- generic
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            continue  # nested tables are not squeezed into a cell
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _records_table(records: list[dict[str, Any]]) -> str:
+    flat = [_flatten(r) for r in records]
+    headers = list(dict.fromkeys(k for r in flat for k in r))
+    return table(headers, [[r.get(h) for h in headers] for r in flat])
+
+
+def generic(data: dict[str, Any]) -> str:
+    parts = []
+    scalars = {
+        k: v for k, v in data.items() if k != "machine" and not isinstance(v, dict | list)
+    } | {k: v for k, v in data.items() if isinstance(v, list) and not _is_records(v)}
+    if scalars:
+        parts.append("\n".join(f"- {k}: {_fmt(v)}" for k, v in scalars.items()))
+    for key, value in data.items():
+        if key == "machine":
+            continue
+        if _is_records(value):
+            parts.append(f"**{key}**\n\n{_records_table(value)}")
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            parts.append(f"**{key}**\n\n{_records_table([{'': k, **v} for k, v in value.items()])}")
+        elif isinstance(value, dict) and value:
+            parts.append(
+                f"**{key}**\n\n" + "\n".join(f"- {k}: {_fmt(v)}" for k, v in value.items())
+            )
+    return "\n\n".join(parts) or "(no fields)"
+
+
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+# -------------------------------------------------------------------- report
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    load = m.get("load_average")
+    return (
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), {m.get('memory_gib', '?')} GiB, "
+        f"Python {m.get('python')}, {m.get('platform')}"
+        + (f"; load average {_fmt(load)} (1/5/15 min)" if load else "")
+    )
+
+
+def _header(run: dict[str, Any] | None) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `benchmarks/run_all` (regenerate the text alone with "
+        "`benchmarks/run_all --report-only`); how to run and what each benchmark measures: "
+        "[README.md](README.md). Every comparison with TFF native was measured in the same run "
+        "on the same machine.",
+        "",
+    ]
+    if run is None:
+        lines.append("No `results/run_all.json`: the results below come from separate runs.")
+        return "\n".join(lines)
+    start, end = run.get("machine_at_start", {}), run.get("machine_at_end", {})
+    cpus = start.get("cpus") or 1
+    loads = [start.get("load_average", [0])[0], end.get("load_average", [0])[0]]
+    warnings = []
+    ran = {n: r for n, r in run.get("benchmarks", {}).items() if "quick" in r}
+    quick = sorted(n for n, r in ran.items() if r["quick"])
+    if quick and len(quick) == len(ran):
+        warnings.append(
+            "taken with the `--quick` settings (few repeats, small configurations): a smoke "
+            "pass, not a measurement to quote"
+        )
+    elif quick:
+        warnings.append(
+            f"for {', '.join(quick)}, taken with the `--quick` settings (few repeats, small "
+            "configurations): a smoke pass, not a measurement to quote"
+        )
+    if max(loads) > 0.5 * cpus:
+        warnings.append(
+            f"taken on a loaded machine (1-minute load average {loads[0]:.1f} at start, "
+            f"{loads[1]:.1f} at end, on {cpus} cores): other work shared the CPUs, so absolute "
+            "times are inflated and noisy"
+        )
+    if warnings:
+        lines.append("> **Caution:** these numbers were " + "; and ".join(warnings) + ".")
+        lines.append("")
+    if run.get("note"):
+        lines += [f"> {run['note']}", ""]
+    lines += [
+        f"Run started {start.get('when', '?')}, ended {end.get('when', '?')}.",
+        f"Machine: {_machine_line(start)}.",
+        "",
+        table(
+            ["benchmark", "status", "quick", "seconds", "arguments"],
+            [
+                [
+                    name,
+                    r.get("status"),
+                    r.get("quick"),
+                    r.get("seconds"),
+                    " ".join(r.get("args", [])) or "-",
+                ]
+                for name, r in run.get("benchmarks", {}).items()
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def render(results: Path = RESULTS) -> str:
+    run_path = results / "run_all.json"
+    run = json.loads(run_path.read_text()) if run_path.exists() else None
+    parts = [_header(run)]
+    known = {b.name: b for b in BENCHMARKS}
+    names = [b.name for b in BENCHMARKS] + sorted(
+        p.stem for p in results.glob("*.json") if p.stem not in known and p.stem != "run_all"
+    )
+    for name in names:
+        path = results / f"{name}.json"
+        benchmark = known.get(name)
+        title = benchmark.title if benchmark else name
+        if not path.exists():
+            if benchmark and benchmark.exists:
+                parts.append(f"## {title} (`{name}`)\n\nNo results yet.")
+            continue
+        parts.append(_section(name, title, benchmark.measures if benchmark else None, path))
+    return "\n\n".join(parts) + "\n"
+
+
+def _section(name: str, title: str, measures: str | None, path: Path) -> str:
+    lines = [f"## {title} (`{name}`)", ""]
+    if measures:
+        lines += [f"Measures: {measures}.", ""]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return "\n".join([*lines, f"Could not read {path.name}: {e}"])
+    m = data.get("machine") if isinstance(data, dict) else None
+    if isinstance(m, dict):
+        lines += [f"Measured {m.get('when', '?')}; {_machine_line(m)}.", ""]
+    if isinstance(data, dict) and data.get("quick"):
+        lines += ["Quick settings (`--quick`).", ""]
+    renderer = SECTIONS.get(name, generic)
+    try:
+        body = renderer(data) if isinstance(data, dict) else _fmt(data)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        # A result file in a newer or older shape: show it generically.
+        body = f"(tailored table unavailable: {type(e).__name__}: {e})\n\n" + generic(data)
+    lines.append(body)
+    for plot in sorted(path.parent.glob(f"{name}*.png")):
+        lines += ["", f"![{plot.stem}](results/{plot.name})"]
+    return "\n".join(lines)
+
+
+def write_report(results: Path = RESULTS, report: Path = REPORT) -> Path:
+    report.write_text(render(results))
+    return report
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_report()}")

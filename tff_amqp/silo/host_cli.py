@@ -1,0 +1,145 @@
+"""`tff-amqp silos`: many simulated silos in one process (see silo/host.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+
+def numbered_silo_names(prefix: str, count: int, first: int = 0) -> list[str]:
+    """`prefix000`, `prefix001`, ...: zero-padded so that name order (which
+    splits explicit client lists across silos) is numeric order, also across
+    hosts started with different `first`."""
+    if count < 1:
+        raise ValueError(f"silo count must be at least 1, got {count}")
+    if first < 0:
+        raise ValueError(f"first silo index must be >= 0, got {first}")
+    return [f"{prefix}{i:03d}" for i in range(first, first + count)]
+
+
+def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
+    silos = sub.add_parser(
+        "silos",
+        parents=[common],
+        help="simulation: run many silo agents in one process (shared TensorFlow import)",
+        description="Simulation and testing mode: run several silo agents in one process. "
+        "Each has its own broker connection, request queue, sessions and privacy policy; "
+        "they share this process's CPU, memory and failure domain, and by default one "
+        "worker_binary. Not for production silos (see docs/simulation.md).",
+    )
+    silos.add_argument("--broker", default=broker_default, help="broker URL (default %(default)s)")
+    silos.add_argument(
+        "--federation",
+        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
+        help="federation name (default %(default)s)",
+    )
+    names = silos.add_mutually_exclusive_group(required=True)
+    names.add_argument(
+        "--name", action="append", dest="names", metavar="NAME", help="a silo name; repeatable"
+    )
+    names.add_argument(
+        "--count", type=int, metavar="N", help="host N silos named PREFIX000, PREFIX001, ..."
+    )
+    silos.add_argument("--prefix", default="s", help="name prefix with --count (default s)")
+    silos.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        metavar="I",
+        help="index of the first silo with --count, to split silos across hosts (default 0)",
+    )
+    silos.add_argument(
+        "--worker",
+        choices=["shared", "per-silo"],
+        default="shared",
+        help="one worker_binary for all silos of this process, or one each (default shared)",
+    )
+    silos.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=PATH",
+        help="local data of every silo; '{silo}' in PATH is replaced by the silo's name",
+    )
+    silos.add_argument("--allow-raw-client-values", action="store_true")
+    silos.add_argument("--min-clients-per-aggregate", type=int, default=1, metavar="N")
+    silos.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
+    silos.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS")
+    silos.add_argument("--no-declare", action="store_true")
+
+
+def run_silos(args: argparse.Namespace) -> int:
+    from tff_amqp.topology import Topology, check_silo_name
+
+    try:
+        if args.count is not None:
+            names = numbered_silo_names(args.prefix, args.count, args.first)
+        else:
+            names = list(args.names)
+        for name in names:
+            check_silo_name(name)
+        Topology(args.federation)
+    except ValueError as e:
+        print(f"tff-amqp silos: {e}", file=sys.stderr)
+        return 2
+
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.silo.agent import SiloConfig
+    from tff_amqp.silo.data import DataError, DataSource
+    from tff_amqp.silo.host import SiloHost, WorkerMode
+    from tff_amqp.silo.session import PrivacyPolicy
+
+    policy = PrivacyPolicy(
+        allow_raw_client_values=args.allow_raw_client_values,
+        min_clients_per_aggregate=args.min_clients_per_aggregate,
+    )
+    try:
+        configs = [
+            SiloConfig(
+                broker_url=args.broker,
+                federation=args.federation,
+                name=name,
+                data=tuple(DataSource.parse(flag.replace("{silo}", name)) for flag in args.data),
+                policy=policy,
+                heartbeat_interval=args.heartbeat_interval,
+                declare_topology=not args.no_declare,
+                connect_timeout=args.connect_timeout,
+            )
+            for name in names
+        ]
+        host = SiloHost(configs, worker_mode=WorkerMode(args.worker))
+    except (ValueError, DataError) as e:
+        print(f"tff-amqp silos: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(host))
+    except (TffAmqpError, DataError) as e:
+        print(f"tff-amqp silos: {e}", file=sys.stderr)
+        return 1
+
+
+async def _serve(host: Any) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the shared worker dies
+    (exit 1, so a supervisor restarts the host)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with host:
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(host.wait_for_failure())
+        done, pending = await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if failed in done:
+        print("tff-amqp silos: the shared worker_binary died; stopping all silos", file=sys.stderr)
+        return 1
+    return 0
