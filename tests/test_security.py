@@ -21,7 +21,7 @@ import aio_pika
 import aiormq
 import numpy as np
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from tests.support.federation import read_column, write_silo_csvs
 from tests.support.processes import start_silo, wait_ready
@@ -64,9 +64,12 @@ def _message(body: bytes = b"forged", **kwargs: object) -> aio_pika.Message:
 
 
 def _consume(queue_name: str) -> Action:
+    async def ack(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+
     async def action(channel: AbstractChannel) -> object:
         queue = await channel.get_queue(queue_name, ensure=False)
-        return await queue.consume(lambda m: m.ack(), no_ack=False)
+        return await queue.consume(ack, no_ack=False)
 
     return action
 
