@@ -21,6 +21,7 @@ RESULTS = Path(os.environ.get("TFF_AMQP_BENCH_RESULTS") or Path(__file__).parent
 # Keep TensorFlow's and gRPC's C++ logging (theirs and native's worker_binary)
 # out of the benchmark output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # see tff_amqp/__init__.py
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 

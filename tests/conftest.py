@@ -36,6 +36,7 @@ from tests.support.processes import (
 MARKER = "TFF_AMQP_TEST_SESSION"
 os.environ.setdefault(MARKER, uuid.uuid4().hex)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # see tff_amqp/__init__.py
 
 pytest_plugins = ["tests.support.federation"]
 

@@ -12,7 +12,15 @@ the CLI should answer `--help` at once.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# tff-amqp forks only to exec (worker_binary, silo processes). gRPC's fork
+# handlers are meant for fork-without-exec, are unsupported with its asyncio
+# API, and were seen to crash a process that started workers while another
+# worker's channel was busy. gRPC itself recommends turning them off for
+# fork+exec programs. Set before gRPC initializes; an explicit setting wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 __version__ = "0.1.0"
 
