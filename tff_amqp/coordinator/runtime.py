@@ -15,10 +15,12 @@ from typing import Any
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.values import FunctionValue
 from tff_amqp.topology import Topology
+from tff_amqp.transport.bulk import chunk_bytes_for
 from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class CoordinatorOptions:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         Topology(self.federation)  # validates the name
+        chunk_bytes_for(self.max_message_bytes)  # validates the limit
 
 
 class CoordinatorRuntime:
@@ -65,6 +68,7 @@ class CoordinatorRuntime:
         self.topology = Topology(options.federation)
         self.membership = Membership(liveness_timeout=options.heartbeat_timeout)
         self._link: CoordinatorLink | None = None
+        self._bulk: CoordinatorBulk | None = None
         self._worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +108,12 @@ class CoordinatorRuntime:
         return self._link
 
     @property
+    def bulk(self) -> CoordinatorBulk:
+        if self._bulk is None:
+            raise RuntimeError("coordinator runtime is not started")
+        return self._bulk
+
+    @property
     def worker(self) -> WorkerBinary:
         if self._worker is None:
             raise RuntimeError("coordinator runtime is not started")
@@ -131,17 +141,28 @@ class CoordinatorRuntime:
                 max_message_bytes=self.options.max_message_bytes,
                 sender=self.options.coordinator_name,
             )
+            bulk = CoordinatorBulk(
+                self.options.broker_url,
+                self.topology,
+                sender=self.options.coordinator_name,
+                max_message_bytes=self.options.max_message_bytes,
+            )
             try:
                 await link.start()
+                await bulk.start()
             except BaseException:
+                await link.close()
                 await worker.stop()
                 raise
-            self._worker, self._link = worker, link
+            self._worker, self._link, self._bulk = worker, link, bulk
             log.info("coordinator.started", extra={"federation": self.options.federation})
 
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=10.0)
+        if self._bulk is not None:
+            await self._bulk.close()
+            self._bulk = None
         if self._link is not None:
             await self._link.close()
             self._link = None

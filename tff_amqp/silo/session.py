@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
+from tff_amqp.transport.bulk import TransferError
 from tff_amqp.worker import WorkerClient, WorkerError, WorkerExecutor
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class PrivacyPolicy:
 DataResolver = Callable[[str, bytes], tuple[int, bytes]]
 # Client count of the silo's data under a key (for Open(data_key=...)).
 ClientCounter = Callable[[str | None], int]
+# Waits (bounded by the invocation's deadline) for a chunked value to arrive.
+BlobFetcher = Callable[[p.BlobRef], Awaitable[bytearray]]
 
 
 class InvocationSession:
@@ -77,6 +80,7 @@ class InvocationSession:
         resolve_data: DataResolver,
         count_clients: ClientCounter,
         deadline: float,
+        fetch_blob: BlobFetcher | None = None,
     ) -> None:
         self.silo = silo
         self.invocation_id = invocation_id
@@ -85,6 +89,7 @@ class InvocationSession:
         self._policy = policy
         self._resolve_data = resolve_data
         self._count_clients = count_clients
+        self._fetch_blob = fetch_blob
         self._executor: WorkerExecutor | None = None
         self._clients: int | None = None
         self._refs: dict[int, asyncio.Future[object]] = {}
@@ -155,6 +160,10 @@ class InvocationSession:
         match op:
             case p.CreateValue():
                 run = self._prepare_value(op, executor)
+            case p.CreateBlobValue():
+                # Values the coordinator sent may leave again, like CreateValue.
+                self._releasable.add(target)
+                run = lambda: self._create_blob_value(op, executor)  # noqa: E731
             case p.CreateData():
                 run = lambda: self._create_data(op, executor)  # noqa: E731
             case p.CreateCall():
@@ -224,6 +233,31 @@ class InvocationSession:
             return ref
 
         return run
+
+    async def _create_blob_value(self, op: p.CreateBlobValue, executor: WorkerExecutor) -> object:
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        if self._fetch_blob is None:
+            raise SessionError(p.ErrorCode.UNKNOWN_OPERATION, "this silo has no bulk connection")
+        try:
+            buffer = await self._fetch_blob(op.blob)
+        except TransferError as e:
+            raise SessionError(e.code, f"silo {self.silo!r}, value {op.target}: {e}") from e
+        value = executor_pb2.Value()
+        try:
+            # memoryview: parsed in place, no copy of a large buffer.
+            value.ParseFromString(memoryview(buffer))
+        except Exception as e:
+            raise SessionError(
+                p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
+            ) from e
+        del buffer
+        if value.WhichOneof("value") == "computation":
+            ref, shared = await executor.create_computation(value.SerializeToString(), value)
+            if shared:
+                self._shared.add(op.target)
+            return ref
+        return await executor.create_value(value)
 
     def _prepare_call(
         self, op: p.CreateCall, executor: WorkerExecutor
