@@ -282,6 +282,38 @@ def small_limit_broker() -> Any:
         yield url
 
 
+def _fedavg_round(size: int) -> Any:
+    """FedAvg as weighted sums: sum(w_i * update_i) / sum(w_i) at the server."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    model = tff.TensorType(np.float32, [size])
+
+    @tff.tensorflow.computation(model, np.float32)
+    def weighted_update(weights: Any, x: Any) -> Any:
+        return (weights - 0.1 * (weights - x)) * (1.0 + x)
+
+    @tff.tensorflow.computation(np.float32)
+    def client_weight(x: Any) -> Any:
+        return 1.0 + x
+
+    @tff.tensorflow.computation(model, np.float32)
+    def divide(total: Any, weight: Any) -> Any:
+        return total / weight
+
+    @tff.federated_computation(
+        tff.FederatedType(model, tff.SERVER), tff.FederatedType(np.float32, tff.CLIENTS)
+    )
+    def fedavg_round(weights: Any, data: Any) -> Any:
+        updates = tff.federated_map(weighted_update, (tff.federated_broadcast(weights), data))
+        total = tff.federated_sum(updates)
+        weight = tff.federated_sum(tff.federated_map(client_weight, data))
+        return tff.federated_map(divide, tff.federated_zip((total, weight)))
+
+    del tf
+    return fedavg_round
+
+
 def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
     small_limit_broker: str, native_context: Any, tmp_path: Any
 ) -> None:
@@ -291,7 +323,7 @@ def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
     import tff_amqp
 
     size = 50_000_000
-    comp = _broadcast_round(size)
+    comp = _fedavg_round(size)
     weights = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     data = [1.0, 2.0, 3.0]
     limit = ["--max-message-bytes", str(16 * MiB)]
@@ -304,6 +336,10 @@ def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
             cohort_timeout=120.0,
             deadline=600.0,
             max_message_bytes=16 * MiB,
+            # Parsing or serializing a 200 MB protobuf holds the GIL ~0.5 s
+            # (more on a busy 2-core machine), in silos and coordinator alike:
+            # a liveness window of 5 s is too tight for such models.
+            heartbeat_timeout=30.0,
         )
         context.start()
         try:
@@ -316,3 +352,30 @@ def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
     assert_close(actual, expected)
     # Each large value published once for the 3 silos, in chunks below 16 MiB.
     assert 4 * size * transfers <= sent < 1.1 * 4 * size * transfers
+
+
+def test_worker_raw_value_helpers_agree_with_protobuf() -> None:
+    """The unparsed pass-through relies on field numbers of TFF's protos."""
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    from tff_amqp.worker.client import (
+        _value_of_response,
+        _varint,
+        serialized_is_computation,
+    )
+
+    tensor = executor_pb2.Value()
+    tensor.array.float32_list.value.extend(np.arange(100_000, dtype=np.float32).tolist())
+    computation = executor_pb2.Value()
+    computation.computation.intrinsic.uri = "federated_sum"
+    response = executor_pb2.ComputeResponse(value=tensor).SerializeToString()
+    assert bytes(_value_of_response(response)) == tensor.SerializeToString()
+    assert serialized_is_computation(computation.SerializeToString())
+    assert not serialized_is_computation(tensor.SerializeToString())
+    executor = executor_pb2.ExecutorId(id="7")
+    head = executor_pb2.CreateValueRequest(executor=executor).SerializeToString()
+    body = tensor.SerializeToString()
+    request = executor_pb2.CreateValueRequest.FromString(head + b"\x0a" + _varint(len(body)) + body)
+    assert request == executor_pb2.CreateValueRequest(executor=executor, value=tensor)
+    with pytest.raises(ValueError, match="besides its value"):
+        _value_of_response(response + b"\x12\x00")

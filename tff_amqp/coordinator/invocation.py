@@ -296,8 +296,13 @@ class Invocation:
         return await self._serialized[key]
 
     async def _serialize_local(self, value: LocalValue) -> bytes:
-        proto = await self._local_proto(value)
-        return proto.SerializeToString()
+        key = id(value)
+        if key in self._computed:  # already computed for the coordinator itself
+            return (await self._computed[key]).SerializeToString()
+        # Serialized by the worker, never parsed here: one copy of a large
+        # value instead of a proto plus its serialization.
+        data = await (await self.local()).compute_serialized(value.ref)
+        return bytes(data) if len(data) <= self.runtime.bulk.inline_limit else data  # type: ignore[return-value]
 
     async def call_at_silos(
         self,

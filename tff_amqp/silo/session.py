@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from tff_amqp import protocol as p
 from tff_amqp.transport.bulk import TransferError
 from tff_amqp.worker import WorkerClient, WorkerError, WorkerExecutor
+from tff_amqp.worker.client import serialized_is_computation
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ AGGREGATION_URIS = frozenset(
         "federated_secure_sum_bitwidth",
     }
 )
+
+
+# Released values up to this size are copied into plain bytes.
+_INLINE_COPY = 1024 * 1024
 
 
 class SessionError(Exception):
@@ -243,21 +248,24 @@ class InvocationSession:
             buffer = await self._fetch_blob(op.blob)
         except TransferError as e:
             raise SessionError(e.code, f"silo {self.silo!r}, value {op.target}: {e}") from e
-        value = executor_pb2.Value()
         try:
+            if not serialized_is_computation(buffer):
+                # Passed to the worker unparsed: the worker validates it, and
+                # a 200 MB parse would hold the GIL (and heartbeats) ~0.5 s.
+                return await executor.create_value_serialized(buffer)
+            value = executor_pb2.Value()
             # memoryview: parsed in place, no copy of a large buffer.
             value.ParseFromString(memoryview(buffer))
+        except WorkerError:
+            raise
         except Exception as e:
             raise SessionError(
                 p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
             ) from e
-        del buffer
-        if value.WhichOneof("value") == "computation":
-            ref, shared = await executor.create_computation(value.SerializeToString(), value)
-            if shared:
-                self._shared.add(op.target)
-            return ref
-        return await executor.create_value(value)
+        ref, shared = await executor.create_computation(value.SerializeToString(), value)
+        if shared:
+            self._shared.add(op.target)
+        return ref
 
     def _prepare_call(
         self, op: p.CreateCall, executor: WorkerExecutor
@@ -328,12 +336,14 @@ class InvocationSession:
         executor = self._require_executor()
         ref = await self._ref(op.source)
         try:
-            value = await executor.compute(ref)  # type: ignore[arg-type]
+            value = await executor.compute_serialized(ref)  # type: ignore[arg-type]
         except WorkerError as e:
             raise SessionError(
                 p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
             ) from e
-        released[op.source] = value.SerializeToString()
+        # Small values are copied out of the response; large ones stay a view
+        # (sent as chunks without another copy of the whole value).
+        released[op.source] = bytes(value) if len(value) <= _INLINE_COPY else value  # type: ignore[assignment]
 
     async def _dispose(self, targets: tuple[int, ...]) -> None:
         refs = []
