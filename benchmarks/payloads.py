@@ -85,7 +85,7 @@ async def native_transfer(weights: np.ndarray, workers: int) -> float:
     binaries = [WorkerBinary() for _ in range(workers)]
     try:
         await asyncio.gather(*(b.start() for b in binaries))
-        executors = [await b.client.get_executor(None) for b in binaries]
+        executors = [await b.client.get_executor(1) for b in binaries]
         type_spec = computation_types.TensorType(np.float32, weights.shape)
         started = time.perf_counter()
         proto, _ = value_serialization.serialize_value(weights, type_spec)
@@ -199,7 +199,9 @@ def main() -> int:
 
     from tff_amqp.local import LocalFederation
 
-    print(f"payloads benchmark: broadcast of {args.sizes_mib} MiB to {len(SILOS)} silos", flush=True)
+    print(
+        f"payloads benchmark: broadcast of {args.sizes_mib} MiB to {len(SILOS)} silos", flush=True
+    )
     native = {}
     for size_mib in args.sizes_mib:
         weights = np.full(size_mib * MiB // 4, 0.5, dtype=np.float32)
