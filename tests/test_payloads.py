@@ -282,6 +282,17 @@ def small_limit_broker() -> Any:
         yield url
 
 
+_FEDAVG_50M_NEEDS_GIB = 15
+
+
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024 / 1024
+    return 0.0
+
+
 def _fedavg_round(size: int) -> Any:
     """FedAvg as weighted sums: sum(w_i * update_i) / sum(w_i) at the server."""
     import tensorflow as tf
@@ -322,6 +333,14 @@ def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
     matches TFF native."""
     import tff_amqp
 
+    available = _mem_available_gib()
+    if available < _FEDAVG_50M_NEEDS_GIB:
+        # Measured: each worker_binary reaches ~2.2 GB with this model, ~14 GB in all.
+        # Running anyway on a shared machine would get processes OOM-killed.
+        pytest.skip(
+            f"needs {_FEDAVG_50M_NEEDS_GIB} GiB of available memory (3 silos + coordinator "
+            f"with a 200 MB model); this machine has {available:.1f} GiB available"
+        )
     size = 50_000_000
     comp = _fedavg_round(size)
     weights = np.linspace(-1.0, 1.0, size, dtype=np.float32)
