@@ -101,6 +101,12 @@ class CoordinatorRuntime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for background clean-up, e.g. earlier invocations'
+        `close` messages, so counters read afterwards cover only new work."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
     @property
     def link(self) -> CoordinatorLink:
         if self._link is None:
