@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up connecting to the broker after this long (default %(default)s)",
     )
     silo.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the broker's max_message_size (RabbitMQ 3.x: 134217728, 4.x: 16777216); "
+        "values above 1 MiB travel as chunks sized to fit it (default 134217728)",
+    )
+    silo.add_argument(
         "--no-declare",
         action="store_true",
         help="do not declare exchanges/queues (for provisioned silos without configure permission)",
@@ -274,6 +282,11 @@ def _run_silo(args: argparse.Namespace) -> int:
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,
             tls=tls,
+            **(
+                {"max_message_bytes": args.max_message_bytes}
+                if args.max_message_bytes is not None
+                else {}
+            ),
         )
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)

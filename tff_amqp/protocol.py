@@ -34,6 +34,12 @@ CONTENT_TYPE = "application/x-tff-amqp+msgpack"
 # Anything above our limit is refused before it is published.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
+# Large values travel as chunks of at most this many bytes on the bulk
+# connection (the effective size is derived from max_message_bytes).
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+# Largest value one transfer may announce (RabbitMQ is not a file store).
+MAX_TRANSFER_BYTES = 16 * 1024 * 1024 * 1024
+
 _MAX_ID_LEN = 128
 _MAX_NAME_LEN = 200
 
@@ -72,6 +78,7 @@ class Kind(enum.StrEnum):
     GOODBYE = "goodbye"  # silo -> coordinator: leaving on purpose
     WORK = "work"  # coordinator -> a silo's stateless worker pool: one work item
     WORK_RESULT = "work_result"  # stateless worker -> coordinator: a shard's accumulator
+    CHUNK = "chunk"  # either way, bulk connection: one piece of a large value
 
 
 # --------------------------------------------------------------------------
@@ -127,6 +134,47 @@ class CreateValue(Operation):
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> CreateValue:
         return cls(target=_id(raw, "target"), value=_bytes(raw, "value"))
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A large value sent as chunks (Kind.CHUNK) under transfer id `transfer`:
+    `size` bytes in total whose SHA-256 is `sha256`."""
+
+    transfer: str
+    size: int
+    sha256: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"transfer": self.transfer, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> BlobRef:
+        return cls(
+            transfer=_transfer_id(raw, "transfer"),
+            size=_size(raw, "size"),
+            sha256=_sha256(raw, "sha256"),
+        )
+
+
+@dataclass(frozen=True)
+class CreateBlobValue(Operation):
+    """Like CreateValue, but the serialized `executor_pb2.Value` arrives as a
+    chunked transfer on the bulk queue (values above the inline limit)."""
+
+    op: ClassVar[str] = "blob"
+    target: int
+    blob: BlobRef
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "blob": self.blob.to_wire()}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateBlobValue:
+        blob = raw.get("blob")
+        if not isinstance(blob, dict):
+            raise ProtocolError(ErrorCode.MALFORMED, "field 'blob' must be a map")
+        return cls(target=_id(raw, "target"), blob=BlobRef.from_wire(blob))
 
 
 @dataclass(frozen=True)
@@ -274,6 +322,7 @@ OPERATIONS: dict[str, type[Operation]] = {
     for cls in (
         Open,
         CreateValue,
+        CreateBlobValue,
         CreateData,
         CreateCall,
         CreateStruct,
@@ -325,12 +374,18 @@ class Batch:
 
 @dataclass(frozen=True)
 class Result:
-    """Values released by a silo for the `Compute` operations of a batch."""
+    """Values released by a silo for the `Compute` operations of a batch.
+    Values above the inline limit are in `blobs`: sent as chunked transfers
+    on the silo's bulk connection."""
 
     values: dict[int, bytes]
+    blobs: dict[int, BlobRef] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"values": [[k, v] for k, v in self.values.items()]}
+        wire: dict[str, Any] = {"values": [[k, v] for k, v in self.values.items()]}
+        if self.blobs:
+            wire["blobs"] = [[k, ref.to_wire()] for k, ref in self.blobs.items()]
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> Result:
@@ -342,7 +397,63 @@ class Result:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise ProtocolError(ErrorCode.MALFORMED, "result value must be [id, bytes]")
             values[_id({"id": pair[0]}, "id")] = _bytes({"b": pair[1]}, "b")
-        return cls(values=values)
+        raw_blobs = raw.get("blobs", [])
+        if not isinstance(raw_blobs, list) or len(raw_blobs) > 100_000:
+            raise ProtocolError(ErrorCode.MALFORMED, "result 'blobs' must be a list")
+        blobs: dict[int, BlobRef] = {}
+        for pair in raw_blobs:
+            if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[1], dict):
+                raise ProtocolError(ErrorCode.MALFORMED, "result blob must be [id, blob]")
+            blobs[_id({"id": pair[0]}, "id")] = BlobRef.from_wire(pair[1])
+        return cls(values=values, blobs=blobs)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Piece `seq` (0-based) of `count` of the transfer `blob`; `data` starts at
+    byte `offset` of the value. Every chunk repeats the whole-value metadata, so
+    a receiver can preallocate on the first chunk to arrive, in any order."""
+
+    blob: BlobRef
+    seq: int
+    count: int
+    offset: int
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "blob": self.blob.to_wire(),
+            "seq": self.seq,
+            "count": self.count,
+            "offset": self.offset,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Chunk:
+        blob_raw = raw.get("blob")
+        if not isinstance(blob_raw, dict):
+            raise ProtocolError(ErrorCode.MALFORMED, "chunk 'blob' must be a map")
+        blob = BlobRef.from_wire(blob_raw)
+        count = _int(raw, "count", minimum=1)
+        seq = _int(raw, "seq", minimum=0)
+        offset = _int(raw, "offset", minimum=0)
+        data = _bytes(raw, "data")
+        if seq >= count:
+            raise ProtocolError(ErrorCode.MALFORMED, f"chunk seq {seq} is not below count {count}")
+        if len(data) > MAX_CHUNK_BYTES:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}"
+            )
+        if offset + len(data) > blob.size:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"chunk {seq} of transfer {blob.transfer} ends at {offset + len(data)}, "
+                f"past the announced size {blob.size}",
+            )
+        if count > max(1, blob.size):
+            raise ProtocolError(ErrorCode.MALFORMED, "chunk count exceeds the value size")
+        return cls(blob=blob, seq=seq, count=count, offset=offset, data=data)
 
 
 @dataclass(frozen=True)
@@ -486,7 +597,7 @@ class WorkResult:
         )
 
 
-Body = Batch | Result | ErrorReport | SiloStatus | WorkItem | WorkResult
+Body = Batch | Result | ErrorReport | SiloStatus | WorkItem | WorkResult | Chunk
 
 _BODY_TYPES: dict[Kind, type] = {
     Kind.BATCH: Batch,
@@ -497,6 +608,7 @@ _BODY_TYPES: dict[Kind, type] = {
     Kind.GOODBYE: SiloStatus,
     Kind.WORK: WorkItem,
     Kind.WORK_RESULT: WorkResult,
+    Kind.CHUNK: Chunk,
 }
 
 
@@ -665,6 +777,29 @@ def _name(raw: Mapping[str, Any], key: str) -> str:
     value = _str(raw, key)
     if not is_valid_name(value):
         raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is not a valid silo name")
+    return value
+
+
+def _size(raw: Mapping[str, Any], key: str) -> int:
+    value = _int(raw, key, minimum=0)
+    if value > MAX_TRANSFER_BYTES:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"field {key!r}: {value} bytes exceeds {MAX_TRANSFER_BYTES}"
+        )
+    return value
+
+
+def _sha256(raw: Mapping[str, Any], key: str) -> bytes:
+    value = _bytes(raw, key)
+    if len(value) != 32:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be a 32-byte SHA-256")
+    return value
+
+
+def _transfer_id(raw: Mapping[str, Any], key: str) -> str:
+    value = _str(raw, key, max_len=_MAX_ID_LEN)
+    if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is not a valid transfer id")
     return value
 
 

@@ -188,27 +188,26 @@ class Provisioner:
                 {"type": kind, "durable": True, "auto_delete": False, "arguments": {}},
             )
 
-    def _silo_queues(self, silo: str) -> list[tuple[str, str]]:
-        """(queue, exchange) pairs of one silo; the binding key is the silo name."""
+    def _silo_queues(self, silo: str) -> list[tuple[str, str, dict[str, str]]]:
+        """(queue, exchange, arguments) of one silo's queues; the binding key is
+        the silo name. Arguments match the agents' own declarations (guest
+        mode). Requests and work items dead-letter back to the coordinator when
+        they expire; chunks of large values do not (they would crowd its
+        control queue, and the deadline already fails the invocation)."""
         t = self.topology
+        dead_letter = {"x-dead-letter-exchange": t.dead_letter_exchange}
         return [
-            (t.request_queue(silo), t.requests_exchange),
-            (t.bulk_queue(silo), t.bulk_exchange),
-            (t.work_queue(silo), t.work_exchange),
+            (t.request_queue(silo), t.requests_exchange, dead_letter),
+            (t.bulk_queue(silo), t.bulk_exchange, {}),
+            (t.work_queue(silo), t.work_exchange, dead_letter),
         ]
 
     def declare_silo_queues(self, silo: str) -> None:
-        for queue, exchange in self._silo_queues(silo):
-            # The same arguments the agent uses when it declares its own
-            # queue (guest mode), so both ways agree.
+        for queue, exchange, arguments in self._silo_queues(silo):
             self.api.call(
                 "PUT",
                 f"queues/{_q(self.vhost)}/{_q(queue)}",
-                {
-                    "durable": True,
-                    "auto_delete": False,
-                    "arguments": {"x-dead-letter-exchange": self.topology.dead_letter_exchange},
-                },
+                {"durable": True, "auto_delete": False, "arguments": arguments},
             )
             self.api.call(
                 "POST",
@@ -258,7 +257,7 @@ class Provisioner:
     def remove_silo(self, silo: str, *, user: str) -> list[str]:
         """Delete the silo's user and queues (with any messages in them)."""
         removed = [f"user {user}"] if self.api.delete(f"users/{_q(user)}") else []
-        for queue, _ in self._silo_queues(silo):
+        for queue, _, _ in self._silo_queues(silo):
             if self.api.delete(f"queues/{_q(self.vhost)}/{_q(queue)}"):
                 removed.append(f"queue {queue}")
         return removed
@@ -370,7 +369,7 @@ def run_provision(args: Any) -> int:
                 f"silo {args.name!r} of federation {topology.federation!r} on vhost "
                 f"{provisioner.vhost!r}: user {user!r}"
             )
-            print(f"  queues: {', '.join(q for q, _ in provisioner._silo_queues(args.name))}")
+            print(f"  queues: {', '.join(q for q, _, _ in provisioner._silo_queues(args.name))}")
             print(
                 f"  permissions: configure {perms.configure}  write {perms.write}  "
                 f"read {perms.read}"

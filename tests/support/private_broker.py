@@ -26,7 +26,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 RABBITMQ_BIN = Path(os.environ.get("TFF_AMQP_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
@@ -238,3 +238,18 @@ class PrivateBroker:
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 texts.append(f"--- {path.name}:\n" + "\n".join(tail))
         return "\n".join(texts)
+
+
+@contextlib.contextmanager
+def private_rabbitmq(*, config: str = "", start_timeout: float = 120.0) -> Iterator[str]:
+    """A private node with extra `rabbitmq.conf` lines (e.g. a 16 MiB
+    `max_message_size`); yields its AMQP URL and removes everything after."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="tff-amqp-rabbit-"))
+    try:
+        lines = [line for line in config.splitlines() if line.strip()]
+        with PrivateBroker(root, config=lines, start_timeout=start_timeout) as broker:
+            yield broker.url
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -182,7 +182,8 @@ class AmqpExecutor(executor_base.Executor):
         fn_ref = await invocation.to_local(fn)
         arg_ref = await invocation.to_local(arg) if arg is not None else None
         ref = await invocation.local_call(fn_ref, arg_ref)
-        return LocalValue(invocation, ref, result_type)
+        producer = fn if arg is None and isinstance(fn, FunctionValue) else None
+        return LocalValue(invocation, ref, result_type, producer=producer)
 
     async def select(self, source: CoordinatorValue, index: int) -> CoordinatorValue:
         if isinstance(source, StructValue):

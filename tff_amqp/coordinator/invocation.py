@@ -38,6 +38,7 @@ from tff_amqp.coordinator.values import (
     StructValue,
 )
 from tff_amqp.errors import InvocationTimeoutError, QuorumError, SiloError
+from tff_amqp.transport.bulk import TransferError
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.link import CoordinatorLink
@@ -84,6 +85,9 @@ class Invocation:
         self._local_cache: dict[int, asyncio.Future[Any]] = {}
         self._computed: dict[int, asyncio.Future[executor_pb2.Value]] = {}
         self._serialized: dict[int, asyncio.Future[bytes]] = {}
+        # (key, silos) -> chunked transfer of a large value, published once
+        # for all those silos (the broker fans it out)
+        self._uploads: dict[tuple[object, tuple[str, ...]], asyncio.Future[p.BlobRef]] = {}
         self._pins: list[object] = []
         self._local_refs: list[Any] = []
         self.dropped: set[str] = set()
@@ -285,8 +289,43 @@ class Invocation:
             serialized = await self._local_bytes(value)
         else:
             raise TypeError(f"cannot send {type(value).__name__} to a silo")
+        return await self._ship(id(value), serialized, silo)
+
+    async def _ship(
+        self, key: object, serialized: bytes, silo: str, *, broadcast: bool = True
+    ) -> int:
+        """Create a serialized value at `silo`: inline if small, else as a
+        chunked transfer. A `broadcast` value is needed by every active silo,
+        so its transfer is published once for all of them (keyed by `key`)."""
         outbox = await self.outbox(silo)
-        return outbox.create_value(serialized)
+        if len(serialized) <= self.runtime.bulk.inline_limit:
+            return outbox.create_value(serialized)
+        silos = tuple(self.active_silos()) if broadcast else (silo,)
+        if silo not in silos:
+            silos = (silo,)
+        blob = await self._upload(key, serialized, silos)
+        return outbox.create_blob_value(blob)
+
+    async def _upload(self, key: object, data: bytes, silos: tuple[str, ...]) -> p.BlobRef:
+        upload = self._uploads.get((key, silos))
+        if upload is None:
+            upload = asyncio.ensure_future(
+                self.runtime.bulk.send(
+                    data, silos, invocation_id=self.id, deadline=self.deadline_epoch
+                )
+            )
+            self._uploads[(key, silos)] = upload
+        return await upload
+
+    async def receive_blob(self, silo: str, blob: p.BlobRef) -> bytearray:
+        """A silo's large result, sent as a chunked transfer (bounded by the
+        invocation's deadline)."""
+        try:
+            return await self.runtime.bulk.receive(
+                silo, blob, invocation_id=self.id, timeout=self.remaining()
+            )
+        except TransferError as e:
+            raise SiloError(silo, str(e.code), str(e)) from e
 
     async def _local_bytes(self, value: LocalValue) -> bytes:
         key = id(value)
@@ -295,8 +334,13 @@ class Invocation:
         return await self._serialized[key]
 
     async def _serialize_local(self, value: LocalValue) -> bytes:
-        proto = await self._local_proto(value)
-        return proto.SerializeToString()
+        key = id(value)
+        if key in self._computed:  # already computed for the coordinator itself
+            return (await self._computed[key]).SerializeToString()
+        # Serialized by the worker, never parsed here: one copy of a large
+        # value instead of a proto plus its serialization.
+        data = await (await self.local()).compute_serialized(value.ref)
+        return bytes(data) if len(data) <= self.runtime.bulk.inline_limit else data  # type: ignore[return-value]
 
     async def call_at_silos(
         self,
@@ -372,7 +416,10 @@ class Invocation:
 
     async def _release(self, silo: str, value_id: int) -> executor_pb2.Value:
         outbox = await self.outbox(silo)
-        return executor_pb2.Value.FromString(await outbox.compute(value_id))
+        value = executor_pb2.Value()
+        # memoryview: a large reassembled buffer is parsed without a copy.
+        value.ParseFromString(memoryview(await outbox.compute(value_id)))
+        return value
 
     def active_silos(self) -> list[str]:
         return [s for s in (self._cohort or []) if s not in self.dropped]
@@ -404,27 +451,31 @@ class Invocation:
         self, value: object, type_spec: computation_types.FederatedType
     ) -> ClientsValue:
         silos = await self.cohort()
+        if type_spec.all_equal:
+            # One value for every silo: serialized once, shipped once.
+            serialized = await asyncio.to_thread(_serialize, value, type_spec)
+            key = object()
+            ids = {silo: await self._ship(key, serialized, silo) for silo in silos}
+            return ClientsValue(self, ids, type_spec)
 
         async def part_for(silo: str) -> bytes:
-            if type_spec.all_equal:
-                part = value
-            else:
-                if not isinstance(value, list | tuple):
-                    raise TypeError(
-                        f"a CLIENTS-placed argument must be a list of client values or "
-                        f"tff_amqp.silo_data(KEY); got {type(value).__name__}"
-                    )
-                chunk = self._assignment.chunks
-                if chunk is None:
-                    raise ValueError("client lists need a known CLIENTS cardinality")
-                start, stop = chunk[silo]
-                part = list(value[start:stop])
+            if not isinstance(value, list | tuple):
+                raise TypeError(
+                    f"a CLIENTS-placed argument must be a list of client values or "
+                    f"tff_amqp.silo_data(KEY); got {type(value).__name__}"
+                )
+            chunk = self._assignment.chunks
+            if chunk is None:
+                raise ValueError("client lists need a known CLIENTS cardinality")
+            start, stop = chunk[silo]
+            part = list(value[start:stop])
             return await asyncio.to_thread(_serialize, part, type_spec)
 
         parts = await asyncio.gather(*(part_for(silo) for silo in silos))
         ids: dict[str, int] = {}
         for silo, serialized in zip(silos, parts):
-            ids[silo] = (await self.outbox(silo)).create_value(serialized)
+            # Each silo's part is its own (unicast) transfer if large.
+            ids[silo] = await self._ship(object(), serialized, silo, broadcast=False)
         return ClientsValue(self, ids, type_spec)
 
     async def create_silo_data(
@@ -475,7 +526,9 @@ class Invocation:
 
         await asyncio.gather(*(close_outbox(o) for o in self._outboxes.values()))
         self.link.forget_invocation(self.id)
+        self.runtime.bulk.forget_invocation(self.id)
         for future in [
+            *self._uploads.values(),
             *self._silo_cache.values(),
             *self._local_cache.values(),
             *self._computed.values(),

@@ -28,6 +28,9 @@ class SiloOutbox:
         self._invocation = invocation
         self._next_id = next_id
         self._ops: list[p.Operation] = []
+        # Bytes of values inline in the pending batch: flushed early so a
+        # batch never reaches the broker's message size limit.
+        self._inline_bytes = 0
         self._waiter: asyncio.Future[p.Result] | None = None
         self._flush_scheduled = False
         self._seq = itertools.count()
@@ -44,7 +47,15 @@ class SiloOutbox:
             self._ops.insert(0, p.Open(clients=clients, data_key=data_key))
 
     def create_value(self, serialized: bytes) -> int:
+        budget = self._invocation.runtime.options.max_message_bytes // 2
+        if self._ops and self._inline_bytes + len(serialized) > budget:
+            self._flush_now()
+        self._inline_bytes += len(serialized)
         return self._add(lambda t: p.CreateValue(target=t, value=serialized))
+
+    def create_blob_value(self, blob: p.BlobRef) -> int:
+        """A value that travels as a chunked transfer (already published)."""
+        return self._add(lambda t: p.CreateBlobValue(target=t, blob=blob))
 
     def create_data(self, key: str, type_spec: bytes) -> int:
         return self._add(lambda t: p.CreateData(target=t, key=key, type_spec=type_spec))
@@ -58,7 +69,7 @@ class SiloOutbox:
     def create_selection(self, source: int, index: int) -> int:
         return self._add(lambda t: p.CreateSelection(target=t, source=source, index=index))
 
-    async def compute(self, source: int) -> bytes:
+    async def compute(self, source: int) -> bytes | bytearray:
         """Ask the silo to release value `source`; waits for the reply
         (bounded by the invocation's deadline and the silo's liveness)."""
         self._check_usable()
@@ -68,6 +79,8 @@ class SiloOutbox:
         waiter = self._waiter
         self._schedule_flush()
         result = await self._invocation.wait_for_silo(self.silo, waiter)
+        if source in result.blobs:
+            return await self._invocation.receive_blob(self.silo, result.blobs[source])
         if source not in result.values:
             raise p.ProtocolError(
                 p.ErrorCode.MALFORMED, f"silo {self.silo!r} did not return value {source}"
@@ -109,6 +122,7 @@ class SiloOutbox:
         if not self._ops:
             return
         ops, self._ops = self._ops, []
+        self._inline_bytes = 0
         waiter, self._waiter = self._waiter, None
         task = asyncio.create_task(self._send(ops, waiter, next(self._seq)))
         self._sends.add(task)
@@ -126,6 +140,9 @@ class SiloOutbox:
             operations=ops,
             seq=seq,
         )
+        if waiter is not None:
+            # Large results come back as chunks that name this batch.
+            invocation.runtime.bulk.expect(envelope.correlation_id, self.silo, invocation.id)
         try:
             # Publishes leave in sequence order; replies are awaited outside
             # the lock so batches pipeline.

@@ -15,12 +15,14 @@ from typing import Any
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.values import FunctionValue
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.telemetry import CoordinatorTelemetry
 from tff_amqp.topology import Topology
+from tff_amqp.transport.bulk import chunk_bytes_for
 from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class CoordinatorOptions:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         Topology(self.federation)  # validates the name
+        chunk_bytes_for(self.max_message_bytes)  # validates the limit
 
 
 class CoordinatorRuntime:
@@ -78,6 +81,7 @@ class CoordinatorRuntime:
         self.events = InvocationEvents()
         self.telemetry: CoordinatorTelemetry | None = None
         self._link: CoordinatorLink | None = None
+        self._bulk: CoordinatorBulk | None = None
         self._worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,16 +114,23 @@ class CoordinatorRuntime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @property
-    def background_tasks(self) -> int:
-        """Clean-up tasks still running (closing earlier invocations)."""
-        return len(self._background)
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for background clean-up, e.g. earlier invocations'
+        `close` messages, so counters read afterwards cover only new work."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
 
     @property
     def link(self) -> CoordinatorLink:
         if self._link is None:
             raise RuntimeError("coordinator runtime is not started")
         return self._link
+
+    @property
+    def bulk(self) -> CoordinatorBulk:
+        if self._bulk is None:
+            raise RuntimeError("coordinator runtime is not started")
+        return self._bulk
 
     @property
     def worker(self) -> WorkerBinary:
@@ -149,12 +160,20 @@ class CoordinatorRuntime:
                 max_message_bytes=self.options.max_message_bytes,
                 sender=self.options.coordinator_name,
             )
+            bulk = CoordinatorBulk(
+                self.options.broker_url,
+                self.topology,
+                sender=self.options.coordinator_name,
+                max_message_bytes=self.options.max_message_bytes,
+            )
             try:
                 await link.start()
+                await bulk.start()
             except BaseException:
+                await link.close()
                 await worker.stop()
                 raise
-            self._worker, self._link = worker, link
+            self._worker, self._link, self._bulk = worker, link, bulk
             self.telemetry = CoordinatorTelemetry(self)
             log.info("coordinator.started", extra={"federation": self.options.federation})
 
@@ -164,6 +183,9 @@ class CoordinatorRuntime:
         if self.telemetry is not None:
             self.telemetry.close()
             self.telemetry = None
+        if self._bulk is not None:
+            await self._bulk.close()
+            self._bulk = None
         if self._link is not None:
             await self._link.close()
             self._link = None

@@ -147,11 +147,17 @@ class FederatingStrategy:
             ),
         )
         invocation = self._invocation
+        silo_zero: CoordinatorValue = zero
+        if isinstance(zero, LocalValue) and zero.producer is not None:
+            # Zeros of model-sized accumulators are the output of a no-argument
+            # TF computation: each silo runs it instead of receiving the
+            # tensor (a few KB of graph instead of a model's worth of bytes).
+            silo_zero = await invocation.call_at_silos(zero.producer, None, zero.type_signature)
         silo_arg = StructValue(
             invocation,
             [
                 (None, value),
-                (None, zero),
+                (None, silo_zero),
                 (None, accumulate),
                 (None, merge),
                 (None, FunctionValue(invocation, identity, _EMPTY)),

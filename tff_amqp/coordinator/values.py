@@ -45,9 +45,19 @@ class CoordinatorValue(executor_value_base.ExecutorValue):
 class LocalValue(CoordinatorValue):
     """An unplaced or SERVER-placed value inside the coordinator's worker."""
 
-    def __init__(self, invocation: Invocation, ref: Any, type_spec: computation_types.Type) -> None:
+    def __init__(
+        self,
+        invocation: Invocation,
+        ref: Any,
+        type_spec: computation_types.Type,
+        *,
+        producer: FunctionValue | None = None,
+    ) -> None:
         super().__init__(invocation, type_spec)
         self.ref = ref
+        # The no-argument computation this value is the output of, if any: a
+        # silo can compute it itself instead of receiving it (see strategy).
+        self.producer = producer
 
     async def compute(self) -> object:
         return await self._invocation.compute_local(self)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -28,9 +28,11 @@ from aio_pika.abc import (
 
 from tff_amqp import protocol as p
 from tff_amqp.retry import RetryPolicy
+from tff_amqp.silo.bulk import SiloBulk
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
+from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
 from tff_amqp.transport.tls import TlsFiles
 from tff_amqp.worker import WorkerBinary, WorkerClient
@@ -53,6 +55,8 @@ class SiloConfig:
     # Provisioned silos have them created by `tff-amqp provision` instead.
     declare_topology: bool = True
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    # Bytes held at once in incoming chunked transfers (partial or unclaimed).
+    max_pending_transfer_bytes: int = DEFAULT_MAX_PENDING_BYTES
     # Sessions idle this long past their deadline are freed even without Close.
     session_grace: float = 30.0
     # Bounded wait for the broker at start-up (then robust reconnection).
@@ -85,6 +89,8 @@ class _InvocationRunner:
         finally:
             await self.session.close()
             self._agent._forget(self.session.invocation_id)
+            if self._agent.bulk is not None:
+                self._agent.bulk.forget_invocation(self.session.invocation_id)
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -123,6 +129,7 @@ class SiloAgent:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._replies: AbstractExchange | None = None
+        self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -182,6 +189,20 @@ class SiloAgent:
                 self.topology.replies_exchange, ensure=False
             )
             queue = await self._channel.get_queue(queue_name, ensure=False)
+        # Large values travel on a connection of their own (after the control
+        # topology exists: it declares nothing the control side needs).
+        self.bulk = SiloBulk(
+            self.config.broker_url,
+            self.topology,
+            silo=self.config.name,
+            user_id=self._user_id,
+            max_message_bytes=self.config.max_message_bytes,
+            max_pending_bytes=self.config.max_pending_transfer_bytes,
+            declare_topology=self.config.declare_topology,
+            connect_policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            ssl_context=self.config.tls.context() if self.config.tls else None,
+        )
+        await self.bulk.__aenter__()
         await queue.consume(self._on_message, no_ack=False)
         await self._publish_status(p.Kind.HELLO)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -211,6 +232,9 @@ class SiloAgent:
         for runner in list(self._runners.values()):
             await runner.stop()
         self._runners.clear()
+        if self.bulk is not None:
+            await self.bulk.__aexit__(None, None, None)
+            self.bulk = None
         if self._connection is not None and not self._connection.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
@@ -276,6 +300,7 @@ class SiloAgent:
                 resolve_data=self._resolve_data,
                 count_clients=self._count_clients,
                 deadline=envelope.deadline,
+                fetch_blob=self._blob_fetcher(envelope.invocation_id, envelope.deadline),
             )
             runner = _InvocationRunner(self, session)
             self._runners[envelope.invocation_id] = runner
@@ -304,10 +329,17 @@ class SiloAgent:
             return
         self._observe_batch(started, ok=True)
         if wants_reply:
+            try:
+                released, blobs = await self._send_large(session, envelope, released)
+            except TransferError as e:
+                await self._reply_error(
+                    session.invocation_id, envelope.correlation_id, e.code, str(e)
+                )
+                return
             await self._publish(
                 p.Envelope(
                     kind=p.Kind.RESULT,
-                    body=p.Result(values=released),
+                    body=p.Result(values=released, blobs=blobs),
                     sender=self.config.name,
                     invocation_id=session.invocation_id,
                     correlation_id=envelope.correlation_id,
@@ -321,6 +353,40 @@ class SiloAgent:
     def _on_reconnect(self, *_: object) -> None:
         self.stats["reconnects"] += 1
         log.warning("silo.reconnected", extra={"silo": self.config.name})
+
+    def _blob_fetcher(
+        self, invocation_id: str, deadline: float
+    ) -> Callable[[p.BlobRef], Awaitable[bytearray]]:
+        async def fetch(blob: p.BlobRef) -> bytearray:
+            if self.bulk is None:
+                raise TransferError(p.ErrorCode.EXPIRED, "the silo is stopping")
+            # Bounded: an operation waits for its value at most until the
+            # invocation's deadline (or a minute if it has none).
+            timeout = deadline - time.time() if deadline else 60.0
+            return await self.bulk.receive(blob, invocation_id=invocation_id, timeout=timeout)
+
+        return fetch
+
+    async def _send_large(
+        self, session: InvocationSession, envelope: p.Envelope, released: dict[int, bytes]
+    ) -> tuple[dict[int, bytes], dict[int, p.BlobRef]]:
+        """Values above the inline limit go as chunked transfers on the bulk
+        connection, before the result that names them."""
+        if self.bulk is None:
+            return released, {}
+        inline: dict[int, bytes] = {}
+        blobs: dict[int, p.BlobRef] = {}
+        for value_id, data in released.items():
+            if len(data) <= self.bulk.inline_limit:
+                inline[value_id] = data
+                continue
+            blobs[value_id] = await self.bulk.send(
+                data,
+                invocation_id=session.invocation_id,
+                correlation_id=envelope.correlation_id,
+                deadline=envelope.deadline,
+            )
+        return inline, blobs
 
     def _forget(self, invocation_id: str) -> None:
         self._runners.pop(invocation_id, None)

@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
+from tff_amqp.transport.bulk import TransferError
 from tff_amqp.worker import WorkerClient, WorkerError, WorkerExecutor
+from tff_amqp.worker.client import serialized_is_computation
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ AGGREGATION_URIS = frozenset(
         "federated_secure_sum_bitwidth",
     }
 )
+
+
+# Released values up to this size are copied into plain bytes.
+_INLINE_COPY = 1024 * 1024
 
 
 class SessionError(Exception):
@@ -55,6 +61,8 @@ class PrivacyPolicy:
 DataResolver = Callable[[str, bytes], tuple[int, bytes]]
 # Client count of the silo's data under a key (for Open(data_key=...)).
 ClientCounter = Callable[[str | None], int]
+# Waits (bounded by the invocation's deadline) for a chunked value to arrive.
+BlobFetcher = Callable[[p.BlobRef], Awaitable[bytearray]]
 
 
 class InvocationSession:
@@ -77,6 +85,7 @@ class InvocationSession:
         resolve_data: DataResolver,
         count_clients: ClientCounter,
         deadline: float,
+        fetch_blob: BlobFetcher | None = None,
     ) -> None:
         self.silo = silo
         self.invocation_id = invocation_id
@@ -85,6 +94,7 @@ class InvocationSession:
         self._policy = policy
         self._resolve_data = resolve_data
         self._count_clients = count_clients
+        self._fetch_blob = fetch_blob
         self._executor: WorkerExecutor | None = None
         self._clients: int | None = None
         self._refs: dict[int, asyncio.Future[object]] = {}
@@ -155,6 +165,10 @@ class InvocationSession:
         match op:
             case p.CreateValue():
                 run = self._prepare_value(op, executor)
+            case p.CreateBlobValue():
+                # Values the coordinator sent may leave again, like CreateValue.
+                self._releasable.add(target)
+                run = lambda: self._create_blob_value(op, executor)  # noqa: E731
             case p.CreateData():
                 run = lambda: self._create_data(op, executor)  # noqa: E731
             case p.CreateCall():
@@ -225,6 +239,34 @@ class InvocationSession:
 
         return run
 
+    async def _create_blob_value(self, op: p.CreateBlobValue, executor: WorkerExecutor) -> object:
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        if self._fetch_blob is None:
+            raise SessionError(p.ErrorCode.UNKNOWN_OPERATION, "this silo has no bulk connection")
+        try:
+            buffer = await self._fetch_blob(op.blob)
+        except TransferError as e:
+            raise SessionError(e.code, f"silo {self.silo!r}, value {op.target}: {e}") from e
+        try:
+            if not serialized_is_computation(buffer):
+                # Passed to the worker unparsed: the worker validates it, and
+                # a 200 MB parse would hold the GIL (and heartbeats) ~0.5 s.
+                return await executor.create_value_serialized(buffer)
+            value = executor_pb2.Value()
+            # memoryview: parsed in place, no copy of a large buffer.
+            value.ParseFromString(memoryview(buffer))
+        except WorkerError:
+            raise
+        except Exception as e:
+            raise SessionError(
+                p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
+            ) from e
+        ref, shared = await executor.create_computation(value.SerializeToString(), value)
+        if shared:
+            self._shared.add(op.target)
+        return ref
+
     def _prepare_call(
         self, op: p.CreateCall, executor: WorkerExecutor
     ) -> Callable[[], Awaitable[object]]:
@@ -294,12 +336,14 @@ class InvocationSession:
         executor = self._require_executor()
         ref = await self._ref(op.source)
         try:
-            value = await executor.compute(ref)  # type: ignore[arg-type]
+            value = await executor.compute_serialized(ref)  # type: ignore[arg-type]
         except WorkerError as e:
             raise SessionError(
                 p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
             ) from e
-        released[op.source] = value.SerializeToString()
+        # Small values are copied out of the response; large ones stay a view
+        # (sent as chunks without another copy of the whole value).
+        released[op.source] = bytes(value) if len(value) <= _INLINE_COPY else value  # type: ignore[assignment]
 
     async def _dispose(self, targets: tuple[int, ...]) -> None:
         refs = []

@@ -22,6 +22,56 @@ GRPC_OPTIONS = [
 ]
 
 
+_SERVICE = "/tensorflow_federated.v0.ExecutorGroup"
+# Field numbers: CreateValueRequest.value = 1, ComputeResponse.value = 1,
+# Value.computation = 2 (checked against executor_pb2's descriptors in tests).
+_VALUE_FIELD_TAG = 0x0A
+_COMPUTATION_FIELD = 2
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def serialized_is_computation(value: bytes | bytearray | memoryview) -> bool:
+    """Whether a serialized `Value` holds a computation (its one field is the
+    first tag), without parsing it."""
+    view = memoryview(value)
+    if not len(view):
+        return False
+    tag, _ = _read_varint(view, 0)
+    return tag >> 3 == _COMPUTATION_FIELD
+
+
+def _value_of_response(raw: bytes) -> memoryview:
+    """The serialized `Value` inside a serialized `ComputeResponse`, as a view
+    (no copy, no parse)."""
+    view = memoryview(raw)
+    if not len(view) or view[0] != _VALUE_FIELD_TAG:
+        raise ValueError("ComputeResponse does not start with its value field")
+    length, start = _read_varint(view, 1)
+    if start + length != len(view):
+        raise ValueError("ComputeResponse has fields besides its value")
+    return view[start:]
+
+
 class WorkerError(RuntimeError):
     """A worker_binary call failed; the message keeps TFF's own error text."""
 
@@ -43,6 +93,7 @@ class WorkerClient:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = executor_pb2_grpc.ExecutorGroupStub(channel)
+        self._channel = channel
         self._pinned: dict[int | None, WorkerExecutor] = {}
 
     async def shared_executor(self, clients: int | None) -> WorkerExecutor:
@@ -66,7 +117,11 @@ class WorkerClient:
             cardinalities=value_serialization.serialize_cardinalities(cardinalities)
         )
         response = await _call("GetExecutor", self._stub.GetExecutor(request))
-        return WorkerExecutor(self._stub, response.executor)  # type: ignore[attr-defined]
+        return WorkerExecutor(
+            self._stub,
+            response.executor,  # type: ignore[attr-defined]
+            channel=self._channel,
+        )
 
 
 class WorkerExecutor:
@@ -75,9 +130,33 @@ class WorkerExecutor:
     MAX_CACHED_COMPUTATIONS = 4096
 
     def __init__(
-        self, stub: executor_pb2_grpc.ExecutorGroupStub, executor: executor_pb2.ExecutorId
+        self,
+        stub: executor_pb2_grpc.ExecutorGroupStub,
+        executor: executor_pb2.ExecutorId,
+        *,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._stub = stub
+        # Raw calls (serialized values passed through) for large values:
+        # parsing or serializing 200 MB of protobuf holds the GIL ~0.5 s.
+        self._create_raw = (
+            channel.unary_unary(
+                f"{_SERVICE}/CreateValue",
+                request_serializer=None,
+                response_deserializer=executor_pb2.CreateValueResponse.FromString,
+            )
+            if channel is not None
+            else None
+        )
+        self._compute_raw = (
+            channel.unary_unary(
+                f"{_SERVICE}/Compute",
+                request_serializer=executor_pb2.ComputeRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            if channel is not None
+            else None
+        )
         self.executor = executor
         self.closed = False
         self.pinned = False
@@ -110,6 +189,31 @@ class WorkerExecutor:
         request = executor_pb2.CreateValueRequest(executor=self.executor, value=value)
         response = await _call("CreateValue", self._stub.CreateValue(request))
         return response.value_ref  # type: ignore[attr-defined]
+
+    async def create_value_serialized(
+        self, value: bytes | bytearray | memoryview
+    ) -> executor_pb2.ValueRef:
+        """CreateValue from a serialized `Value`, passed through unparsed."""
+        if self._create_raw is None:
+            parsed = executor_pb2.Value()
+            parsed.ParseFromString(memoryview(value))
+            return await self.create_value(parsed)
+        head = executor_pb2.CreateValueRequest(executor=self.executor).SerializeToString()
+        request = b"".join((head, bytes([_VALUE_FIELD_TAG]), _varint(len(value)), value))
+        response = await _call("CreateValue", self._create_raw(request))
+        return response.value_ref  # type: ignore[attr-defined]
+
+    async def compute_serialized(self, ref: executor_pb2.ValueRef) -> bytes | memoryview:
+        """Compute, returning the serialized `Value` without parsing it."""
+        if self._compute_raw is None:
+            return (await self.compute(ref)).SerializeToString()
+        request = executor_pb2.ComputeRequest(executor=self.executor, value_ref=ref)
+        raw = await _call("Compute", self._compute_raw(request))
+        try:
+            return _value_of_response(raw)  # type: ignore[arg-type]
+        except ValueError:
+            # Unexpected layout: let protobuf handle it.
+            return executor_pb2.ComputeResponse.FromString(raw).value.SerializeToString()  # type: ignore[arg-type]
 
     async def create_call(
         self, fn: executor_pb2.ValueRef, arg: executor_pb2.ValueRef | None = None
