@@ -189,3 +189,46 @@ def stop_on_sigterm() -> None:
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ broker
+# The silos' request queues and the federation's exchanges are durable: a
+# benchmark deletes its own federation's when it is done, so the shared broker
+# does not collect them. (The coordinator's queue is auto-delete.)
+
+
+async def delete_federation_async(broker: str, federation: str, silos: list[str]) -> None:
+    import aio_pika
+
+    from tff_amqp.topology import Topology
+
+    topology = Topology(federation)
+    queues = [topology.request_queue(s) for s in silos]
+    queues += [topology.bulk_queue(s) for s in silos] + [topology.work_queue(s) for s in silos]
+    exchanges = [
+        topology.requests_exchange,
+        topology.replies_exchange,
+        topology.dead_letter_exchange,
+        topology.bulk_exchange,
+        topology.work_exchange,
+    ]
+    connection = await aio_pika.connect(broker, timeout=10)
+    try:
+        channel = await connection.channel()
+        for queue in queues:
+            # Deleting a queue or exchange that does not exist is not an error.
+            await channel.queue_delete(queue)
+        for exchange in exchanges:
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
+def delete_federation(broker: str, federation: str, silos: list[str]) -> None:
+    """Best effort, bounded: a failure here is reported, not raised."""
+    import asyncio
+
+    try:
+        asyncio.run(asyncio.wait_for(delete_federation_async(broker, federation, silos), 30))
+    except Exception as e:
+        print(f"note: could not delete federation {federation!r} from the broker: {e}")

@@ -17,12 +17,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
 from benchmarks._common import (
+    delete_federation,
     machine,
     native_context,
     print_table,
@@ -88,6 +90,24 @@ def measure(context, mean, values, process, datasets, repeats):
     return summary(mean_samples), summary(round_samples), result
 
 
+def _run_amqp(
+    broker: str, federation: str, silos: list[str], repeats: int, built: tuple[Any, ...]
+) -> tuple[dict[str, float], dict[str, float], float]:
+    import tff_amqp
+    from tff_amqp.local import LocalFederation
+
+    with LocalFederation(broker, federation) as local:
+        for name in silos:
+            local.start_silo(name)
+        progress("  starting 3 silos ...")
+        local.wait_ready(timeout=180)
+        progress("  tff-amqp ...")
+        with tff_amqp.create_sync_amqp_execution_context(
+            broker, federation=federation, min_silos=len(silos), cohort_timeout=120
+        ) as ctx:
+            return measure(ctx, *built, repeats)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -95,9 +115,6 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-
-    import tff_amqp
-    from tff_amqp.local import LocalFederation
 
     stop_on_sigterm()
     progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}")
@@ -108,18 +125,13 @@ def main() -> int:
             native, mean, values, process, datasets, args.repeats
         )
     federation = f"bench-{uuid.uuid4().hex[:6]}"
-    with LocalFederation(args.broker, federation) as local:
-        for name in ("s1", "s2", "s3"):
-            local.start_silo(name)
-        progress("  starting 3 silos ...")
-        local.wait_ready(timeout=180)
-        progress("  tff-amqp ...")
-        with tff_amqp.create_sync_amqp_execution_context(
-            args.broker, federation=federation, min_silos=3, cohort_timeout=120
-        ) as ctx:
-            amqp_mean, amqp_round, amqp_value = measure(
-                ctx, mean, values, process, datasets, args.repeats
-            )
+    silos = ["s1", "s2", "s3"]
+    try:
+        amqp_mean, amqp_round, amqp_value = _run_amqp(
+            args.broker, federation, silos, args.repeats, (mean, values, process, datasets)
+        )
+    finally:
+        delete_federation(args.broker, federation, silos)
     assert abs(amqp_value - native_value) < 1e-5, (amqp_value, native_value)
 
     rows = [

@@ -44,10 +44,12 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _ms(stats: dict[str, Any]) -> str:
     """median (p10-p90) in ms, with the number of samples."""
-    return (
-        f"{stats['median_s'] * 1e3:.3g} ({stats['p10_s'] * 1e3:.3g}-{stats['p90_s'] * 1e3:.3g}, "
-        f"n={stats['n']})"
-    )
+
+    def ms(seconds: float) -> str:
+        value = seconds * 1e3
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+    return f"{ms(stats['median_s'])} ({ms(stats['p10_s'])}-{ms(stats['p90_s'])}, n={stats['n']})"
 
 
 # ------------------------------------------------------------------ sections
@@ -218,24 +220,23 @@ def _header(run: dict[str, Any] | None) -> str:
     warnings = []
     ran = {n: r for n, r in run.get("benchmarks", {}).items() if "quick" in r}
     quick = sorted(n for n, r in ran.items() if r["quick"])
+    quick_settings = (
+        "with the `--quick` settings (few repeats, small configurations): a smoke pass, not a "
+        "measurement to quote"
+    )
     if quick and len(quick) == len(ran):
-        warnings.append(
-            "taken with the `--quick` settings (few repeats, small configurations): a smoke "
-            "pass, not a measurement to quote"
-        )
+        warnings.append(f"These numbers were taken {quick_settings}.")
     elif quick:
-        warnings.append(
-            f"for {', '.join(quick)}, taken with the `--quick` settings (few repeats, small "
-            "configurations): a smoke pass, not a measurement to quote"
-        )
+        warnings.append(f"The numbers of {', '.join(quick)} were taken {quick_settings}.")
     if max(loads) > 0.5 * cpus:
         warnings.append(
-            f"taken on a loaded machine (1-minute load average {loads[0]:.1f} at start, "
-            f"{loads[1]:.1f} at end, on {cpus} cores): other work shared the CPUs, so absolute "
-            "times are inflated and noisy"
+            f"The last run was on a loaded machine (1-minute load average {loads[0]:.1f} at "
+            f"start, {loads[1]:.1f} at end, on {cpus} cores): other work shared the CPUs, so "
+            "absolute times are inflated and noisy. Each section gives the load when it was "
+            "measured."
         )
     if warnings:
-        lines.append("> **Caution:** these numbers were " + "; and ".join(warnings) + ".")
+        lines.append("> **Caution:** " + " ".join(warnings))
         lines.append("")
     if run.get("note"):
         lines += [f"> {run['note']}", ""]

@@ -31,6 +31,7 @@ from benchmarks._common import (
     available_memory_mb,
     children,
     cpu_seconds,
+    delete_federation,
     machine,
     native_context,
     print_table,
@@ -115,26 +116,29 @@ def _run_step(
         )
     names = numbered_silo_names("s", n)
     federation = f"bench-{uuid.uuid4().hex[:6]}"
-    with LocalFederation(args.broker, federation) as local:
-        if mode == "process":
-            local.start_silo(names[0])
-        else:
-            for h in range(hosts):
-                chunk = names[h * args.silos_per_host : (h + 1) * args.silos_per_host]
-                local.start_silo_host(f"h{h}", chunk, worker_mode=args.worker)
-        progress(f"  {n} silo(s) ({mode}, {hosts} process(es)): starting")
-        local.wait_ready(timeout=600)
-        with tff_amqp.create_sync_amqp_execution_context(
-            args.broker,
-            federation=federation,
-            min_silos=n,
-            max_silos=n,
-            cohort_timeout=300.0,
-            deadline=900.0,
-            heartbeat_timeout=30.0,
-        ) as context:
-            measured = _measure(context, n, built, args.repeats)
-        memory = _silo_memory(local)
+    try:
+        with LocalFederation(args.broker, federation) as local:
+            if mode == "process":
+                local.start_silo(names[0])
+            else:
+                for h in range(hosts):
+                    chunk = names[h * args.silos_per_host : (h + 1) * args.silos_per_host]
+                    local.start_silo_host(f"h{h}", chunk, worker_mode=args.worker)
+            progress(f"  {n} silo(s) ({mode}, {hosts} process(es)): starting")
+            local.wait_ready(timeout=600)
+            with tff_amqp.create_sync_amqp_execution_context(
+                args.broker,
+                federation=federation,
+                min_silos=n,
+                max_silos=n,
+                cohort_timeout=300.0,
+                deadline=900.0,
+                heartbeat_timeout=30.0,
+            ) as context:
+                measured = _measure(context, n, built, args.repeats)
+            memory = _silo_memory(local)
+    finally:
+        delete_federation(args.broker, federation, names)
     silo_mb = memory["agents_rss_mb"] + memory["workers_rss_mb"]
     return {
         "silos": n,

@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks._common import (
     RESULTS,
+    delete_federation,
     machine,
     native_context,
     print_table,
@@ -123,43 +124,48 @@ def main() -> int:
                 record("TFF native", delay, *_round(comp, values, delay))
 
     federation = f"bench-{uuid.uuid4().hex[:6]}"
-    with LocalFederation(args.broker, federation) as local:
-        for name in SILOS:
-            local.start_silo(name)
-        print(f"  starting {len(SILOS)} silos ...", flush=True)
-        local.wait_ready(timeout=300)
-        for timeout in (None, args.straggler_timeout):
-            mode = (
-                "tff-amqp, wait for all" if timeout is None else f"tff-amqp, K of N ({timeout:g} s)"
-            )
-            with (
-                tff_amqp.create_sync_amqp_execution_context(
-                    args.broker,
-                    federation=federation,
-                    min_silos=len(SILOS) - 1,
-                    straggler_timeout=timeout,
-                    heartbeat_timeout=30.0,
-                    deadline=max(args.delays) + 60.0,
-                    cohort_timeout=120.0,
-                ) as context,
-                tff.framework.get_context_stack().install(context),
-            ):
-                comp(values, _delays_us(0.0))  # warm up (cold silos take seconds)
-                link = context.runtime.link
-                for delay in args.delays:
-                    for _ in range(args.repeats):
-                        late_before = link.stats["late_replies"]
-                        round_s, value = _round(comp, values, delay)
-                        record(mode, delay, round_s, value)
-                        if timeout is not None and round_s < delay:
-                            # Let the dropped silo finish its late work (its
-                            # reply is discarded) before the next round.
-                            until = time.monotonic() + delay + 30
-                            while (
-                                link.stats["late_replies"] == late_before
-                                and time.monotonic() < until
-                            ):
-                                time.sleep(0.1)
+    try:
+        with LocalFederation(args.broker, federation) as local:
+            for name in SILOS:
+                local.start_silo(name)
+            print(f"  starting {len(SILOS)} silos ...", flush=True)
+            local.wait_ready(timeout=300)
+            for timeout in (None, args.straggler_timeout):
+                mode = (
+                    "tff-amqp, wait for all"
+                    if timeout is None
+                    else f"tff-amqp, K of N ({timeout:g} s)"
+                )
+                with (
+                    tff_amqp.create_sync_amqp_execution_context(
+                        args.broker,
+                        federation=federation,
+                        min_silos=len(SILOS) - 1,
+                        straggler_timeout=timeout,
+                        heartbeat_timeout=30.0,
+                        deadline=max(args.delays) + 60.0,
+                        cohort_timeout=120.0,
+                    ) as context,
+                    tff.framework.get_context_stack().install(context),
+                ):
+                    comp(values, _delays_us(0.0))  # warm up (cold silos take seconds)
+                    link = context.runtime.link
+                    for delay in args.delays:
+                        for _ in range(args.repeats):
+                            late_before = link.stats["late_replies"]
+                            round_s, value = _round(comp, values, delay)
+                            record(mode, delay, round_s, value)
+                            if timeout is not None and round_s < delay:
+                                # Let the dropped silo finish its late work (its
+                                # reply is discarded) before the next round.
+                                until = time.monotonic() + delay + 30
+                                while (
+                                    link.stats["late_replies"] == late_before
+                                    and time.monotonic() < until
+                                ):
+                                    time.sleep(0.1)
+    finally:
+        delete_federation(args.broker, federation, SILOS)
 
     modes = [
         "TFF native",

@@ -42,6 +42,7 @@ import numpy as np
 from benchmarks._common import (
     RESULTS,
     children,
+    delete_federation_async,
     machine,
     print_table,
     progress,
@@ -242,13 +243,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     progress(f"throughput benchmark: {args.silos} silos, C in {levels}, {args.per_level} x C each")
     native = await _native(comp, values, levels, args.per_level)
     federation = f"bench-{uuid.uuid4().hex[:6]}"
-    with LocalFederation(args.broker, federation) as local:
-        local.start_silo_host("h0", numbered_silo_names("s", args.silos))
-        progress(f"  starting {args.silos} silos in one host ...")
-        await asyncio.to_thread(local.wait_ready, 600)
-        amqp = await _tff_amqp(
-            args.broker, federation, args.silos, comp, values, levels, args.per_level
-        )
+    names = numbered_silo_names("s", args.silos)
+    try:
+        with LocalFederation(args.broker, federation) as local:
+            local.start_silo_host("h0", names)
+            progress(f"  starting {args.silos} silos in one host ...")
+            await asyncio.to_thread(local.wait_ready, 600)
+            amqp = await _tff_amqp(
+                args.broker, federation, args.silos, comp, values, levels, args.per_level
+            )
+    finally:
+        await asyncio.wait_for(delete_federation_async(args.broker, federation, names), 30)
     rows = []
     for c in levels:
         ceiling = await broker_ceiling(

@@ -64,7 +64,7 @@ def test_report_labels_a_quick_run_on_a_loaded_machine_and_renders_unknown_resul
     )
     (tmp_path / "payloads.png").write_bytes(b"png")
     text = report.render(tmp_path)
-    assert "**Caution:** these numbers were taken with the `--quick` settings" in text
+    assert "**Caution:** These numbers were taken with the `--quick` settings" in text
     assert "loaded machine" in text and "6.0 at start" in text
     assert "lead's note" in text
     assert "## Large payloads (`payloads`)" in text
@@ -89,7 +89,7 @@ def test_report_names_the_quick_benchmarks_of_a_mixed_run(tmp_path: Path) -> Non
         },
     )
     text = report.render(tmp_path)
-    assert "for throughput, taken with the `--quick` settings" in text
+    assert "The numbers of throughput were taken with the `--quick` settings" in text
     assert "loaded machine" not in text
 
 
