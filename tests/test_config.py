@@ -82,7 +82,7 @@ def test_booleans_and_repeatable_options_from_env_and_file(tmp_path):
         ({"TFF_AMQP_NO_DECLARE": "maybe"}, None, "expected true or false"),
         ({}, "[silo]\nnmae = 'x'\n", "[silo] has unknown option(s) nmae"),
         ({}, "colour = 'red'\n", "unknown option 'colour'"),
-        ({}, "[silos]\nname = 'x'\n", "[silos] is not a tff-amqp command"),
+        ({}, "[clinic]\nname = 'x'\n", "[clinic] is not a tff-amqp command"),
         ({}, "[silo\n", "is not valid TOML"),
     ],
 )
