@@ -229,7 +229,10 @@ class StatelessWorker:
             reply = await self._handle(envelope)
         finally:
             self._busy -= 1
-        if not self._require_worker().is_running:
+        execution_failed = (
+            isinstance(reply.body, p.ErrorReport) and reply.body.code is p.ErrorCode.EXECUTION
+        )
+        if await self._worker_binary_died(failed=execution_failed):
             # Our worker_binary died under the item: not the item's fault.
             # Give it back to the pool and stop (a supervisor restarts us).
             log.error("worker.worker_binary_died", extra={"item": envelope.correlation_id})
@@ -240,6 +243,20 @@ class StatelessWorker:
         # before this line, the item is redelivered to another worker.
         await self._publish(reply)
         await message.ack()
+
+    async def _worker_binary_died(self, *, failed: bool, grace: float = 2.0) -> bool:
+        """Whether our worker_binary is gone. After a failed item, look again
+        for up to `grace` seconds: a killed process closes its sockets (so the
+        item fails with UNAVAILABLE) a moment before it can be reaped."""
+        worker = self._require_worker()
+        if not failed:
+            return not worker.is_running
+        until = time.monotonic() + grace
+        while worker.is_running:
+            if time.monotonic() >= until:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def _handle(self, envelope: p.Envelope) -> p.Envelope:
         """The reply to a work item: its result or an error."""
