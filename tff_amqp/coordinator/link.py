@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aio_pika
@@ -40,6 +40,46 @@ class _Pending:
     silo: str
     invocation_id: str
     future: asyncio.Future[p.Result]
+
+
+async def consume_coordinator_queue(
+    channel: AbstractChannel,
+    topology: Topology,
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+) -> None:
+    """Declare the federation's coordinator queue (bound to silo replies and
+    to dead-lettered requests) and consume it exclusively. Shared by both
+    regimes' coordinators, so the queue's arguments always agree.
+
+    Not exclusive itself: the queue (and replies in flight) survives a dropped
+    connection, and the robust connection resumes consuming it; it is deleted
+    after a minute without a consumer. One coordinator per federation is
+    enforced by consuming it exclusively."""
+    replies = await channel.declare_exchange(
+        topology.replies_exchange, ExchangeType.TOPIC, durable=True
+    )
+    dead = await channel.declare_exchange(
+        topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        topology.coordinator_queue,
+        durable=False,
+        auto_delete=False,
+        arguments={"x-expires": 60_000},
+    )
+    await queue.bind(replies, routing_key=topology.reply_binding_key())
+    await queue.bind(dead)
+    try:
+        await queue.consume(on_message, no_ack=True, exclusive=True)
+    except aiormq.exceptions.ChannelAccessRefused as e:
+        raise TffAmqpError(
+            f"another coordinator is already running for federation "
+            f"{topology.federation!r} (it consumes {topology.coordinator_queue} "
+            "exclusively); stop it or use a different federation"
+        ) from e
+    # Replies and heartbeats left from an earlier coordinator are stale.
+    # (Purging after consuming, so a second coordinator cannot purge ours.)
+    await queue.purge()
 
 
 class CoordinatorLink:
@@ -91,36 +131,11 @@ class CoordinatorLink:
         self._requests = await self._channel.declare_exchange(
             self.topology.requests_exchange, ExchangeType.DIRECT, durable=True
         )
-        replies = await self._channel.declare_exchange(
-            self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
-        )
-        dead = await self._channel.declare_exchange(
-            self.topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
-        )
-        # Not exclusive: the queue (and replies in flight) survives a dropped
-        # connection, and the robust connection resumes consuming it. It is
-        # deleted after a minute without a consumer. One coordinator per
-        # federation is enforced by consuming it exclusively.
-        queue = await self._channel.declare_queue(
-            self.topology.coordinator_queue,
-            durable=False,
-            auto_delete=False,
-            arguments={"x-expires": 60_000},
-        )
-        await queue.bind(replies, routing_key=self.topology.reply_binding_key())
-        await queue.bind(dead)
         try:
-            await queue.consume(self._on_message, no_ack=True, exclusive=True)
-        except aiormq.exceptions.ChannelAccessRefused as e:
+            await consume_coordinator_queue(self._channel, self.topology, self._on_message)
+        except TffAmqpError:
             await self.close()
-            raise TffAmqpError(
-                f"another coordinator is already running for federation "
-                f"{self.topology.federation!r} (it consumes {self.topology.coordinator_queue} "
-                "exclusively); stop it or use a different federation"
-            ) from e
-        # Replies and heartbeats left from an earlier coordinator are stale.
-        # (Purging after consuming, so a second coordinator cannot purge ours.)
-        await queue.purge()
+            raise
 
     def _on_reconnect(self, *_: object) -> None:
         self.stats["reconnects"] += 1

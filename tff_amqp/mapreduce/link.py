@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import aio_pika
-import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -27,6 +26,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.link import consume_coordinator_queue
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
 from tff_amqp.retry import RetryPolicy
@@ -91,31 +91,11 @@ class WorkLink:
         self._work = await self._channel.declare_exchange(
             self.topology.work_exchange, ExchangeType.DIRECT, durable=True
         )
-        replies = await self._channel.declare_exchange(
-            self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
-        )
-        dead = await self._channel.declare_exchange(
-            self.topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
-        )
-        # Same queue and arguments as the stateful coordinator's link.
-        queue = await self._channel.declare_queue(
-            self.topology.coordinator_queue,
-            durable=False,
-            auto_delete=False,
-            arguments={"x-expires": 60_000},
-        )
-        await queue.bind(replies, routing_key=self.topology.reply_binding_key())
-        await queue.bind(dead)
         try:
-            await queue.consume(self._on_message, no_ack=True, exclusive=True)
-        except aiormq.exceptions.ChannelAccessRefused as e:
+            await consume_coordinator_queue(self._channel, self.topology, self._on_message)
+        except TffAmqpError:
             await self.close()
-            raise TffAmqpError(
-                f"another coordinator is already running for federation "
-                f"{self.topology.federation!r} (it consumes {self.topology.coordinator_queue} "
-                "exclusively); stop it or use a different federation"
-            ) from e
-        await queue.purge()
+            raise
 
     def _on_reconnect(self, *_: object) -> None:
         self.stats["reconnects"] += 1
