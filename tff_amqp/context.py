@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.backends.native import compiler
@@ -118,6 +118,8 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
         await self.runtime.close()
 
 
+_A = TypeVar("_A", bound="_AsyncContext")
+
 _shared_runner: async_utils.AsyncThreadRunner | None = None
 _shared_runner_lock = threading.Lock()
 
@@ -132,28 +134,29 @@ def _runner() -> async_utils.AsyncThreadRunner:
         return _shared_runner
 
 
-class AmqpSyncExecutionContext(context_base.SyncContext):
-    """Synchronous context: runs the async one on the shared event-loop thread."""
+class _AsyncContext(Protocol):
+    async def invoke(self, comp: Any, arg: Any) -> Any: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
 
-    def __init__(self, options: CoordinatorOptions) -> None:
-        self._async_context = AmqpAsyncExecutionContext(options)
+
+class SyncOverSharedLoop(context_base.SyncContext, Generic[_A]):
+    """A synchronous TFF context that runs an async one on the process's
+    shared event-loop thread (both regimes' sync contexts are this)."""
+
+    _name = "AMQP execution context"
+
+    def __init__(self, async_context: _A) -> None:
+        self._async_context = async_context
         self._runner = _runner()
         self._closed = False
 
-    @property
-    def options(self) -> CoordinatorOptions:
-        return self._async_context.options
-
-    @property
-    def runtime(self) -> CoordinatorRuntime:
-        return self._async_context.runtime
-
     def invoke(self, comp: Any, arg: Any) -> Any:
         if self._closed:
-            raise RuntimeError("this AMQP execution context is closed")
+            raise RuntimeError(f"this {self._name} is closed")
         return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
 
-    def start(self) -> AmqpSyncExecutionContext:
+    def start(self) -> Self:
         """Connect and start the local worker now (otherwise done on first use)."""
         self._runner.run_coro_and_return_result(self._async_context.start())
         return self
@@ -168,11 +171,26 @@ class AmqpSyncExecutionContext(context_base.SyncContext):
             self._closed = True
             self._runner.run_coro_and_return_result(self._async_context.close())
 
-    def __enter__(self) -> AmqpSyncExecutionContext:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AmqpSyncExecutionContext(SyncOverSharedLoop[AmqpAsyncExecutionContext]):
+    """Synchronous context: runs the async one on the shared event-loop thread."""
+
+    def __init__(self, options: CoordinatorOptions) -> None:
+        super().__init__(AmqpAsyncExecutionContext(options))
+
+    @property
+    def options(self) -> CoordinatorOptions:
+        return self._async_context.options
+
+    @property
+    def runtime(self) -> CoordinatorRuntime:
+        return self._async_context.runtime
 
 
 def _options(broker_url: str, kwargs: dict[str, Any]) -> CoordinatorOptions:

@@ -37,7 +37,7 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
-from tff_amqp.context import _runner
+from tff_amqp.context import SyncOverSharedLoop
 from tff_amqp.coordinator.runtime import CoordinatorOptions
 from tff_amqp.data_reference import SiloDataReference
 from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
@@ -349,13 +349,13 @@ def _tree_to_python(value: Any) -> Any:
     return tree.traverse(_to_python, value)
 
 
-class AmqpSyncMapReduceContext(context_base.SyncContext):
+class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext]):
     """Synchronous MapReduce context on the process's shared event-loop thread."""
 
+    _name = "MapReduce context"
+
     def __init__(self, options: MapReduceOptions) -> None:
-        self._async_context = AmqpAsyncMapReduceContext(options)
-        self._runner = _runner()
-        self._closed = False
+        super().__init__(AmqpAsyncMapReduceContext(options))
 
     @property
     def options(self) -> MapReduceOptions:
@@ -372,26 +372,6 @@ class AmqpSyncMapReduceContext(context_base.SyncContext):
     @property
     def last_round(self) -> RoundReport | None:
         return self._async_context.last_round
-
-    def invoke(self, comp: Any, arg: Any) -> Any:
-        if self._closed:
-            raise RuntimeError("this MapReduce context is closed")
-        return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
-
-    def start(self) -> AmqpSyncMapReduceContext:
-        self._runner.run_coro_and_return_result(self._async_context.start())
-        return self
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._runner.run_coro_and_return_result(self._async_context.close())
-
-    def __enter__(self) -> AmqpSyncMapReduceContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _options(broker_url: str, shards_per_silo: int, kwargs: dict[str, Any]) -> MapReduceOptions:
