@@ -290,7 +290,12 @@ class CoordinatorLink:
         elif envelope.kind is p.Kind.ERROR:
             assert isinstance(envelope.body, p.ErrorReport)
             pending.future.set_exception(
-                SiloError(silo, str(envelope.body.code), envelope.body.message)
+                SiloError.from_report(
+                    silo,
+                    str(envelope.body.code),
+                    envelope.body.message,
+                    envelope.body.worker_status,
+                )
             )
             # Keep the entry so first_failure() can report it; retrieve the
             # exception so asyncio does not warn when nobody awaits it.

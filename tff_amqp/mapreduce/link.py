@@ -218,7 +218,12 @@ class WorkLink:
             pending.future.set_result(envelope.body)
         elif envelope.kind is p.Kind.ERROR and isinstance(envelope.body, p.ErrorReport):
             pending.future.set_exception(
-                SiloError(silo, str(envelope.body.code), envelope.body.message)
+                SiloError.from_report(
+                    silo,
+                    str(envelope.body.code),
+                    envelope.body.message,
+                    envelope.body.worker_status,
+                )
             )
         else:
             self.stats["malformed"] += 1
