@@ -202,3 +202,46 @@ def test_worker_error_keeps_its_grpc_status(amqp_context, native_context):
     assert ours.value.__cause__.code() == native_error.value.code()
     assert ours.value.worker_status == native_error.value.code()
     assert "negative client value" in str(ours.value)
+
+
+@tff.tensorflow.computation(np.float32, np.float32)
+def _scaled(x, factor):
+    return x * factor
+
+
+@tff.tensorflow.computation(np.float32, np.float32)
+def _next_state(state, total):
+    return state + total / 10.0
+
+
+@tff.federated_computation(
+    tff.FederatedType(np.float32, tff.SERVER), tff.FederatedType(np.float32, tff.CLIENTS)
+)
+def one_round(state, data):
+    scaled = tff.federated_map(_scaled, tff.federated_zip((data, tff.federated_broadcast(state))))
+    total = tff.federated_sum(scaled)
+    return tff.federated_map(_next_state, tff.federated_zip((state, total))), total
+
+
+@pytest.mark.parametrize("form", ["map_reduce", "distribute_aggregate"])
+def test_round_trip_through_tff_forms_runs_on_the_stateful_context(
+    form, amqp_context, native_context
+):
+    # Computations rebuilt from a MapReduceForm / DistributeAggregateForm carry
+    # the secure sums (of <>) and the secure modular sum that every such form has.
+    mr = tff.backends.mapreduce
+    if form == "map_reduce":
+        rebuilt = mr.get_computation_for_map_reduce_form(
+            mr.get_map_reduce_form_for_computation(one_round)
+        )
+    else:
+        rebuilt = mr.get_computation_for_distribute_aggregate_form(
+            mr.get_distribute_aggregate_form_for_computation(one_round)
+        )
+    args = (np.float32(2.0), [1.0, 2.0, 3.0, -4.0, 0.5])
+    expected = run_in(native_context, one_round, *args)
+    assert_close(run_in(amqp_context, rebuilt, *args), expected)
+    assert_close(
+        run_in(amqp_context, rebuilt, np.float32(1.0), [3.0]),
+        run_in(native_context, one_round, np.float32(1.0), [3.0]),
+    )
