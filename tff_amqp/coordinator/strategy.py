@@ -54,6 +54,7 @@ class FederatingStrategy:
         self, intrinsic: building_blocks.Intrinsic, arg: CoordinatorValue | None
     ) -> CoordinatorValue:
         method: _Method | None = getattr(self, intrinsic.uri, None)
+        self._invocation.runtime.intrinsic_calls[intrinsic.uri] += 1
         if method is None:
             raise UnsupportedIntrinsicError(
                 f"intrinsic {intrinsic.uri!r} is not supported by tff-amqp; supported: "
@@ -110,17 +111,37 @@ class FederatingStrategy:
     async def federated_eval_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
         return await self._at_server(intrinsic, arg)
 
+    # Generic operators: TFF 0.87's compiler does not emit them, and TFF's
+    # worker cannot run them; built here as TensorFlow, leaf by leaf.
+
     async def generic_plus(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_add)
 
     async def generic_multiply(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_multiply)
 
     async def generic_divide(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_divide)
 
-    async def generic_zero(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+    async def _generic(
+        self, intrinsic: Intrinsic, arg: Arg, op: Callable[[object, object], object]
+    ) -> CoordinatorValue:
+        first, second = intrinsic.type_signature.parameter  # type: ignore[misc,union-attr]
+        if _is_placed(first) or _is_placed(second):
+            raise UnsupportedIntrinsicError(
+                f"{intrinsic.uri} of federated values is not supported by tff-amqp (only of "
+                "unplaced tensors and structs); TFF's compiler does not produce it"
+            )
+        proto, fn_type = _tf_binary_operator(
+            lambda a, b: _map_leaves(op, a, _broadcast_to(b, a)), first, second
+        )
+        fn = FunctionValue(
+            self._invocation,
+            building_blocks.CompiledComputation(proto, type_signature=fn_type),
+            _EMPTY,
+        )
+        assert arg is not None
+        return await self._executor.call(fn, arg)
 
     # -------------------------------------------------------- aggregations
 
@@ -339,6 +360,22 @@ def tf_add(a: object, b: object) -> object:
     import tensorflow as tf
 
     return tf.add(a, b)
+
+
+def tf_multiply(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.multiply(a, b)
+
+
+def tf_divide(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.divide(a, b)
+
+
+def _is_placed(type_spec: computation_types.Type) -> bool:
+    return isinstance(type_spec, computation_types.FederatedType)
 
 
 def tf_mod(a: object, b: object) -> object:
