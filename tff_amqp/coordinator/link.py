@@ -271,7 +271,7 @@ class CoordinatorLink:
                 extra={"silo": silo, "expected": pending.silo, "reason": "wrong silo"},
             )
             return
-        user_problem = self._user_problem(silo, message.user_id)
+        user_problem = self.membership.reply_user_problem(silo, message.user_id)
         if user_problem is not None:
             self.stats["rejected_replies"] += 1
             self.stats["rejected_user_id"] += 1
@@ -300,24 +300,6 @@ class CoordinatorLink:
             # Keep the entry so first_failure() can report it; retrieve the
             # exception so asyncio does not warn when nobody awaits it.
             pending.future.exception()
-
-    def _user_problem(self, silo: str, user_id: str | None) -> str | None:
-        """Why a reply from `silo` with `user_id` must not be used, or None.
-
-        The broker validates `user_id` only when it is set, so a reply must
-        carry one, and it must be the user the silo said hello with. That
-        binding is trustworthy because only the silo's own user may publish
-        with routing key ``reply.<silo>`` (topic permission, docs/security.md);
-        in guest-mode development every silo is ``guest`` and this holds
-        trivially."""
-        if not user_id:
-            return "reply has no user_id (the broker validates user_id only when it is set)"
-        record = self.membership.record(silo)
-        if record is None or not record.user_id:
-            return f"silo {silo!r} has not said hello with a validated user_id"
-        if record.user_id != user_id:
-            return f"user_id {user_id!r} is not silo {silo!r}'s broker user {record.user_id!r}"
-        return None
 
     async def membership_touch(self, silo: str, user_id: str | None) -> None:
         record = self.membership.record(silo)

@@ -68,6 +68,7 @@ class WorkLink:
             "late_results": 0,
             "unknown_replies": 0,
             "rejected_replies": 0,
+            "rejected_user_id": 0,
             "malformed": 0,
             "dead_lettered": 0,
             "reconnects": 0,
@@ -203,11 +204,20 @@ class WorkLink:
             else:
                 self.stats["unknown_replies"] += 1
             return
-        if pending.silo != silo or not message.user_id:
+        if pending.silo != silo:
             self.stats["rejected_replies"] += 1
             log.warning(
                 "mapreduce.rejected_reply",
-                extra={"silo": silo, "expected": pending.silo, "user_id": message.user_id},
+                extra={"silo": silo, "expected": pending.silo, "reason": "wrong silo"},
+            )
+            return
+        user_problem = self.membership.reply_user_problem(silo, message.user_id)
+        if user_problem is not None:
+            self.stats["rejected_replies"] += 1
+            self.stats["rejected_user_id"] += 1
+            log.warning(
+                "mapreduce.rejected_reply",
+                extra={"silo": silo, "user_id": message.user_id, "reason": user_problem},
             )
             return
         record = self.membership.record(silo)
