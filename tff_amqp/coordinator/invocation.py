@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
@@ -608,7 +607,3 @@ def _free_references(bb: building_blocks.ComputationBuildingBlock) -> set[str]:
     from tensorflow_federated.python.core.impl.compiler import transformation_utils
 
     return set(transformation_utils.get_map_of_unbound_references(bb)[bb])
-
-
-def struct_elements(value: object) -> list[tuple[str | None, object]]:
-    return list(structure.iter_elements(structure.from_container(value)))

@@ -204,17 +204,6 @@ class CoordinatorLink:
         for corr in [c for c, pend in self._pending.items() if pend.invocation_id == invocation_id]:
             self.forget(corr)
 
-    def first_failure(self, invocation_id: str) -> SiloError | None:
-        """An error already reported for an invocation by a batch that had no
-        waiting compute (errors are never dropped)."""
-        for pending in self._pending.values():
-            if pending.invocation_id == invocation_id and pending.future.done():
-                if not pending.future.cancelled() and pending.future.exception() is not None:
-                    error = pending.future.exception()
-                    if isinstance(error, SiloError):
-                        return error
-        return None
-
     # -------------------------------------------------------------- receiving
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -297,8 +286,9 @@ class CoordinatorLink:
                     envelope.body.worker_status,
                 )
             )
-            # Keep the entry so first_failure() can report it; retrieve the
-            # exception so asyncio does not warn when nobody awaits it.
+            # Retrieve the exception so asyncio does not warn when nobody
+            # awaits it (a batch without a Compute: the silo's session fails
+            # every later batch of the invocation with the same error).
             pending.future.exception()
 
     async def membership_touch(self, silo: str, user_id: str | None) -> None:

@@ -87,9 +87,6 @@ class Membership:
             key=lambda r: r.name,
         )
 
-    def known(self) -> list[SiloRecord]:
-        return sorted(self._silos.values(), key=lambda r: r.name)
-
     async def wait_for_cohort(
         self, min_silos: int, max_silos: int | None, timeout: float
     ) -> list[str]:

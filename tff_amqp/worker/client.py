@@ -188,10 +188,6 @@ class WorkerExecutor:
             self._computations.pop(key, None)
             raise
 
-    @property
-    def executor_id(self) -> str:
-        return self.executor.id
-
     async def create_value(self, value: executor_pb2.Value) -> executor_pb2.ValueRef:
         request = executor_pb2.CreateValueRequest(executor=self.executor, value=value)
         response = await _call("CreateValue", self._stub.CreateValue(request))
