@@ -28,7 +28,7 @@ from aio_pika.abc import (
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry
 
@@ -121,7 +121,7 @@ class CoordinatorLink:
         self._requests: AbstractExchange | None = None
         self._pending: dict[str, _Pending] = {}
         # While the robust connection reconnects, publishes are retried.
-        self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+        self.publish_policy = COORDINATOR_PUBLISH
 
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp coordinator {self.sender}")

@@ -29,7 +29,7 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.link import consume_coordinator_queue
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry
 from tff_amqp.worker_pool.agent import declare_work_queue
@@ -82,7 +82,7 @@ class WorkLink:
         # a later reply is a duplicate, or late.
         self._finished: dict[str, bool] = {}
         self._declared: set[str] = set()
-        self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+        self.publish_policy = COORDINATOR_PUBLISH
 
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp mapreduce {self.sender}")

@@ -27,7 +27,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.bulk import SiloBulk
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
@@ -141,7 +141,7 @@ class SiloAgent:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._sweeper_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
-        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+        self._publish_policy = SILO_PUBLISH
         self.ready = asyncio.Event()
 
     async def __aenter__(self) -> SiloAgent:
@@ -165,7 +165,7 @@ class SiloAgent:
         self._connection = await connect(
             self.config.broker_url,
             name=f"tff-amqp silo {self.config.name}",
-            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
@@ -205,7 +205,7 @@ class SiloAgent:
             max_message_bytes=self.config.max_message_bytes,
             max_pending_bytes=self.config.max_pending_transfer_bytes,
             declare_topology=self.config.declare_topology,
-            connect_policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            connect_policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         await self.bulk.__aenter__()

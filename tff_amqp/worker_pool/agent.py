@@ -35,7 +35,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
@@ -129,7 +129,7 @@ class StatelessWorker:
         # Set when this worker can no longer run items (its worker_binary died).
         self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
-        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+        self._publish_policy = SILO_PUBLISH
 
     async def __aenter__(self) -> StatelessWorker:
         await self.start()
@@ -149,7 +149,7 @@ class StatelessWorker:
         self._connection = await connect(
             self.config.broker_url,
             name=f"tff-amqp worker {self.config.silo}",
-            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            policy=connect_within(self.config.connect_timeout),
         )
         self._worker = WorkerBinary()
         await self._worker.start()
