@@ -21,13 +21,22 @@ class QuorumError(CohortError):
     """Too few silos answered an aggregation phase (crashes, stragglers)."""
 
 
-class SiloError(TffAmqpError):
+class CodedError(TffAmqpError):
+    """An error with a machine-readable `code` (a protocol `ErrorCode`, or its
+    string on the coordinator side) besides its message: what error replies
+    carry across the broker."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SiloError(CodedError):
     """A silo refused or failed an operation of the invocation."""
 
     def __init__(self, silo: str, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.silo = silo
-        self.code = code
 
     @classmethod
     def from_report(

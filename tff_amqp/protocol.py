@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from tff_amqp.errors import CodedError
+
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/x-tff-amqp+msgpack"
 
@@ -61,12 +63,10 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_INVOCATION = "unknown_invocation"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CodedError, ValueError):
     """A message that cannot be accepted; `code` says which rule it broke."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: ErrorCode
 
 
 class Kind(enum.StrEnum):

@@ -35,6 +35,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import CodedError
 from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.topology import Topology, check_silo_name
@@ -72,13 +73,11 @@ class WorkerConfig:
             raise ValueError("heartbeat_interval must be a positive number of seconds")
 
 
-class ItemError(Exception):
+class ItemError(CodedError):
     """A work item that cannot succeed on any worker (bad data key, privacy,
     a failing computation): answered with an error reply, then acked."""
 
-    def __init__(self, code: p.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: p.ErrorCode
 
 
 async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo: str) -> None:
