@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,69 @@ def test_large_server_value_is_published_once_for_all_silos(amqp_context, native
     table_bytes = 4 * rows * width
     assert transfers == 1
     assert table_bytes <= sent < 1.1 * table_bytes
+
+
+# ------------------------------------------------- opt-in: only slices shipped
+
+
+@pytest.fixture
+def sliced_context(amqp_context: Any) -> Iterator[Any]:
+    """The shared context with `select_slices` on for one test. (Switched on
+    the running context: a second coordinator of the federation is refused.)"""
+    runtime = amqp_context.runtime
+    plain = runtime.options
+    runtime.options = dataclasses.replace(plain, select_slices=True)
+    try:
+        yield amqp_context
+    finally:
+        runtime.options = plain
+
+
+def test_sliced_select_uneven_clients_repeated_keys(sliced_context, native_context):
+    keys = [[0, 5, 5], [1, 2, 3], [5, 0, 1], [5, 5, 5], [2, 2, 0], [4, 1, 4], [0, 0, 0]]
+    comp = select_rows(clients=len(keys), keys=3, table_rows=6, width=2)
+    args = ([np.array(k, np.int32) for k in keys], list(range(len(keys))), table(6, 2), 5)
+    actual, expected = both(comp, *args, amqp_context=sliced_context, native_context=native_context)
+    assert_same_rows(actual, expected)
+    np.testing.assert_array_equal(actual["rows"], table(6, 2)[np.array(keys)])
+
+
+def test_sliced_select_structured_server_value(sliced_context, native_context):
+    fields = ("bias", "weights")
+    args = (ENTRY_KEYS, [0, 1, 2, 3, 4], database(fields))
+    actual, expected = both(
+        select_entries(fields), *args, amqp_context=sliced_context, native_context=native_context
+    )
+    np.testing.assert_array_equal(actual["bias"], expected["bias"])
+    assert_close(actual["weights"], expected["weights"])
+
+
+def test_sliced_select_ships_only_requested_slices(sliced_context, native_context):
+    # The same 8 MB table as above; 5 clients ask for 8 distinct rows: a few
+    # hundred bytes of slices go out (inline), no transfer of the table.
+    rows, width = 500_000, 4
+    comp = select_rows(clients=5, keys=2, table_rows=rows, width=width)
+    keys = [np.array(k, np.int32) for k in ([0, rows - 1], [7, 7], [123_456, 0], [1, 2], [3, 9])]
+    args = (keys, [0, 1, 2, 3, 4], table(rows, width, seed=3), rows - 1)
+    link, bulk = sliced_context.runtime.link, sliced_context.runtime.bulk
+    sliced_context.run(sliced_context.runtime.settle())
+    published_before, transfers_before = link.stats["published_bytes"], bulk.transfers
+    actual = run_in(sliced_context, comp, *args)
+    published = link.stats["published_bytes"] - published_before
+    expected = run_in(native_context, comp, *args)
+    assert_same_rows(actual, expected)
+    assert bulk.transfers == transfers_before
+    assert published < 4 * rows * width / 20
+
+
+def test_sliced_select_refuses_keys_beyond_max_key(sliced_context, native_context):
+    # TFF documents keys in [0, max_key]; native does not check (a select_fn
+    # that gathers still works), but slices are only computed for that range.
+    comp = select_rows(clients=3, keys=2, table_rows=6, width=2)
+    args = ([np.array(k, np.int32) for k in ([0, 1], [2, 5], [1, 1])], [0, 1, 2], table(6, 2), 3)
+    assert run_in(native_context, comp, *args)["count"].sum() == 6
+    with pytest.raises(ValueError, match=r"outside \[0, max_key=3\]"):
+        run_in(sliced_context, comp, *args)
 
 
 # ----------------------------------------------------- select over silo data

@@ -50,6 +50,9 @@ class CoordinatorOptions:
     metrics_port: int | None = None
     # Progress display on stderr: True, False, or None (only when it is a terminal).
     progress: bool | None = None
+    # federated_select ships only the slices silos ask for, learning each
+    # silo's requested key set (docs/privacy.md); off: the whole server value.
+    select_slices: bool = False
     coordinator_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
     )

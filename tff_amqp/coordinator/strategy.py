@@ -94,6 +94,11 @@ class FederatingStrategy:
         # Server value and max_key go to each silo once; each silo selects for
         # its clients, so client keys stay at the silos (see select.py).
         _select.check_select(intrinsic)
+        if self._invocation.runtime.options.select_slices:
+            # Opt-in: only requested slices are shipped; silos reveal their key sets.
+            selected = await _select.select_by_slices(self._executor, intrinsic, arg)
+            if selected is not None:
+                return selected
         return await self._at_silos(intrinsic, arg)
 
     async def federated_secure_select(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
