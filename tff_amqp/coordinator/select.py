@@ -174,7 +174,7 @@ async def _requested_keys(
     """Per silo, the sorted distinct keys its clients ask for."""
     invocation = executor.invocation
     per_client = keys_type.member  # type: ignore[attr-defined]
-    accumulate, merge, mask_type = _mask_functions(per_client.shape[0], top)
+    zero_fn, accumulate, merge, mask_type = _mask_functions(per_client.shape[0], top)
     identity = building_blocks.Lambda(
         "mask", mask_type, building_blocks.Reference("mask", mask_type)
     )
@@ -191,9 +191,10 @@ async def _requested_keys(
             computation_types.FederatedType(mask_type, placements.SERVER),
         ),
     )
-    zero = await invocation.create_local(
-        value_serialization.serialize_value(np.zeros(mask_type.shape, np.int32), mask_type)[0],
-        mask_type,
+    # Each silo makes the zero bit set itself (a few hundred bytes of graph
+    # instead of max_key / 8 bytes per silo).
+    zero = await invocation.call_at_silos(
+        FunctionValue(invocation, zero_fn, EMPTY_SCOPE), None, mask_type
     )
     masks = await invocation.call_at_silos(
         FunctionValue(invocation, aggregate, EMPTY_SCOPE),
@@ -320,16 +321,25 @@ def _compiled(comp: object) -> building_blocks.CompiledComputation:
 @functools.lru_cache(maxsize=64)
 def _mask_functions(
     keys_per_client: int, top: int
-) -> tuple[building_blocks.CompiledComputation, building_blocks.CompiledComputation, Any]:
+) -> tuple[
+    building_blocks.CompiledComputation,
+    building_blocks.CompiledComputation,
+    building_blocks.CompiledComputation,
+    Any,
+]:
     """A bit set of the requested keys 0..top in int32 words (key k: bit k % 32
     of word k // 32), plus a last word flagging keys out of range:
-    accumulate marks a client's keys, merge is a bitwise or."""
+    zero, accumulate marking a client's keys, merge (bitwise or)."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
     words = top // 32 + 2
     mask_type = computation_types.TensorType(np.int32, [words])
     keys_type = computation_types.TensorType(np.int32, [keys_per_client])
+
+    @tff.tensorflow.computation
+    def zero() -> Any:
+        return tf.zeros([words], tf.int32)
 
     # Unnamed parameters: federated_aggregate's type is <U,T> -> U.
     @tff.tensorflow.computation(computation_types.StructType([mask_type, keys_type]))
@@ -355,7 +365,7 @@ def _mask_functions(
     def merge(pair: Any) -> Any:
         return tf.bitwise.bitwise_or(pair[0], pair[1])
 
-    return _compiled(accumulate), _compiled(merge), mask_type
+    return _compiled(zero), _compiled(accumulate), _compiled(merge), mask_type
 
 
 def _keys_of(mask: np.ndarray) -> list[int]:
