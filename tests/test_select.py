@@ -126,16 +126,16 @@ def test_select_one_client_per_silo(amqp_context, native_context):
     assert_same_rows(actual, expected)
 
 
+@pytest.mark.xfail(
+    raises=QuorumError,
+    strict=False,
+    reason="known bug on main: fewer client values than min_silos (2 clients, 3 silos) raise "
+    "QuorumError at the first aggregation; being fixed in invocation.py",
+)
 def test_select_fewer_clients_than_silos(amqp_context, native_context):
     comp = select_rows(clients=2, keys=2, table_rows=4, width=2)
     args = ([np.array([1, 3], np.int32), np.array([3, 1], np.int32)], [0, 1], table(4, 2), 3)
-    expected = run_in(native_context, comp, *args)
-    try:
-        actual = run_in(amqp_context, comp, *args)
-    except QuorumError as e:
-        # Known on main: a cohort smaller than min_silos (2 clients, 3 silos)
-        # is refused at the first aggregation; fixed separately.
-        pytest.xfail(f"fewer clients than min_silos: {e}")
+    actual, expected = both(comp, *args, amqp_context=amqp_context, native_context=native_context)
     assert_same_rows(actual, expected)
 
 
@@ -507,3 +507,13 @@ def test_sequence_sum_is_a_clear_error_as_native_cannot_run_it(
         run_in(amqp_context, comp, arg)
     # The federation still serves.
     assert run_in(amqp_context, reduce_unplaced, [1.0, 2.0]) == pytest.approx(3.0)
+
+
+def test_sliced_select_keys_from_silo_data(sliced_context, native_context, silo_federation):
+    buckets = table(AGE_BUCKETS, 2, seed=5)
+    actual = run_in(sliced_context, select_by_age_bucket, tff_amqp.silo_data("readings"), buckets)
+    expected = run_in(
+        native_context, select_by_age_bucket, client_datasets(silo_federation), buckets
+    )
+    assert_close(actual, expected)
+    assert np.any(actual != 0)

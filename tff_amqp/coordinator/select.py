@@ -112,7 +112,7 @@ async def select_by_slices(
     """`federated_select` shipping only the requested slices (option
     `select_slices`); None if max_key is too large for it.
 
-    1. Each silo aggregates a mask of the keys its clients ask for (an
+    1. Each silo aggregates a bit set of the keys its clients ask for (an
        aggregation, so silos release it under their default policy).
     2. The coordinator computes `select_fn(server_val, key)` once per distinct
        key on its worker, and ships each slice once to the silos that asked
@@ -148,7 +148,8 @@ async def select_by_slices(
         picked = await executor.call(
             select_fn, StructValue(invocation, [(None, table), (None, key_value)])
         )
-        assert isinstance(picked, LocalValue)
+        if not isinstance(picked, LocalValue):
+            raise TypeError(f"select_fn returned {type(picked).__name__}, not a server value")
         return picked
 
     # Once per distinct key, concurrently on the coordinator's worker.
@@ -237,12 +238,7 @@ async def _select_at_silo(
     keys_type: computation_types.Type,
     slice_type: computation_types.Type,
 ) -> int:
-    packed_type = computation_types.StructType(
-        [
-            ("keys", computation_types.TensorType(np.int32, [len(silo_keys)])),
-            ("slices", computation_types.StructType([slice_type] * len(silo_keys))),
-        ]
-    )
+    packed_type = _packed_type(len(silo_keys), slice_type)
     key_table = await invocation.create_local(
         value_serialization.serialize_value(
             np.array(silo_keys, np.int32),
@@ -258,26 +254,24 @@ async def _select_at_silo(
             ("slices", StructValue(invocation, [(None, s) for s in slices_here])),
         ],
     )
+    packed_at_server_type = computation_types.FederatedType(packed_type, placements.SERVER)
     at_server = building_blocks.Intrinsic(
         intrinsic_defs.FEDERATED_VALUE_AT_SERVER.uri,
-        computation_types.FunctionType(
-            packed.type_signature,
-            computation_types.FederatedType(packed.type_signature, placements.SERVER),
-        ),
+        computation_types.FunctionType(packed_type, packed_at_server_type),
     )
     outbox = await invocation.outbox(silo)
     packed_at_server = outbox.create_call(
         await invocation.to_silo(FunctionValue(invocation, at_server, EMPTY_SCOPE), silo),
         await invocation.to_silo(packed, silo),
     )
-    pick = _pick_function(packed.type_signature, slice_type)
+    pick = _pick_function(len(silo_keys), slice_type)
     select = building_blocks.Intrinsic(
         intrinsic_defs.FEDERATED_SELECT.uri,
         computation_types.FunctionType(
             [
                 keys_type,
                 max_key.type_signature,
-                computation_types.FederatedType(packed.type_signature, placements.SERVER),
+                packed_at_server_type,
                 pick.type_signature,
             ],
             computation_types.FederatedType(
@@ -285,21 +279,28 @@ async def _select_at_silo(
             ),
         ),
     )
+    packed_here = ClientsValue(invocation, {silo: packed_at_server}, packed_at_server_type)
     select_arg = StructValue(
         invocation,
         [
             (None, keys),
             (None, max_key),
-            (
-                None,
-                ClientsValue(invocation, {silo: packed_at_server}, at_server.type_signature.result),
-            ),  # type: ignore[attr-defined]
+            (None, packed_here),
             (None, FunctionValue(invocation, pick, EMPTY_SCOPE)),
         ],
     )
     return outbox.create_call(
         await invocation.to_silo(FunctionValue(invocation, select, EMPTY_SCOPE), silo),
         await invocation.to_silo(select_arg, silo),
+    )
+
+
+def _packed_type(count: int, slice_type: computation_types.Type) -> computation_types.StructType:
+    return computation_types.StructType(
+        [
+            ("keys", computation_types.TensorType(np.int32, [count])),
+            ("slices", computation_types.StructType([slice_type] * count)),
+        ]
     )
 
 
@@ -374,13 +375,17 @@ def _keys_of(mask: np.ndarray) -> list[int]:
     return np.flatnonzero(bits.reshape(-1)).tolist()
 
 
+@functools.lru_cache(maxsize=256)
 def _pick_function(
-    packed_type: computation_types.StructType, slice_type: computation_types.Type
+    count: int, slice_type: computation_types.Type
 ) -> building_blocks.CompiledComputation:
-    """(<keys, slices>, key) -> the slice stored under `key`."""
+    """(<keys, slices>, key) -> the slice stored under `key`, for `count`
+    slices (cached: tracing it costs ~0.1 s on the event loop)."""
     import tensorflow as tf
     import tensorflow_federated as tff
     from tensorflow_federated.python.common_libs import structure
+
+    packed_type = _packed_type(count, slice_type)
 
     @tff.tensorflow.computation(
         computation_types.StructType([packed_type, computation_types.TensorType(np.int32)])
