@@ -16,7 +16,9 @@ What TFF 0.87's native compiler leaves of them, checked on this machine:
 tff-amqp runs a select at the silos: the server value and `max_key` are
 shipped to every cohort silo once (a large value is one publish the broker
 fans out), and each silo's worker runs `federated_select` over its clients.
-Client keys never leave the silo.
+Client keys never leave the silo. With the option `select_slices`, only the
+requested slices are shipped instead, and each silo reveals its requested key
+set to the coordinator (`select_by_slices`; docs/privacy.md).
 """
 
 from __future__ import annotations
