@@ -37,8 +37,8 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
-from tff_amqp.context import SyncOverSharedLoop
-from tff_amqp.coordinator.runtime import CoordinatorOptions
+from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.data_reference import SiloDataReference
 from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
 from tff_amqp.mapreduce.link import WorkLink
