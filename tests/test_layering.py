@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "tff_amqp"
 
 # Rooms of a side that both regimes use.
-SHARED_COORDINATOR = {"intake", "membership", "options", "sync"}
+SHARED_COORDINATOR = {"intake", "membership", "options", "quorum", "sync"}
 SHARED_SILO = {"endpoint", "data"}
 
 COORDINATOR_SIDE = ("tff_amqp.coordinator", "tff_amqp.mapreduce", "tff_amqp.context")
