@@ -106,12 +106,9 @@ def test_a_failing_observer_never_breaks_the_run():
 
 def test_coordinator_metrics_count_drops_and_outcomes_in_their_own_registry():
     stats = {"published": 7, "late_replies": 2}
-    runtime = SimpleNamespace(
-        options=SimpleNamespace(federation="f1"),
-        _link=SimpleNamespace(stats=stats),
-        membership=SimpleNamespace(live=lambda: [1, 2]),
-    )
-    first, second = CoordinatorMetrics(runtime), CoordinatorMetrics(runtime)
+    membership = SimpleNamespace(live=lambda: [1, 2])
+    first = CoordinatorMetrics("f1", membership, lambda: stats)
+    second = CoordinatorMetrics("f1", membership, lambda: stats)
     first.silos_dropped("i", ["a", "b"], "straggler")
     first.invocation_finished("i", False, 0.2)
     sample = first.registry.get_sample_value

@@ -35,6 +35,7 @@ from tests.support.pools import (
     write_xy_clients,
 )
 from tests.support.processes import ManagedProcess, ProcessGroup
+from tests.test_observe import scrape
 from tff_amqp import protocol as p
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.worker_pool.shard import shard_bounds
@@ -270,11 +271,27 @@ def test_straggling_silo_is_dropped_at_the_phase_cutoff(amqp_url, pools, cutoff)
     for worker in pools.workers["south"][1:]:
         worker.stop()
     pools.workers["south"] = pools.workers["south"][:1]
-    with _context(amqp_url, pools, min_silos=1, **cutoff) as context:
+    dropped: list[tuple[str, ...]] = []
+
+    class Recorder:
+        def silos_dropped(self, invocation, silos, reason):
+            dropped.append((reason, *silos))
+
+    with _context(
+        amqp_url, pools, min_silos=1, metrics_port=0, progress=False, **cutoff
+    ) as context:
+        context.events.add(Recorder())
         _wait_workers(context, ["north"], WORKERS_PER_SILO)
         new_state, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         report = context.last_round
         assert context.membership.is_live("south")  # slow, not dead
+        # Rounds report like invocations: the drop reaches observers and metrics.
+        metrics = scrape(context.telemetry.metrics_port)
+    assert dropped == [("straggler", "south")]
+    labels = (("federation", pools.name), ("reason", "straggler"))
+    assert metrics[("tff_amqp_coordinator_silos_dropped_total", labels)] == 1
+    ok = (("federation", pools.name), ("outcome", "ok"))
+    assert metrics[("tff_amqp_coordinator_invocations_total", ok)] == 1
     assert report.dropped_silos == ["south"]
     assert total == pools.rows(["north"]) and new_state == total
     assert report.merged_items == CLIENTS_PER_SILO

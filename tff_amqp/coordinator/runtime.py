@@ -133,7 +133,12 @@ class CoordinatorRuntime:
                 await worker.stop()
                 raise
             self._worker, self._link, self._bulk = worker, link, bulk
-            self.telemetry = CoordinatorTelemetry(self)
+            self.telemetry = CoordinatorTelemetry(
+                self.options,
+                self.events,
+                self.membership,
+                lambda: self._link.stats if self._link is not None else None,
+            )
             log.info("coordinator.started", extra={"federation": self.options.federation})
 
     async def close(self) -> None:

@@ -44,6 +44,8 @@ from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
 from tff_amqp.mapreduce.link import WorkLink
 from tff_amqp.mapreduce.membership import PoolMembership
 from tff_amqp.mapreduce.round import FormWire, MapReduceRound, RoundReport, RoundSettings
+from tff_amqp.observe.events import InvocationEvents
+from tff_amqp.observe.telemetry import CoordinatorTelemetry
 from tff_amqp.topology import Topology
 from tff_amqp.worker import WorkerBinary
 
@@ -86,6 +88,10 @@ class _Runtime:
         coordinator = options.coordinator
         self.topology = Topology(coordinator.federation)
         self.membership = PoolMembership(liveness_timeout=coordinator.heartbeat_timeout)
+        # What rounds report (progress display, metrics), as the stateful
+        # runtime's invocations do.
+        self.events = InvocationEvents()
+        self.telemetry: CoordinatorTelemetry | None = None
         self.link: WorkLink | None = None
         self.worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
@@ -116,9 +122,18 @@ class _Runtime:
                     await worker.stop()
                     raise
                 self.link, self.worker = link, worker
+                self.telemetry = CoordinatorTelemetry(
+                    coordinator,
+                    self.events,
+                    self.membership,
+                    lambda: self.link.stats if self.link is not None else None,
+                )
             return self.link, self.worker
 
     async def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
+            self.telemetry = None
         if self.link is not None:
             await self.link.close()
             self.link = None
@@ -206,6 +221,16 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
         return self._options
 
     @property
+    def events(self) -> InvocationEvents:
+        """What rounds report (observers: progress display, metrics)."""
+        return self._runtime.events
+
+    @property
+    def telemetry(self) -> CoordinatorTelemetry | None:
+        """The metrics endpoint and progress display, once started."""
+        return self._runtime.telemetry
+
+    @property
     def membership(self) -> PoolMembership:
         return self._runtime.membership
 
@@ -282,6 +307,7 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
             membership=self._runtime.membership,
             executor=await worker.client.shared_executor(0),
             form=wire,
+            events=self._runtime.events,
             settings=RoundSettings(
                 min_silos=coordinator.min_silos,
                 max_silos=coordinator.max_silos,
@@ -361,6 +387,14 @@ class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext]):
     @property
     def options(self) -> MapReduceOptions:
         return self._async_context.options
+
+    @property
+    def events(self) -> InvocationEvents:
+        return self._async_context.events
+
+    @property
+    def telemetry(self) -> CoordinatorTelemetry | None:
+        return self._async_context.telemetry
 
     @property
     def membership(self) -> PoolMembership:

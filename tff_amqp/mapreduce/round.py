@@ -25,6 +25,7 @@ from tff_amqp.coordinator.quorum import phase_cutoff
 from tff_amqp.errors import CohortError, InvocationTimeoutError
 from tff_amqp.mapreduce.link import WorkLink
 from tff_amqp.mapreduce.membership import PoolMembership
+from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.worker import WorkerExecutor
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class MapReduceRound:
         form: FormWire,
         settings: RoundSettings,
         deadline: float,
+        events: InvocationEvents | None = None,
     ) -> None:
         self._link = link
         self._membership = membership
@@ -91,10 +93,15 @@ class MapReduceRound:
         self._deadline = deadline  # epoch seconds
         self._created: list[executor_pb2.ValueRef] = []
         self.report = RoundReport(round_id=uuid.uuid4().hex, cohort=[])
+        # A round reports as an invocation does (progress display, metrics).
+        self._events = events if events is not None else InvocationEvents()
 
     async def run(self, state: executor_pb2.Value, data_key: str) -> executor_pb2.Value:
         started = time.monotonic()
         settings = self._settings
+        round_id = self.report.round_id
+        self._events.invocation_started(round_id)
+        ok = False
         try:
             try:
                 cohort = await self._membership.wait_for_cohort(
@@ -106,6 +113,7 @@ class MapReduceRound:
                     "start them with `tff-amqp worker --stateless --silo NAME ...`."
                 ) from e
             self.report.cohort = cohort
+            self._events.cohort_chosen(round_id, cohort, time.monotonic() - started)
             state_ref = await self._value(state)
             broadcast_ref = await self._call(self._form.prepare, state_ref)
             broadcast = await self._executor.compute(broadcast_ref)
@@ -130,9 +138,12 @@ class MapReduceRound:
                 )
             )
             result = await self._call(self._form.update, update_arg)
-            return await self._executor.compute(result)
+            computed = await self._executor.compute(result)
+            ok = True
+            return computed
         finally:
             self.report.seconds = time.monotonic() - started
+            self._events.invocation_finished(round_id, ok, self.report.seconds)
             refs, self._created = self._created, []
             try:
                 await self._executor.dispose(refs)
@@ -187,6 +198,9 @@ class MapReduceRound:
         started = time.monotonic()
         quorum_at: float | None = None
         active = list(cohort)
+        round_id = self.report.round_id
+        self._events.gather_started(round_id, cohort)
+        reported: set[str] = set()
         try:
             while True:
                 for silo in active:
@@ -194,6 +208,10 @@ class MapReduceRound:
                         if future.done() and future.exception() is not None:
                             raise future.exception()  # type: ignore[misc]
                 complete = [s for s in active if all(f.done() for _, f in items[s].values())]
+                for silo in complete:
+                    if silo not in reported:
+                        reported.add(silo)
+                        self._events.silo_replied(round_id, silo)
                 if len(complete) == len(active):
                     break
                 now = time.monotonic()
@@ -227,6 +245,7 @@ class MapReduceRound:
                         self._link.finish(item_id)
                     elif not future.cancelled():
                         future.exception()  # retrieved: reported above if it mattered
+        self._events.gather_finished(round_id, list(active), time.monotonic() - started)
         results = []
         for silo in active:
             for shard in sorted(items[silo]):
@@ -235,6 +254,9 @@ class MapReduceRound:
         return results
 
     def _drop(self, silos: list[str], items: dict, reason: str) -> None:
+        self._events.silos_dropped(
+            self.report.round_id, silos, "straggler" if reason == "straggler cut-off" else "lost"
+        )
         for silo in silos:
             self.report.dropped_silos.append(silo)
             log.warning("mapreduce.silo_dropped", extra={"silo": silo, "reason": reason})

@@ -41,6 +41,10 @@ COORDINATOR_STATS: dict[str, tuple[str, str]] = {
     "malformed": ("malformed_messages", "messages that failed protocol decoding"),
     "dead_lettered": ("dead_lettered", "requests dead-lettered back (expired or rejected)"),
     "reconnects": ("reconnects", "reconnections of the broker connection"),
+    "rejected_user_id": ("rejected_user_id", "replies refused for a user id not the silo's"),
+    "results": ("work_results", "work-item results merged (stateless regime)"),
+    "duplicate_results": ("duplicate_work_results", "work-item results already merged"),
+    "late_results": ("late_work_results", "work-item results of dropped silos"),
 }
 SILO_STATS: dict[str, tuple[str, str]] = {
     "invocations": ("invocations", "invocations this silo took part in"),
@@ -83,11 +87,14 @@ class StatsCollector(Collector):
 class CoordinatorMetrics(InvocationObserver):
     """Coordinator metrics; register it as an observer of the runtime's events."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(
+        self,
+        federation: str,
+        membership: Any,
+        link_stats: Callable[[], Mapping[str, int] | None],
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        federation = runtime.options.federation
         labels = {"federation": federation}
-        self._runtime = runtime
         self.invocations = Counter(
             "tff_amqp_coordinator_invocations",
             "invocations finished, by outcome",
@@ -116,13 +123,9 @@ class CoordinatorMetrics(InvocationObserver):
         )
         self._federation = federation
         self.registry.register(
-            StatsCollector("tff_amqp_coordinator", self._link_stats, COORDINATOR_STATS, labels)
+            StatsCollector("tff_amqp_coordinator", link_stats, COORDINATOR_STATS, labels)
         )
-        self.registry.register(_LiveSilos(runtime, labels))
-
-    def _link_stats(self) -> Mapping[str, int] | None:
-        link = getattr(self._runtime, "_link", None)
-        return None if link is None else link.stats
+        self.registry.register(_LiveSilos(membership, labels))
 
     def cohort_chosen(self, invocation: str, silos: Sequence[str], waited: float) -> None:
         self.phase_seconds.labels(self._federation, "cohort").observe(waited)
@@ -142,8 +145,8 @@ class CoordinatorMetrics(InvocationObserver):
 
 
 class _LiveSilos(Collector):
-    def __init__(self, runtime: Any, labels: Mapping[str, str]) -> None:
-        self._runtime = runtime
+    def __init__(self, membership: Any, labels: Mapping[str, str]) -> None:
+        self._membership = membership
         self._labels = dict(labels)
 
     def collect(self) -> Iterator[Metric]:
@@ -152,7 +155,7 @@ class _LiveSilos(Collector):
             "silos whose heartbeats are current",
             labels=list(self._labels),
         )
-        family.add_metric(list(self._labels.values()), float(len(self._runtime.membership.live())))
+        family.add_metric(list(self._labels.values()), float(len(self._membership.live())))
         yield family
 
 

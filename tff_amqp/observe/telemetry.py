@@ -3,23 +3,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.metrics import CoordinatorMetrics, MetricsServer
 from tff_amqp.observe.progress import ProgressDisplay, progress_enabled
 
 
 class CoordinatorTelemetry:
-    """Metrics endpoint and progress display of one coordinator runtime."""
+    """Metrics endpoint and progress display of one coordinator runtime,
+    either regime's: `options` are its CoordinatorOptions, `events` what its
+    invocations (or rounds) report, `link_stats` its broker link's counters."""
 
-    def __init__(self, runtime: Any) -> None:
-        options = runtime.options
-        self._events = runtime.events
+    def __init__(
+        self,
+        options: Any,
+        events: InvocationEvents,
+        membership: Any,
+        link_stats: Callable[[], Mapping[str, int] | None],
+    ) -> None:
+        self._events = events
         self.metrics: CoordinatorMetrics | None = None
         self.server: MetricsServer | None = None
         self.progress: ProgressDisplay | None = None
         if options.metrics_port is not None:
-            self.metrics = CoordinatorMetrics(runtime)
+            self.metrics = CoordinatorMetrics(options.federation, membership, link_stats)
             self.server = MetricsServer(self.metrics.registry, options.metrics_port)
             self._events.add(self.metrics)
         if progress_enabled(options.progress):
