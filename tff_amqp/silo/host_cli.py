@@ -32,7 +32,12 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
         "they share this process's CPU, memory and failure domain, and by default one "
         "worker_binary. Not for production silos (see docs/simulation.md).",
     )
-    silos.add_argument("--broker", default=broker_default, help="broker URL (default %(default)s)")
+    silos.add_argument(
+        "--broker",
+        default=broker_default,
+        help="broker URL, amqp[s]://user:pass@host:port/vhost "
+        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
     silos.add_argument(
         "--federation",
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
@@ -66,11 +71,37 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
         metavar="KEY=PATH",
         help="local data of every silo; '{silo}' in PATH is replaced by the silo's name",
     )
-    silos.add_argument("--allow-raw-client-values", action="store_true")
-    silos.add_argument("--min-clients-per-aggregate", type=int, default=1, metavar="N")
-    silos.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
-    silos.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS")
-    silos.add_argument("--no-declare", action="store_true")
+    silos.add_argument(
+        "--allow-raw-client-values",
+        action="store_true",
+        help="let the coordinator fetch raw client-placed values (simulation and testing only)",
+    )
+    silos.add_argument(
+        "--min-clients-per-aggregate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each silo refuses aggregations over fewer than N local clients (default 1)",
+    )
+    silos.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between each silo's heartbeats (default %(default)s)",
+    )
+    silos.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
+    )
+    silos.add_argument(
+        "--no-declare",
+        action="store_true",
+        help="do not declare exchanges/queues (provisioned silos without configure permission)",
+    )
 
 
 def run_silos(args: argparse.Namespace) -> int:
