@@ -18,32 +18,37 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # group (a background job reading the tty would be stopped, state T, forever).
 bounded() { local limit=$1; shift; timeout --foreground --kill-after=5 "$limit" "$@" </dev/null; }
 
-# uv: on PATH, or as a module of python3 (pip --user may not put it on PATH).
-if command -v uv >/dev/null 2>&1; then
-  UV=(uv)
-elif bounded 30 python3 -m uv --version >/dev/null 2>&1; then
-  UV=(python3 -m uv)
-else
-  say "installing uv with pip"
-  bounded 300 python3 -m pip install --quiet uv \
-    || bounded 300 python3 -m pip install --quiet --user uv \
-    || bounded 300 python3 -m pip install --quiet --user --break-system-packages uv
-  UV=(python3 -m uv)
-fi
-say "syncing .venv from uv.lock"
-if ! bounded 900 "${UV[@]}" sync --frozen --extra test --extra bench --quiet; then
-  if [ -x .venv/bin/python ] && [ ! -w .venv ]; then
-    # Another user's checkout: use its .venv as it is (read-only is enough).
-    say ".venv belongs to another user and could not be synced; using it as it is"
+venv_ok=1
+if [ -e .venv ] && [ ! -w .venv ]; then
+  # Another user's checkout (e.g. set up by root): use its .venv as it is.
+  if bounded 30 .venv/bin/python -c '' 2>/dev/null; then
+    say ".venv belongs to another user: using it as it is (not synced)"
   else
-    say "uv sync failed (see above)"
-    exit 1
+    say ".venv belongs to another user and its Python is not usable by $(id -un);"
+    say "  run scripts/setup.sh as its owner, or in a checkout of your own"
+    venv_ok=0
   fi
+else
+  # uv: on PATH, or as a module of python3 (pip --user may not put it on PATH).
+  if command -v uv >/dev/null 2>&1; then
+    UV=(uv)
+  elif bounded 30 python3 -m uv --version >/dev/null 2>&1; then
+    UV=(python3 -m uv)
+  else
+    say "installing uv with pip"
+    bounded 300 python3 -m pip install --quiet uv \
+      || bounded 300 python3 -m pip install --quiet --user uv \
+      || bounded 300 python3 -m pip install --quiet --user --break-system-packages uv
+    UV=(python3 -m uv)
+  fi
+  say "syncing .venv from uv.lock"
+  bounded 900 "${UV[@]}" sync --frozen --extra test --extra bench --quiet
 fi
+finish() { [ "$venv_ok" = 1 ] || exit 1; exit 0; }
 
 if [ "${SKIP_BROKER:-0}" = "1" ]; then
   say "SKIP_BROKER=1: not checking for a broker"
-  exit 0
+  finish
 fi
 
 url="${AMQP_URL:-amqp://127.0.0.1:5672/}"
@@ -75,7 +80,7 @@ elif command -v rabbitmq-server >/dev/null 2>&1; then
   say "local RabbitMQ is up"
 elif bounded 10 docker info >/dev/null 2>&1; then
   say "no local RabbitMQ; tests will start one with testcontainers (Docker)"
-  exit 0
+  finish
 else
   say "no broker: install rabbitmq-server (apt-get install rabbitmq-server), or run"
   say "'docker compose up -d rabbitmq', or set AMQP_URL=amqp://user:pass@host:5672/"
@@ -90,3 +95,4 @@ if [ -z "${AMQP_URL:-}" ] && [ "$(id -u)" = "0" ] && command -v rabbitmq-plugins
   say "enabling the rabbitmq_management plugin (for tff-amqp provision)"
   bounded 60 rabbitmq-plugins enable rabbitmq_management >/dev/null || say "could not enable it"
 fi
+finish
