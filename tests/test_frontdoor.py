@@ -220,9 +220,7 @@ def test_missing_data_file_is_one_line(amqp_url):
 
 
 def test_debug_log_level_shows_the_traceback(amqp_url):
-    result = _run(
-        "status", "--broker", _with_password(amqp_url, "wrong"), "--log-level", "debug"
-    )
+    result = _run("status", "--broker", _with_password(amqp_url, "wrong"), "--log-level", "debug")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "BrokerAuthError" in result.stderr
 

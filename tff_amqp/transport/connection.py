@@ -34,6 +34,7 @@ def default_connect_timeout() -> float:
     except ValueError:
         return DEFAULT_CONNECT_TIMEOUT
 
+
 _HOW_TO_GET_A_BROKER = (
     "Start one with `rabbitmq-server -detached` (local service) or "
     "`docker compose up -d rabbitmq`, or point --broker / AMQP_URL at a reachable broker."
