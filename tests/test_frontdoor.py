@@ -391,3 +391,37 @@ def test_demo_script_finishes_under_a_terminal_and_leaves_nothing_behind(amqp_ur
     # Nothing new the demo made (others' tests may add their own t-* objects).
     others = {n for n in after["users"] if ".t-" in n}
     assert after["users"] <= before["users"] | others
+
+
+# ------------------------------------------------------- cohort wait feedback
+
+
+def test_cohort_wait_says_whom_it_waits_for_and_stops_with_the_cohort():
+    import io
+    from types import SimpleNamespace
+
+    from tff_amqp.cohort_wait import CohortWaitDisplay
+
+    live = ["north", "south"]
+    runtime = SimpleNamespace(
+        options=SimpleNamespace(min_silos=3, cohort_timeout=120.0),
+        membership=SimpleNamespace(live=lambda: [SimpleNamespace(name=n) for n in live]),
+    )
+    stream = io.StringIO()
+    display = CohortWaitDisplay(runtime, stream=stream, delay=0.1, interval=0.1)
+    display.invocation_started("abcdef0123")
+    time.sleep(0.5)
+    display.cohort_chosen("abcdef0123", ["east", "north", "south"], 0.5)
+    time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines, "nothing shown during the wait"
+    assert re.fullmatch(
+        r"\[abcdef01\] waiting for 3 silos: north, south live; \d+ s of 120", lines[0]
+    ), lines
+    count = len(lines)
+    time.sleep(0.3)
+    assert len(stream.getvalue().splitlines()) == count  # stopped with the cohort
+    # Enough silos live (e.g. server-only work): nothing to say.
+    live.append("east")
+    assert display.line("x", 1.0) is None
+    display.close()

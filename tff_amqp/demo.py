@@ -318,6 +318,12 @@ def _run_jobs(
         broker_url, federation=federation, min_silos=n_silos, cohort_timeout=180.0, **options
     ) as context:
         context.start()
+        telemetry = context.runtime.telemetry
+        if telemetry is not None and telemetry.progress is not None:
+            # Progress is shown: also say what a cohort wait is waiting for.
+            from tff_amqp.cohort_wait import CohortWaitDisplay
+
+            context.runtime.events.add(CohortWaitDisplay(context.runtime))
         port = context.runtime.telemetry.metrics_port if context.runtime.telemetry else None
         if port is not None:
             say(f"  coordinator metrics: http://127.0.0.1:{port}/metrics")
@@ -342,7 +348,6 @@ def _run_jobs(
             say(f"2) Federated training: FedAvg, logistic regression, {rounds} {plural}")
             # With progress on, the table comes after the rounds: progress
             # lines and bars (stderr) never land between its rows.
-            telemetry = context.runtime.telemetry
             live_table = telemetry is None or telemetry.progress is None
             table = ["   round    loss  accuracy   time"]
             if live_table:
