@@ -346,8 +346,20 @@ def _run_silo(args: argparse.Namespace) -> int:
         return 2
     # Likewise an unreachable broker or refused credentials: say so within
     # --connect-timeout, not after TensorFlow has loaded.
+    # A --data flag that cannot work is reported before TensorFlow loads too.
+    problem = _data_flag_problem(args.data)
+    if problem is not None:
+        print(f"tff-amqp silo: {problem}", file=sys.stderr)
+        return 2
     # (Failures are explained by main(); --log-level debug adds the traceback.)
-    asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
+    asyncio.run(
+        _probe_broker(
+            args.broker,
+            args.connect_timeout,
+            tls,
+            declare=None if args.no_declare else (args.federation, args.name),
+        )
+    )
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
@@ -390,9 +402,17 @@ def _run_silo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _probe_broker(url: str, timeout: float, tls: TlsFiles | None) -> None:
-    """Open and close one connection (bounded by `timeout`)."""
+async def _probe_broker(
+    url: str, timeout: float, tls: TlsFiles | None, *, declare: tuple[str, str] | None = None
+) -> None:
+    """Open and close one connection (bounded by `timeout`). With `declare`
+    (federation, silo), also declare the federation's request exchange, as
+    the agent is about to (same arguments, so idempotent): a user without
+    configure permission is told so now, not after TensorFlow has loaded."""
+    from aio_pika import ExchangeType
+
     from tff_amqp.retry import RetryPolicy
+    from tff_amqp.topology import Topology
     from tff_amqp.transport.connection import connect
 
     connection = await connect(
@@ -401,7 +421,29 @@ async def _probe_broker(url: str, timeout: float, tls: TlsFiles | None) -> None:
         policy=RetryPolicy(total_timeout=timeout),
         ssl_context=tls.context() if tls else None,
     )
-    await connection.close()
+    try:
+        if declare is not None:
+            channel = await connection.channel()
+            await channel.declare_exchange(
+                Topology(declare[0]).requests_exchange, ExchangeType.DIRECT, durable=True
+            )
+    finally:
+        await connection.close()
+
+
+def _data_flag_problem(flags: Sequence[str]) -> str | None:
+    """What is wrong with a --data KEY=PATH flag that can be seen without
+    reading it (the full check is DataSource.parse, after TensorFlow loads)."""
+    for flag in flags:
+        key, sep, path = flag.partition("=")
+        if not sep or not key or not path:
+            return f"--data {flag!r}: expected KEY=PATH (e.g. patients=/data/wards/)"
+        if not Path(path).exists():
+            return (
+                f"--data {flag!r}: {path!r} does not exist; give a CSV file or a folder of "
+                "CSV files"
+            )
+    return None
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:

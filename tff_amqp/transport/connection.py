@@ -85,19 +85,23 @@ async def connect(
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
     deadline = time.monotonic() + policy.total_timeout
+    errors: list[BaseException] = []
 
     def retryable(error: BaseException) -> bool:
+        errors.append(error)
         # Wrong credentials or a forbidden vhost will not fix themselves.
         if isinstance(error, _REFUSALS):
             return False
         return isinstance(error, OSError | aiormq.exceptions.AMQPError | asyncio.TimeoutError)
 
     try:
-        async for attempt in policy.retrying(retryable):
-            with attempt:
-                # Each attempt is bounded by what is left of the budget.
-                left = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
-                return await aio_pika.connect_robust(parsed, timeout=left, **kwargs)
+        # The budget bounds the backoff's sleeps too, not only the attempts.
+        async with asyncio.timeout(policy.total_timeout):
+            async for attempt in policy.retrying(retryable):
+                with attempt:
+                    # Each attempt is bounded by what is left of the budget.
+                    left = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
+                    return await aio_pika.connect_robust(parsed, timeout=left, **kwargs)
     except _AUTH_REFUSALS:
         raise BrokerAuthError(
             f"the broker at {redact_url(url)} refused user {username_of(url)!r}: wrong user "
@@ -109,9 +113,11 @@ async def connect(
             f"virtual host {parsed.path[1:] or '/'!r} (it may not exist). Check the URL's path."
         ) from None
     except Exception as e:
+        # Cut short by the budget: the last attempt's error says more.
+        last = errors[-1] if isinstance(e, TimeoutError) and errors else e
         raise BrokerUnreachableError(
             f"cannot reach the RabbitMQ broker at {redact_url(url)} within "
-            f"{policy.total_timeout:.0f} s ({describe_error(e)}). " + _HOW_TO_GET_A_BROKER
+            f"{policy.total_timeout:.0f} s ({describe_error(last)}). " + _HOW_TO_GET_A_BROKER
         ) from None
     raise AssertionError("unreachable")
 
