@@ -191,7 +191,8 @@ def test_status_lists_live_silos_with_heartbeat_and_load(amqp_url, silo_federati
 
 
 def test_status_of_an_unknown_federation_is_one_line_and_creates_nothing(amqp_url):
-    result = _run("status", "--broker", amqp_url, "--federation", "nobody-here", "--window", "1")
+    name = f"nobody-{uuid.uuid4().hex[:8]}"
+    result = _run("status", "--broker", amqp_url, "--federation", name, "--window", "1")
     assert result.returncode == 1
-    assert result.stdout.startswith("no federation 'nobody-here' on this broker")
+    assert result.stdout.startswith(f"no federation {name!r} on this broker")
     assert len(result.stdout.strip().splitlines()) == 1
