@@ -84,6 +84,11 @@ def run_worker(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
+    # An unreachable broker or refused credentials: say so before TensorFlow
+    # loads (failures are explained by tff_amqp.cli.main).
+    from tff_amqp.cli import _probe_broker
+
+    asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
