@@ -189,6 +189,7 @@ def _assert_short_failure(result: subprocess.CompletedProcess[str], *words: str)
         ("silos", "password", ("refused user 'guest'",)),
         ("worker", "password", ("refused user 'guest'",)),
         ("demo", "password", ("refused user 'guest'",)),
+        ("demo", "port", ("cannot reach the RabbitMQ broker",)),  # (the guide is on stdout)
         ("federation", "url", ("management",)),
     ],
 )

@@ -403,7 +403,9 @@ def _broker_answers(broker_url: str, timeout: float = 5.0) -> bool:
     except BrokerUnreachableError as e:
         # The error's own advice is one line; the demo gives the full list.
         reason = str(e).split(" Start one with", 1)[0]
-        print(f"error: {reason}\n\n{NO_BROKER_HELP}", file=sys.stderr, flush=True)
+        # stderr: the failure, in one line; stdout: the guide to fixing it.
+        print(f"\n{NO_BROKER_HELP}", flush=True)
+        print(f"tff-amqp demo: {reason}", file=sys.stderr, flush=True)
         return False
 
 
