@@ -118,6 +118,20 @@ def test_context() -> Iterator[Any]:
             kill_pid(pid)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tff_default_context_workers() -> Iterator[None]:
+    """A TFF computation called with no context installed runs on TFF's
+    default native context, whose launcher starts a worker_binary as our
+    direct child and leaves it running (tests/test_silo_data.py does this).
+    In a full run `native_context` reaps those at its teardown; this does the
+    same for any subset (e.g. -m "not slow"), so the leak check below only
+    reports processes tests really left behind (silos, their workers)."""
+    before = child_pids_named("worker_binary")
+    yield
+    for pid in child_pids_named("worker_binary") - before:
+        kill_pid(pid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After every fixture is torn down: no process carrying our marker may be
     left. Stragglers get 10 s (TFF_AMQP_LEAK_GRACE_SECONDS) to exit, then are

@@ -34,6 +34,9 @@ from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 BROKER_DIR = Path(__file__).resolve().parents[1] / "broker"
 
 

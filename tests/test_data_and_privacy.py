@@ -110,6 +110,7 @@ def test_raw_client_values_are_refused_by_default_and_silo_keeps_serving(amqp_co
     assert run_in(amqp_context, mean_glucose, tff_amqp.silo_data("readings")) > 0
 
 
+@pytest.mark.slow
 def test_raw_client_values_served_with_opt_in(amqp_url, tmp_path):
     with LocalFederation(amqp_url, new_federation_name(), log_dir=tmp_path / "logs") as local:
         federation = start_federation(

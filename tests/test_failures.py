@@ -42,6 +42,9 @@ from tff_amqp.local import LocalFederation
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.topology import Topology
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 NAMES = ("alpha", "bravo", "charlie", "delta")
 
 

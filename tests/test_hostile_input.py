@@ -18,11 +18,15 @@ import time
 import aio_pika
 import msgpack
 import numpy as np
+import pytest
 import tensorflow_federated as tff
 
 from tests.support.federation import Federation, run_in
 from tff_amqp import protocol as p
 from tff_amqp.topology import Topology
+
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def _pack(document: object) -> bytes:

@@ -148,6 +148,7 @@ def test_a_taken_metrics_port_is_a_clear_error():
             MetricsServer(CollectorRegistry(), first.port)
 
 
+@pytest.mark.slow
 def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
     amqp_url, federation, process_group, tmp_path
 ):
@@ -240,6 +241,7 @@ def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
     assert silo.check_log(f'"metrics.listening".*"port": {silo_port}')
 
 
+@pytest.mark.slow
 def test_a_frozen_silo_shows_up_as_a_dropped_straggler_and_a_late_reply(
     amqp_url, federation, process_group, tmp_path
 ):

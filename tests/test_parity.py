@@ -16,6 +16,9 @@ import tensorflow_federated as tff
 
 from tests.support.federation import assert_close, run_in
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 CLIENT_VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
 WEIGHTS = [1.0, 2.0, 0.5, 3.0, 1.0, 4.0, 2.0]
 F32_CLIENTS = tff.FederatedType(np.float32, tff.CLIENTS)

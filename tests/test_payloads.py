@@ -251,6 +251,7 @@ def _broadcast_round(size: int) -> Any:
     return fedavg_round
 
 
+@pytest.mark.slow
 def test_large_broadcast_and_results_over_the_shared_federation(
     amqp_context: Any, native_context: Any
 ) -> None:
@@ -325,6 +326,7 @@ def _fedavg_round(size: int) -> Any:
     return fedavg_round
 
 
+@pytest.mark.slow
 def test_fedavg_with_a_50m_parameter_model_under_a_16_mib_broker_limit(
     small_limit_broker: str, native_context: Any, tmp_path: Any
 ) -> None:

@@ -336,6 +336,7 @@ async def test_stateless_coordinator_uses_a_result_only_from_the_silos_hello_use
 ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
 
 
+@pytest.mark.slow
 def test_federation_end_to_end_with_provisioned_credentials(
     amqp_url: str, tmp_path: Path, process_group
 ) -> None:

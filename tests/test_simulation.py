@@ -26,6 +26,9 @@ from tests.support.federation import assert_close, read_column, run_in, write_si
 from tests.support.processes import ManagedProcess, ProcessGroup, child_pids_named
 from tff_amqp.silo.host_cli import numbered_silo_names
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
 F32_CLIENTS = tff.FederatedType(np.float32, tff.CLIENTS)
 HOST_READY = r'"event":\s*"silo_host\.ready"'

@@ -40,6 +40,9 @@ from tff_amqp import protocol as p
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.worker_pool.shard import shard_bounds
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 SILOS = ("north", "south")
 CLIENTS_PER_SILO = 5
 WORKERS_PER_SILO = 3

@@ -29,6 +29,9 @@ from tff_amqp.retry import RetryPolicy
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 CERT_CN = "silo-tls-alpha"
 COORDINATOR_CN = "coordinator-tls"
 

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     silo.add_argument(
         "--connect-timeout",
         type=float,
-        default=30.0,
+        default=5.0,
         metavar="SECONDS",
         help="give up connecting to the broker after this long (default %(default)s)",
     )
@@ -138,8 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         parents=[common],
         help="list the live silos of a federation with their last heartbeat and load",
+        description="Listen to a federation's heartbeats for --window seconds and list the "
+        "silos heard from. Read-only: it creates nothing but a temporary exclusive queue, and "
+        "an unknown federation is reported, not created. Its user needs configure and write "
+        "on tff.<federation>.status.* (the coordinator's user has them).",
     )
-    status.add_argument("--broker", default=_broker_default(), help="broker URL")
+    status.add_argument(
+        "--broker",
+        default=_broker_default(),
+        help="broker URL (env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
     status.add_argument(
         "--federation",
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         metavar="SECONDS",
         help="how long to listen for heartbeats (default %(default)s)",
+    )
+    status.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
     )
 
     demo = sub.add_parser(
@@ -206,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="per-invocation progress on stderr (default auto: only at a terminal)",
     )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the federation's queues and exchanges on the broker afterwards (by "
+        "default a demo that started its own silos removes them)",
+    )
+    demo.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
+    )
+    from tff_amqp.federation_cli import add_federation_parser
+
+    add_federation_parser(sub, common, _broker_default())
     from tff_amqp.provision import add_provision_parser
 
     add_provision_parser(sub, common)
@@ -221,9 +252,72 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = config.parse_args(parser, sys.argv[1:] if argv is None else argv)
-    # TensorFlow's C++ start-up chatter is not ours to show by default.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up chatter (cuDNN/cuFFT factory "errors" at
+    # import) is not ours to show by default; --log-level debug shows it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.log_level == "debug" else "3")
     configure_logging(args.log_level)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        print(f"tff-amqp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        explained = explain_failure(e, args)
+        if explained is None or args.log_level == "debug":
+            raise
+        message, code = explained
+        print(f"tff-amqp {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def explain_failure(error: BaseException, args: argparse.Namespace) -> tuple[str, int] | None:
+    """A known failure as (one or two lines saying what happened and what to
+    do, exit code), or None for an unexpected one (shown with its traceback).
+    Exit code 2: the command line or a file named on it is wrong; 1: the
+    broker or the federation is. `--log-level debug` shows the traceback of
+    known failures too."""
+    import aiormq
+
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.transport.connection import access_refused_message
+
+    command = args.command
+    if isinstance(error, TffAmqpError):
+        return str(error), 1
+    if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
+        message = access_refused_message(error, "let this user do that")
+        if command in ("silo", "silos", "worker") and not getattr(args, "no_declare", True):
+            hint = (
+                "A provisioned silo's user may not declare anything: "
+                "run it with --no-declare (see docs/security.md)."
+            )
+        elif command == "status":
+            hint = (
+                "status needs configure and write on tff.<federation>.status.* (a temporary "
+                "queue): run it with the coordinator's broker URL, not a silo's."
+            )
+        else:
+            hint = "Check the broker user's permissions (see docs/security.md)."
+        return f"{message}.\n{hint}", 1
+    if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity):
+        detail = " ".join(str(error).split())[:200]
+        return (
+            f"the broker has no such object ({detail}).\n"
+            "Provision it first (`tff-amqp provision add-silo ...`) or run without --no-declare.",
+            1,
+        )
+    if isinstance(error, FileNotFoundError | IsADirectoryError | PermissionError):
+        return f"{error.strerror}: {error.filename}", 2
+    if isinstance(error, ValueError):
+        return str(error), 2
+    return None
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "federation":
+        from tff_amqp.federation_cli import run_federation
+
+        return run_federation(args)
     if args.command == "silo":
         return _run_silo(args)
     if args.command == "silos":
@@ -262,11 +356,20 @@ def _run_silo(args: argparse.Namespace) -> int:
         return 2
     # Likewise an unreachable broker or refused credentials: say so within
     # --connect-timeout, not after TensorFlow has loaded.
-    try:
-        asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
-    except TffAmqpError as e:
-        print(f"tff-amqp silo: {e}", file=sys.stderr)
-        return 1
+    # A --data flag that cannot work is reported before TensorFlow loads too.
+    problem = _data_flag_problem(args.data)
+    if problem is not None:
+        print(f"tff-amqp silo: {problem}", file=sys.stderr)
+        return 2
+    # (Failures are explained by main(); --log-level debug adds the traceback.)
+    asyncio.run(
+        _probe_broker(
+            args.broker,
+            args.connect_timeout,
+            tls,
+            declare=None if args.no_declare else (args.federation, args.name),
+        )
+    )
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
@@ -310,9 +413,17 @@ def _run_silo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _probe_broker(url: str, timeout: float, tls: TlsFiles | None) -> None:
-    """Open and close one connection (bounded by `timeout`)."""
+async def _probe_broker(
+    url: str, timeout: float, tls: TlsFiles | None, *, declare: tuple[str, str] | None = None
+) -> None:
+    """Open and close one connection (bounded by `timeout`). With `declare`
+    (federation, silo), also declare the federation's request exchange, as
+    the agent is about to (same arguments, so idempotent): a user without
+    configure permission is told so now, not after TensorFlow has loaded."""
+    from aio_pika import ExchangeType
+
     from tff_amqp.retry import RetryPolicy
+    from tff_amqp.topology import Topology
     from tff_amqp.transport.connection import connect
 
     connection = await connect(
@@ -321,7 +432,29 @@ async def _probe_broker(url: str, timeout: float, tls: TlsFiles | None) -> None:
         policy=RetryPolicy(total_timeout=timeout),
         ssl_context=tls.context() if tls else None,
     )
-    await connection.close()
+    try:
+        if declare is not None:
+            channel = await connection.channel()
+            await channel.declare_exchange(
+                Topology(declare[0]).requests_exchange, ExchangeType.DIRECT, durable=True
+            )
+    finally:
+        await connection.close()
+
+
+def _data_flag_problem(flags: Sequence[str]) -> str | None:
+    """What is wrong with a --data KEY=PATH flag that can be seen without
+    reading it (the full check is DataSource.parse, after TensorFlow loads)."""
+    for flag in flags:
+        key, sep, path = flag.partition("=")
+        if not sep or not key or not path:
+            return f"--data {flag!r}: expected KEY=PATH (e.g. patients=/data/wards/)"
+        if not Path(path).exists():
+            return (
+                f"--data {flag!r}: {path!r} does not exist; give a CSV file or a folder of "
+                "CSV files"
+            )
+    return None
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
@@ -333,15 +466,21 @@ def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.errors import FederationNotFoundError
     from tff_amqp.status import format_table, observe
     from tff_amqp.topology import Topology
 
     try:
         Topology(args.federation)
-        seen = asyncio.run(observe(args.broker, args.federation, args.window))
-    except (TffAmqpError, ValueError) as e:
+    except ValueError as e:
         print(f"tff-amqp status: {e}", file=sys.stderr)
+        return 2
+    try:
+        seen = asyncio.run(
+            observe(args.broker, args.federation, args.window, connect_timeout=args.connect_timeout)
+        )
+    except FederationNotFoundError as e:
+        print(e)
         return 1
     print(format_table(seen, args.federation, args.window))
     return 0

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -148,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> int:
     external = [s.strip() for s in (args.silos or "").split(",") if s.strip()]
     where = "running silos" if external else "a local federation"
     say(f"tff-amqp demo: {where} on {redact_url(args.broker)}")
-    if not _broker_answers(args.broker):
+    if not _broker_answers(args.broker, args.connect_timeout):
         return 1
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     options = {"metrics_port": args.metrics_port, "progress": progress}
@@ -198,6 +199,7 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
     keep_data: Path | None = args.keep_data
     root = keep_data or Path(tempfile.mkdtemp(prefix="tff-amqp-demo-"))
     federation = args.federation or f"demo-{uuid.uuid4().hex[:6]}"
+    say(f"  federation {federation!r} (its queues and exchanges are named tff.{federation}.*)")
     try:
         folders = write_sample_data(root)
         say(f"  sample spreadsheets written under {root}")
@@ -206,12 +208,12 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
             for clinic, folder in folders.items():
                 local.start_silo(clinic, data={"patients": folder})
                 say(f"  started silo {clinic} ({len(list(folder.glob('*.csv')))} wards)")
-            say("  loading TensorFlow Federated and building computations ...")
-            comps = _computations()
-            _INTERRUPTS.check()
-            if not all('"silo.ready"' in silo.log_tail(200) for silo in local.silos.values()):
-                say("  waiting for the silos to connect (each loads TensorFlow first) ...")
-            local.wait_ready(timeout=180)
+            say("  loading TensorFlow Federated and building computations (each silo loads it too)")
+            with _SiloWatcher(local, say, started):
+                comps = _computations()
+                _INTERRUPTS.check()
+                say(f"  computations built ({time.monotonic() - started:.0f} s)")
+                local.wait_ready(timeout=180)
             _INTERRUPTS.check()
             say(
                 f"  {len(folders)} silos connected within {time.monotonic() - started:.0f} s of "
@@ -226,6 +228,65 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
     finally:
         if keep_data is None:
             shutil.rmtree(root, ignore_errors=True)
+        _remove_federation(args, federation, list(CLINICS), say)
+
+
+def _remove_federation(
+    args: argparse.Namespace, federation: str, silos: list[str], say: _Printer
+) -> None:
+    """Remove the demo's queues and exchanges (its silos are stopped by now)
+    unless --keep; say what happened either way."""
+    if args.keep:
+        say(
+            f"Kept federation {federation!r} on the broker; remove it with "
+            f"`tff-amqp federation remove {federation}`."
+        )
+        return
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.federation_cli import remove_after_demo
+
+    try:
+        removed = remove_after_demo(args.broker, federation, silos)
+    except (TffAmqpError, OSError) as e:
+        print(
+            f"warning: could not remove federation {federation!r} ({e}); remove it with "
+            f"`tff-amqp federation remove {federation}`",
+            file=sys.stderr,
+        )
+        return
+    say(f"Removed federation {federation!r} from the broker ({len(removed)} queues and exchanges).")
+
+
+class _SiloWatcher:
+    """While the demo loads TensorFlow, a thread says when each silo is up."""
+
+    def __init__(self, local: Any, say: _Printer, started: float) -> None:
+        self._local = local
+        self._say = say
+        self._started = started
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="silo-watcher", daemon=True)
+
+    def __enter__(self) -> _SiloWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _watch(self) -> None:
+        pending = dict(self._local.silos)
+        while pending and not self._stop.wait(0.25):
+            for name, silo in list(pending.items()):
+                if f'"{silo.ready_event}"' in silo.log_tail(200):
+                    del pending[name]
+                    self._say(
+                        f"  silo {name} is up ({time.monotonic() - self._started:.0f} s; "
+                        f"{len(self._local.silos) - len(pending)}/{len(self._local.silos)})"
+                    )
+                elif not silo.running:
+                    del pending[name]  # wait_ready reports it, with its log
 
 
 def _run_with_running_silos(
@@ -257,6 +318,12 @@ def _run_jobs(
         broker_url, federation=federation, min_silos=n_silos, cohort_timeout=180.0, **options
     ) as context:
         context.start()
+        telemetry = context.runtime.telemetry
+        if telemetry is not None and telemetry.progress is not None:
+            # Progress is shown: also say what a cohort wait is waiting for.
+            from tff_amqp.cohort_wait import CohortWaitDisplay
+
+            context.runtime.events.add(CohortWaitDisplay(context.runtime))
         port = context.runtime.telemetry.metrics_port if context.runtime.telemetry else None
         if port is not None:
             say(f"  coordinator metrics: http://127.0.0.1:{port}/metrics")
@@ -279,7 +346,14 @@ def _run_jobs(
             say("")
             plural = "round" if rounds == 1 else "rounds"
             say(f"2) Federated training: FedAvg, logistic regression, {rounds} {plural}")
-            say("   round    loss  accuracy   time")
+            # With progress on, the table comes after the rounds: progress
+            # lines and bars (stderr) never land between its rows.
+            live_table = telemetry is None or telemetry.progress is None
+            table = ["   round    loss  accuracy   time"]
+            if live_table:
+                say(table[0])
+            else:
+                say(f"   training ({rounds} {plural}; progress on stderr) ...")
             process = comps["process"]
             state = process.initialize()
             for r in range(1, rounds + 1):
@@ -289,7 +363,13 @@ def _run_jobs(
                 state = output.state
                 train = output.metrics["client_work"]["train"]
                 loss, accuracy = float(train["loss"]), float(train["sparse_categorical_accuracy"])
-                say(f"   {r:5d}  {loss:6.3f}  {accuracy:8.3f}  {time.monotonic() - t0:5.2f} s")
+                row = f"   {r:5d}  {loss:6.3f}  {accuracy:8.3f}  {time.monotonic() - t0:5.2f} s"
+                table.append(row)
+                if live_table:
+                    say(row)
+            if not live_table:
+                for line in table:
+                    say(line)
         stats = context.runtime.link.stats
         say("")
         say(
@@ -299,28 +379,33 @@ def _run_jobs(
         )
 
 
-def _broker_answers(broker_url: str) -> bool:
-    """Probe the broker (5 s); if it does not answer, say on stderr exactly
-    how to get one."""
+def _broker_answers(broker_url: str, timeout: float = 5.0) -> bool:
+    """Probe the broker (`timeout` s); if it does not answer, say on stderr
+    exactly how to get one. Refused credentials or a malformed URL are
+    raised (the command line turns them into one line)."""
     import asyncio
 
-    from tff_amqp.errors import BrokerUnreachableError
+    from tff_amqp.errors import BrokerAuthError, BrokerUnreachableError
     from tff_amqp.retry import RetryPolicy
     from tff_amqp.transport.connection import connect
 
     async def probe() -> None:
         connection = await connect(
-            broker_url, name="tff-amqp demo probe", policy=RetryPolicy(total_timeout=5.0)
+            broker_url, name="tff-amqp demo probe", policy=RetryPolicy(total_timeout=timeout)
         )
         await connection.close()
 
     try:
         asyncio.run(probe())
         return True
+    except BrokerAuthError:
+        raise
     except BrokerUnreachableError as e:
         # The error's own advice is one line; the demo gives the full list.
         reason = str(e).split(" Start one with", 1)[0]
-        print(f"error: {reason}\n\n{NO_BROKER_HELP}", file=sys.stderr, flush=True)
+        # stderr: the failure, in one line; stdout: the guide to fixing it.
+        print(f"\n{NO_BROKER_HELP}", flush=True)
+        print(f"tff-amqp demo: {reason}", file=sys.stderr, flush=True)
         return False
 
 

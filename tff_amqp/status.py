@@ -12,9 +12,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractIncomingMessage, ExchangeType
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, ExchangeType
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import FederationNotFoundError
 from tff_amqp.retry import RetryPolicy
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
@@ -28,18 +30,40 @@ class SiloSeen:
     heartbeats: int = 0
 
 
-async def observe(broker_url: str, federation: str, window: float = 3.0) -> dict[str, SiloSeen]:
-    """Silos heard from during `window` seconds."""
+async def federation_exists(connection: AbstractRobustConnection, topology: Topology) -> bool:
+    """Whether the federation's reply exchange exists (a passive declare,
+    which creates nothing; its channel is closed by a NOT_FOUND answer)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_exchange(
+            topology.replies_exchange, ExchangeType.TOPIC, durable=True, passive=True
+        )
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    await channel.close()
+    return True
+
+
+async def observe(
+    broker_url: str, federation: str, window: float = 3.0, *, connect_timeout: float = 5.0
+) -> dict[str, SiloSeen]:
+    """Silos heard from during `window` seconds. Read-only: the only thing it
+    declares is its own temporary exclusive queue; a federation without a
+    reply exchange raises FederationNotFoundError (nothing is created)."""
     topology = Topology(federation)
     connection = await connect(
-        broker_url, name="tff-amqp status", policy=RetryPolicy(total_timeout=10.0)
+        broker_url, name="tff-amqp status", policy=RetryPolicy(total_timeout=connect_timeout)
     )
     seen: dict[str, SiloSeen] = {}
     try:
+        if not await federation_exists(connection, topology):
+            raise FederationNotFoundError(
+                f"no federation {federation!r} on this broker (its exchange "
+                f"{topology.replies_exchange} does not exist); `tff-amqp federation list` "
+                "shows the ones that do"
+            )
         channel = await connection.channel()
-        replies = await channel.declare_exchange(
-            topology.replies_exchange, ExchangeType.TOPIC, durable=True
-        )
+        replies = await channel.get_exchange(topology.replies_exchange, ensure=False)
         queue = await channel.declare_queue(
             f"{topology.prefix}.status.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
         )

@@ -32,7 +32,12 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
         "they share this process's CPU, memory and failure domain, and by default one "
         "worker_binary. Not for production silos (see docs/simulation.md).",
     )
-    silos.add_argument("--broker", default=broker_default, help="broker URL (default %(default)s)")
+    silos.add_argument(
+        "--broker",
+        default=broker_default,
+        help="broker URL, amqp[s]://user:pass@host:port/vhost "
+        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
     silos.add_argument(
         "--federation",
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
@@ -66,12 +71,46 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
         metavar="KEY=PATH",
         help="local data of every silo; '{silo}' in PATH is replaced by the silo's name",
     )
-    silos.add_argument("--allow-raw-client-values", action="store_true")
-    silos.add_argument("--min-clients-per-aggregate", type=int, default=1, metavar="N")
-    silos.add_argument("--default-clients", type=int, default=0, metavar="N")
-    silos.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
-    silos.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS")
-    silos.add_argument("--no-declare", action="store_true")
+    silos.add_argument(
+        "--allow-raw-client-values",
+        action="store_true",
+        help="let the coordinator fetch raw client-placed values (simulation and testing only)",
+    )
+    silos.add_argument(
+        "--min-clients-per-aggregate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each silo refuses aggregations over fewer than N local clients (default 1; an "
+        "aggregate over 0 clients is the zero and always allowed)",
+    )
+    silos.add_argument(
+        "--default-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="clients of each silo in an invocation that gives it no client data "
+        "(default 0, as TFF's native runtime)",
+    )
+    silos.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between each silo's heartbeats (default %(default)s)",
+    )
+    silos.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
+    )
+    silos.add_argument(
+        "--no-declare",
+        action="store_true",
+        help="do not declare exchanges/queues (provisioned silos without configure permission)",
+    )
 
 
 def run_silos(args: argparse.Namespace) -> int:
@@ -88,6 +127,11 @@ def run_silos(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
+    # An unreachable broker or refused credentials: say so before TensorFlow
+    # loads (failures are explained by tff_amqp.cli.main).
+    from tff_amqp.cli import _probe_broker
+
+    asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
 
     from tff_amqp.errors import TffAmqpError
     from tff_amqp.silo.agent import SiloConfig

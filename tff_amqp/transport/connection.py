@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import time
 
 import aio_pika
 import aiormq
 import yarl
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
-from tff_amqp.errors import BrokerUnreachableError
+from tff_amqp.errors import BrokerAuthError, BrokerPermissionError, BrokerUnreachableError
 from tff_amqp.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+# How long connect() tries (with retries) before reporting an unreachable
+# broker, unless the caller passes a policy: 5 s, so a typo in a port or host
+# is reported at once. Override with TFF_AMQP_CONNECT_TIMEOUT (seconds), e.g.
+# for a coordinator started together with its broker.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# One connection attempt never takes longer than this (a silently dropping
+# firewall would otherwise hold an attempt for the OS's TCP timeout).
+ATTEMPT_TIMEOUT = 10.0
+
+
+def default_connect_timeout() -> float:
+    try:
+        return float(os.environ.get("TFF_AMQP_CONNECT_TIMEOUT") or DEFAULT_CONNECT_TIMEOUT)
+    except ValueError:
+        return DEFAULT_CONNECT_TIMEOUT
+
 
 _HOW_TO_GET_A_BROKER = (
     "Start one with `rabbitmq-server -detached` (local service) or "
@@ -24,12 +43,18 @@ _HOW_TO_GET_A_BROKER = (
 
 def redact_url(url: str) -> str:
     """The URL without its password, for logs and error messages."""
-    parsed = yarl.URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+    try:
+        parsed = yarl.URL(url)
+        return str(parsed.with_password("***")) if parsed.password else str(parsed)
+    except ValueError:
+        return "<unparsable URL>"
 
 
 def username_of(url: str) -> str:
-    return yarl.URL(url).user or "guest"
+    try:
+        return yarl.URL(url).user or "guest"
+    except ValueError:
+        return "guest"
 
 
 async def connect(
@@ -41,42 +66,105 @@ async def connect(
     heartbeat: int = 15,
 ) -> AbstractRobustConnection:
     """Connect with retries; afterwards aio-pika's robust connection restores
-    channels, queues, bindings and consumers after a connection loss."""
-    policy = policy or RetryPolicy()
-    parsed = yarl.URL(url)
-    if parsed.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"broker URL must start with amqp:// or amqps://, got {redact_url(url)}")
+    channels, queues, bindings and consumers after a connection loss.
+
+    Raises ValueError for a malformed URL, BrokerAuthError when the broker
+    refuses the credentials, BrokerPermissionError when the user may not use
+    the virtual host, and BrokerUnreachableError when no connection could be
+    made within the policy's total_timeout (default 5 s, see
+    default_connect_timeout)."""
+    policy = policy or RetryPolicy(total_timeout=default_connect_timeout())
+    parsed = parse_broker_url(url)
     if "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
     if "reconnect_interval" not in parsed.query:
         # aio-pika waits 5 s between attempts by default; silos should be
         # back well within the coordinator's heartbeat timeout.
         parsed = parsed.update_query(reconnect_interval=1)
-    kwargs: dict[str, object] = {"client_properties": {"connection_name": name}, "timeout": 10}
+    kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
+    deadline = time.monotonic() + policy.total_timeout
+    errors: list[BaseException] = []
 
     def retryable(error: BaseException) -> bool:
-        # Wrong credentials will not fix themselves: fail at once.
-        if isinstance(error, aiormq.exceptions.ProbableAuthenticationError):
+        errors.append(error)
+        # Wrong credentials or a forbidden vhost will not fix themselves.
+        if isinstance(error, _REFUSALS):
             return False
         return isinstance(error, OSError | aiormq.exceptions.AMQPError | asyncio.TimeoutError)
 
     try:
-        async for attempt in policy.retrying(retryable):
-            with attempt:
-                return await aio_pika.connect_robust(parsed, **kwargs)
-    except aiormq.exceptions.ProbableAuthenticationError as e:
-        raise BrokerUnreachableError(
-            f"the broker at {redact_url(url)} refused the credentials: {e}. "
-            "Check the user and password (or client certificate) in the broker URL."
-        ) from e
+        # The budget bounds the backoff's sleeps too, not only the attempts.
+        async with asyncio.timeout(policy.total_timeout):
+            async for attempt in policy.retrying(retryable):
+                with attempt:
+                    # Each attempt is bounded by what is left of the budget.
+                    left = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
+                    return await aio_pika.connect_robust(parsed, timeout=left, **kwargs)
+    except _AUTH_REFUSALS:
+        raise BrokerAuthError(
+            f"the broker at {redact_url(url)} refused user {username_of(url)!r}: wrong user "
+            "name or password (or client certificate). Check the credentials in the broker URL."
+        ) from None  # the message says it all; the library's chain is 50+ lines
+    except aiormq.exceptions.ConnectionNotAllowed:
+        raise BrokerPermissionError(
+            f"the broker at {redact_url(url)} does not let user {username_of(url)!r} use "
+            f"virtual host {parsed.path[1:] or '/'!r} (it may not exist). Check the URL's path."
+        ) from None
     except Exception as e:
+        # Cut short by the budget: the last attempt's error says more.
+        last = errors[-1] if isinstance(e, TimeoutError) and errors else e
         raise BrokerUnreachableError(
             f"cannot reach the RabbitMQ broker at {redact_url(url)} within "
-            f"{policy.total_timeout:.0f} s ({type(e).__name__}: {e}). " + _HOW_TO_GET_A_BROKER
-        ) from e
+            f"{policy.total_timeout:.0f} s ({describe_error(last)}). " + _HOW_TO_GET_A_BROKER
+        ) from None
     raise AssertionError("unreachable")
+
+
+_AUTH_REFUSALS = (
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.AuthenticationError,
+)
+_REFUSALS = (*_AUTH_REFUSALS, aiormq.exceptions.ConnectionNotAllowed)
+
+
+def parse_broker_url(url: str) -> yarl.URL:
+    """The URL, checked: amqp[s]://[user:password@]host[:port][/vhost]."""
+    try:
+        parsed = yarl.URL(url)
+        port = parsed.port
+    except ValueError as e:
+        raise ValueError(f"invalid broker URL {url!r}: {e}") from None
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.host or port is None:
+        raise ValueError(
+            f"broker URL must look like amqp://user:password@host:5672/ (or amqps://), "
+            f"got {redact_url(url)!r}"
+        )
+    return parsed
+
+
+def describe_error(error: BaseException) -> str:
+    """A short description of a connection error, without the library's
+    multi-line or repeated text."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ConnectionRefusedError | OSError) and getattr(error, "strerror", None):
+        text = str(error.strerror)
+    if isinstance(error, asyncio.TimeoutError | TimeoutError):
+        text = "no answer"
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def access_refused_message(error: BaseException, what: str) -> str:
+    """One sentence for a channel closed with ACCESS_REFUSED (the broker's own
+    text is long and ends with its log file's name)."""
+    text = str(error)
+    detail = ""
+    if " - " in text:
+        detail = text.split(" - ", 1)[1].split(" in vhost", 1)[0].strip(" '\"()")
+    return f"the broker refused to {what}" + (f" ({detail})" if detail else "")
 
 
 def _transient(error: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""`tff-amqp worker --stateless`: run one worker of a silo's pool."""
+"""`tff-amqp worker`: run one (stateless) worker of a silo's pool."""
 
 from __future__ import annotations
 
@@ -24,9 +24,15 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
     worker.add_argument(
         "--stateless",
         action="store_true",
-        help="required: the stateless regime (for the stateful one run `tff-amqp silo`)",
+        help="the stateless regime, the only worker kind (accepted for compatibility; "
+        "for the stateful regime run `tff-amqp silo`)",
     )
-    worker.add_argument("--broker", default=broker_default, help="broker URL (env AMQP_URL)")
+    worker.add_argument(
+        "--broker",
+        default=broker_default,
+        help="broker URL, amqp[s]://user:pass@host:port/vhost "
+        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
+    )
     worker.add_argument(
         "--federation",
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
@@ -49,10 +55,18 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
         help="refuse work items whose shard has fewer than N clients (default 1)",
     )
     worker.add_argument(
-        "--heartbeat-interval", type=float, default=1.0, metavar="SECONDS", help="default 1"
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats (default %(default)s)",
     )
     worker.add_argument(
-        "--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="default 30"
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting to the broker after this long (default %(default)s)",
     )
     worker.add_argument(
         "--no-declare",
@@ -64,19 +78,17 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
 def run_worker(args: argparse.Namespace) -> int:
     from tff_amqp.topology import Topology, check_silo_name
 
-    if not args.stateless:
-        print(
-            "tff-amqp worker: pass --stateless (the only worker kind); for a stateful silo "
-            "run `tff-amqp silo`",
-            file=sys.stderr,
-        )
-        return 2
     try:
         check_silo_name(args.silo)
         Topology(args.federation)
     except ValueError as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
+    # An unreachable broker or refused credentials: say so before TensorFlow
+    # loads (failures are explained by tff_amqp.cli.main).
+    from tff_amqp.cli import _probe_broker
+
+    asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
