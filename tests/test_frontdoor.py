@@ -413,15 +413,21 @@ def test_cohort_wait_says_whom_it_waits_for_and_stops_with_the_cohort():
     import io
     from types import SimpleNamespace
 
-    from tff_amqp.cohort_wait import CohortWaitDisplay
+    from tff_amqp.observe.cohort_wait import CohortWaitDisplay
+    from tff_amqp.observe.events import InvocationEvents
+    from tff_amqp.observe.telemetry import CoordinatorTelemetry
 
     live = ["north", "south"]
-    runtime = SimpleNamespace(
-        options=SimpleNamespace(min_silos=3, cohort_timeout=120.0),
-        membership=SimpleNamespace(live=lambda: [SimpleNamespace(name=n) for n in live]),
+    options = SimpleNamespace(
+        min_silos=3, cohort_timeout=120.0, metrics_port=None, progress=True, federation="f"
     )
+    membership = SimpleNamespace(live=lambda: [SimpleNamespace(name=n) for n in live])
+    # Shown with the progress display of either regime's coordinator.
+    telemetry = CoordinatorTelemetry(options, InvocationEvents(), membership, lambda: None)
+    assert isinstance(telemetry.cohort_wait, CohortWaitDisplay)
+    telemetry.close()
     stream = io.StringIO()
-    display = CohortWaitDisplay(runtime, stream=stream, delay=0.1, interval=0.1)
+    display = CohortWaitDisplay(options, membership, stream=stream, delay=0.1, interval=0.1)
     display.invocation_started("abcdef0123")
     time.sleep(0.5)
     display.cohort_chosen("abcdef0123", ["east", "north", "south"], 0.5)

@@ -319,11 +319,6 @@ def _run_jobs(
     ) as context:
         context.start()
         telemetry = context.runtime.telemetry
-        if telemetry is not None and telemetry.progress is not None:
-            # Progress is shown: also say what a cohort wait is waiting for.
-            from tff_amqp.cohort_wait import CohortWaitDisplay
-
-            context.runtime.events.add(CohortWaitDisplay(context.runtime))
         port = context.runtime.telemetry.metrics_port if context.runtime.telemetry else None
         if port is not None:
             say(f"  coordinator metrics: http://127.0.0.1:{port}/metrics")

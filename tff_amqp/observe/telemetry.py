@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tff_amqp.observe.cohort_wait import CohortWaitDisplay
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.metrics import CoordinatorMetrics, MetricsServer
 from tff_amqp.observe.progress import ProgressDisplay, progress_enabled
@@ -31,16 +32,22 @@ class CoordinatorTelemetry:
             self.metrics = CoordinatorMetrics(options.federation, membership, link_stats)
             self.server = MetricsServer(self.metrics.registry, options.metrics_port)
             self._events.add(self.metrics)
+        self.cohort_wait: CohortWaitDisplay | None = None
         if progress_enabled(options.progress):
             self.progress = ProgressDisplay()
             self._events.add(self.progress)
+            # Say what a cohort wait waits for, instead of minutes of silence.
+            self.cohort_wait = CohortWaitDisplay(options, membership)
+            self._events.add(self.cohort_wait)
 
     @property
     def metrics_port(self) -> int | None:
         return self.server.port if self.server is not None else None
 
     def close(self) -> None:
-        for observer in (self.metrics, self.progress):
+        if self.cohort_wait is not None:
+            self.cohort_wait.close()
+        for observer in (self.metrics, self.progress, self.cohort_wait):
             if observer is not None:
                 self._events.remove(observer)
         if self.server is not None:

@@ -7,9 +7,8 @@ and its cohort (or its end), while fewer than `min_silos` silos are live, a
 small thread writes one line every `interval` seconds (first after `delay`)
 on stderr, through tqdm so it never breaks a progress bar.
 
-The demo attaches it when progress is shown; in a program:
-``context.runtime.events.add(CohortWaitDisplay(context.runtime))`` after
-``context.start()``.
+Both regimes' coordinators attach it with their progress display (context
+option ``progress``; by default when stderr is a terminal).
 """
 
 from __future__ import annotations
@@ -25,13 +24,15 @@ from tqdm import tqdm
 class CohortWaitDisplay:
     def __init__(
         self,
-        runtime: Any,
+        options: Any,
+        membership: Any,
         *,
         stream: TextIO | None = None,
         delay: float = 2.0,
         interval: float = 5.0,
     ) -> None:
-        self._runtime = runtime
+        self._options = options  # CoordinatorOptions: min_silos, cohort_timeout
+        self._membership = membership
         self._stream = stream if stream is not None else sys.stderr
         self._delay = delay
         self._interval = interval
@@ -74,14 +75,14 @@ class CohortWaitDisplay:
     def _live(self) -> list[str] | None:
         for _ in range(3):  # the event loop may change the table meanwhile
             try:
-                return [r.name for r in self._runtime.membership.live()]
+                return [r.name for r in self._membership.live()]
             except RuntimeError:
                 continue
         return None
 
     def line(self, invocation: str, waited: float) -> str | None:
         """The line to show now, or None when nothing is being waited for."""
-        options = self._runtime.options
+        options = self._options
         live = self._live()
         if live is None or len(live) >= options.min_silos:
             return None
