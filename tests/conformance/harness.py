@@ -121,3 +121,42 @@ class Both:
         with tff.framework.get_context_stack().install(self.amqp):
             actual = fn(amqp_arg)
         return actual, expected
+
+
+def conform(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same structure; integer and bool leaves equal exactly, with equal dtypes;
+    float leaves within rtol (NaN equals NaN: a mean over no weight is NaN in
+    both runtimes)."""
+    import tree
+
+    actual_leaves = tree.flatten(_plain(actual))
+    expected_leaves = tree.flatten(_plain(expected))
+    assert len(actual_leaves) == len(expected_leaves), (actual, expected)
+    for a, e in zip(actual_leaves, expected_leaves, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        if e.dtype.kind in "iub" or a.dtype.kind in "iub":
+            assert a.dtype == e.dtype, (a, e)
+            np.testing.assert_array_equal(a, e)
+        elif e.dtype.kind in "SUO":
+            np.testing.assert_array_equal(a, e)
+        else:
+            np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _plain(value: Any) -> Any:
+    """Python containers only, so tree.flatten sees every leaf."""
+    from tensorflow_federated.python.common_libs import structure
+
+    if isinstance(value, structure.Struct):
+        return [_plain(v) for _, v in structure.iter_elements(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if hasattr(value, "__attrs_attrs__"):
+        return [_plain(getattr(value, a.name)) for a in value.__attrs_attrs__]
+    if hasattr(value, "_asdict"):
+        return [_plain(v) for v in value._asdict().values()]
+    if isinstance(value, dict):
+        return [_plain(value[k]) for k in value]
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -5,6 +5,7 @@ sums over no clients at all."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tests.conformance.harness import DISTRIBUTION_IDS, DISTRIBUTIONS, EMPTY, ROW, Both
+from tests.conformance.harness import DISTRIBUTION_IDS, DISTRIBUTIONS, EMPTY, ROW, Both, conform
 from tests.support.federation import assert_close
 
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
@@ -177,29 +178,61 @@ def test_broadcast_and_all_equal_aggregates(both: Both, dist: Any) -> None:
     assert float(expected[1]) == pytest.approx(2.5 * len(both.rows(dist)[1]))
 
 
+@tff.tensorflow.computation(ROW, ROW)
+def row_fold(acc: Any, row: Any) -> Any:
+    return OrderedDict(
+        age=acc["age"] + row["age"], glucose=tf.maximum(acc["glucose"], row["glucose"])
+    )
+
+
 @tff.federated_computation(ROWS_AT_CLIENTS)
-def sequence_intrinsics(rows: Any) -> Any:
-    # TFF's federated-level sequence intrinsics, applied per client.
-    glucose = tff.federated_map(
-        tff.tensorflow.computation(
-            lambda ds: ds.map(lambda r: r["glucose"]), tff.SequenceType(ROW)
-        ),
-        rows,
-    )
-    doubled = tff.sequence_map(tff.tensorflow.computation(lambda g: g * 2.0, np.float32), glucose)
-    totals = tff.sequence_sum(doubled)
-    largest = tff.sequence_reduce(
-        glucose,
-        tff.federated_value(np.float32(-1e30), tff.CLIENTS),
-        tff.tensorflow.computation(lambda a, b: tf.maximum(a, b), np.float32, np.float32),
-    )
-    return tff.federated_sum(totals), tff.federated_max(largest)
+def sequence_reduce_per_client(rows: Any) -> Any:
+    # tff.sequence_reduce on a CLIENTS-placed sequence: a per-client fold.
+    zero = tff.federated_value(OrderedDict(age=np.int32(0), glucose=np.float32(-1e30)), tff.CLIENTS)
+    folded = tff.sequence_reduce(rows, zero, row_fold)
+    return tff.federated_sum(folded.age), tff.federated_max(folded.glucose)
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=DISTRIBUTION_IDS)
-def test_sequence_intrinsics(both: Both, dist: Any) -> None:
-    actual, expected = both.run(sequence_intrinsics, dist)
-    assert_close(actual, expected)
+def test_sequence_reduce(both: Both, dist: Any) -> None:
+    actual, expected = both.run(sequence_reduce_per_client, dist)
+    conform(actual, expected)
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def sequence_sum_per_client(rows: Any) -> Any:
+    return tff.federated_sum(tff.sequence_sum(rows))
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def sequence_map_per_client(rows: Any) -> Any:
+    doubled = tff.sequence_map(tff.tensorflow.computation(lambda r: r["glucose"] * 2.0, ROW), rows)
+    return tff.federated_sum(
+        tff.sequence_reduce(
+            doubled,
+            tff.federated_value(np.float32(0), tff.CLIENTS),
+            tff.tensorflow.computation(lambda a, b: a + b, np.float32, np.float32),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "comp", [sequence_sum_per_client, sequence_map_per_client], ids=["sequence_sum", "sequence_map"]
+)
+def test_sequence_intrinsics_native_cannot_run_are_refused(both: Both, comp: Any) -> None:
+    # TFF 0.87's native runtime cannot run these outside TensorFlow
+    # (sequence_sum: "TensorFlow Executor does not support intrinsic URI";
+    # sequence_map: "Cant embed a Seqeuence which is not proto-backed").
+    # Conformance here is an error from tff-amqp too, not a made-up value.
+    dist = DISTRIBUTIONS[1]
+    with pytest.raises(Exception) as native_error:
+        both.run(comp, dist)
+    assert re.search("sequence|seqeuence", str(native_error.value), re.I), native_error.value
+    amqp_arg, _ = both.datasets(dist)
+    with pytest.raises(Exception) as amqp_error:
+        _run(both.amqp, comp, amqp_arg)
+    assert type(amqp_error.value).__module__.startswith("tff_amqp"), repr(amqp_error.value)
+    assert re.search("sequence", str(amqp_error.value), re.I), amqp_error.value
 
 
 @tff.federated_computation
