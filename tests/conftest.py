@@ -101,6 +101,23 @@ def native_context() -> Iterator[Any]:
             kill_pid(pid)
 
 
+@pytest.fixture(scope="session")
+def test_context() -> Iterator[Any]:
+    """TFF's test runtime: the native C++ worker with TFF's insecure bodies for
+    the secure intrinsics (which the native runtime cannot run), for parity
+    checks of `federated_secure_modular_sum` and friends. Its worker_binary is
+    killed at teardown like the native context's."""
+    import tensorflow_federated as tff
+
+    before = child_pids_named("worker_binary")
+    context = tff.backends.test.create_sync_test_cpp_execution_context()
+    try:
+        yield context
+    finally:
+        for pid in child_pids_named("worker_binary") - before:
+            kill_pid(pid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After every fixture is torn down: no process carrying our marker may be
     left. Stragglers get 10 s (TFF_AMQP_LEAK_GRACE_SECONDS) to exit, then are

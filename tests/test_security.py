@@ -29,6 +29,8 @@ from tests.support.provisioning import ProvisionedFederation, admin_url_for
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
+from tff_amqp.mapreduce.link import WorkLink
+from tff_amqp.mapreduce.membership import PoolMembership
 from tff_amqp.topology import Topology
 
 Action = Callable[[AbstractChannel], Awaitable[object]]
@@ -264,6 +266,66 @@ async def test_coordinator_uses_a_reply_only_from_the_silos_hello_user(
         )
         result = await asyncio.wait_for(future, 10)
         assert result.values == {7: b"genuine"}
+        assert link.stats["rejected_replies"] == 2
+    finally:
+        await alpha.close()
+        await admin.close()
+        await link.close()
+
+
+def _work_result(silo: str, item: str, accumulator: bytes) -> bytes:
+    return p.encode(
+        p.Envelope(
+            kind=p.Kind.WORK_RESULT,
+            body=p.WorkResult(shard=0, clients=1, accumulator=accumulator),
+            sender=silo,
+            invocation_id="round-1",
+            correlation_id=item,
+        )
+    )
+
+
+async def test_stateless_coordinator_uses_a_result_only_from_the_silos_hello_user(
+    amqp_url: str, provisioned: ProvisionedFederation
+) -> None:
+    # The same rule as the stateful coordinator's (Membership.reply_user_problem).
+    t = Topology(provisioned.name)
+    alpha_user = provisioned.user("alpha")
+    membership = PoolMembership(liveness_timeout=60.0)
+    link = WorkLink(provisioned.coordinator_url, t, membership)
+    await link.start()
+    alpha = await aio_pika.connect(provisioned.silo_urls["alpha"], timeout=10)
+    admin = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        alpha_replies = await (await alpha.channel()).get_exchange(t.replies_exchange, ensure=False)
+        admin_replies = await (await admin.channel()).get_exchange(t.replies_exchange, ensure=False)
+        key = t.reply_routing_key("alpha")
+        await alpha_replies.publish(
+            _message(_hello("alpha"), user_id=alpha_user), key, mandatory=False
+        )
+        await _wait_for(lambda: membership.record("alpha") is not None)
+
+        item = p.batch_envelope(
+            sender="coordinator",
+            invocation_id="round-1",
+            correlation_id="item-1",
+            deadline=time.time() + 60,
+            operations=[p.Compute(source=7)],
+            seq=0,
+        )
+        future = await link.publish("alpha", item)
+        await alpha_replies.publish(_message(_work_result("alpha", "item-1", b"no-user")), key)
+        await _wait_for(lambda: link.stats["rejected_user_id"] == 1)
+        await admin_replies.publish(
+            _message(_work_result("alpha", "item-1", b"admin"), user_id="guest"), key
+        )
+        await _wait_for(lambda: link.stats["rejected_user_id"] == 2)
+        assert not future.done()
+        await alpha_replies.publish(
+            _message(_work_result("alpha", "item-1", b"genuine"), user_id=alpha_user), key
+        )
+        result = await asyncio.wait_for(future, 10)
+        assert result.accumulator == b"genuine"
         assert link.stats["rejected_replies"] == 2
     finally:
         await alpha.close()

@@ -93,10 +93,10 @@ def test_folder_gives_one_client_per_csv_file_in_name_order(ward_folder: Path) -
     ]
 
 
-def test_single_file_is_one_client_and_a_silo_without_data_has_one(tmp_path: Path) -> None:
+def test_single_file_is_one_client_and_a_silo_without_data_has_none(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "only.csv", ["age", "glucose"], [[1, 2.0]])
     assert store_of(path).num_clients("readings") == 1
-    assert SiloDataStore(SILO, []).default_num_clients() == 1
+    assert SiloDataStore(SILO, []).default_num_clients() == 0
     assert SiloDataStore(SILO, []).keys == []
 
 

@@ -44,6 +44,7 @@ _EXPORTS = {
     "BrokerUnreachableError": "tff_amqp.errors",
     "CohortError": "tff_amqp.errors",
     "SiloError": "tff_amqp.errors",
+    "SiloWorkerError": "tff_amqp.errors",
     "InvocationTimeoutError": "tff_amqp.errors",
     "UnsupportedIntrinsicError": "tff_amqp.errors",
 }

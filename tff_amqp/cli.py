@@ -84,7 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="refuse aggregations over fewer than N local clients (default 1)",
+        help="refuse aggregations over fewer than N local clients (default 1; an aggregate "
+        "over 0 clients is always allowed: it is the zero and holds no client data)",
+    )
+    silo.add_argument(
+        "--default-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="clients of an invocation that gives this silo no client data (no silo_data "
+        "argument, no client list), e.g. federated_value(x, CLIENTS) alone (default 0, as "
+        "TFF's native runtime)",
     )
     silo.add_argument(
         "--heartbeat-interval",
@@ -278,6 +288,7 @@ def _run_silo(args: argparse.Namespace) -> int:
                 allow_raw_client_values=args.allow_raw_client_values,
                 min_clients_per_aggregate=args.min_clients_per_aggregate,
             ),
+            default_clients=args.default_clients,
             heartbeat_interval=args.heartbeat_interval,
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,

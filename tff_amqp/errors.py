@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 
 class TffAmqpError(Exception):
     """Base class of tff-amqp errors."""
@@ -19,13 +21,73 @@ class QuorumError(CohortError):
     """Too few silos answered an aggregation phase (crashes, stragglers)."""
 
 
-class SiloError(TffAmqpError):
+class CodedError(TffAmqpError):
+    """An error with a machine-readable `code` (a protocol `ErrorCode`, or its
+    string on the coordinator side) besides its message: what error replies
+    carry across the broker."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SiloError(CodedError):
     """A silo refused or failed an operation of the invocation."""
 
     def __init__(self, silo: str, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.silo = silo
-        self.code = code
+
+    @classmethod
+    def from_report(
+        cls, silo: str, code: str, message: str, worker_status: str | None
+    ) -> SiloError:
+        """The error for a silo's error reply: a `SiloWorkerError` when the
+        silo's TFF worker raised it, so it carries the worker's status."""
+        if worker_status is None:
+            return cls(silo, code, message)
+        return SiloWorkerError(silo, code, message, worker_status)
+
+
+class WorkerRpcError(grpc.RpcError):
+    """A TFF worker_binary's gRPC error, as a silo reported it: what TFF's
+    native runtime raises for the same failure (`code()`, `details()`)."""
+
+    _status = grpc.StatusCode.UNKNOWN
+    _details = ""
+
+    @classmethod
+    def reported(cls, status: str, details: str) -> WorkerRpcError:
+        error = cls(details)
+        error._set_status(status, details)
+        return error
+
+    def _set_status(self, status: str, details: str) -> None:
+        self._status = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._status
+
+    def details(self) -> str:
+        return self._details
+
+
+class SiloWorkerError(SiloError):
+    """A silo's TFF worker failed an operation (e.g. a TensorFlow assertion).
+
+    The worker's own error, the `grpc.RpcError` TFF's native runtime raises for
+    the same failure, is chained as `__cause__`; `worker_status` is its gRPC
+    status code."""
+
+    def __init__(self, silo: str, code: str, message: str, worker_status: str) -> None:
+        super().__init__(silo, code, message)
+        self.__cause__ = WorkerRpcError.reported(worker_status, message)
+
+    @property
+    def worker_status(self) -> grpc.StatusCode:
+        cause = self.__cause__
+        return cause.code() if isinstance(cause, WorkerRpcError) else grpc.StatusCode.UNKNOWN
 
 
 class InvocationTimeoutError(TffAmqpError, TimeoutError):

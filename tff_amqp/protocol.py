@@ -19,6 +19,7 @@ an error reply (or dead-letter it) and keep serving.
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+
+from tff_amqp.errors import CodedError
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/x-tff-amqp+msgpack"
@@ -40,6 +43,7 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 # Largest value one transfer may announce (RabbitMQ is not a file store).
 MAX_TRANSFER_BYTES = 16 * 1024 * 1024 * 1024
 
+_STATUS_NAME = re.compile(r"[A-Z_]{1,40}")
 _MAX_ID_LEN = 128
 _MAX_NAME_LEN = 200
 
@@ -59,12 +63,10 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_INVOCATION = "unknown_invocation"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CodedError, ValueError):
     """A message that cannot be accepted; `code` says which rule it broke."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: ErrorCode
 
 
 class Kind(enum.StrEnum):
@@ -462,9 +464,15 @@ class ErrorReport:
 
     code: ErrorCode
     message: str
+    # The gRPC status name of the silo's worker_binary error ("INTERNAL",
+    # "INVALID_ARGUMENT", ...) when the worker raised it, else None.
+    worker_status: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"code": str(self.code), "message": self.message}
+        wire = {"code": str(self.code), "message": self.message}
+        if self.worker_status is not None:
+            wire["worker_status"] = self.worker_status
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> ErrorReport:
@@ -475,7 +483,10 @@ class ErrorReport:
             parsed = ErrorCode.EXECUTION
         # An empty message is still an error report: never drop one for it.
         message = _str(raw, "message", max_len=64 * 1024, allow_empty=True)
-        return cls(code=parsed, message=message)
+        status = _opt_str(raw, "worker_status")
+        if status is not None and not _STATUS_NAME.fullmatch(status):
+            raise ProtocolError(ErrorCode.MALFORMED, "field 'worker_status' is not a status name")
+        return cls(code=parsed, message=message, worker_status=status)
 
 
 @dataclass(frozen=True)

@@ -31,3 +31,16 @@ class RetryPolicy:
             retry=tenacity.retry_if_exception(should_retry),
             reraise=True,
         )
+
+
+# The policies in use, named here so every call site agrees.
+# Publishes ride out a reconnect of the robust connection, bounded; a silo's
+# results wait longer than the coordinator's requests (whose invocation's
+# deadline retries them anyway).
+COORDINATOR_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+SILO_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+
+
+def connect_within(seconds: float) -> RetryPolicy:
+    """First connection to the broker: the default backoff, within `seconds`."""
+    return RetryPolicy(total_timeout=seconds)

@@ -29,7 +29,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.bulk import (
     DEFAULT_MAX_PENDING_BYTES,
@@ -77,7 +77,7 @@ class CoordinatorBulk:
         # correlation id of a batch with computes -> who may send chunks for it
         self._expected: dict[str, _Expected] = {}
         self.stats: dict[str, int] = {"received_bytes": 0, "rejected_chunks": 0}
-        self._policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+        self._policy = COORDINATOR_PUBLISH
 
     @property
     def sent_bytes(self) -> int:

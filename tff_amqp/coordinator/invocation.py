@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
@@ -75,6 +74,8 @@ class Invocation:
         self._clients = clients
         self._ids = itertools.count(1)
         self._cohort: list[str] | None = None
+        # Answers an aggregation phase needs (set with the cohort).
+        self.quorum = runtime.options.min_silos
         self._cohort_lock = asyncio.Lock()
         self._assignment = ClientAssignment(None)
         self._outboxes: dict[str, SiloOutbox] = {}
@@ -175,13 +176,22 @@ class Invocation:
                 options = self.runtime.options
                 timeout = min(options.cohort_timeout, max(self.remaining(), 0.0))
                 waiting_since = time.monotonic()
-                silos = await self.runtime.membership.wait_for_cohort(
-                    options.min_silos, options.max_silos, timeout
-                )
+                if self._clients == 0:
+                    # No client takes part: aggregations return their zero, as in
+                    # TFF's native runtime, and no silo is asked anything.
+                    silos = []
+                else:
+                    silos = await self.runtime.membership.wait_for_cohort(
+                        options.min_silos, options.max_silos, timeout
+                    )
                 if self._clients is not None:
-                    silos = silos[: max(1, min(len(silos), self._clients))]
+                    # Explicit client lists: no silo gets an empty share.
+                    silos = silos[: min(len(silos), self._clients)]
                     self._assignment = _split(self._clients, silos)
                 self._cohort = silos
+                # K of N counts silos that can take part: with fewer clients than
+                # min_silos, every selected silo is needed, and no more.
+                self.quorum = min(options.min_silos, len(silos))
                 for silo in silos:
                     self._outboxes[silo] = SiloOutbox(self, silo, lambda: next(self._ids))
                 log.info("invocation.cohort", extra={"invocation": self.id[:8], "silos": silos})
@@ -376,7 +386,7 @@ class Invocation:
         self.events.gather_started(self.id, silos)
         try:
             while pending:
-                if quorum_at is None and len(results) >= options.min_silos:
+                if quorum_at is None and len(results) >= self.quorum:
                     quorum_at = time.monotonic()
                 cutoff = phase_cutoff(
                     started, quorum_at, options.straggler_timeout, options.quorum_grace
@@ -384,7 +394,7 @@ class Invocation:
                 budget: float | None = None
                 if cutoff is not None:
                     left = cutoff - time.monotonic()
-                    if left <= 0 and len(results) >= options.min_silos:
+                    if left <= 0 and len(results) >= self.quorum:
                         break
                     budget = left if left > 0 else None
                 done, pending = await asyncio.wait(
@@ -399,10 +409,11 @@ class Invocation:
                         lost[silo] = error
                     else:
                         raise error
-                if len(results) + len(pending) < options.min_silos:
+                if len(results) + len(pending) < self.quorum:
                     raise QuorumError(
                         f"invocation {self.id[:8]} lost its quorum: {len(results)} silo(s) "
-                        f"answered, {len(pending)} still pending, min_silos={options.min_silos}; "
+                        f"answered, {len(pending)} still pending, {self.quorum} needed "
+                        f"(min_silos={options.min_silos}, cohort of {len(self._cohort or [])}); "
                         + "; ".join(str(e) for e in lost.values())
                     )
         finally:
@@ -564,6 +575,8 @@ def phase_cutoff(
 
 
 def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:
+    if not silos:
+        return ClientAssignment({})
     base, extra = divmod(clients, len(silos))
     chunks, start = {}, 0
     for i, silo in enumerate(silos):
@@ -594,7 +607,3 @@ def _free_references(bb: building_blocks.ComputationBuildingBlock) -> set[str]:
     from tensorflow_federated.python.core.impl.compiler import transformation_utils
 
     return set(transformation_utils.get_map_of_unbound_references(bb)[bb])
-
-
-def struct_elements(value: object) -> list[tuple[str | None, object]]:
-    return list(structure.iter_elements(structure.from_container(value)))

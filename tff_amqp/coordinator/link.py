@@ -28,7 +28,7 @@ from aio_pika.abc import (
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry
 
@@ -121,7 +121,7 @@ class CoordinatorLink:
         self._requests: AbstractExchange | None = None
         self._pending: dict[str, _Pending] = {}
         # While the robust connection reconnects, publishes are retried.
-        self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+        self.publish_policy = COORDINATOR_PUBLISH
 
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp coordinator {self.sender}")
@@ -204,17 +204,6 @@ class CoordinatorLink:
         for corr in [c for c, pend in self._pending.items() if pend.invocation_id == invocation_id]:
             self.forget(corr)
 
-    def first_failure(self, invocation_id: str) -> SiloError | None:
-        """An error already reported for an invocation by a batch that had no
-        waiting compute (errors are never dropped)."""
-        for pending in self._pending.values():
-            if pending.invocation_id == invocation_id and pending.future.done():
-                if not pending.future.cancelled() and pending.future.exception() is not None:
-                    error = pending.future.exception()
-                    if isinstance(error, SiloError):
-                        return error
-        return None
-
     # -------------------------------------------------------------- receiving
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -271,7 +260,7 @@ class CoordinatorLink:
                 extra={"silo": silo, "expected": pending.silo, "reason": "wrong silo"},
             )
             return
-        user_problem = self._user_problem(silo, message.user_id)
+        user_problem = self.membership.reply_user_problem(silo, message.user_id)
         if user_problem is not None:
             self.stats["rejected_replies"] += 1
             self.stats["rejected_user_id"] += 1
@@ -290,29 +279,17 @@ class CoordinatorLink:
         elif envelope.kind is p.Kind.ERROR:
             assert isinstance(envelope.body, p.ErrorReport)
             pending.future.set_exception(
-                SiloError(silo, str(envelope.body.code), envelope.body.message)
+                SiloError.from_report(
+                    silo,
+                    str(envelope.body.code),
+                    envelope.body.message,
+                    envelope.body.worker_status,
+                )
             )
-            # Keep the entry so first_failure() can report it; retrieve the
-            # exception so asyncio does not warn when nobody awaits it.
+            # Retrieve the exception so asyncio does not warn when nobody
+            # awaits it (a batch without a Compute: the silo's session fails
+            # every later batch of the invocation with the same error).
             pending.future.exception()
-
-    def _user_problem(self, silo: str, user_id: str | None) -> str | None:
-        """Why a reply from `silo` with `user_id` must not be used, or None.
-
-        The broker validates `user_id` only when it is set, so a reply must
-        carry one, and it must be the user the silo said hello with. That
-        binding is trustworthy because only the silo's own user may publish
-        with routing key ``reply.<silo>`` (topic permission, docs/security.md);
-        in guest-mode development every silo is ``guest`` and this holds
-        trivially."""
-        if not user_id:
-            return "reply has no user_id (the broker validates user_id only when it is set)"
-        record = self.membership.record(silo)
-        if record is None or not record.user_id:
-            return f"silo {silo!r} has not said hello with a validated user_id"
-        if record.user_id != user_id:
-            return f"user_id {user_id!r} is not silo {silo!r}'s broker user {record.user_id!r}"
-        return None
 
     async def membership_touch(self, silo: str, user_id: str | None) -> None:
         record = self.membership.record(silo)

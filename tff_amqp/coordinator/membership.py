@@ -53,6 +53,25 @@ class Membership:
         for record in self._silos.values():
             record.last_seen = float("-inf")
 
+    def reply_user_problem(self, silo: str, user_id: str | None) -> str | None:
+        """Why a reply from `silo` with `user_id` must not be used, or None.
+        Both regimes' coordinators apply this one rule.
+
+        The broker validates `user_id` only when it is set, so a reply must
+        carry one, and it must be the user the silo said hello with. That
+        binding is trustworthy because only the silo's own user may publish
+        with routing key ``reply.<silo>`` (topic permission, docs/security.md);
+        in guest-mode development every silo is ``guest`` and this holds
+        trivially."""
+        if not user_id:
+            return "reply has no user_id (the broker validates user_id only when it is set)"
+        record = self._silos.get(silo)
+        if record is None or not record.user_id:
+            return f"silo {silo!r} has not said hello with a validated user_id"
+        if record.user_id != user_id:
+            return f"user_id {user_id!r} is not silo {silo!r}'s broker user {record.user_id!r}"
+        return None
+
     def record(self, silo: str) -> SiloRecord | None:
         return self._silos.get(silo)
 
@@ -67,9 +86,6 @@ class Membership:
             (r for r in self._silos.values() if now - r.last_seen <= self.liveness_timeout),
             key=lambda r: r.name,
         )
-
-    def known(self) -> list[SiloRecord]:
-        return sorted(self._silos.values(), key=lambda r: r.name)
 
     async def wait_for_cohort(
         self, min_silos: int, max_silos: int | None, timeout: float

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tff_amqp import protocol as p
@@ -165,6 +165,3 @@ class SiloOutbox:
                 # Mark it retrieved: when the invocation already ended (e.g. at
                 # its deadline) nobody awaits it, and asyncio would log it.
                 waiter.exception()
-
-    def pending_operations(self) -> Iterator[p.Operation]:
-        return iter(self._ops)

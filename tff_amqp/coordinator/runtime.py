@@ -4,6 +4,7 @@ silo membership and the coordinator's local worker_binary."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -79,6 +80,8 @@ class CoordinatorRuntime:
         self.topology = Topology(options.federation)
         self.membership = Membership(liveness_timeout=options.heartbeat_timeout)
         self.events = InvocationEvents()
+        # Intrinsic calls dispatched, by URI (what ran here, for docs and tests).
+        self.intrinsic_calls: collections.Counter[str] = collections.Counter()
         self.telemetry: CoordinatorTelemetry | None = None
         self._link: CoordinatorLink | None = None
         self._bulk: CoordinatorBulk | None = None

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
@@ -53,6 +54,7 @@ class FederatingStrategy:
         self, intrinsic: building_blocks.Intrinsic, arg: CoordinatorValue | None
     ) -> CoordinatorValue:
         method: _Method | None = getattr(self, intrinsic.uri, None)
+        self._invocation.runtime.intrinsic_calls[intrinsic.uri] += 1
         if method is None:
             raise UnsupportedIntrinsicError(
                 f"intrinsic {intrinsic.uri!r} is not supported by tff-amqp; supported: "
@@ -109,17 +111,37 @@ class FederatingStrategy:
     async def federated_eval_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
         return await self._at_server(intrinsic, arg)
 
+    # Generic operators: TFF 0.87's compiler does not emit them, and TFF's
+    # worker cannot run them; built here as TensorFlow, leaf by leaf.
+
     async def generic_plus(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_add)
 
     async def generic_multiply(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_multiply)
 
     async def generic_divide(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+        return await self._generic(intrinsic, arg, tf_divide)
 
-    async def generic_zero(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
-        return await self._at_server(intrinsic, arg)
+    async def _generic(
+        self, intrinsic: Intrinsic, arg: Arg, op: Callable[[object, object], object]
+    ) -> CoordinatorValue:
+        first, second = intrinsic.type_signature.parameter  # type: ignore[misc,union-attr]
+        if _is_placed(first) or _is_placed(second):
+            raise UnsupportedIntrinsicError(
+                f"{intrinsic.uri} of federated values is not supported by tff-amqp (only of "
+                "unplaced tensors and structs); TFF's compiler does not produce it"
+            )
+        proto, fn_type = _tf_binary_operator(
+            lambda a, b: _map_leaves(op, a, _broadcast_to(b, a)), first, second
+        )
+        fn = FunctionValue(
+            self._invocation,
+            building_blocks.CompiledComputation(proto, type_signature=fn_type),
+            _EMPTY,
+        )
+        assert arg is not None
+        return await self._executor.call(fn, arg)
 
     # -------------------------------------------------------- aggregations
 
@@ -127,20 +149,24 @@ class FederatingStrategy:
         value, zero, accumulate, merge, report = [
             await self._executor.select(arg, i) for i in range(5)
         ]
-        accumulator_type = accumulate.type_signature.result
-        identity = building_blocks.Lambda(
-            "accumulator",
-            accumulator_type,
-            building_blocks.Reference("accumulator", accumulator_type),
-        )
+        # The silo-side aggregate is typed as this intrinsic declares its
+        # parameters, not as the arguments happen to be: a value may be
+        # all-equal at CLIENTS (a broadcast), a zero may have a static shape
+        # where the accumulator's is dynamic.
+        declared = intrinsic.type_signature.parameter  # type: ignore[union-attr]
+        value_type, accumulator_type, accumulate_type, merge_type, _ = [
+            declared[i]  # type: ignore[index]
+            for i in range(5)
+        ]
+        identity = _identity(accumulator_type)
         silo_intrinsic = building_blocks.Intrinsic(
             intrinsic_defs.FEDERATED_AGGREGATE.uri,
             computation_types.FunctionType(
                 [
-                    value.type_signature,
-                    zero.type_signature,
-                    accumulate.type_signature,
-                    merge.type_signature,
+                    value_type,
+                    accumulator_type,
+                    accumulate_type,
+                    merge_type,
                     identity.type_signature,
                 ],
                 computation_types.FederatedType(accumulator_type, placements.SERVER),
@@ -164,7 +190,8 @@ class FederatingStrategy:
             ],
         )
         partials = await self._partials(silo_intrinsic, silo_arg, accumulator_type)
-        total = partials[0]
+        # No silo took part (no clients): the aggregate of nothing is the zero.
+        total: CoordinatorValue = partials[0] if partials else zero
         for partial in partials[1:]:
             total = await self._executor.call(
                 merge, StructValue(invocation, [(None, total), (None, partial)])
@@ -173,6 +200,7 @@ class FederatingStrategy:
         return await self._place_at_server(reported)
 
     async def federated_sum(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        assert arg is not None
         return await self._summed(arg)
 
     async def federated_secure_sum_bitwidth(
@@ -185,11 +213,57 @@ class FederatingStrategy:
         # Plain-sum semantics (not secure): see the module docstring.
         return await self._summed(await self._executor.select(arg, 0))
 
+    async def federated_secure_modular_sum(
+        self, intrinsic: Intrinsic, arg: Arg
+    ) -> CoordinatorValue:
+        """The sum of the client values modulo `modulus` (a tensor, or a structure
+        matching the value's), as TFF's own test runtime defines it: summed at
+        the silos and folded on the coordinator, reduced once at the end.
+        Not secure, like the other secure sums (see the module docstring)."""
+        summed = await self._summed(await self._executor.select(arg, 0))
+        modulus = await self._executor.select(arg, 1)
+        member_type = summed.type_signature.member  # type: ignore[attr-defined]
+        proto, fn_type = _tf_binary_operator(
+            lambda total, mod: _map_leaves(tf_mod, total, _broadcast_to(mod, total)),
+            member_type,
+            modulus.type_signature,
+        )
+        fn = FunctionValue(
+            self._invocation,
+            building_blocks.CompiledComputation(proto, type_signature=fn_type),
+            _EMPTY,
+        )
+        modulus_at_server = await self._place_at_server(modulus)
+        pair_type = computation_types.StructType([member_type, modulus.type_signature])
+        zip_at_server = building_blocks.Intrinsic(
+            intrinsic_defs.FEDERATED_ZIP_AT_SERVER.uri,
+            computation_types.FunctionType(
+                [
+                    computation_types.FederatedType(member_type, placements.SERVER),
+                    computation_types.FederatedType(modulus.type_signature, placements.SERVER),
+                ],
+                computation_types.FederatedType(pair_type, placements.SERVER),
+            ),
+        )
+        pair = await self._at_server(
+            zip_at_server,
+            StructValue(self._invocation, [(None, summed), (None, modulus_at_server)]),
+        )
+        apply = building_blocks.Intrinsic(
+            intrinsic_defs.FEDERATED_APPLY.uri,
+            computation_types.FunctionType(
+                [fn_type, computation_types.FederatedType(pair_type, placements.SERVER)],
+                computation_types.FederatedType(fn_type.result, placements.SERVER),
+            ),
+        )
+        return await self._at_server(
+            apply, StructValue(self._invocation, [(None, fn), (None, pair)])
+        )
+
     async def _summed(self, value: CoordinatorValue) -> CoordinatorValue:
         """A sum as an aggregation with a TensorFlow zero and add: one code path
         for every aggregation (worker_binary's own federated_sum cannot take a
         CLIENTS value that was computed in place, and native TFF never sends it)."""
-        import tensorflow as tf
         from tensorflow_federated.python.core.environments.tensorflow_backend import (
             tensorflow_computation_factory as factory,
         )
@@ -197,7 +271,9 @@ class FederatingStrategy:
         member_type = value.type_signature.member  # type: ignore[attr-defined]
         invocation = self._invocation
         zero_proto, zero_type = factory.create_constant(0, member_type)
-        add_proto, add_type = factory.create_binary_operator(tf.add, member_type)
+        add_proto, add_type = _tf_binary_operator(
+            lambda a, b: _map_leaves(tf_add, a, b), member_type, member_type
+        )
         zero_fn = building_blocks.CompiledComputation(zero_proto, type_signature=zero_type)
         add = FunctionValue(
             invocation,
@@ -209,7 +285,13 @@ class FederatingStrategy:
         aggregate = building_blocks.Intrinsic(
             intrinsic_defs.FEDERATED_AGGREGATE.uri,
             computation_types.FunctionType(
-                [value.type_signature, member_type, add_type, add_type, identity.type_signature],
+                [
+                    computation_types.FederatedType(member_type, placements.CLIENTS),
+                    member_type,
+                    add_type,
+                    add_type,
+                    identity.type_signature,
+                ],
                 computation_types.FederatedType(member_type, placements.SERVER),
             ),
         )
@@ -272,6 +354,62 @@ class FederatingStrategy:
             ),
         )
         return await self._at_server(intrinsic, value)
+
+
+def tf_add(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.add(a, b)
+
+
+def tf_multiply(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.multiply(a, b)
+
+
+def tf_divide(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.divide(a, b)
+
+
+def _is_placed(type_spec: computation_types.Type) -> bool:
+    return isinstance(type_spec, computation_types.FederatedType)
+
+
+def tf_mod(a: object, b: object) -> object:
+    import tensorflow as tf
+
+    return tf.math.mod(a, tf.cast(b, a.dtype))  # type: ignore[attr-defined]
+
+
+def _map_leaves(fn: Callable[[object, object], object], a: object, b: object) -> object:
+    """`fn` leaf by leaf over two equally structured values (tensors or
+    TFF structs, the empty struct included)."""
+    if isinstance(a, structure.Struct):
+        return structure.map_structure(fn, a, b)
+    return fn(a, b)
+
+
+def _broadcast_to(mod: object, like: object) -> object:
+    """A single modulus applies to every leaf of a structured value."""
+    if isinstance(like, structure.Struct) and not isinstance(mod, structure.Struct):
+        return structure.map_structure(lambda _: mod, like)
+    return mod
+
+
+def _tf_binary_operator(
+    operator: Callable[[object, object], object],
+    first: computation_types.Type,
+    second: computation_types.Type,
+) -> tuple[object, computation_types.FunctionType]:
+    """A compiled TensorFlow computation `<first, second> -> operator(...)`."""
+    from tensorflow_federated.python.core.environments.tensorflow_backend import (
+        tensorflow_computation_factory as factory,
+    )
+
+    return factory.create_binary_operator(operator, first, second)  # type: ignore[return-value]
 
 
 def _identity(type_spec: computation_types.Type) -> building_blocks.Lambda:

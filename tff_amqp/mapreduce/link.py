@@ -29,7 +29,7 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.link import consume_coordinator_queue
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, TffAmqpError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry
 from tff_amqp.worker_pool.agent import declare_work_queue
@@ -68,6 +68,7 @@ class WorkLink:
             "late_results": 0,
             "unknown_replies": 0,
             "rejected_replies": 0,
+            "rejected_user_id": 0,
             "malformed": 0,
             "dead_lettered": 0,
             "reconnects": 0,
@@ -81,7 +82,7 @@ class WorkLink:
         # a later reply is a duplicate, or late.
         self._finished: dict[str, bool] = {}
         self._declared: set[str] = set()
-        self.publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
+        self.publish_policy = COORDINATOR_PUBLISH
 
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp mapreduce {self.sender}")
@@ -203,11 +204,20 @@ class WorkLink:
             else:
                 self.stats["unknown_replies"] += 1
             return
-        if pending.silo != silo or not message.user_id:
+        if pending.silo != silo:
             self.stats["rejected_replies"] += 1
             log.warning(
                 "mapreduce.rejected_reply",
-                extra={"silo": silo, "expected": pending.silo, "user_id": message.user_id},
+                extra={"silo": silo, "expected": pending.silo, "reason": "wrong silo"},
+            )
+            return
+        user_problem = self.membership.reply_user_problem(silo, message.user_id)
+        if user_problem is not None:
+            self.stats["rejected_replies"] += 1
+            self.stats["rejected_user_id"] += 1
+            log.warning(
+                "mapreduce.rejected_reply",
+                extra={"silo": silo, "user_id": message.user_id, "reason": user_problem},
             )
             return
         record = self.membership.record(silo)
@@ -218,7 +228,12 @@ class WorkLink:
             pending.future.set_result(envelope.body)
         elif envelope.kind is p.Kind.ERROR and isinstance(envelope.body, p.ErrorReport):
             pending.future.set_exception(
-                SiloError(silo, str(envelope.body.code), envelope.body.message)
+                SiloError.from_report(
+                    silo,
+                    str(envelope.body.code),
+                    envelope.body.message,
+                    envelope.body.worker_status,
+                )
             )
         else:
             self.stats["malformed"] += 1

@@ -27,7 +27,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.bulk import SiloBulk
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
@@ -49,6 +49,10 @@ class SiloConfig:
     name: str
     data: tuple[DataSource, ...] = ()
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # Clients of an invocation that gives this silo no client data (no
+    # silo_data argument, no client list), e.g. `federated_value(x, CLIENTS)`
+    # alone: 0, as in TFF's native runtime, unless the operator says otherwise.
+    default_clients: int = 0
     heartbeat_interval: float = 1.0
     prefetch: int = 32
     # Declare exchanges and the request queue (needs configure permission).
@@ -66,6 +70,8 @@ class SiloConfig:
 
     def __post_init__(self) -> None:
         check_silo_name(self.name)
+        if self.default_clients < 0:
+            raise ValueError("default_clients must be 0 or more")
         Topology(self.federation)  # validates the federation name
 
 
@@ -135,7 +141,7 @@ class SiloAgent:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._sweeper_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
-        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+        self._publish_policy = SILO_PUBLISH
         self.ready = asyncio.Event()
 
     async def __aenter__(self) -> SiloAgent:
@@ -159,7 +165,7 @@ class SiloAgent:
         self._connection = await connect(
             self.config.broker_url,
             name=f"tff-amqp silo {self.config.name}",
-            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
@@ -199,7 +205,7 @@ class SiloAgent:
             max_message_bytes=self.config.max_message_bytes,
             max_pending_bytes=self.config.max_pending_transfer_bytes,
             declare_topology=self.config.declare_topology,
-            connect_policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            connect_policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         await self.bulk.__aenter__()
@@ -325,7 +331,13 @@ class SiloAgent:
                 "silo.batch_failed",
                 extra={"invocation": session.invocation_id, "code": str(e.code), "error": str(e)},
             )
-            await self._reply_error(session.invocation_id, envelope.correlation_id, e.code, str(e))
+            await self._reply_error(
+                session.invocation_id,
+                envelope.correlation_id,
+                e.code,
+                str(e),
+                worker_status=e.worker_status,
+            )
             return
         self._observe_batch(started, ok=True)
         if wants_reply:
@@ -418,7 +430,7 @@ class SiloAgent:
         return self.data.num_clients(key), value.SerializeToString()
 
     def _count_clients(self, key: str | None) -> int:
-        return self.data.num_clients(key) if key is not None else self.data.default_num_clients()
+        return self.data.num_clients(key) if key is not None else self.config.default_clients
 
     # ------------------------------------------------------------- publishing
 
@@ -465,11 +477,19 @@ class SiloAgent:
                     self.stats["expired_sessions"] = self.stats.get("expired_sessions", 0) + 1
                     await runner.stop()
 
-    async def _reply_error(self, inv: str, corr: str, code: p.ErrorCode, message: str) -> None:
+    async def _reply_error(
+        self,
+        inv: str,
+        corr: str,
+        code: p.ErrorCode,
+        message: str,
+        *,
+        worker_status: str | None = None,
+    ) -> None:
         await self._publish(
             p.Envelope(
                 kind=p.Kind.ERROR,
-                body=p.ErrorReport(code=code, message=message),
+                body=p.ErrorReport(code=code, message=message, worker_status=worker_status),
                 sender=self.config.name,
                 invocation_id=inv,
                 correlation_id=corr,

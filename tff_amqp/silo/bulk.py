@@ -21,7 +21,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import SILO_PUBLISH, RetryPolicy
 from tff_amqp.topology import Topology
 from tff_amqp.transport.bulk import (
     BulkSender,
@@ -98,7 +98,7 @@ class SiloBulk:
                 replies,
                 sender=self.silo,
                 max_message_bytes=self._max_message_bytes,
-                policy=RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0),
+                policy=SILO_PUBLISH,
                 user_id=self._user_id,
             )
         except BaseException:

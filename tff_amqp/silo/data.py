@@ -179,9 +179,9 @@ class SiloDataStore:
         return len(self._client_files(key))
 
     def default_num_clients(self) -> int:
-        """Clients of an invocation without data: those of the first source, else 1."""
+        """Clients under the first data key, else 0 (what `status` shows)."""
         if not self._sources:
-            return 1
+            return 0
         return self.num_clients(next(iter(self._sources)))
 
     def client_datasets(

@@ -68,6 +68,7 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
     )
     silos.add_argument("--allow-raw-client-values", action="store_true")
     silos.add_argument("--min-clients-per-aggregate", type=int, default=1, metavar="N")
+    silos.add_argument("--default-clients", type=int, default=0, metavar="N")
     silos.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
     silos.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS")
     silos.add_argument("--no-declare", action="store_true")
@@ -106,6 +107,7 @@ def run_silos(args: argparse.Namespace) -> int:
                 name=name,
                 data=tuple(DataSource.parse(flag.replace("{silo}", name)) for flag in args.data),
                 policy=policy,
+                default_clients=args.default_clients,
                 heartbeat_interval=args.heartbeat_interval,
                 declare_topology=not args.no_declare,
                 connect_timeout=args.connect_timeout,

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import CodedError
 from tff_amqp.transport.bulk import TransferError
 from tff_amqp.worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.worker.client import serialized_is_computation
@@ -41,12 +42,21 @@ AGGREGATION_URIS = frozenset(
 _INLINE_COPY = 1024 * 1024
 
 
-class SessionError(Exception):
+class SessionError(CodedError):
     """An operation failed; carries the protocol error code for the reply."""
 
-    def __init__(self, code: p.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: p.ErrorCode
+
+    def __init__(
+        self, code: p.ErrorCode, message: str, *, worker_status: str | None = None
+    ) -> None:
+        super().__init__(code, message)
+        # gRPC status of the worker_binary error behind it, if any.
+        self.worker_status = worker_status
+
+    @classmethod
+    def from_worker(cls, error: WorkerError, message: str) -> SessionError:
+        return cls(p.ErrorCode.EXECUTION, message, worker_status=error.status)
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class InvocationSession:
             self.failed = e
             raise
         except WorkerError as e:
-            self.failed = SessionError(p.ErrorCode.EXECUTION, f"silo {self.silo!r}: {e}")
+            self.failed = SessionError.from_worker(e, f"silo {self.silo!r}: {e}")
             raise self.failed from e
         finally:
             for task in running:
@@ -200,8 +210,8 @@ class InvocationSession:
         try:
             future.set_result(await run())
         except WorkerError as e:
-            error = SessionError(
-                p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
+            error = SessionError.from_worker(
+                e, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
             )
             future.set_exception(error)
             raise error from e
@@ -273,7 +283,8 @@ class InvocationSession:
         fn = self._ref(op.fn)
         arg = self._ref(op.arg) if op.arg is not None else None
         if op.fn in self._aggregators:
-            if (self._clients or 0) < self._policy.min_clients_per_aggregate:
+            # An aggregate over no client at all is the zero: no client data.
+            if 0 < (self._clients or 0) < self._policy.min_clients_per_aggregate:
                 raise SessionError(
                     p.ErrorCode.PRIVACY,
                     f"silo {self.silo!r} refuses to aggregate over {self._clients} client(s): "
@@ -338,8 +349,8 @@ class InvocationSession:
         try:
             value = await executor.compute_serialized(ref)  # type: ignore[arg-type]
         except WorkerError as e:
-            raise SessionError(
-                p.ErrorCode.EXECUTION, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
+            raise SessionError.from_worker(
+                e, f"silo {self.silo!r}, operation {_describe(op)}: {e}"
             ) from e
         # Small values are copied out of the response; large ones stay a view
         # (sent as chunks without another copy of the whole value).

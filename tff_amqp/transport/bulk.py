@@ -31,7 +31,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from tff_amqp import protocol as p
-from tff_amqp.errors import TffAmqpError
+from tff_amqp.errors import CodedError
 from tff_amqp.retry import RetryPolicy
 from tff_amqp.transport.connection import publish_with_retry
 
@@ -47,12 +47,10 @@ DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024 * 1024
 _PUBLISH_WINDOW = 4
 
 
-class TransferError(TffAmqpError):
+class TransferError(CodedError):
     """A chunked transfer failed: corrupt, too large, timed out or abandoned."""
 
-    def __init__(self, code: p.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: p.ErrorCode
 
 
 def chunk_bytes_for(max_message_bytes: int) -> int:

@@ -73,14 +73,21 @@ def _value_of_response(raw: bytes) -> memoryview:
 
 
 class WorkerError(RuntimeError):
-    """A worker_binary call failed; the message keeps TFF's own error text."""
+    """A worker_binary call failed; the message keeps TFF's own error text,
+    `status` the gRPC status name when the worker answered with one."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 async def _call(operation: str, coro: object) -> object:
     try:
         return await coro  # type: ignore[misc]
     except grpc.aio.AioRpcError as e:
-        raise WorkerError(f"worker {operation} failed ({e.code().name}): {e.details()}") from None
+        raise WorkerError(
+            f"worker {operation} failed ({e.code().name}): {e.details()}", e.code().name
+        ) from None
 
 
 class WorkerClient:
@@ -180,10 +187,6 @@ class WorkerExecutor:
         except WorkerError:
             self._computations.pop(key, None)
             raise
-
-    @property
-    def executor_id(self) -> str:
-        return self.executor.id
 
     async def create_value(self, value: executor_pb2.Value) -> executor_pb2.ValueRef:
         request = executor_pb2.CreateValueRequest(executor=self.executor, value=value)

@@ -35,7 +35,8 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.errors import CodedError
+from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
@@ -72,13 +73,11 @@ class WorkerConfig:
             raise ValueError("heartbeat_interval must be a positive number of seconds")
 
 
-class ItemError(Exception):
+class ItemError(CodedError):
     """A work item that cannot succeed on any worker (bad data key, privacy,
     a failing computation): answered with an error reply, then acked."""
 
-    def __init__(self, code: p.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code: p.ErrorCode
 
 
 async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo: str) -> None:
@@ -129,7 +128,7 @@ class StatelessWorker:
         # Set when this worker can no longer run items (its worker_binary died).
         self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
-        self._publish_policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+        self._publish_policy = SILO_PUBLISH
 
     async def __aenter__(self) -> StatelessWorker:
         await self.start()
@@ -149,7 +148,7 @@ class StatelessWorker:
         self._connection = await connect(
             self.config.broker_url,
             name=f"tff-amqp worker {self.config.silo}",
-            policy=RetryPolicy(total_timeout=self.config.connect_timeout),
+            policy=connect_within(self.config.connect_timeout),
         )
         self._worker = WorkerBinary()
         await self._worker.start()
