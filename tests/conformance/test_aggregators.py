@@ -54,8 +54,8 @@ FEATURES: dict[str, Callable[[tf.data.Dataset], Any]] = {
     "vec": _vec,
     # int32[2]: sum of ages, row count.
     "int": lambda rows: tf.stack([_stats(rows)[1], _stats(rows)[0]]),
-    # Mixed dtypes: a float vector and an int count.
-    "mixed": lambda rows: OrderedDict(v=_vec(rows), n=_stats(rows)[0]),
+    # Mixed float dtypes: a float32 vector and a float64 count.
+    "mixed": lambda rows: OrderedDict(v=_vec(rows), n=tf.cast(_stats(rows)[0], tf.float64)),
     # Two float tensors of different shapes (for concat).
     "floats": lambda rows: OrderedDict(
         a=_vec(rows), b=tf.reshape(tf.tile(_vec(rows)[:2], [2]), [2, 2])
