@@ -161,7 +161,7 @@ CASES: dict[str, Case] = {
     ),
     "dp_tree_aggregation": Case(
         lambda: AGG.DifferentiallyPrivateFactory.tree_aggregation(
-            0.0, 3.0, 50.0, record_specs=[tf.TensorSpec([3], tf.float32)], noise_seed=1
+            0.0, 3.0, 50.0, record_specs=tf.TensorSpec([3], tf.float32), noise_seed=1
         ),
         "vec",
     ),

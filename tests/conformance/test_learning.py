@@ -49,17 +49,18 @@ def batches() -> Any:
 @functools.cache
 def points() -> Any:
     return tff.tensorflow.computation(
-        lambda rows: rows.map(lambda r: _example(r)["x"]).batch(BATCH), tff.SequenceType(ROW)
+        lambda rows: rows.map(lambda r: _example(r)["x"]), tff.SequenceType(ROW)
     )
 
 
 @functools.cache
 def train_and_test() -> Any:
-    # Personalization eval: first batch to fine-tune on, the rest to test.
+    # Personalization eval (unbatched, as it asks): the first rows to
+    # fine-tune on, all rows to test.
     return tff.tensorflow.computation(
         lambda rows: OrderedDict(
-            train_data=rows.map(_example).batch(BATCH).take(1),
-            test_data=rows.map(_example).batch(BATCH),
+            train_data=rows.map(_example).take(BATCH),
+            test_data=rows.map(_example),
         ),
         tff.SequenceType(ROW),
     )
@@ -129,7 +130,7 @@ PROCESSES: dict[str, Callable[[], Any]] = {
         functional_model(), sgd(0.1), sgd(1.0)
     ),
     "fed_avg_schedule": lambda: ALG.build_weighted_fed_avg_with_optimizer_schedule(
-        model_fn, lambda round_num: 0.1 / (1 + tf.cast(round_num, tf.float32)), sgd(0.1), sgd(1.0)
+        model_fn, lambda round_num: 0.1 / (1 + tf.cast(round_num, tf.float32)), sgd, sgd(1.0)
     ),
     "fed_prox": lambda: ALG.build_weighted_fed_prox(model_fn, 0.1, sgd(0.1), sgd(1.0)),
     "fed_prox_unweighted": lambda: ALG.build_unweighted_fed_prox(model_fn, 0.1, sgd(0.1), sgd(1.0)),
@@ -148,13 +149,15 @@ PROCESSES: dict[str, Callable[[], Any]] = {
     ),
     "fed_recon": lambda: ALG.build_fed_recon(
         recon_model_fn,
-        _mse,
-        _mae,
+        loss_fn=_mse,
+        metrics_fn=_mae,
         server_optimizer_fn=sgd(1.0),
         client_optimizer_fn=sgd(0.1),
         reconstruction_optimizer_fn=sgd(0.1),
     ),
-    "fed_recon_eval": lambda: ALG.build_fed_recon_eval(recon_model_fn, _mse, _mae),
+    "fed_recon_eval": lambda: ALG.build_fed_recon_eval(
+        recon_model_fn, loss_fn=_mse, metrics_fn=_mae
+    ),
     "fed_eval": lambda: ALG.build_fed_eval(model_fn),
     "fed_eval_functional": lambda: ALG.build_fed_eval(functional_model()),
     # A fixed seed: the initial centroids are the same in both runtimes.
@@ -211,7 +214,7 @@ def _evaluate(model: Any, data: tf.data.Dataset) -> Any:
         n = tf.cast(out.num_examples, tf.float32)
         return acc[0] + out.loss * n, acc[1] + n
 
-    total, n = data.reduce((0.0, 0.0), add)
+    total, n = data.batch(BATCH).reduce((0.0, 0.0), add)
     return OrderedDict(loss=total / tf.maximum(n, 1.0))
 
 
@@ -226,7 +229,7 @@ def _finetune_fn() -> Any:
                 var.assign_sub(0.1 * grad)
             return 0
 
-        train_data.reduce(0, step)
+        train_data.batch(BATCH).reduce(0, step)
         return _evaluate(model, test_data)
 
     return finetune
