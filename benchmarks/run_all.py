@@ -15,10 +15,8 @@ for its header.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import RESULTS, machine, progress, stop_on_sigterm
 from benchmarks.registry import BENCHMARKS, Benchmark, by_name
+from tff_amqp.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,16 +58,7 @@ def _arguments(benchmark: Benchmark, quick: bool) -> list[str]:
 def _stop(process: subprocess.Popen[bytes], grace: float = 60.0) -> None:
     """SIGTERM the benchmark's process group (it cleans up its silos), then
     SIGKILL whatever is left after `grace` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
+    stop_process_group(process, grace)
 
 
 def run_one(

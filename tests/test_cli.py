@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.support.processes import marked_processes
-from tff_amqp.local import die_with_parent
+from tff_amqp.processes import die_with_parent
 
 DEMO_MARKER = "TFF_AMQP_DEMO_TEST"
 DEMO = (sys.executable, "-m", "tff_amqp", "demo")

@@ -12,7 +12,7 @@ import pytest
 
 from tff_amqp import config
 from tff_amqp.cli import DEFAULT_BROKER, build_parser
-from tff_amqp.local import die_with_parent
+from tff_amqp.processes import die_with_parent
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None):

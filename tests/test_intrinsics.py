@@ -128,6 +128,24 @@ def secure_modular_sum(x):
     return mr_intrinsics.federated_secure_modular_sum(x, 10)
 
 
+F32_SEQ = tff.SequenceType(np.float32)
+
+
+@tff.tensorflow.computation(np.float32)
+def _squared(x):
+    return x * x
+
+
+@tff.federated_computation(F32_SEQ)
+def sequence_reduce(ds):
+    return tff.sequence_reduce(ds, np.float32(0.0), _add)
+
+
+@tff.federated_computation(F32_SEQ)
+def sequence_map(ds):
+    return tff.sequence_reduce(tff.sequence_map(_squared, ds), np.float32(0.0), _add)
+
+
 # name -> (computation, args, reference context fixture name)
 CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], str]] = {
     "federated_map": (map_then_sum, (VALUES,), "native_context"),
@@ -149,6 +167,8 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], str]] = {
     "federated_secure_sum_bitwidth": (secure_sum_bitwidth, (VALUES,), "test_context"),
     "federated_secure_sum": (secure_sum, (INTS,), "test_context"),
     "federated_secure_modular_sum": (secure_modular_sum, (INTS,), "test_context"),
+    "sequence_reduce": (sequence_reduce, (VALUES,), "native_context"),
+    "sequence_map": (sequence_map, (VALUES,), "native_context"),
 }
 
 

@@ -256,7 +256,8 @@ def create_sync_amqp_execution_context(
       quorum_grace: once `min_silos` silos answered an aggregation phase, wait
         at most this many more seconds for the others, then drop them as
         stragglers (None: only `straggler_timeout` limits the wait).
-      **kwargs: further `CoordinatorOptions`, e.g. `max_message_bytes`,
+      **kwargs: further `CoordinatorOptions`, e.g. `select_slices` (federated_select
+        ships only requested slices; see docs/intrinsics.md), `max_message_bytes`,
         `metrics_port` (serve Prometheus metrics; 0: any free port; None: off)
         and `progress` (progress on stderr: True, False, None = only at a
         terminal).

@@ -16,7 +16,6 @@ PR_SET_PDEATHSIG, a short-lived starting thread would take them with it.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -27,14 +26,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tff_amqp.processes import die_with_parent, stop_process_group
+
 READY_PATTERN = r'"event":\s*"silo\.ready"'
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when its parent dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ManagedProcess:
@@ -68,7 +62,7 @@ class ManagedProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 env={**os.environ, **self._env},
                 cwd=self._cwd,
             )
@@ -154,10 +148,7 @@ class ManagedProcess:
         Returns the exit code."""
         if self.process is None:
             return None
-        self.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout)
-        self.kill()
+        stop_process_group(self.process, timeout)
         return self.process.poll()
 
     def __repr__(self) -> str:

@@ -327,6 +327,21 @@ class Invocation:
             self._uploads[(key, silos)] = upload
         return await upload
 
+    async def ship_to(self, value: LocalValue, silos: Sequence[str]) -> dict[str, int]:
+        """Create a server value at just these silos (its id at each); if large,
+        one transfer published once for all of them."""
+        serialized = await self._local_bytes(value)
+        self._pins.append(value)
+        ids: dict[str, int] = {}
+        for silo in silos:
+            outbox = await self.outbox(silo)
+            if len(serialized) <= self.runtime.bulk.inline_limit:
+                ids[silo] = outbox.create_value(serialized)
+            else:
+                blob = await self._upload(id(value), serialized, tuple(silos))
+                ids[silo] = outbox.create_blob_value(blob)
+        return ids
+
     async def receive_blob(self, silo: str, blob: p.BlobRef) -> bytearray:
         """A silo's large result, sent as a chunked transfer (bounded by the
         invocation's deadline)."""

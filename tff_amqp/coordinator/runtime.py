@@ -51,6 +51,9 @@ class CoordinatorOptions:
     metrics_port: int | None = None
     # Progress display on stderr: True, False, or None (only when it is a terminal).
     progress: bool | None = None
+    # federated_select ships only the slices silos ask for, learning each
+    # silo's requested key set (docs/privacy.md); off: the whole server value.
+    select_slices: bool = False
     coordinator_name: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
     )
@@ -100,10 +103,12 @@ class CoordinatorRuntime:
         """A function's Value proto and its serialized bytes, built once per
         building block (they are large, and the same ones ship every round)."""
         from tff_amqp.coordinator.invocation import function_proto
+        from tff_amqp.coordinator.select import check_runnable
 
         key = id(value.building_block)
         entry = self._function_wire.get(key)
         if entry is None or entry[0] is not value.building_block:
+            check_runnable(value.building_block)
             proto = function_proto(value)
             entry = (value.building_block, proto, proto.SerializeToString())
             if len(self._function_wire) >= 1024:

@@ -23,6 +23,7 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
+from tff_amqp.coordinator import select as _select
 from tff_amqp.coordinator.scope import EMPTY_SCOPE as _EMPTY
 from tff_amqp.coordinator.values import (
     ClientsValue,
@@ -91,6 +92,22 @@ class FederatingStrategy:
         # each silo, which broadcasts it to its own clients.
         return await self._at_silos(intrinsic, arg)
 
+    async def federated_select(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # Server value and max_key go to each silo once; each silo selects for
+        # its clients, so client keys stay at the silos (see select.py).
+        _select.check_select(intrinsic)
+        if self._invocation.runtime.options.select_slices:
+            # Opt-in: only requested slices are shipped; silos reveal their key sets.
+            selected = await _select.select_by_slices(self._executor, intrinsic, arg)
+            if selected is not None:
+                return selected
+        return await self._at_silos(intrinsic, arg)
+
+    async def federated_secure_select(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # Selecting at the silo keeps the keys secret: see select.as_plain_select.
+        _select.check_select(intrinsic)
+        return await self._at_silos(_select.as_plain_select(intrinsic), arg)
+
     # ------------------------------------------------------- at the server
 
     async def _at_server(
@@ -142,6 +159,17 @@ class FederatingStrategy:
         )
         assert arg is not None
         return await self._executor.call(fn, arg)
+
+    async def sequence_reduce(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # Unplaced sequences live on the coordinator's worker (inside maps
+        # they run at the silos, shipped with the mapped function).
+        return await self._at_server(intrinsic, arg)
+
+    async def sequence_map(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        return await self._at_server(intrinsic, arg)
+
+    async def sequence_sum(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        raise _select.unsupported_sequence_intrinsic(intrinsic.uri)
 
     # -------------------------------------------------------- aggregations
 
@@ -422,5 +450,6 @@ def supported_intrinsics() -> list[str]:
     return sorted(
         name
         for name in dir(FederatingStrategy)
-        if (name.startswith("federated_") or name.startswith("generic_"))
+        if (name.startswith(("federated_", "generic_", "sequence_")))
+        and name not in _select.NOT_RUN_BY_NATIVE_TFF
     )

@@ -32,7 +32,7 @@ from tff_amqp.errors import SiloError, TffAmqpError
 from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry
-from tff_amqp.worker_pool.agent import declare_work_queue
+from tff_amqp.transport.schema import declare_work_queue
 
 log = logging.getLogger(__name__)
 

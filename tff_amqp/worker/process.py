@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from tff_amqp.local import die_with_parent, stop_process_group
+from tff_amqp.processes import die_with_parent, stop_process_group
 from tff_amqp.worker.client import GRPC_OPTIONS, WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)

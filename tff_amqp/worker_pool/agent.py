@@ -40,6 +40,7 @@ from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.transport.schema import declare_work_queue
 from tff_amqp.worker import WorkerBinary, WorkerError
 from tff_amqp.worker_pool.shard import ShardRunner, shard_bounds
 
@@ -78,21 +79,6 @@ class ItemError(CodedError):
     a failing computation): answered with an error reply, then acked."""
 
     code: p.ErrorCode
-
-
-async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo: str) -> None:
-    """The silo's durable work queue, bound to the work exchange; shared by
-    the coordinator and workers (both declare it, so items published before
-    any worker started are kept). Arguments must match on both sides."""
-    exchange = await channel.declare_exchange(
-        topology.work_exchange, ExchangeType.DIRECT, durable=True
-    )
-    queue = await channel.declare_queue(
-        topology.work_queue(silo),
-        durable=True,
-        arguments={"x-dead-letter-exchange": topology.dead_letter_exchange},
-    )
-    await queue.bind(exchange, routing_key=topology.request_routing_key(silo))
 
 
 class StatelessWorker:
