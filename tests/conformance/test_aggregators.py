@@ -28,6 +28,7 @@ from tests.conformance.harness import (
     Both,
     Distribution,
     conform,
+    marks_for,
 )
 
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
@@ -232,7 +233,7 @@ def _params() -> list[Any]:
     for name, case in CASES.items():
         dists = [*DISTRIBUTIONS, EMPTY] if case.empty else DISTRIBUTIONS
         for dist in dists:
-            params.append(pytest.param(name, dist, id=f"{name}-{dist.name}"))
+            params.append(pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks_for(dist)))
     return params
 
 

@@ -19,7 +19,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tests.conformance.harness import DISTRIBUTION_IDS, DISTRIBUTIONS, ROW, Both, conform
+from tests.conformance.harness import (
+    DIST_PARAMS,
+    ROW,
+    Both,
+    conform,
+)
 
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
 STATE = OrderedDict(shift=np.float32, rounds=np.int32)
@@ -80,7 +85,7 @@ def _rounds(comp: Any, arg: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("form", ["map_reduce", "distribute_aggregate"])
-@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=DISTRIBUTION_IDS)
+@pytest.mark.parametrize("dist", DIST_PARAMS)
 def test_form_round_trip(both: Both, form: str, dist: Any) -> None:
     comp = rebuilt(form)
     # The original on native is the reference; the rebuilt one must match it

@@ -14,12 +14,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tests.conformance.harness import DISTRIBUTION_IDS, DISTRIBUTIONS, EMPTY, ROW, Both, conform
+from tests.conformance.harness import (
+    DIST_PARAMS,
+    DISTRIBUTIONS,
+    ROW,
+    WITH_EMPTY_PARAMS,
+    Both,
+    conform,
+)
 from tests.support.federation import assert_close
 
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
-WITH_EMPTY = [*DISTRIBUTIONS, EMPTY]
-WITH_EMPTY_IDS = [*DISTRIBUTION_IDS, EMPTY.name]
 
 
 @tff.tensorflow.computation(tff.SequenceType(ROW))
@@ -64,7 +69,7 @@ def sums(rows: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("dist", WITH_EMPTY, ids=WITH_EMPTY_IDS)
+@pytest.mark.parametrize("dist", WITH_EMPTY_PARAMS)
 def test_federated_sum(both: Both, dist: Any) -> None:
     actual, expected = both.run(sums, dist)
     exact(actual[:2], expected[:2])
@@ -83,7 +88,7 @@ def secure_sums(rows: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("dist", WITH_EMPTY, ids=WITH_EMPTY_IDS)
+@pytest.mark.parametrize("dist", WITH_EMPTY_PARAMS)
 def test_secure_sums_of_structs_and_modular(both: Both, dist: Any) -> None:
     # TFF's semantics (replace_secure_intrinsics_with_bodies): bitwidth and
     # max-input sums are plain sums; the modular sum is the sum of each
@@ -108,7 +113,7 @@ def means_and_extremes(rows: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=DISTRIBUTION_IDS)
+@pytest.mark.parametrize("dist", DIST_PARAMS)
 def test_means_min_max(both: Both, dist: Any) -> None:
     actual, expected = both.run(means_and_extremes, dist)
     assert_close(actual, expected)
@@ -145,7 +150,7 @@ def gather_all_ages(rows: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("dist", WITH_EMPTY, ids=WITH_EMPTY_IDS)
+@pytest.mark.parametrize("dist", WITH_EMPTY_PARAMS)
 def test_aggregate_with_dynamic_accumulator(both: Both, dist: Any) -> None:
     actual, expected = both.run(gather_all_ages, dist)
     exact(actual, expected)
@@ -171,7 +176,7 @@ def broadcast_then_aggregate(rows: Any, shift: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=DISTRIBUTION_IDS)
+@pytest.mark.parametrize("dist", DIST_PARAMS)
 def test_broadcast_and_all_equal_aggregates(both: Both, dist: Any) -> None:
     actual, expected = both.run(lambda arg: broadcast_then_aggregate(arg, np.float32(2.5)), dist)
     assert_close(actual, expected)
@@ -193,7 +198,7 @@ def sequence_reduce_per_client(rows: Any) -> Any:
     return tff.federated_sum(folded.age), tff.federated_max(folded.glucose)
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS, ids=DISTRIBUTION_IDS)
+@pytest.mark.parametrize("dist", DIST_PARAMS)
 def test_sequence_reduce(both: Both, dist: Any) -> None:
     actual, expected = both.run(sequence_reduce_per_client, dist)
     conform(actual, expected)
