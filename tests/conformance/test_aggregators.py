@@ -253,7 +253,8 @@ def test_aggregator(both: Both, name: str, dist: Distribution) -> None:
             conform(_sorted_rows(a_rows), _sorted_rows(e_rows))
         return
     # compare == "sum": each runtime's result against the exact plain sum.
-    exact_sum, _ = both.run(plain_sum, dist)
+    amqp_sum, exact_sum = both.run(plain_sum, dist)
+    conform(amqp_sum, exact_sum)
     exact_sum = np.asarray(exact_sum)
     _, client_rows = both.rows(dist)
     tolerance = _sum_tolerance(name, exact_sum, client_rows)
