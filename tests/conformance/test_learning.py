@@ -172,9 +172,26 @@ PROCESSES: dict[str, Callable[[], Any]] = {
 }
 
 
+# FedAvg's round (with the clients' batching) taken through TFF's MapReduceForm
+# and DistributeAggregateForm and back: the learning-sized round trip.
+FORM_ROUND_TRIPS = {
+    "fed_avg_map_reduce": lambda mr, comp: mr.get_computation_for_map_reduce_form(
+        mr.get_map_reduce_form_for_computation(comp)
+    ),
+    "fed_avg_distribute_aggregate": lambda mr, comp: (
+        mr.get_computation_for_distribute_aggregate_form(
+            mr.get_distribute_aggregate_form_for_computation(comp)
+        )
+    ),
+}
+
+
 @functools.cache
 def built(name: str) -> tuple[Any, Any]:
     """(initialize, step) where step(state, rows@CLIENTS) -> (state, metrics)."""
+    if name in FORM_ROUND_TRIPS:
+        initialize, step = built("fed_avg")
+        return initialize, FORM_ROUND_TRIPS[name](tff.backends.mapreduce, step)
     process = PROCESSES[name]()
     prepare = points() if name == "kmeans" else batches()
     state_type = process.initialize.type_signature.result
@@ -215,7 +232,7 @@ LEARNING_DISTS = [d for d in DISTRIBUTIONS if d.name in ("list2", "list7", "silo
 def _learning_params() -> list[Any]:
     return [
         pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks_for(dist))
-        for name in PROCESSES
+        for name in [*PROCESSES, *FORM_ROUND_TRIPS]
         for dist in (DISTRIBUTIONS if name == "fed_avg" else LEARNING_DISTS)
     ]
 
