@@ -86,6 +86,7 @@ class Case:
     empty: bool = False  # also run with zero clients
     compare: str = "all"  # "all", "sum" (result ~ plain sum), "sample" (multiset)
     estimation: bool = False  # `build` gives a tff.templates.EstimationProcess
+    slow: bool = False  # building it takes seconds (tff.learning's composed aggregators)
     why: str = ""
 
 
@@ -174,10 +175,12 @@ CASES: dict[str, Case] = {
         "vec",
     ),
     "quantile_estimation": Case(lambda: _quantile(1.0), "scalar", estimation=True),
-    "learning_robust": Case(tff.learning.robust_aggregator, "vec", weighted=True),
-    "learning_secure": Case(tff.learning.secure_aggregator, "vec", weighted=True),
+    "learning_robust": Case(tff.learning.robust_aggregator, "vec", weighted=True, slow=True),
+    "learning_secure": Case(tff.learning.secure_aggregator, "vec", weighted=True, slow=True),
     # Tensors below 20000 elements are not quantized: deterministic here.
-    "learning_compression": Case(tff.learning.compression_aggregator, "vec", weighted=True),
+    "learning_compression": Case(
+        tff.learning.compression_aggregator, "vec", weighted=True, slow=True
+    ),
 }
 # Not compared: distributed_dp.DistributedDpSumFactory and
 # tff.learning.ddp_secure_aggregator / dp_aggregator draw rotation seeds and
@@ -233,7 +236,8 @@ def _params() -> list[Any]:
     for name, case in CASES.items():
         dists = [*DISTRIBUTIONS, EMPTY] if case.empty else DISTRIBUTIONS
         for dist in dists:
-            params.append(pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks_for(dist)))
+            marks = [*marks_for(dist), *([pytest.mark.slow] if case.slow else [])]
+            params.append(pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks))
     return params
 
 
