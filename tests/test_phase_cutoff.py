@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tff_amqp.coordinator.invocation import phase_cutoff
-from tff_amqp.coordinator.runtime import CoordinatorOptions
+from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.quorum import phase_cutoff
 
 
 def test_without_limits_the_phase_waits_for_every_silo():

@@ -224,11 +224,15 @@ def test_ragged_row_and_empty_file(tmp_path: Path) -> None:
     assert_data_error(error, "empty.csv is empty", "header")
 
 
-def test_empty_folder_and_non_csv_path(tmp_path: Path) -> None:
+def test_empty_folder_is_a_silo_without_clients_and_non_csv_path_an_error(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError) as error:
-        store_of(tmp_path / "empty").num_clients("readings")
-    assert_data_error(error, "'readings'", "no .csv files")
+    (tmp_path / "empty" / "notes.txt").write_text("not a client\n")
+    store = store_of(tmp_path / "empty")
+    assert store.num_clients("readings") == 0
+    assert store.client_datasets("readings", computation_types.to_type(ROW)) == []
+    assert store.federated_value("readings", at_clients(ROW)) is not None
 
     text = tmp_path / "data.txt"
     text.write_text("age\n1\n")
@@ -295,14 +299,12 @@ def test_parse_accepts_a_file_or_a_folder(ward_folder: Path) -> None:
         ("readings=", "PATH is empty"),
         ("readings={folder}/missing", "does not exist"),
         ("readings={folder}/README.txt", "is not a .csv file"),
-        ("readings={empty}", "no .csv files"),
     ],
 )
 def test_parse_rejects_bad_flags(
     ward_folder: Path, tmp_path: Path, flag: str, problem: str
 ) -> None:
-    (tmp_path / "nothing").mkdir()
-    flag = flag.format(folder=ward_folder, empty=tmp_path / "nothing")
+    flag = flag.format(folder=ward_folder)
     with pytest.raises(DataError) as error:
         DataSource.parse(flag)
     assert problem in str(error.value)

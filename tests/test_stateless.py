@@ -260,12 +260,17 @@ def test_worker_whose_worker_binary_dies_gives_its_item_back_and_exits(amqp_url,
     wait_workers_ready([pools.add_worker(amqp_url, silo)])
 
 
-def test_straggling_silo_is_dropped_after_the_straggler_timeout(amqp_url, pools):
-    # south keeps one worker for its 5 slow items; north has three.
+@pytest.mark.parametrize(
+    "cutoff", [{"straggler_timeout": 4.0}, {"quorum_grace": 1.0}], ids=["timeout", "grace"]
+)
+def test_straggling_silo_is_dropped_at_the_phase_cutoff(amqp_url, pools, cutoff):
+    # south keeps one worker for its 5 slow items; north has three. The same
+    # K-of-N rule as the stateful regime: a straggler timeout, or a grace
+    # period once min_silos silos completed.
     for worker in pools.workers["south"][1:]:
         worker.stop()
     pools.workers["south"] = pools.workers["south"][:1]
-    with _context(amqp_url, pools, min_silos=1, straggler_timeout=4.0) as context:
+    with _context(amqp_url, pools, min_silos=1, **cutoff) as context:
         _wait_workers(context, ["north"], WORKERS_PER_SILO)
         new_state, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         report = context.last_round

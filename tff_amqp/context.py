@@ -11,24 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any
 
-from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
 )
-from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.executors import executor_factory
 from tensorflow_federated.python.core.impl.types import placements
 
 from tff_amqp.coordinator.executor import AmqpExecutor
 from tff_amqp.coordinator.invocation import Invocation
-from tff_amqp.coordinator.runtime import CoordinatorOptions, CoordinatorRuntime
+from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.runtime import CoordinatorRuntime
+from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.errors import InvocationTimeoutError
 
 log = logging.getLogger(__name__)
@@ -116,66 +116,6 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
 
     async def close(self) -> None:
         await self.runtime.close()
-
-
-_A = TypeVar("_A", bound="_AsyncContext")
-
-_shared_runner: async_utils.AsyncThreadRunner | None = None
-_shared_runner_lock = threading.Lock()
-
-
-def _runner() -> async_utils.AsyncThreadRunner:
-    """One event-loop thread for every sync context of the process: grpc.aio
-    supports a single event loop per process."""
-    global _shared_runner
-    with _shared_runner_lock:
-        if _shared_runner is None:
-            _shared_runner = async_utils.AsyncThreadRunner()
-        return _shared_runner
-
-
-class _AsyncContext(Protocol):
-    async def invoke(self, comp: Any, arg: Any) -> Any: ...
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-
-class SyncOverSharedLoop(context_base.SyncContext, Generic[_A]):
-    """A synchronous TFF context that runs an async one on the process's
-    shared event-loop thread (both regimes' sync contexts are this)."""
-
-    _name = "AMQP execution context"
-
-    def __init__(self, async_context: _A) -> None:
-        self._async_context = async_context
-        self._runner = _runner()
-        self._closed = False
-
-    def invoke(self, comp: Any, arg: Any) -> Any:
-        if self._closed:
-            raise RuntimeError(f"this {self._name} is closed")
-        return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
-
-    def start(self) -> Self:
-        """Connect and start the local worker now (otherwise done on first use)."""
-        self._runner.run_coro_and_return_result(self._async_context.start())
-        return self
-
-    def run(self, coro: Any) -> Any:
-        """Run a coroutine on the context's loop (e.g. to inspect the runtime)."""
-        return self._runner.run_coro_and_return_result(coro)
-
-    def close(self) -> None:
-        """Release the broker connection and the local worker. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._runner.run_coro_and_return_result(self._async_context.close())
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AmqpSyncExecutionContext(SyncOverSharedLoop[AmqpAsyncExecutionContext]):

@@ -29,6 +29,7 @@ from tensorflow_federated.python.core.impl.types import (
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.outbox import SiloOutbox
+from tff_amqp.coordinator.quorum import phase_cutoff
 from tff_amqp.coordinator.values import (
     ClientsValue,
     CoordinatorValue,
@@ -569,24 +570,6 @@ class Invocation:
                 log.debug("disposing local values failed", exc_info=True)
             self._local_refs.clear()
         self._pins.clear()
-
-
-def phase_cutoff(
-    started: float,
-    quorum_at: float | None,
-    straggler_timeout: float | None,
-    quorum_grace: float | None,
-) -> float | None:
-    """When an aggregation phase that began at `started` stops waiting for the
-    silos that have not answered, provided it has its quorum (monotonic time;
-    None: wait for every silo, bounded by the deadline). The earlier of the
-    straggler timeout and, once the quorum answered at `quorum_at`, the grace."""
-    candidates = []
-    if straggler_timeout is not None:
-        candidates.append(started + straggler_timeout)
-    if quorum_grace is not None and quorum_at is not None:
-        candidates.append(quorum_at + quorum_grace)
-    return min(candidates) if candidates else None
 
 
 def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:

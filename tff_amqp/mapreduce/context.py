@@ -37,8 +37,8 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
-from tff_amqp.context import SyncOverSharedLoop
-from tff_amqp.coordinator.runtime import CoordinatorOptions
+from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.data_reference import SiloDataReference
 from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
 from tff_amqp.mapreduce.link import WorkLink
@@ -287,6 +287,7 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
                 max_silos=coordinator.max_silos,
                 cohort_timeout=coordinator.cohort_timeout,
                 straggler_timeout=coordinator.straggler_timeout,
+                quorum_grace=coordinator.quorum_grace,
                 shards_per_silo=self._options.shards_per_silo,
                 sender=coordinator.coordinator_name,
             ),
@@ -391,6 +392,7 @@ def create_sync_amqp_mapreduce_context(
     deadline: float = 600.0,
     heartbeat_timeout: float = 5.0,
     straggler_timeout: float | None = None,
+    quorum_grace: float | None = None,
     **kwargs: Any,
 ) -> AmqpSyncMapReduceContext:
     """A sync context that runs MapReduce-form computations as work items on
@@ -401,7 +403,8 @@ def create_sync_amqp_mapreduce_context(
       federation: namespace of queues and exchanges; workers use the same.
       shards_per_silo: work items per silo per round (contiguous client shards).
       min_silos, max_silos, cohort_timeout, deadline, heartbeat_timeout,
-      straggler_timeout: as for `create_sync_amqp_execution_context`; a silo
+      straggler_timeout, quorum_grace: as for `create_sync_amqp_execution_context`
+        (the same K-of-N rule, `tff_amqp.coordinator.quorum`); a silo
         is live while any of its workers is, and a dropped silo's shards are
         left out of the round as a whole.
     """
@@ -417,6 +420,7 @@ def create_sync_amqp_mapreduce_context(
                 deadline=deadline,
                 heartbeat_timeout=heartbeat_timeout,
                 straggler_timeout=straggler_timeout,
+                quorum_grace=quorum_grace,
                 **kwargs,
             ),
         )

@@ -1,12 +1,12 @@
 """The stateless coordinator's connection to the broker.
 
-It is the federation's coordinator: it consumes `tff.<fed>.coordinator`
-exclusively (so it cannot run beside a stateful coordinator of the same
-federation), publishes work items to `tff.<fed>.work` (routing key = silo),
-and matches results to work items by item id. A result is accepted only from
-the silo the item went to (routing key, sender and a broker-validated
-`user_id`); a second result for the same item (a redelivered item that two
-workers finished) is counted and dropped, so each item is merged once.
+It publishes work items to `tff.<fed>.work` (routing key = silo) and matches
+results to work items by item id; the intake it shares with the stateful
+coordinator (`ReplyIntake`) accepts a result only from the silo the item went
+to (routing key, sender, and a broker-validated `user_id` that is the user
+the silo's workers said hello with). A second result for the same item (a
+redelivered item that two workers finished) is counted and dropped, so each
+item is merged once.
 """
 
 from __future__ import annotations
@@ -14,38 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustConnection,
-    ExchangeType,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.link import consume_coordinator_queue
+from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.coordinator.membership import Membership
-from tff_amqp.errors import SiloError, TffAmqpError
-from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
-from tff_amqp.transport.connection import connect, publish_with_retry
+from tff_amqp.transport.connection import publish_with_retry
 from tff_amqp.transport.schema import declare_work_queue
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _PendingItem:
-    silo: str
-    round_id: str
-    future: asyncio.Future[p.WorkResult]
-
-
-class WorkLink:
+class WorkLink(ReplyIntake[p.WorkResult]):
     """Publishing work items and collecting their results for one federation."""
+
+    role = "mapreduce"
 
     def __init__(
         self,
@@ -56,64 +42,20 @@ class WorkLink:
         max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
         sender: str = "coordinator",
     ) -> None:
-        self.topology = topology
-        self.membership = membership
-        self.max_message_bytes = max_message_bytes
-        self.sender = sender
-        self.stats: dict[str, int] = {
-            "published": 0,
-            "published_bytes": 0,
-            "results": 0,
-            "duplicate_results": 0,
-            "late_results": 0,
-            "unknown_replies": 0,
-            "rejected_replies": 0,
-            "rejected_user_id": 0,
-            "malformed": 0,
-            "dead_lettered": 0,
-            "reconnects": 0,
-        }
-        self._url = broker_url
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        super().__init__(
+            broker_url, topology, membership, max_message_bytes=max_message_bytes, sender=sender
+        )
+        self.stats.update(results=0, duplicate_results=0, late_results=0)
         self._work: AbstractExchange | None = None
-        self._pending: dict[str, _PendingItem] = {}
         # Items already answered (False) or given up on with their silo (True):
         # a later reply is a duplicate, or late.
         self._finished: dict[str, bool] = {}
         self._declared: set[str] = set()
-        self.publish_policy = COORDINATOR_PUBLISH
 
-    async def start(self) -> None:
-        self._connection = await connect(self._url, name=f"tff-amqp mapreduce {self.sender}")
-        self._connection.reconnect_callbacks.add(self._on_reconnect)
-        self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=256)
-        self._work = await self._channel.declare_exchange(
+    async def _declare_outbound(self, channel: AbstractChannel) -> None:
+        self._work = await channel.declare_exchange(
             self.topology.work_exchange, ExchangeType.DIRECT, durable=True
         )
-        try:
-            await consume_coordinator_queue(self._channel, self.topology, self._on_message)
-        except TffAmqpError:
-            await self.close()
-            raise
-
-    def _on_reconnect(self, *_: object) -> None:
-        self.stats["reconnects"] += 1
-        self.membership.mark_stale()
-        log.warning("mapreduce.reconnected", extra={"federation": self.topology.federation})
-
-    async def close(self) -> None:
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.cancel()
-        self._pending.clear()
-        if self._connection is not None:
-            try:
-                await asyncio.wait_for(self._connection.close(), 5.0)
-            except Exception:
-                log.debug("closing broker connection failed", exc_info=True)
-            self._connection = None
 
     # --------------------------------------------------------------- sending
 
@@ -133,7 +75,7 @@ class WorkLink:
             raise RuntimeError("mapreduce link is not started")
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.WorkResult] = asyncio.get_running_loop().create_future()
-        self._pending[envelope.correlation_id] = _PendingItem(silo, envelope.invocation_id, future)
+        self._pending[envelope.correlation_id] = Pending(silo, envelope.invocation_id, future)
         ttl = envelope.ttl_seconds()
         message = aio_pika.Message(
             payload,
@@ -150,8 +92,7 @@ class WorkLink:
         await publish_with_retry(
             self._work, message, self.topology.request_routing_key(silo), self.publish_policy
         )
-        self.stats["published"] += 1
-        self.stats["published_bytes"] += len(payload)
+        self._count_published(payload)
         return future
 
     def finish(self, item_id: str, *, dropped: bool = False) -> None:
@@ -166,97 +107,39 @@ class WorkLink:
 
     # -------------------------------------------------------------- receiving
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if "x-death" in (message.headers or {}):
-            self._on_dead_letter(message)
+    def _on_unmatched(self, correlation_id: str, silo: str) -> None:
+        if correlation_id not in self._finished:
+            super()._on_unmatched(correlation_id, silo)
             return
-        try:
-            envelope = p.decode(message.body, max_bytes=self.max_message_bytes)
-        except p.ProtocolError as e:
-            self.stats["malformed"] += 1
-            log.warning("mapreduce.malformed_reply", extra={"error": str(e)})
-            return
-        silo = self.topology.silo_from_reply_key(message.routing_key or "")
-        if silo is None or envelope.sender != silo:
-            self.stats["rejected_replies"] += 1
-            log.warning(
-                "mapreduce.rejected_reply",
-                extra={"routing_key": message.routing_key, "reason": "sender != routing key"},
-            )
-            return
-        if envelope.kind in (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE):
-            assert isinstance(envelope.body, p.SiloStatus)
-            if envelope.body.silo != silo:
-                self.stats["rejected_replies"] += 1
-                return
-            await self.membership.observe(envelope.kind, envelope.body, message.user_id)
-            return
-        item_id = envelope.correlation_id
-        pending = self._pending.get(item_id)
-        if pending is None:
-            if item_id in self._finished:
-                late = self._finished[item_id]
-                self.stats["late_results" if late else "duplicate_results"] += 1
-                log.info(
-                    "mapreduce.late_result" if late else "mapreduce.duplicate_result",
-                    extra={"item": item_id, "silo": silo},
-                )
-            else:
-                self.stats["unknown_replies"] += 1
-            return
-        if pending.silo != silo:
-            self.stats["rejected_replies"] += 1
-            log.warning(
-                "mapreduce.rejected_reply",
-                extra={"silo": silo, "expected": pending.silo, "reason": "wrong silo"},
-            )
-            return
-        user_problem = self.membership.reply_user_problem(silo, message.user_id)
-        if user_problem is not None:
-            self.stats["rejected_replies"] += 1
-            self.stats["rejected_user_id"] += 1
-            log.warning(
-                "mapreduce.rejected_reply",
-                extra={"silo": silo, "user_id": message.user_id, "reason": user_problem},
-            )
-            return
-        record = self.membership.record(silo)
-        if record is not None:
-            record.last_seen = time.monotonic()
+        late = self._finished[correlation_id]
+        self.stats["late_results" if late else "duplicate_results"] += 1
+        log.info(
+            "mapreduce.late_result" if late else "mapreduce.duplicate_result",
+            extra={"item": correlation_id, "silo": silo},
+        )
+
+    def _deliver(
+        self,
+        correlation_id: str,
+        pending: Pending[p.WorkResult],
+        envelope: p.Envelope,
+        silo: str,
+    ) -> None:
         if envelope.kind is p.Kind.WORK_RESULT and isinstance(envelope.body, p.WorkResult):
             self.stats["results"] += 1
             pending.future.set_result(envelope.body)
         elif envelope.kind is p.Kind.ERROR and isinstance(envelope.body, p.ErrorReport):
-            pending.future.set_exception(
-                SiloError.from_report(
-                    silo,
-                    str(envelope.body.code),
-                    envelope.body.message,
-                    envelope.body.worker_status,
-                )
-            )
+            pending.future.set_exception(self._silo_error(silo, envelope.body))
         else:
             self.stats["malformed"] += 1
             return
-        self.finish(item_id)
+        self.finish(correlation_id)
 
-    def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
-        self.stats["dead_lettered"] += 1
-        item_id = message.correlation_id or ""
-        pending = self._pending.get(item_id)
-        deaths = (message.headers or {}).get("x-death")
-        reason, queue = "expired", "?"
-        if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-            reason = str(deaths[0].get("reason", reason))
-            queue = str(deaths[0].get("queue", queue))
-        log.warning("mapreduce.dead_letter", extra={"item": item_id, "reason": reason})
-        if pending is not None and not pending.future.done():
-            pending.future.set_exception(
-                SiloError(
-                    pending.silo,
-                    str(p.ErrorCode.EXPIRED),
-                    f"work item for silo {pending.silo!r} was dead-lettered from {queue} "
-                    f"({reason}): no worker of the silo completed it before the deadline",
-                )
-            )
-            self.finish(item_id)
+    def _dead_letter_message(self, silo: str, queue: str, reason: str) -> str:
+        return (
+            f"work item for silo {silo!r} was dead-lettered from {queue} ({reason}): no "
+            "worker of the silo completed it before the deadline"
+        )
+
+    def _after_dead_letter(self, correlation_id: str) -> None:
+        self.finish(correlation_id)

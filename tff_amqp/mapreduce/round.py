@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.quorum import phase_cutoff
 from tff_amqp.errors import CohortError, InvocationTimeoutError
 from tff_amqp.mapreduce.link import WorkLink
 from tff_amqp.mapreduce.membership import PoolMembership
@@ -64,6 +65,7 @@ class RoundSettings:
     max_silos: int | None
     cohort_timeout: float
     straggler_timeout: float | None
+    quorum_grace: float | None
     shards_per_silo: int
     sender: str
 
@@ -176,11 +178,14 @@ class MapReduceRound:
         items: dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]],
     ) -> list[p.WorkResult]:
         """Wait for the shards of each silo. A silo whose workers all went
-        silent, or that straggles past straggler_timeout, is dropped for the
-        round as a whole when the others still make min_silos; an error from
-        any item fails the round (it would fail on every worker)."""
+        silent, or that is still working at the phase's cut-off (the K-of-N
+        rule both regimes share: straggler_timeout, or quorum_grace after
+        min_silos completed), is dropped for the round as a whole when the
+        others still make min_silos; an error from any item fails the round
+        (it would fail on every worker)."""
         settings = self._settings
         started = time.monotonic()
+        quorum_at: float | None = None
         active = list(cohort)
         try:
             while True:
@@ -192,15 +197,17 @@ class MapReduceRound:
                 if len(complete) == len(active):
                     break
                 now = time.monotonic()
+                if quorum_at is None and len(complete) >= settings.min_silos:
+                    quorum_at = now
                 incomplete = [s for s in active if s not in complete]
                 silent = [s for s in incomplete if not self._membership.is_live(s)]
-                straggling = (
-                    settings.straggler_timeout is not None
-                    and now - started >= settings.straggler_timeout
+                cutoff = phase_cutoff(
+                    started, quorum_at, settings.straggler_timeout, settings.quorum_grace
                 )
+                straggling = cutoff is not None and now >= cutoff
                 drop = incomplete if straggling else silent
                 if drop and len(active) - len(drop) >= settings.min_silos:
-                    self._drop(drop, items, "straggler timeout" if straggling else "no live worker")
+                    self._drop(drop, items, "straggler cut-off" if straggling else "no live worker")
                     active = [s for s in active if s not in drop]
                     continue
                 if time.time() > self._deadline:

@@ -17,23 +17,16 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustConnection,
-    ExchangeType,
-)
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, ExchangeType
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import SILO_PUBLISH, connect_within
+from tff_amqp.retry import connect_within
 from tff_amqp.silo.bulk import SiloBulk
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
+from tff_amqp.silo.endpoint import SiloEndpoint
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
-from tff_amqp.transport.connection import connect, publish_with_retry, username_of
 from tff_amqp.transport.tls import TlsFiles
 from tff_amqp.worker import WorkerBinary, WorkerClient
 
@@ -130,18 +123,26 @@ class SiloAgent:
         }
         # Called with (seconds, ok) after each batch (metrics).
         self.batch_observers: list[Callable[[float, bool], None]] = []
-        self._user_id = username_of(config.broker_url)
         self._worker: WorkerBinary | None = None
-        self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._replies: AbstractExchange | None = None
+        self.endpoint = SiloEndpoint(
+            broker_url=config.broker_url,
+            topology=self.topology,
+            silo=config.name,
+            role="silo",
+            status=self._status,
+            max_message_bytes=config.max_message_bytes,
+            heartbeat_interval=config.heartbeat_interval,
+            connect_timeout=config.connect_timeout,
+            declare_topology=config.declare_topology,
+            ssl_context=config.tls.context() if config.tls else None,
+            stats=self.stats,
+        )
         self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
-        self._heartbeat_task: asyncio.Task[None] | None = None
         self._sweeper_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
-        self._publish_policy = SILO_PUBLISH
         self.ready = asyncio.Event()
 
     async def __aenter__(self) -> SiloAgent:
@@ -162,25 +163,14 @@ class SiloAgent:
 
     async def _start(self) -> None:
         # The broker first: an unreachable broker should fail fast and cheap.
-        self._connection = await connect(
-            self.config.broker_url,
-            name=f"tff-amqp silo {self.config.name}",
-            policy=connect_within(self.config.connect_timeout),
-            ssl_context=self.config.tls.context() if self.config.tls else None,
-        )
-        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._channel = await self.endpoint.connect(prefetch=self.config.prefetch)
         if self._injected_worker is None:
             self._worker = WorkerBinary()
             await self._worker.start()
-        self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=self.config.prefetch)
         queue_name = self.topology.request_queue(self.config.name)
         if self.config.declare_topology:
             requests = await self._channel.declare_exchange(
                 self.topology.requests_exchange, ExchangeType.DIRECT, durable=True
-            )
-            self._replies = await self._channel.declare_exchange(
-                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
             )
             queue = await self._channel.declare_queue(
                 queue_name,
@@ -191,9 +181,6 @@ class SiloAgent:
                 requests, routing_key=self.topology.request_routing_key(self.config.name)
             )
         else:
-            self._replies = await self._channel.get_exchange(
-                self.topology.replies_exchange, ensure=False
-            )
             queue = await self._channel.get_queue(queue_name, ensure=False)
         # Large values travel on a connection of their own (after the control
         # topology exists: it declares nothing the control side needs).
@@ -201,7 +188,7 @@ class SiloAgent:
             self.config.broker_url,
             self.topology,
             silo=self.config.name,
-            user_id=self._user_id,
+            user_id=self.endpoint.user_id,
             max_message_bytes=self.config.max_message_bytes,
             max_pending_bytes=self.config.max_pending_transfer_bytes,
             declare_topology=self.config.declare_topology,
@@ -210,8 +197,7 @@ class SiloAgent:
         )
         await self.bulk.__aenter__()
         await queue.consume(self._on_message, no_ack=False)
-        await self._publish_status(p.Kind.HELLO)
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        await self.endpoint.announce()
         self._sweeper_task = asyncio.create_task(self._sweep_loop(), name="sweeper")
         self.ready.set()
         log.info(
@@ -229,24 +215,18 @@ class SiloAgent:
     async def stop(self) -> None:
         """Say goodbye, free every invocation, close the broker connection and
         stop the worker. Bounded and idempotent."""
-        for task in (self._heartbeat_task, self._sweeper_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._heartbeat_task = self._sweeper_task = None
+        if self._sweeper_task is not None:
+            self._sweeper_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper_task
+            self._sweeper_task = None
         for runner in list(self._runners.values()):
             await runner.stop()
         self._runners.clear()
         if self.bulk is not None:
             await self.bulk.__aexit__(None, None, None)
             self.bulk = None
-        if self._connection is not None and not self._connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), 5.0)
-        self._connection = None
+        await self.endpoint.close()
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
@@ -267,7 +247,7 @@ class SiloAgent:
             inv, corr = p.peek_ids(body)
             corr = corr or (message.correlation_id or "")
             log.warning("silo.malformed", extra={"code": str(e.code), "error": str(e)})
-            await self._reply_error(inv, corr, e.code, f"silo {self.config.name!r}: {e}")
+            await self.endpoint.reply_error(inv, corr, e.code, f"silo {self.config.name!r}: {e}")
             return
         if envelope.message_id in self._seen_ids:
             self.stats["duplicates"] += 1
@@ -275,7 +255,7 @@ class SiloAgent:
             return
         self._remember(envelope.message_id)
         if envelope.kind is not p.Kind.BATCH:
-            await self._reply_error(
+            await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
                 p.ErrorCode.MALFORMED,
@@ -284,7 +264,7 @@ class SiloAgent:
             return
         if envelope.expired():
             self.stats["expired"] += 1
-            await self._reply_error(
+            await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
                 p.ErrorCode.EXPIRED,
@@ -294,7 +274,7 @@ class SiloAgent:
         runner = self._runners.get(envelope.invocation_id)
         if runner is None:
             if not envelope.invocation_id:
-                await self._reply_error(
+                await self.endpoint.reply_error(
                     "", envelope.correlation_id, p.ErrorCode.MALFORMED, "missing invocation id"
                 )
                 return
@@ -331,7 +311,7 @@ class SiloAgent:
                 "silo.batch_failed",
                 extra={"invocation": session.invocation_id, "code": str(e.code), "error": str(e)},
             )
-            await self._reply_error(
+            await self.endpoint.reply_error(
                 session.invocation_id,
                 envelope.correlation_id,
                 e.code,
@@ -344,11 +324,11 @@ class SiloAgent:
             try:
                 released, blobs = await self._send_large(session, envelope, released)
             except TransferError as e:
-                await self._reply_error(
+                await self.endpoint.reply_error(
                     session.invocation_id, envelope.correlation_id, e.code, str(e)
                 )
                 return
-            await self._publish(
+            await self.endpoint.publish(
                 p.Envelope(
                     kind=p.Kind.RESULT,
                     body=p.Result(values=released, blobs=blobs),
@@ -361,10 +341,6 @@ class SiloAgent:
     def _observe_batch(self, started: float, *, ok: bool) -> None:
         for observer in self.batch_observers:
             observer(time.monotonic() - started, ok)
-
-    def _on_reconnect(self, *_: object) -> None:
-        self.stats["reconnects"] += 1
-        log.warning("silo.reconnected", extra={"silo": self.config.name})
 
     def _blob_fetcher(
         self, invocation_id: str, deadline: float
@@ -449,18 +425,6 @@ class SiloAgent:
             started_at=self._started_at,
         )
 
-    async def _publish_status(self, kind: p.Kind) -> None:
-        await self._publish(p.Envelope(kind=kind, body=self._status(), sender=self.config.name))
-
-    async def _heartbeat_loop(self) -> None:
-        # Runs beside the work: long local training never silences it.
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                await self._publish_status(p.Kind.HEARTBEAT)
-            except Exception as e:  # reconnecting; robust connection recovers
-                log.debug("silo.heartbeat_failed", extra={"error": str(e)})
-
     async def _sweep_loop(self) -> None:
         """Free invocations whose coordinator went away without a `close`:
         nothing is kept past the invocation's deadline plus a grace period."""
@@ -476,61 +440,6 @@ class SiloAgent:
                     )
                     self.stats["expired_sessions"] = self.stats.get("expired_sessions", 0) + 1
                     await runner.stop()
-
-    async def _reply_error(
-        self,
-        inv: str,
-        corr: str,
-        code: p.ErrorCode,
-        message: str,
-        *,
-        worker_status: str | None = None,
-    ) -> None:
-        await self._publish(
-            p.Envelope(
-                kind=p.Kind.ERROR,
-                body=p.ErrorReport(code=code, message=message, worker_status=worker_status),
-                sender=self.config.name,
-                invocation_id=inv,
-                correlation_id=corr,
-            )
-        )
-
-    async def _publish(self, envelope: p.Envelope) -> None:
-        if self._replies is None:
-            raise RuntimeError("silo agent is not started")
-        try:
-            payload = p.encode(envelope, max_bytes=self.config.max_message_bytes)
-        except p.ProtocolError as e:
-            if envelope.kind is p.Kind.ERROR:
-                raise
-            # A result too large to send is reported, not silently dropped.
-            await self._reply_error(
-                envelope.invocation_id,
-                envelope.correlation_id,
-                e.code,
-                f"silo {self.config.name!r}: {e}",
-            )
-            return
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id or None,
-            type=str(envelope.kind),
-            user_id=self._user_id,
-            timestamp=time.time(),
-        )
-        # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
-        # return every reply. Retried across reconnects; the coordinator drops
-        # duplicate replies.
-        await publish_with_retry(
-            self._replies,
-            message,
-            self.topology.reply_routing_key(self.config.name),
-            self._publish_policy,
-        )
-        self.stats["published_bytes"] += len(payload)
 
     def _worker_client(self) -> WorkerClient:
         if self._injected_worker is not None:

@@ -107,19 +107,15 @@ class DataSource:
         return source
 
     def client_files(self) -> list[pathlib.Path]:
-        """The CSV file of each client, in the order clients are numbered."""
+        """The CSV file of each client, in the order clients are numbered. A
+        folder without CSV files is a silo with no clients under this key (a
+        ward with no patients yet): it takes part in invocations with 0
+        clients, and its aggregates are the zero."""
         if self.path.is_dir():
-            files = sorted(
+            return sorted(
                 (p for p in self.path.iterdir() if _is_csv(p) and p.is_file()),
                 key=lambda p: p.name,
             )
-            if not files:
-                raise DataError(
-                    f"folder {str(self.path)!r} has no .csv files; put one CSV file per "
-                    "client in it",
-                    key=self.key,
-                )
-            return files
         if self.path.is_file():
             if not _is_csv(self.path):
                 raise DataError(

@@ -19,27 +19,20 @@ counts a silo live while any of its workers is.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
-    AbstractRobustConnection,
-    ExchangeType,
 )
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import CodedError
-from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
+from tff_amqp.silo.endpoint import SiloEndpoint
 from tff_amqp.topology import Topology, check_silo_name
-from tff_amqp.transport.connection import connect, publish_with_retry, username_of
 from tff_amqp.transport.schema import declare_work_queue
 from tff_amqp.worker import WorkerBinary, WorkerError
 from tff_amqp.worker_pool.shard import ShardRunner, shard_bounds
@@ -103,18 +96,24 @@ class StatelessWorker:
             "expired": 0,
             "malformed": 0,
         }
-        self._user_id = username_of(config.broker_url)
         self._started_at = time.time()
         self._worker: WorkerBinary | None = None
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._replies: AbstractExchange | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.endpoint = SiloEndpoint(
+            broker_url=config.broker_url,
+            topology=self.topology,
+            silo=config.silo,
+            role="worker",
+            status=self._status,
+            max_message_bytes=config.max_message_bytes,
+            heartbeat_interval=config.heartbeat_interval,
+            connect_timeout=config.connect_timeout,
+            declare_topology=config.declare_topology,
+            stats=self.stats,
+        )
         self._busy = 0
         # Set when this worker can no longer run items (its worker_binary died).
         self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
-        self._publish_policy = SILO_PUBLISH
 
     async def __aenter__(self) -> StatelessWorker:
         await self.start()
@@ -131,32 +130,18 @@ class StatelessWorker:
             raise
 
     async def _start(self) -> None:
-        self._connection = await connect(
-            self.config.broker_url,
-            name=f"tff-amqp worker {self.config.silo}",
-            policy=connect_within(self.config.connect_timeout),
-        )
-        self._worker = WorkerBinary()
-        await self._worker.start()
-        self._channel = await self._connection.channel()
         # One item at a time: a second one would wait unacked behind the
         # first (counting towards consumer_timeout) instead of going to an
         # idle worker of the pool.
-        await self._channel.set_qos(prefetch_count=1)
+        channel = await self.endpoint.connect(prefetch=1)
+        self._worker = WorkerBinary()
+        await self._worker.start()
         queue_name = self.topology.work_queue(self.config.silo)
         if self.config.declare_topology:
-            await declare_work_queue(self._channel, self.topology, self.config.silo)
-            self._replies = await self._channel.declare_exchange(
-                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
-            )
-        else:
-            self._replies = await self._channel.get_exchange(
-                self.topology.replies_exchange, ensure=False
-            )
-        queue = await self._channel.get_queue(queue_name, ensure=False)
+            await declare_work_queue(channel, self.topology, self.config.silo)
+        queue = await channel.get_queue(queue_name, ensure=False)
         await queue.consume(self._on_message, no_ack=False)
-        await self._publish_status(p.Kind.HELLO)
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        await self.endpoint.announce()
         log.info(
             "worker.ready",
             extra={
@@ -171,17 +156,7 @@ class StatelessWorker:
     async def stop(self) -> None:
         """Say goodbye, close the connection (an item in progress is not
         acked, so the broker redelivers it) and stop the worker_binary."""
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
-            self._heartbeat_task = None
-        if self._connection is not None and not self._connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), 5.0)
-        self._connection = None
+        await self.endpoint.close()
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
@@ -197,7 +172,7 @@ class StatelessWorker:
             log.warning("worker.malformed", extra={"code": str(e.code), "error": str(e)})
             inv, corr = p.peek_ids(message.body)
             if corr:
-                await self._reply_error(inv, corr, e.code, str(e))
+                await self.endpoint.reply_error(inv, corr, e.code, str(e))
                 await message.ack()
             else:
                 # Nobody to answer: dead-letter it to the coordinator's queue.
@@ -226,7 +201,7 @@ class StatelessWorker:
             return
         # Ack only after the reply is confirmed by the broker: if we die
         # before this line, the item is redelivered to another worker.
-        await self._publish(reply)
+        await self.endpoint.publish(reply)
         await message.ack()
 
     async def _worker_binary_died(self, *, failed: bool, grace: float = 2.0) -> bool:
@@ -274,7 +249,7 @@ class StatelessWorker:
                 log.exception("worker.item_crashed", extra={"item": envelope.correlation_id})
                 error = ItemError(p.ErrorCode.EXECUTION, f"{type(e).__name__}: {e}")
             self.stats["errors"] += 1
-            return self._error_envelope(
+            return self.endpoint.error_envelope(
                 envelope.invocation_id,
                 envelope.correlation_id,
                 error.code,
@@ -397,63 +372,6 @@ class StatelessWorker:
             data_keys=tuple(self.data.keys),
             active_invocations=self._busy,
             started_at=self._started_at,
-        )
-
-    async def _publish_status(self, kind: p.Kind) -> None:
-        await self._publish(p.Envelope(kind=kind, body=self._status(), sender=self.config.silo))
-
-    async def _heartbeat_loop(self) -> None:
-        # Beside the work: a long item never silences the heartbeat.
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                await self._publish_status(p.Kind.HEARTBEAT)
-            except Exception as e:
-                log.debug("worker.heartbeat_failed", extra={"error": str(e)})
-
-    def _error_envelope(
-        self, invocation_id: str, correlation_id: str, code: p.ErrorCode, message: str
-    ) -> p.Envelope:
-        return p.Envelope(
-            kind=p.Kind.ERROR,
-            body=p.ErrorReport(code=code, message=message[:60_000]),
-            sender=self.config.silo,
-            invocation_id=invocation_id,
-            correlation_id=correlation_id,
-        )
-
-    async def _reply_error(
-        self, invocation_id: str, correlation_id: str, code: p.ErrorCode, message: str
-    ) -> None:
-        await self._publish(self._error_envelope(invocation_id, correlation_id, code, message))
-
-    async def _publish(self, envelope: p.Envelope) -> None:
-        if self._replies is None:
-            raise RuntimeError("worker is not started")
-        try:
-            payload = p.encode(envelope, max_bytes=self.config.max_message_bytes)
-        except p.ProtocolError as e:
-            if envelope.kind is p.Kind.ERROR:
-                raise
-            # An accumulator too large to send is reported, not dropped.
-            await self._reply_error(
-                envelope.invocation_id, envelope.correlation_id, e.code, f"worker: {e}"
-            )
-            return
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id or None,
-            type=str(envelope.kind),
-            user_id=self._user_id,
-            timestamp=time.time(),
-        )
-        await publish_with_retry(
-            self._replies,
-            message,
-            self.topology.reply_routing_key(self.config.silo),
-            self._publish_policy,
         )
 
     def _require_worker(self) -> WorkerBinary:

@@ -1,0 +1,57 @@
+"""Options of a coordinator, either regime's (the MapReduce context uses the
+cohort, deadline and K-of-N ones the same way)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from tff_amqp import protocol as p
+from tff_amqp.topology import Topology
+from tff_amqp.transport.bulk import chunk_bytes_for
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """Options of an AMQP execution context (see the README for each)."""
+
+    broker_url: str
+    federation: str = "default"
+    min_silos: int = 1
+    max_silos: int | None = None
+    cohort_timeout: float = 60.0
+    deadline: float = 600.0
+    heartbeat_timeout: float = 5.0
+    # K of N: after this many seconds of an aggregation phase, proceed with the
+    # partials of at least min_silos silos and drop the rest (None: wait for all).
+    straggler_timeout: float | None = None
+    # Once min_silos answered a phase, wait at most this much longer for the
+    # others (None: no grace limit; the straggler timeout still applies).
+    quorum_grace: float | None = None
+    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    # Serve Prometheus metrics on this port (0: any free port; None: off).
+    metrics_port: int | None = None
+    # Progress display on stderr: True, False, or None (only when it is a terminal).
+    progress: bool | None = None
+    # federated_select ships only the slices silos ask for, learning each
+    # silo's requested key set (docs/privacy.md); off: the whole server value.
+    select_slices: bool = False
+    coordinator_name: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"[:64]
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_silos < 1:
+            raise ValueError("min_silos must be at least 1")
+        if self.max_silos is not None and self.max_silos < self.min_silos:
+            raise ValueError("max_silos must be >= min_silos")
+        if self.straggler_timeout is not None and not self.straggler_timeout > 0:
+            raise ValueError("straggler_timeout must be a positive number of seconds or None")
+        if self.quorum_grace is not None and not self.quorum_grace >= 0:
+            raise ValueError("quorum_grace must be a non-negative number of seconds or None")
+        for name in ("cohort_timeout", "deadline", "heartbeat_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        Topology(self.federation)  # validates the name
+        chunk_bytes_for(self.max_message_bytes)  # validates the limit

@@ -1,0 +1,208 @@
+"""A silo-side process's presence on the broker, shared by both of them (the
+stateful `tff-amqp silo` and the stateless pool worker).
+
+One robust, outbound-only connection; the federation's replies exchange;
+hello, a heartbeat beside the work, goodbye; and every publish as the silo's
+broker user (validated `user_id`) on routing key ``reply.<silo>``. What the
+process consumes, and what it does with it, is its own business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+
+from tff_amqp import protocol as p
+from tff_amqp.retry import SILO_PUBLISH, connect_within
+from tff_amqp.topology import Topology
+from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+
+log = logging.getLogger(__name__)
+
+# Error texts (TensorFlow's can be long) are cut to fit an error report.
+MAX_ERROR_CHARS = 60_000
+
+
+class SiloEndpoint:
+    """Connection, status messages and publishing for one silo-side process.
+
+    `role` names the process in logs and errors ("silo", "worker"); `status`
+    builds the hello / heartbeat / goodbye body when one is sent.
+    """
+
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        topology: Topology,
+        silo: str,
+        role: str,
+        status: Callable[[], p.SiloStatus],
+        max_message_bytes: int,
+        heartbeat_interval: float,
+        connect_timeout: float,
+        declare_topology: bool,
+        ssl_context: ssl.SSLContext | None = None,
+        stats: dict[str, int] | None = None,
+    ) -> None:
+        self.topology = topology
+        self.silo = silo
+        self.role = role
+        self.user_id = username_of(broker_url)
+        self.max_message_bytes = max_message_bytes
+        # The owner's counters, if it passes them: these two are kept here.
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("published_bytes", 0)
+        self.stats.setdefault("reconnects", 0)
+        # Called after the robust connection came back.
+        self.reconnect_callbacks: list[Callable[[], None]] = []
+        self._url = broker_url
+        self._status = status
+        self._heartbeat_interval = heartbeat_interval
+        self._connect_timeout = connect_timeout
+        self._declare = declare_topology
+        self._ssl_context = ssl_context
+        self._connection: AbstractRobustConnection | None = None
+        self._replies: AbstractExchange | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    async def connect(self, *, prefetch: int) -> AbstractChannel:
+        """Connect (bounded by the connect timeout) and open the channel the
+        process consumes on; the replies exchange is declared or, for a
+        provisioned silo, only looked up."""
+        self._connection = await connect(
+            self._url,
+            name=f"tff-amqp {self.role} {self.silo}",
+            policy=connect_within(self._connect_timeout),
+            ssl_context=self._ssl_context,
+        )
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        if self._declare:
+            self._replies = await channel.declare_exchange(
+                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+            )
+        else:
+            self._replies = await channel.get_exchange(self.topology.replies_exchange, ensure=False)
+        return channel
+
+    async def announce(self) -> None:
+        """Say hello, then keep a heartbeat going beside the work (long local
+        training never silences it)."""
+        await self._publish_status(p.Kind.HELLO)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+
+    async def close(self) -> None:
+        """Stop the heartbeat, say goodbye and close the connection. Bounded
+        and idempotent."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        if self._connection is not None and not self._connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 5.0)
+        self._connection = None
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.stats["reconnects"] += 1
+        log.warning(f"{self.role}.reconnected", extra={"silo": self.silo})
+        for callback in self.reconnect_callbacks:
+            callback()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            try:
+                await self._publish_status(p.Kind.HEARTBEAT)
+            except Exception as e:  # reconnecting; the robust connection recovers
+                log.debug(f"{self.role}.heartbeat_failed", extra={"error": str(e)})
+
+    async def _publish_status(self, kind: p.Kind) -> None:
+        await self.publish(p.Envelope(kind=kind, body=self._status(), sender=self.silo))
+
+    # ------------------------------------------------------------ publishing
+
+    async def reply_error(
+        self,
+        invocation_id: str,
+        correlation_id: str,
+        code: p.ErrorCode,
+        message: str,
+        *,
+        worker_status: str | None = None,
+    ) -> None:
+        await self.publish(
+            self.error_envelope(
+                invocation_id, correlation_id, code, message, worker_status=worker_status
+            )
+        )
+
+    def error_envelope(
+        self,
+        invocation_id: str,
+        correlation_id: str,
+        code: p.ErrorCode,
+        message: str,
+        *,
+        worker_status: str | None = None,
+    ) -> p.Envelope:
+        return p.Envelope(
+            kind=p.Kind.ERROR,
+            body=p.ErrorReport(
+                code=code, message=message[:MAX_ERROR_CHARS], worker_status=worker_status
+            ),
+            sender=self.silo,
+            invocation_id=invocation_id,
+            correlation_id=correlation_id,
+        )
+
+    async def publish(self, envelope: p.Envelope) -> None:
+        """Publish as the silo's user; a reply too large for one message is
+        answered with an error, never silently dropped."""
+        if self._replies is None:
+            raise RuntimeError(f"{self.role} is not started")
+        try:
+            payload = p.encode(envelope, max_bytes=self.max_message_bytes)
+        except p.ProtocolError as e:
+            if envelope.kind is p.Kind.ERROR:
+                raise
+            await self.reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                e.code,
+                f"{self.role} {self.silo!r}: {e}",
+            )
+            return
+        message = aio_pika.Message(
+            payload,
+            content_type=p.CONTENT_TYPE,
+            message_id=envelope.message_id,
+            correlation_id=envelope.correlation_id or None,
+            type=str(envelope.kind),
+            user_id=self.user_id,
+            timestamp=time.time(),
+        )
+        # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
+        # return every reply. Retried across reconnects; the coordinator drops
+        # duplicate replies.
+        await publish_with_retry(
+            self._replies, message, self.topology.reply_routing_key(self.silo), SILO_PUBLISH
+        )
+        self.stats["published_bytes"] += len(payload)
