@@ -14,10 +14,9 @@ sum, a modular sum). For every other intrinsic it is the native runtime.
 The federation: silos alpha, bravo, charlie, each with two data keys:
   readings: 2, 3 and 1 clients (uneven);
   sparse:   1, 2 and 0 clients (charlie has none).
-A silo refuses to start on an empty data folder, so charlie's "sparse" folder
-gets one file to start with, which is deleted once the silo is ready (silos
-list client files per invocation). The silos keep their default privacy gate:
-conformance computations return SERVER-placed values only.
+Charlie's "sparse" folder is empty: a silo with no clients under that key.
+The silos keep their default privacy gate: conformance computations return
+SERVER-placed values only.
 """
 
 from __future__ import annotations
@@ -51,14 +50,9 @@ def conformance_federation(
         with LocalFederation(amqp_url, name, log_dir=root / "logs") as local:
             for i, silo in enumerate(SILOS):
                 for key, counts in CLIENTS_PER_SILO.items():
-                    folders[key][silo] = write_silo_csvs(root / key, i, max(counts[i], 1))
+                    folders[key][silo] = write_silo_csvs(root / key, i, counts[i])
                 local.start_silo(silo, data={key: folders[key][silo] for key in folders})
             local.wait_ready(timeout=240)
-            for key, counts in CLIENTS_PER_SILO.items():
-                for i, silo in enumerate(SILOS):
-                    if counts[i] == 0:
-                        for path in folders[key][silo].glob("*.csv"):
-                            path.unlink()
             yield ConformanceFederation(name, folders)
     finally:
         delete_federation_entities(amqp_url, name)

@@ -166,25 +166,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# tff-amqp refuses a silo whose data folder holds no CSV file (DataError from
-# tff_amqp/silo/data.py DataSource.client_files, called at every invocation),
-# so "a silo with none" cannot take part with silo data; in TFF a silo's
-# zero clients add the aggregation's zero. Explicit lists with a silo left
-# empty work.
-SILO_WITH_NO_FILES = pytest.mark.xfail(
-    strict=True,
-    reason="tff_amqp/silo/data.py DataSource.client_files raises DataError 'folder ... has "
-    "no .csv files' at each invocation: a silo with 0 clients for a data key cannot take part",
-)
-
-
-def marks_for(dist: Distribution) -> list[Any]:
-    return [SILO_WITH_NO_FILES] if dist.data_key == "sparse" else []
-
-
 def dist_params(dists: list[Distribution]) -> list[Any]:
-    """pytest params (id = the distribution's name) with the known-failure marks."""
-    return [pytest.param(d, id=d.name, marks=marks_for(d)) for d in dists]
+    """pytest params, each with the distribution's name as its id."""
+    return [pytest.param(d, id=d.name) for d in dists]
 
 
 DIST_PARAMS = dist_params(DISTRIBUTIONS)

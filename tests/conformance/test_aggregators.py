@@ -28,7 +28,6 @@ from tests.conformance.harness import (
     Both,
     Distribution,
     conform,
-    marks_for,
 )
 
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
@@ -236,7 +235,7 @@ def _params() -> list[Any]:
     for name, case in CASES.items():
         dists = [*DISTRIBUTIONS, EMPTY] if case.empty else DISTRIBUTIONS
         for dist in dists:
-            marks = [*marks_for(dist), *([pytest.mark.slow] if case.slow else [])]
+            marks = [pytest.mark.slow] if case.slow else []
             params.append(pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks))
     return params
 

@@ -28,7 +28,6 @@ from tests.conformance.harness import (
     ROW,
     Both,
     conform,
-    marks_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -231,7 +230,7 @@ LEARNING_DISTS = [d for d in DISTRIBUTIONS if d.name in ("list2", "list7", "silo
 
 def _learning_params() -> list[Any]:
     return [
-        pytest.param(name, dist, id=f"{name}-{dist.name}", marks=marks_for(dist))
+        pytest.param(name, dist, id=f"{name}-{dist.name}")
         for name in [*PROCESSES, *FORM_ROUND_TRIPS]
         for dist in (DISTRIBUTIONS if name == "fed_avg" else LEARNING_DISTS)
     ]
