@@ -124,6 +124,7 @@ CASES: dict[str, Case] = {
         lambda: AGG.UnweightedReservoirSamplingFactory(sample_size=16),
         "vec",
         compare="sample",
+        empty=True,
         why="all clients fit the reservoir: same multiset of values; seeds are time-based",
     ),
     "concat": Case(lambda: AGG.concat_factory(AGG.MeanFactory()), "floats", weighted=True),
