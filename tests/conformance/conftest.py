@@ -102,6 +102,7 @@ def both(
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Conformance tests share one broker-backed federation: give each a bound.
+    here = Path(__file__).parent
     for item in items:
-        if "conformance" in str(item.fspath) and item.get_closest_marker("timeout") is None:
+        if here in item.path.parents and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(300))
