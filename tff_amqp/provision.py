@@ -85,14 +85,8 @@ def coordinator_permissions(topology: Topology) -> Permissions:
 
 
 def federation_exchanges(topology: Topology) -> dict[str, str]:
-    """Every exchange of a federation and its type (all durable)."""
-    return {
-        topology.requests_exchange: "direct",
-        topology.replies_exchange: "topic",
-        topology.dead_letter_exchange: "fanout",
-        topology.bulk_exchange: "direct",
-        topology.work_exchange: "direct",
-    }
+    """Every exchange of a federation and its type (all durable): the schema's."""
+    return topology.exchanges()
 
 
 def generate_password() -> str:
@@ -188,31 +182,19 @@ class Provisioner:
                 {"type": kind, "durable": True, "auto_delete": False, "arguments": {}},
             )
 
-    def _silo_queues(self, silo: str) -> list[tuple[str, str, dict[str, str]]]:
-        """(queue, exchange, arguments) of one silo's queues; the binding key is
-        the silo name. Arguments match the agents' own declarations (guest
-        mode). Requests and work items dead-letter back to the coordinator when
-        they expire; chunks of large values do not (they would crowd its
-        control queue, and the deadline already fails the invocation)."""
-        t = self.topology
-        dead_letter = {"x-dead-letter-exchange": t.dead_letter_exchange}
-        return [
-            (t.request_queue(silo), t.requests_exchange, dead_letter),
-            (t.bulk_queue(silo), t.bulk_exchange, {}),
-            (t.work_queue(silo), t.work_exchange, dead_letter),
-        ]
-
     def declare_silo_queues(self, silo: str) -> None:
-        for queue, exchange, arguments in self._silo_queues(silo):
+        """One silo's queues, exactly as the schema (`Topology`) says: the
+        agents declare the same specs themselves in guest mode."""
+        for spec in self.topology.silo_queue_specs(silo):
             self.api.call(
                 "PUT",
-                f"queues/{_q(self.vhost)}/{_q(queue)}",
-                {"durable": True, "auto_delete": False, "arguments": arguments},
+                f"queues/{_q(self.vhost)}/{_q(spec.name)}",
+                {"durable": spec.durable, "auto_delete": False, "arguments": spec.arguments},
             )
             self.api.call(
                 "POST",
-                f"bindings/{_q(self.vhost)}/e/{_q(exchange)}/q/{_q(queue)}",
-                {"routing_key": self.topology.request_routing_key(silo), "arguments": {}},
+                f"bindings/{_q(self.vhost)}/e/{_q(spec.exchange)}/q/{_q(spec.name)}",
+                {"routing_key": spec.routing_key, "arguments": {}},
             )
 
     # --------------------------------------------------------------- users
@@ -257,7 +239,7 @@ class Provisioner:
     def remove_silo(self, silo: str, *, user: str) -> list[str]:
         """Delete the silo's user and queues (with any messages in them)."""
         removed = [f"user {user}"] if self.api.delete(f"users/{_q(user)}") else []
-        for queue, _, _ in self._silo_queues(silo):
+        for queue in (spec.name for spec in self.topology.silo_queue_specs(silo)):
             if self.api.delete(f"queues/{_q(self.vhost)}/{_q(queue)}"):
                 removed.append(f"queue {queue}")
         return removed
@@ -369,7 +351,8 @@ def run_provision(args: Any) -> int:
                 f"silo {args.name!r} of federation {topology.federation!r} on vhost "
                 f"{provisioner.vhost!r}: user {user!r}"
             )
-            print(f"  queues: {', '.join(q for q, _, _ in provisioner._silo_queues(args.name))}")
+            specs = provisioner.topology.silo_queue_specs(args.name)
+            print(f"  queues: {', '.join(spec.name for spec in specs)}")
             print(
                 f"  permissions: configure {perms.configure}  write {perms.write}  "
                 f"read {perms.read}"

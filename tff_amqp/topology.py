@@ -33,9 +33,25 @@ keys ``reply.<silo>`` and ``bulk.<silo>`` only); read ``tff.<fed>.(req|bulk|work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from tff_amqp.protocol import is_valid_name
+
+# A coordinator's queues outlive a dropped connection (the robust connection
+# resumes consuming them) and expire a minute after their consumer is gone.
+COORDINATOR_QUEUE_EXPIRES_MS = 60_000
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue of the schema: its arguments and its one binding."""
+
+    name: str
+    durable: bool
+    arguments: dict[str, Any] = field(default_factory=dict)
+    exchange: str = ""
+    routing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,75 @@ class Topology:
     @staticmethod
     def reply_binding_key() -> str:
         return "reply.*"
+
+    # ------------------------------------------------------------ the schema
+    # Every role and `tff-amqp provision` declare from these, so their
+    # arguments cannot disagree (RabbitMQ refuses a redeclaration that differs).
+
+    def exchanges(self) -> dict[str, str]:
+        """Every exchange of the federation and its type (all durable)."""
+        return {
+            self.requests_exchange: "direct",
+            self.replies_exchange: "topic",
+            self.dead_letter_exchange: "fanout",
+            self.bulk_exchange: "direct",
+            self.work_exchange: "direct",
+        }
+
+    def request_queue_spec(self, silo: str) -> QueueSpec:
+        # Expired requests dead-letter back to the coordinator, never run late.
+        return QueueSpec(
+            self.request_queue(silo),
+            durable=True,
+            arguments={"x-dead-letter-exchange": self.dead_letter_exchange},
+            exchange=self.requests_exchange,
+            routing_key=self.request_routing_key(silo),
+        )
+
+    def bulk_queue_spec(self, silo: str) -> QueueSpec:
+        # Chunks do not dead-letter: expired 8 MiB chunks would crowd the
+        # coordinator's control queue, and the deadline already fails the call.
+        return QueueSpec(
+            self.bulk_queue(silo),
+            durable=True,
+            exchange=self.bulk_exchange,
+            routing_key=self.request_routing_key(silo),
+        )
+
+    def work_queue_spec(self, silo: str) -> QueueSpec:
+        return QueueSpec(
+            self.work_queue(silo),
+            durable=True,
+            arguments={"x-dead-letter-exchange": self.dead_letter_exchange},
+            exchange=self.work_exchange,
+            routing_key=self.request_routing_key(silo),
+        )
+
+    def silo_queue_specs(self, silo: str) -> list[QueueSpec]:
+        """A silo's queues: requests, incoming chunks, work items."""
+        return [
+            self.request_queue_spec(silo),
+            self.bulk_queue_spec(silo),
+            self.work_queue_spec(silo),
+        ]
+
+    def coordinator_queue_spec(self) -> QueueSpec:
+        return QueueSpec(
+            self.coordinator_queue,
+            durable=False,
+            arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
+            exchange=self.replies_exchange,
+            routing_key=self.reply_binding_key(),
+        )
+
+    def coordinator_bulk_queue_spec(self) -> QueueSpec:
+        return QueueSpec(
+            self.coordinator_bulk_queue,
+            durable=False,
+            arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
+            exchange=self.replies_exchange,
+            routing_key=self.bulk_reply_binding_key(),
+        )
 
     @staticmethod
     def silo_from_reply_key(routing_key: str) -> str | None:

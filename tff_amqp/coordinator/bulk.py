@@ -25,7 +25,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
-    ExchangeType,
 )
 
 from tff_amqp import protocol as p
@@ -39,6 +38,7 @@ from tff_amqp.transport.bulk import (
     inline_limit_for,
 )
 from tff_amqp.transport.connection import connect
+from tff_amqp.transport.schema import declare_exchange, declare_queue
 
 log = logging.getLogger(__name__)
 
@@ -98,24 +98,17 @@ class CoordinatorBulk:
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp coordinator {self.sender} bulk")
         try:
-            await self._reassembler.__aenter__()
+            self._reassembler.start()
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=_PREFETCH)
-            exchange = await self._channel.declare_exchange(
-                self.topology.bulk_exchange, ExchangeType.DIRECT, durable=True
-            )
-            replies = await self._channel.declare_exchange(
-                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+            exchange = await declare_exchange(
+                self._channel, self.topology, self.topology.bulk_exchange
             )
             # Like the control queue: survives a reconnect, expires a minute
             # after its consumer is gone.
-            queue = await self._channel.declare_queue(
-                self.topology.coordinator_bulk_queue,
-                durable=False,
-                auto_delete=False,
-                arguments={"x-expires": 60_000},
+            queue = await declare_queue(
+                self._channel, self.topology, self.topology.coordinator_bulk_queue_spec()
             )
-            await queue.bind(replies, routing_key=self.topology.bulk_reply_binding_key())
             await queue.consume(self._on_message, no_ack=False, exclusive=True)
             await queue.purge()
             self._sender = BulkSender(
@@ -129,7 +122,7 @@ class CoordinatorBulk:
             raise
 
     async def close(self) -> None:
-        await self._reassembler.__aexit__(None, None, None)
+        await self._reassembler.close()
         self._expected.clear()
         if self._connection is not None:
             try:

@@ -27,7 +27,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
-    ExchangeType,
 )
 
 from tff_amqp import protocol as p
@@ -36,6 +35,7 @@ from tff_amqp.errors import SiloError, TffAmqpError
 from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
+from tff_amqp.transport.schema import declare_exchange, declare_queue
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,8 @@ async def consume_coordinator_queue(
     connection, and the robust connection resumes consuming it; it is deleted
     after a minute without a consumer. One coordinator per federation is
     enforced by consuming it exclusively."""
-    replies = await channel.declare_exchange(
-        topology.replies_exchange, ExchangeType.TOPIC, durable=True
-    )
-    dead = await channel.declare_exchange(
-        topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
-    )
-    queue = await channel.declare_queue(
-        topology.coordinator_queue,
-        durable=False,
-        auto_delete=False,
-        arguments={"x-expires": 60_000},
-    )
-    await queue.bind(replies, routing_key=topology.reply_binding_key())
-    await queue.bind(dead)
+    queue = await declare_queue(channel, topology, topology.coordinator_queue_spec())
+    await queue.bind(await declare_exchange(channel, topology, topology.dead_letter_exchange))
     try:
         await queue.consume(on_message, no_ack=True, exclusive=True)
     except aiormq.exceptions.ChannelAccessRefused as e:
@@ -146,7 +134,7 @@ class ReplyIntake(Generic[R]):
             raise
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
-        """Declare what this regime publishes to."""
+        """Declare what this regime publishes to (`declare_exchange`)."""
 
     def _on_reconnect(self, *_: object) -> None:
         self.stats["reconnects"] += 1

@@ -14,13 +14,14 @@ import logging
 import time
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import publish_with_retry
+from tff_amqp.transport.schema import declare_exchange
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         self._requests: AbstractExchange | None = None
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
-        self._requests = await channel.declare_exchange(
-            self.topology.requests_exchange, ExchangeType.DIRECT, durable=True
+        self._requests = await declare_exchange(
+            channel, self.topology, self.topology.requests_exchange
         )
 
     # --------------------------------------------------------------- sending

@@ -16,14 +16,14 @@ import logging
 import time
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import publish_with_retry
-from tff_amqp.transport.schema import declare_work_queue
+from tff_amqp.transport.schema import declare_exchange, declare_work_queue
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class WorkLink(ReplyIntake[p.WorkResult]):
         self._declared: set[str] = set()
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
-        self._work = await channel.declare_exchange(
-            self.topology.work_exchange, ExchangeType.DIRECT, durable=True
-        )
+        self._work = await declare_exchange(channel, self.topology, self.topology.work_exchange)
 
     # --------------------------------------------------------------- sending
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from tff_amqp import protocol as p
 from tff_amqp.retry import connect_within
@@ -27,6 +27,7 @@ from tff_amqp.silo.endpoint import SiloEndpoint
 from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
+from tff_amqp.transport.schema import declare_queue
 from tff_amqp.transport.tls import TlsFiles
 from tff_amqp.worker import WorkerBinary, WorkerClient
 
@@ -169,16 +170,8 @@ class SiloAgent:
             await self._worker.start()
         queue_name = self.topology.request_queue(self.config.name)
         if self.config.declare_topology:
-            requests = await self._channel.declare_exchange(
-                self.topology.requests_exchange, ExchangeType.DIRECT, durable=True
-            )
-            queue = await self._channel.declare_queue(
-                queue_name,
-                durable=True,
-                arguments={"x-dead-letter-exchange": self.topology.dead_letter_exchange},
-            )
-            await queue.bind(
-                requests, routing_key=self.topology.request_routing_key(self.config.name)
+            queue = await declare_queue(
+                self._channel, self.topology, self.topology.request_queue_spec(self.config.name)
             )
         else:
             queue = await self._channel.get_queue(queue_name, ensure=False)
@@ -195,7 +188,7 @@ class SiloAgent:
             connect_policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
-        await self.bulk.__aenter__()
+        await self.bulk.start()
         await queue.consume(self._on_message, no_ack=False)
         await self.endpoint.announce()
         self._sweeper_task = asyncio.create_task(self._sweep_loop(), name="sweeper")
@@ -224,7 +217,7 @@ class SiloAgent:
             await runner.stop()
         self._runners.clear()
         if self.bulk is not None:
-            await self.bulk.__aexit__(None, None, None)
+            await self.bulk.close()
             self.bulk = None
         await self.endpoint.close()
         if self._worker is not None:

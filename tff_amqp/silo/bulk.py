@@ -17,7 +17,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
-    ExchangeType,
 )
 
 from tff_amqp import protocol as p
@@ -30,6 +29,7 @@ from tff_amqp.transport.bulk import (
     inline_limit_for,
 )
 from tff_amqp.transport.connection import connect
+from tff_amqp.transport.schema import declare_exchange, declare_queue
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ class SiloBulk:
         self.stats: dict[str, int] = {"malformed_chunks": 0}
 
     async def __aenter__(self) -> SiloBulk:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and consume the silo's chunk queue; on failure, close."""
         self._connection = await connect(
             self._url,
             name=f"tff-amqp silo {self.silo} bulk",
@@ -75,19 +83,17 @@ class SiloBulk:
             ssl_context=self._ssl_context,
         )
         try:
-            await self.reassembler.__aenter__()
+            self.reassembler.start()
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=_PREFETCH)
             queue_name = self.topology.bulk_queue(self.silo)
             if self._declare:
-                exchange = await self._channel.declare_exchange(
-                    self.topology.bulk_exchange, ExchangeType.DIRECT, durable=True
+                replies = await declare_exchange(
+                    self._channel, self.topology, self.topology.replies_exchange
                 )
-                replies = await self._channel.declare_exchange(
-                    self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+                queue = await declare_queue(
+                    self._channel, self.topology, self.topology.bulk_queue_spec(self.silo)
                 )
-                queue = await self._channel.declare_queue(queue_name, durable=True)
-                await queue.bind(exchange, routing_key=self.topology.request_routing_key(self.silo))
             else:
                 replies = await self._channel.get_exchange(
                     self.topology.replies_exchange, ensure=False
@@ -102,12 +108,12 @@ class SiloBulk:
                 user_id=self._user_id,
             )
         except BaseException:
-            await self.__aexit__(None, None, None)
+            await self.close()
             raise
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.reassembler.__aexit__(None, None, None)
+    async def close(self) -> None:
+        """Fail transfers in progress and close the connection. Idempotent."""
+        await self.reassembler.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5.0)

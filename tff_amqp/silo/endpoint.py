@@ -21,13 +21,13 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractRobustConnection,
-    ExchangeType,
 )
 
 from tff_amqp import protocol as p
 from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.transport.schema import declare_exchange
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class SiloEndpoint:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         if self._declare:
-            self._replies = await channel.declare_exchange(
-                self.topology.replies_exchange, ExchangeType.TOPIC, durable=True
+            self._replies = await declare_exchange(
+                channel, self.topology, self.topology.replies_exchange
             )
         else:
             self._replies = await channel.get_exchange(self.topology.replies_exchange, ensure=False)

@@ -241,10 +241,18 @@ class Reassembler:
         }
 
     async def __aenter__(self) -> Reassembler:
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name=f"reassembler-{self.name}")
+        self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start sweeping abandoned transfers (see `close`)."""
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name=f"reassembler-{self.name}")
+
+    async def close(self) -> None:
+        """Stop the sweeper and fail every transfer still in progress."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

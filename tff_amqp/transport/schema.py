@@ -1,24 +1,37 @@
-"""Declarations of broker objects that more than one role declares, written
-once so their arguments cannot disagree (RabbitMQ refuses a redeclaration
-with other arguments)."""
+"""Declaring the broker schema that `Topology` describes, over AMQP.
+
+Every role declares through these, from the same specs `tff-amqp provision`
+uses over the management API, so no two declarations can disagree.
+"""
 
 from __future__ import annotations
 
-from aio_pika.abc import AbstractChannel, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
-from tff_amqp.topology import Topology
+from tff_amqp.topology import QueueSpec, Topology
+
+
+async def declare_exchange(
+    channel: AbstractChannel, topology: Topology, name: str
+) -> AbstractExchange:
+    """One exchange of the federation, with its type from the schema."""
+    kind = topology.exchanges()[name]
+    return await channel.declare_exchange(name, ExchangeType(kind), durable=True)
+
+
+async def declare_queue(
+    channel: AbstractChannel, topology: Topology, spec: QueueSpec
+) -> AbstractQueue:
+    """A queue of the schema, its exchange, and its binding."""
+    exchange = await declare_exchange(channel, topology, spec.exchange)
+    queue = await channel.declare_queue(
+        spec.name, durable=spec.durable, auto_delete=False, arguments=dict(spec.arguments) or None
+    )
+    await queue.bind(exchange, routing_key=spec.routing_key)
+    return queue
 
 
 async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo: str) -> None:
-    """The silo's durable work queue, bound to the work exchange; shared by
-    the coordinator and workers (both declare it, so items published before
-    any worker started are kept). Arguments must match on both sides."""
-    exchange = await channel.declare_exchange(
-        topology.work_exchange, ExchangeType.DIRECT, durable=True
-    )
-    queue = await channel.declare_queue(
-        topology.work_queue(silo),
-        durable=True,
-        arguments={"x-dead-letter-exchange": topology.dead_letter_exchange},
-    )
-    await queue.bind(exchange, routing_key=topology.request_routing_key(silo))
+    """The silo's durable work queue; the coordinator and the silo's workers
+    both declare it, so items published before any worker started are kept."""
+    await declare_queue(channel, topology, topology.work_queue_spec(silo))
