@@ -1,0 +1,108 @@
+"""Conformance suite set-up: one 3-silo federation of its own, TFF's reference
+runtime, and the client distributions every conformance test runs under.
+
+Each conformance test runs the same computation on tff-amqp and on TFF's
+native C++ runtime in the same test and compares the results (rtol 1e-5,
+integers exactly).
+
+The reference is `tff.backends.test.create_sync_test_cpp_execution_context()`:
+TFF's native worker_binary behind the native compiler, plus TFF's own
+`replace_secure_intrinsics_with_bodies`. The native worker has no secure
+intrinsics; that pass gives them the semantics TFF defines for them (a plain
+sum, a modular sum). For every other intrinsic it is the native runtime.
+
+The federation: silos alpha, bravo, charlie, each with two data keys:
+  readings: 2, 3 and 1 clients (uneven);
+  sparse:   1, 2 and 0 clients (charlie has none).
+Charlie's "sparse" folder is empty: a silo with no clients under that key.
+The silos keep their default privacy gate: conformance computations return
+SERVER-placed values only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conformance.harness import (
+    CLIENTS_PER_SILO,
+    SILOS,
+    Both,
+    ConformanceFederation,
+)
+from tests.support.broker import delete_federation_entities, new_federation_name
+from tests.support.federation import write_silo_csvs
+from tests.support.processes import child_pids_named, kill_pid
+from tff_amqp.local import LocalFederation
+
+
+@pytest.fixture(scope="session")
+def conformance_federation(
+    amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ConformanceFederation]:
+    root = tmp_path_factory.mktemp("conformance")
+    name = new_federation_name()
+    folders: dict[str, dict[str, Path]] = {key: {} for key in CLIENTS_PER_SILO}
+    try:
+        with LocalFederation(amqp_url, name, log_dir=root / "logs") as local:
+            for i, silo in enumerate(SILOS):
+                for key, counts in CLIENTS_PER_SILO.items():
+                    folders[key][silo] = write_silo_csvs(root / key, i, counts[i])
+                local.start_silo(silo, data={key: folders[key][silo] for key in folders})
+            local.wait_ready(timeout=240)
+            yield ConformanceFederation(name, folders)
+    finally:
+        delete_federation_entities(amqp_url, name)
+
+
+@pytest.fixture(scope="session")
+def conformance_context(
+    amqp_url: str, conformance_federation: ConformanceFederation
+) -> Iterator[Any]:
+    import tff_amqp
+
+    context = tff_amqp.create_sync_amqp_execution_context(
+        amqp_url,
+        federation=conformance_federation.name,
+        min_silos=len(SILOS),
+        cohort_timeout=120.0,
+        deadline=300.0,
+    )
+    context.start()
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="session")
+def reference_context() -> Iterator[Any]:
+    """TFF's native runtime with TFF's test-time semantics for secure intrinsics.
+    The worker_binary it starts is killed at teardown (see native_context)."""
+    import tensorflow_federated as tff
+
+    before = child_pids_named("worker_binary")
+    context = tff.backends.test.create_sync_test_cpp_execution_context()
+    try:
+        yield context
+    finally:
+        for pid in child_pids_named("worker_binary") - before:
+            kill_pid(pid)
+
+
+@pytest.fixture(scope="session")
+def both(
+    conformance_context: Any, reference_context: Any, conformance_federation: ConformanceFederation
+) -> Both:
+    return Both(conformance_context, reference_context, conformance_federation)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Conformance tests share one broker-backed federation: give each a bound.
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(300))
