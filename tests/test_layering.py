@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tff_amqp"
 
 # Rooms of a side that both regimes use.
 SHARED_COORDINATOR = {"intake", "membership", "options", "quorum", "sync"}
-SHARED_SILO = {"endpoint", "data"}
+SHARED_SILO = {"endpoint", "data", "options"}
 
 COORDINATOR_SIDE = ("tff_amqp.coordinator", "tff_amqp.mapreduce", "tff_amqp.context")
 SILO_SIDE = ("tff_amqp.silo", "tff_amqp.worker_pool")

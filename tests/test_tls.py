@@ -182,3 +182,88 @@ def test_broker_with_untrusted_certificate_is_refused_by_the_silo(
     url = f"amqps://{CERT_CN}@localhost:{tls_broker.tls_port}/?auth=external"
     message = _refused(url, TlsFiles(ca=stranger.ca_cert, cert=cert, key=key))
     assert "CERTIFICATE_VERIFY_FAILED" in message
+
+
+def test_pool_worker_connects_with_a_client_certificate_and_serves_a_round(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    """`tff-amqp worker` has the silo's TLS options: a stateless round runs with
+    the worker and the coordinator both on amqps with client certificates, and
+    the worker's own metrics endpoint counts the items."""
+    import collections
+
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    import tff_amqp
+    from tests.support.federation import read_column
+    from tests.support.pools import WORKER_READY, start_worker
+    from tests.support.private_broker import free_port
+    from tests.test_observe import scrape, value
+
+    federation = new_federation_name()
+    cn = "worker-tls-beta"
+    url = _provision(
+        [
+            "add-silo", "beta", "--federation", federation, "--broker", tls_broker.admin_url,
+            "--amqp-url", tls_broker.amqps_base, "--cert-cn", cn,
+        ]
+    )  # fmt: skip
+    coordinator_url = _provision(
+        [
+            "add-coordinator", "--federation", federation, "--broker", tls_broker.admin_url,
+            "--amqp-url", tls_broker.amqps_base, "--cert-cn", COORDINATOR_CN,
+        ]
+    )  # fmt: skip
+    cert, key = tls_broker.pki.client(cn)
+    coordinator_cert, coordinator_key = tls_broker.pki.client(COORDINATOR_CN)
+    coordinator_url += (
+        f"&cafile={tls_broker.pki.ca_cert}&certfile={coordinator_cert}&keyfile={coordinator_key}"
+    )
+    folder = write_silo_csvs(tmp_path, 1, 3)
+    metrics_port = free_port()
+    row = collections.OrderedDict(age=np.int32, glucose=np.float32)
+
+    @tff.tensorflow.computation(tff.SequenceType(row))
+    def count(rows: object) -> object:
+        return rows.reduce(np.int64(0), lambda n, _: n + 1)  # type: ignore[attr-defined]
+
+    @tff.tensorflow.computation(np.int64, np.int64)
+    def add(a: object, b: object) -> object:
+        return tf.add(a, b)
+
+    @tff.federated_computation(
+        tff.FederatedType(np.int64, tff.SERVER),
+        tff.FederatedType(tff.SequenceType(row), tff.CLIENTS),
+    )
+    def count_round(state: object, rows: object) -> object:
+        total = tff.federated_sum(tff.federated_map(count, rows))
+        return tff.federated_map(add, (state, total)), total
+
+    with ProcessGroup(tmp_path / "logs") as group:
+        worker = start_worker(
+            group, url, federation, "beta", 0, {"readings": folder},
+            [
+                "--no-declare", "--tls-ca", str(tls_broker.pki.ca_cert),
+                "--tls-cert", str(cert), "--tls-key", str(key),
+                "--metrics-port", str(metrics_port),
+            ],
+        )  # fmt: skip
+        worker.wait_for_log(WORKER_READY, 180)
+        context = tff_amqp.create_sync_amqp_mapreduce_context(
+            coordinator_url, federation=federation, min_silos=1, shards_per_silo=2
+        )
+        try:
+            state, total = run_in(
+                context, count_round, np.int64(10), tff_amqp.silo_data("readings")
+            )
+            connections = tls_broker.broker.ctl(
+                "list_connections", "-q", "user", "ssl", "auth_mechanism"
+            )
+        finally:
+            context.close()
+        items = value(scrape(metrics_port), "tff_amqp_worker_items_total", silo="beta")
+    rows = len(read_column(folder, "glucose"))
+    assert total == rows and state == 10 + rows
+    assert f"{cn}\ttrue\tEXTERNAL" in connections
+    assert items == 2  # one per shard

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from tff_amqp import config
 from tff_amqp.logs import configure_logging
+from tff_amqp.silo.options import add_endpoint_options, message_size, tls_files
 
 if TYPE_CHECKING:
     from tff_amqp.transport.tls import TlsFiles
@@ -53,26 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "owns a local TFF worker_binary and keeps its clients' data local: only outputs of "
         "federated aggregations leave it.",
     )
-    silo.add_argument(
-        "--broker",
-        default=_broker_default(),
-        help="broker URL, amqp[s]://user:pass@host:port/vhost "
-        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
-    )
-    silo.add_argument(
-        "--federation",
-        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
-        help="federation name; namespaces queues and exchanges (default %(default)s)",
-    )
+    add_endpoint_options(silo, _broker_default())
     silo.add_argument("--name", required=True, help="this silo's name (letters, digits, - and _)")
-    silo.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="KEY=PATH",
-        help="local data: a CSV file (one client) or a folder of CSV files (one "
-        "client per file); repeatable",
-    )
     silo.add_argument(
         "--allow-raw-client-values",
         action="store_true",
@@ -95,43 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients of an invocation that gives this silo no client data (no silo_data "
         "argument, no client list), e.g. federated_value(x, CLIENTS) alone (default 0, as "
         "TFF's native runtime)",
-    )
-    silo.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="seconds between heartbeats (default %(default)s)",
-    )
-    silo.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up connecting to the broker after this long (default %(default)s)",
-    )
-    silo.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=None,
-        metavar="BYTES",
-        help="the broker's max_message_size (RabbitMQ 3.x: 134217728, 4.x: 16777216); "
-        "values above 1 MiB travel as chunks sized to fit it (default 134217728)",
-    )
-    silo.add_argument(
-        "--no-declare",
-        action="store_true",
-        help="do not declare exchanges/queues (for provisioned silos without configure permission)",
-    )
-    silo.add_argument("--tls-ca", type=Path, help="CA certificate that signed the broker's (amqps)")
-    silo.add_argument("--tls-cert", type=Path, help="client certificate (EXTERNAL auth, amqps)")
-    silo.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
-    silo.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off)",
     )
 
     status = sub.add_parser(
@@ -350,7 +296,7 @@ def _run_silo(args: argparse.Namespace) -> int:
     try:
         check_silo_name(args.name)
         Topology(args.federation)
-        tls = _tls_files(args)
+        tls = tls_files(args)
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 2
@@ -396,11 +342,7 @@ def _run_silo(args: argparse.Namespace) -> int:
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,
             tls=tls,
-            **(
-                {"max_message_bytes": args.max_message_bytes}
-                if args.max_message_bytes is not None
-                else {}
-            ),
+            **message_size(args),
         )
     except ValueError as e:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
@@ -455,14 +397,6 @@ def _data_flag_problem(flags: Sequence[str]) -> str | None:
                 "CSV files"
             )
     return None
-
-
-def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
-    from tff_amqp.transport.tls import TlsFiles
-
-    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
-        return None
-    return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _run_status(args: argparse.Namespace) -> int:

@@ -46,6 +46,15 @@ COORDINATOR_STATS: dict[str, tuple[str, str]] = {
     "duplicate_results": ("duplicate_work_results", "work-item results already merged"),
     "late_results": ("late_work_results", "work-item results of dropped silos"),
 }
+WORKER_STATS: dict[str, tuple[str, str]] = {
+    "items": ("items", "work items completed"),
+    "errors": ("errors", "work items answered with an error"),
+    "redelivered": ("redelivered", "work items received again (another worker died with them)"),
+    "expired": ("expired", "work items received after their round's deadline"),
+    "malformed": ("malformed_messages", "messages that failed protocol decoding"),
+    "published_bytes": ("published_bytes", "bytes of results and heartbeats published"),
+    "reconnects": ("reconnects", "reconnections of the broker connection"),
+}
 SILO_STATS: dict[str, tuple[str, str]] = {
     "invocations": ("invocations", "invocations this silo took part in"),
     "batches": ("batches", "request batches applied"),
@@ -159,27 +168,61 @@ class _LiveSilos(Collector):
         yield family
 
 
-class SiloMetrics:
-    """Silo metrics: the agent's counters and a batch latency histogram."""
+class _SiloSideMetrics:
+    """Counters of a silo-side process's `stats` and a latency histogram of
+    its units of work, in a registry of its own."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        labels: Mapping[str, str],
+        stats: Callable[[], Mapping[str, int] | None],
+        names: Mapping[str, tuple[str, str]],
+        observers: list[Callable[[float, bool], None]],
+        timing: tuple[str, str],
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = {"federation": agent.config.federation, "silo": agent.config.name}
-        self.registry.register(
-            StatsCollector("tff_amqp_silo", lambda: agent.stats, SILO_STATS, labels)
-        )
-        self.batch_seconds = Histogram(
-            "tff_amqp_silo_batch_seconds",
-            "time to apply one request batch on the local worker, by outcome",
-            ["federation", "silo", "outcome"],
+        self.registry.register(StatsCollector(prefix, stats, names, labels))
+        self.seconds = Histogram(
+            f"{prefix}_{timing[0]}",
+            timing[1],
+            [*labels, "outcome"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self._labels = list(labels.values())
-        agent.batch_observers.append(self._on_batch)
+        observers.append(self._observe)
 
-    def _on_batch(self, seconds: float, ok: bool) -> None:
-        self.batch_seconds.labels(*self._labels, "ok" if ok else "error").observe(seconds)
+    def _observe(self, seconds: float, ok: bool) -> None:
+        self.seconds.labels(*self._labels, "ok" if ok else "error").observe(seconds)
+
+
+class SiloMetrics(_SiloSideMetrics):
+    """A silo agent's metrics: its counters and a batch latency histogram."""
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(
+            "tff_amqp_silo",
+            {"federation": agent.config.federation, "silo": agent.config.name},
+            lambda: agent.stats,
+            SILO_STATS,
+            agent.batch_observers,
+            ("batch_seconds", "time to apply one request batch on the local worker, by outcome"),
+        )
+
+
+class WorkerMetrics(_SiloSideMetrics):
+    """A pool worker's metrics: its counters and a work-item latency histogram."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__(
+            "tff_amqp_worker",
+            {"federation": worker.config.federation, "silo": worker.config.silo},
+            lambda: worker.stats,
+            WORKER_STATS,
+            worker.item_observers,
+            ("item_seconds", "time to run one work item on the local worker, by outcome"),
+        )
 
 
 class MetricsServer:

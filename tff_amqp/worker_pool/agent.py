@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aio_pika.abc import (
@@ -34,6 +35,7 @@ from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.endpoint import SiloEndpoint
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.schema import declare_work_queue
+from tff_amqp.transport.tls import TlsFiles
 from tff_amqp.worker import WorkerBinary, WorkerError
 from tff_amqp.worker_pool.shard import ShardRunner, shard_bounds
 
@@ -57,6 +59,8 @@ class WorkerConfig:
     declare_topology: bool = True
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     connect_timeout: float = 30.0
+    # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         check_silo_name(self.silo)
@@ -108,8 +112,11 @@ class StatelessWorker:
             heartbeat_interval=config.heartbeat_interval,
             connect_timeout=config.connect_timeout,
             declare_topology=config.declare_topology,
+            ssl_context=config.tls.context() if config.tls else None,
             stats=self.stats,
         )
+        # Called with (seconds, ok) after each work item (metrics).
+        self.item_observers: list[Callable[[float, bool], None]] = []
         self._busy = 0
         # Set when this worker can no longer run items (its worker_binary died).
         self.failed = asyncio.Event()
@@ -185,10 +192,13 @@ class StatelessWorker:
             extra={"item": envelope.correlation_id, "redelivered": bool(message.redelivered)},
         )
         self._busy += 1
+        started = time.monotonic()
         try:
             reply = await self._handle(envelope)
         finally:
             self._busy -= 1
+        for observe in self.item_observers:
+            observe(time.monotonic() - started, reply.kind is p.Kind.WORK_RESULT)
         execution_failed = (
             isinstance(reply.body, p.ErrorReport) and reply.body.code is p.ErrorCode.EXECUTION
         )

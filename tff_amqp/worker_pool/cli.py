@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from typing import Any
+
+from tff_amqp.silo.options import add_endpoint_options, message_size, tls_files
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
@@ -27,51 +28,14 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
         help="the stateless regime, the only worker kind (accepted for compatibility; "
         "for the stateful regime run `tff-amqp silo`)",
     )
-    worker.add_argument(
-        "--broker",
-        default=broker_default,
-        help="broker URL, amqp[s]://user:pass@host:port/vhost "
-        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
-    )
-    worker.add_argument(
-        "--federation",
-        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
-        help="federation name (default %(default)s)",
-    )
+    add_endpoint_options(worker, broker_default)
     worker.add_argument("--silo", required=True, help="the silo this worker serves")
-    worker.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="KEY=PATH",
-        help="the silo's data: a CSV file (one client) or a folder of CSV files (one client "
-        "per file); every worker of a silo must see the same data; repeatable",
-    )
     worker.add_argument(
         "--min-clients-per-item",
         type=int,
         default=1,
         metavar="N",
         help="refuse work items whose shard has fewer than N clients (default 1)",
-    )
-    worker.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="seconds between heartbeats (default %(default)s)",
-    )
-    worker.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up connecting to the broker after this long (default %(default)s)",
-    )
-    worker.add_argument(
-        "--no-declare",
-        action="store_true",
-        help="do not declare the work queue (provisioned silos without configure permission)",
     )
 
 
@@ -81,6 +45,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         check_silo_name(args.silo)
         Topology(args.federation)
+        tls = tls_files(args)
     except ValueError as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
@@ -88,7 +53,7 @@ def run_worker(args: argparse.Namespace) -> int:
     # loads (failures are explained by tff_amqp.cli.main).
     from tff_amqp.cli import _probe_broker
 
-    asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
+    asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
     from tff_amqp.silo.data import DataError, DataSource
 
     try:
@@ -109,12 +74,14 @@ def run_worker(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             declare_topology=not args.no_declare,
             connect_timeout=args.connect_timeout,
+            tls=tls,
+            **message_size(args),
         )
     except ValueError as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
     try:
-        failed = asyncio.run(_serve(StatelessWorker(config)))
+        failed = asyncio.run(_serve(StatelessWorker(config), metrics_port=args.metrics_port))
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 1
@@ -128,8 +95,15 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(worker: Any) -> bool:
+async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
     """Serve until SIGINT/SIGTERM or until the worker fails; True if it failed."""
+    from tff_amqp.observe.metrics import MetricsServer, WorkerMetrics
+
+    with MetricsServer.optional(WorkerMetrics(worker).registry, metrics_port):
+        return await _serve_until_stopped(worker)
+
+
+async def _serve_until_stopped(worker: Any) -> bool:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
