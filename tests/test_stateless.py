@@ -337,6 +337,40 @@ def test_computation_outside_mapreduce_form_points_to_the_stateful_context(amqp_
     assert "create_sync_amqp_execution_context" in str(error.value)
 
 
+@tff.tensorflow.computation(tff.SequenceType(ROW), np.int64)
+def count_below_limit(rows, limit):
+    n = rows.reduce(np.int64(0), lambda n, _: n + 1)
+    check = tf.debugging.assert_less(n, limit, message="too many rows for the limit")
+    with tf.control_dependencies([check]):
+        return tf.identity(n)
+
+
+@tff.federated_computation(
+    tff.FederatedType(np.int64, tff.SERVER), tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
+)
+def checked_round(limit, rows):
+    counts = tff.federated_map(count_below_limit, (rows, tff.federated_broadcast(limit)))
+    total = tff.federated_sum(counts)
+    return limit, total
+
+
+def test_a_failing_work_item_reports_the_workers_grpc_status_like_native(
+    amqp_url, pools, native_context
+):
+    # A TensorFlow assertion fails inside the workers' TFF worker: the round
+    # fails with a SiloWorkerError chained to the gRPC error native raises.
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as native:
+        run_in(native_context, checked_round, np.int64(1), pools.datasets())
+    with _context(amqp_url, pools, min_silos=1) as context:
+        with pytest.raises(tff_amqp.SiloWorkerError) as ours:
+            run_in(context, checked_round, np.int64(1), tff_amqp.silo_data("xy"))
+    assert ours.value.worker_status == native.value.code()
+    assert isinstance(ours.value.__cause__, grpc.RpcError)
+    assert "too many rows for the limit" in str(ours.value)
+
+
 @tff.tensorflow.computation(np.float32, np.float32)
 def add_f(a, b):
     return a + b

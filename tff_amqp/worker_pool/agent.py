@@ -73,9 +73,16 @@ class WorkerConfig:
 
 class ItemError(CodedError):
     """A work item that cannot succeed on any worker (bad data key, privacy,
-    a failing computation): answered with an error reply, then acked."""
+    a failing computation): answered with an error reply, then acked.
+    `worker_status`: the gRPC status of the TFF worker error behind it."""
 
     code: p.ErrorCode
+
+    def __init__(
+        self, code: p.ErrorCode, message: str, *, worker_status: str | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.worker_status = worker_status
 
 
 class StatelessWorker:
@@ -264,6 +271,7 @@ class StatelessWorker:
                 envelope.correlation_id,
                 error.code,
                 f"silo {self.config.silo!r} worker: {error}",
+                worker_status=error.worker_status,
             )
         self.stats["items"] += 1
         log.info(
@@ -330,7 +338,7 @@ class StatelessWorker:
                 accumulate_param_names=_param_names(accumulate_type),
             )
         except WorkerError as e:
-            raise ItemError(p.ErrorCode.EXECUTION, str(e)) from e
+            raise ItemError(p.ErrorCode.EXECUTION, str(e), worker_status=e.status) from e
         assert isinstance(accumulator, executor_pb2.Value)
         return p.WorkResult(item.shard, stop - start, accumulator.SerializeToString())
 
