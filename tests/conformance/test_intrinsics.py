@@ -100,6 +100,44 @@ def test_secure_sums_of_structs_and_modular(both: Both, dist: Any) -> None:
 
 
 @tff.federated_computation(ROWS_AT_CLIENTS)
+def quantized_secure_sums(rows: Any) -> Any:
+    # tff.aggregators.secure_quantized_sum: client values quantized into
+    # [lower, upper], summed with a secure sum, dequantized; bounds at the
+    # server (float) and unplaced (int).
+    stats = tff.federated_map(client_stats, rows)
+    lower = tff.federated_value(np.float32(0.0), tff.SERVER)
+    upper = tff.federated_value(np.float32(2000.0), tff.SERVER)
+    return (
+        tff.aggregators.secure_quantized_sum(stats.glucose_sum, lower, upper),
+        tff.aggregators.secure_quantized_sum(stats.age_sum, np.int32(0), np.int32(5000)),
+    )
+
+
+@pytest.mark.parametrize("dist", WITH_EMPTY_PARAMS)
+def test_secure_quantized_sum(both: Both, dist: Any) -> None:
+    actual, expected = both.run(quantized_secure_sums, dist)
+    assert_close(actual[0], expected[0])
+    exact(actual[1], expected[1])
+    ages = [int(r["age"].sum()) for r in both.rows(dist)[1]]
+    assert int(expected[1]) == sum(ages)
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def sampled_counts(rows: Any) -> Any:
+    # tff.aggregators.federated_sample: each client's count, sampled (every
+    # client is kept below the default sample size; the order is random).
+    stats = tff.federated_map(client_stats, rows)
+    return tff.aggregators.federated_sample(stats.count)
+
+
+@pytest.mark.parametrize("dist", DIST_PARAMS)
+def test_federated_sample(both: Both, dist: Any) -> None:
+    actual, expected = both.run(sampled_counts, dist)
+    counts = sorted(len(r["age"]) for r in both.rows(dist)[1])
+    assert sorted(np.asarray(actual).tolist()) == sorted(np.asarray(expected).tolist()) == counts
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
 def means_and_extremes(rows: Any) -> Any:
     stats = tff.federated_map(client_stats, rows)
     weight = tff.federated_map(
