@@ -218,13 +218,57 @@ async def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> Non
         await asyncio.sleep(0.05)
 
 
+def _work_result(silo: str, item: str, accumulator: bytes) -> bytes:
+    return p.encode(
+        p.Envelope(
+            kind=p.Kind.WORK_RESULT,
+            body=p.WorkResult(shard=0, clients=1, accumulator=accumulator),
+            sender=silo,
+            invocation_id="inv-1",
+            correlation_id=item,
+        )
+    )
+
+
+async def _stateful_request(link: CoordinatorLink, request: p.Envelope) -> asyncio.Future:
+    future = await link.send("alpha", request, expect_reply=True)
+    assert future is not None
+    return future
+
+
+async def _stateless_request(link: WorkLink, request: p.Envelope) -> asyncio.Future:
+    return await link.publish("alpha", request)
+
+
+# regime -> (link class, membership class, send a request, a reply body, its value)
+REGIMES = {
+    "stateful": (
+        CoordinatorLink,
+        Membership,
+        _stateful_request,
+        _reply,
+        lambda result: result.values[7],
+    ),
+    "stateless": (
+        WorkLink,
+        PoolMembership,
+        _stateless_request,
+        _work_result,
+        lambda result: result.accumulator,
+    ),
+}
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
 async def test_coordinator_uses_a_reply_only_from_the_silos_hello_user(
-    amqp_url: str, provisioned: ProvisionedFederation
+    amqp_url: str, provisioned: ProvisionedFederation, regime: str
 ) -> None:
+    # Both regimes' coordinators apply one rule (Membership.reply_user_problem).
+    link_class, membership_class, send, reply, payload = REGIMES[regime]
     t = Topology(provisioned.name)
     alpha_user = provisioned.user("alpha")
-    membership = Membership(liveness_timeout=60.0)
-    link = CoordinatorLink(provisioned.coordinator_url, t, membership)
+    membership = membership_class(liveness_timeout=60.0)
+    link = link_class(provisioned.coordinator_url, t, membership)
     await link.start()
     alpha = await aio_pika.connect(provisioned.silo_urls["alpha"], timeout=10)
     admin = await aio_pika.connect(amqp_url, timeout=10)
@@ -239,7 +283,7 @@ async def test_coordinator_uses_a_reply_only_from_the_silos_hello_user(
         record = membership.record("alpha")
         assert record is not None and record.user_id == alpha_user
 
-        envelope = p.batch_envelope(
+        request = p.batch_envelope(
             sender="coordinator",
             invocation_id="inv-1",
             correlation_id="corr-1",
@@ -247,85 +291,24 @@ async def test_coordinator_uses_a_reply_only_from_the_silos_hello_user(
             operations=[p.Compute(source=7)],
             seq=0,
         )
-        future = await link.send("alpha", envelope, expect_reply=True)
-        assert future is not None
+        future = await send(link, request)
 
         # 1. The right key and sender, but no user_id: the broker validated nothing.
-        await alpha_replies.publish(_message(_reply("alpha", "corr-1", b"no-user")), key)
+        await alpha_replies.publish(_message(reply("alpha", "corr-1", b"no-user")), key)
         await _wait_for(lambda: link.stats["rejected_user_id"] == 1)
         # 2. A user allowed to use alpha's key (the broker admin), with its
         #    own valid user_id: not alpha's user, so not alpha's reply.
         await admin_replies.publish(
-            _message(_reply("alpha", "corr-1", b"admin"), user_id="guest"), key
+            _message(reply("alpha", "corr-1", b"admin"), user_id="guest"), key
         )
         await _wait_for(lambda: link.stats["rejected_user_id"] == 2)
         assert not future.done()
         # 3. Alpha itself: accepted.
         await alpha_replies.publish(
-            _message(_reply("alpha", "corr-1", b"genuine"), user_id=alpha_user), key
+            _message(reply("alpha", "corr-1", b"genuine"), user_id=alpha_user), key
         )
         result = await asyncio.wait_for(future, 10)
-        assert result.values == {7: b"genuine"}
-        assert link.stats["rejected_replies"] == 2
-    finally:
-        await alpha.close()
-        await admin.close()
-        await link.close()
-
-
-def _work_result(silo: str, item: str, accumulator: bytes) -> bytes:
-    return p.encode(
-        p.Envelope(
-            kind=p.Kind.WORK_RESULT,
-            body=p.WorkResult(shard=0, clients=1, accumulator=accumulator),
-            sender=silo,
-            invocation_id="round-1",
-            correlation_id=item,
-        )
-    )
-
-
-async def test_stateless_coordinator_uses_a_result_only_from_the_silos_hello_user(
-    amqp_url: str, provisioned: ProvisionedFederation
-) -> None:
-    # The same rule as the stateful coordinator's (Membership.reply_user_problem).
-    t = Topology(provisioned.name)
-    alpha_user = provisioned.user("alpha")
-    membership = PoolMembership(liveness_timeout=60.0)
-    link = WorkLink(provisioned.coordinator_url, t, membership)
-    await link.start()
-    alpha = await aio_pika.connect(provisioned.silo_urls["alpha"], timeout=10)
-    admin = await aio_pika.connect(amqp_url, timeout=10)
-    try:
-        alpha_replies = await (await alpha.channel()).get_exchange(t.replies_exchange, ensure=False)
-        admin_replies = await (await admin.channel()).get_exchange(t.replies_exchange, ensure=False)
-        key = t.reply_routing_key("alpha")
-        await alpha_replies.publish(
-            _message(_hello("alpha"), user_id=alpha_user), key, mandatory=False
-        )
-        await _wait_for(lambda: membership.record("alpha") is not None)
-
-        item = p.batch_envelope(
-            sender="coordinator",
-            invocation_id="round-1",
-            correlation_id="item-1",
-            deadline=time.time() + 60,
-            operations=[p.Compute(source=7)],
-            seq=0,
-        )
-        future = await link.publish("alpha", item)
-        await alpha_replies.publish(_message(_work_result("alpha", "item-1", b"no-user")), key)
-        await _wait_for(lambda: link.stats["rejected_user_id"] == 1)
-        await admin_replies.publish(
-            _message(_work_result("alpha", "item-1", b"admin"), user_id="guest"), key
-        )
-        await _wait_for(lambda: link.stats["rejected_user_id"] == 2)
-        assert not future.done()
-        await alpha_replies.publish(
-            _message(_work_result("alpha", "item-1", b"genuine"), user_id=alpha_user), key
-        )
-        result = await asyncio.wait_for(future, 10)
-        assert result.accumulator == b"genuine"
+        assert payload(result) == b"genuine"
         assert link.stats["rejected_replies"] == 2
     finally:
         await alpha.close()

@@ -35,7 +35,6 @@ from tests.conformance.harness import (
 )
 from tests.support.broker import delete_federation_entities, new_federation_name
 from tests.support.federation import write_silo_csvs
-from tests.support.processes import child_pids_named, kill_pid
 from tff_amqp.local import LocalFederation
 
 
@@ -79,25 +78,12 @@ def conformance_context(
 
 
 @pytest.fixture(scope="session")
-def reference_context() -> Iterator[Any]:
-    """TFF's native runtime with TFF's test-time semantics for secure intrinsics.
-    The worker_binary it starts is killed at teardown (see native_context)."""
-    import tensorflow_federated as tff
-
-    before = child_pids_named("worker_binary")
-    context = tff.backends.test.create_sync_test_cpp_execution_context()
-    try:
-        yield context
-    finally:
-        for pid in child_pids_named("worker_binary") - before:
-            kill_pid(pid)
-
-
-@pytest.fixture(scope="session")
 def both(
-    conformance_context: Any, reference_context: Any, conformance_federation: ConformanceFederation
+    conformance_context: Any, test_context: Any, conformance_federation: ConformanceFederation
 ) -> Both:
-    return Both(conformance_context, reference_context, conformance_federation)
+    # The reference: TFF's test runtime (native, plus TFF's own bodies for the
+    # secure intrinsics the native worker lacks), from tests/conftest.py.
+    return Both(conformance_context, test_context, conformance_federation)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
