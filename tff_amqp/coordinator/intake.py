@@ -124,6 +124,7 @@ class ReplyIntake(Generic[R]):
     async def start(self) -> None:
         self._connection = await connect(self._url, name=f"tff-amqp {self.role} {self.sender}")
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=256)
         await self._declare_outbound(self._channel)
@@ -136,9 +137,14 @@ class ReplyIntake(Generic[R]):
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         """Declare what this regime publishes to (`declare_exchange`)."""
 
+    def _on_connection_lost(self, *_: object) -> None:
+        # Not evidence against any silo (see Membership): they keep their
+        # liveness while we are away.
+        self.membership.coordinator_disconnected()
+
     def _on_reconnect(self, *_: object) -> None:
         self.stats["reconnects"] += 1
-        self.membership.mark_stale()
+        self.membership.coordinator_reconnected()
         log.warning(f"{self.role}.reconnected", extra={"federation": self.topology.federation})
 
     async def close(self) -> None:

@@ -25,12 +25,20 @@ class Membership:
     """Live silos, with liveness from heartbeats.
 
     A silo is live while its last message is younger than `liveness_timeout`.
+    The coordinator's own connection loss is no evidence against any silo:
+    a silo that was live when the connection went down stays live while it
+    is down and for one `liveness_timeout` after it is back (time for its
+    next heartbeat to arrive); only a silo that stays silent past that is lost.
     """
 
     def __init__(self, liveness_timeout: float = 5.0) -> None:
         self.liveness_timeout = liveness_timeout
         self._silos: dict[str, SiloRecord] = {}
         self._changed = asyncio.Condition()
+        # The coordinator's broker connection: down since (monotonic), or the
+        # last outage as (went down, came back).
+        self._down_since: float | None = None
+        self._last_outage: tuple[float, float] | None = None
 
     async def observe(self, kind: p.Kind, status: p.SiloStatus, user_id: str | None) -> None:
         now = time.monotonic()
@@ -47,11 +55,36 @@ class Membership:
         async with self._changed:
             self._changed.notify_all()
 
-    def mark_stale(self) -> None:
-        """Forget liveness (after our own connection was lost, heartbeats we
-        missed say nothing): silos count as live again on their next one."""
-        for record in self._silos.values():
-            record.last_seen = float("-inf")
+    def coordinator_disconnected(self, now: float | None = None) -> None:
+        """Our broker connection is down: heartbeats cannot reach us."""
+        if self._down_since is None:
+            self._down_since = time.monotonic() if now is None else now
+
+    def coordinator_reconnected(self, now: float | None = None) -> None:
+        """Our broker connection is back (silos get one liveness timeout of grace)."""
+        now = time.monotonic() if now is None else now
+        self._last_outage = (self._down_since if self._down_since is not None else now, now)
+        self._down_since = None
+
+    def coordinator_outage(self, now: float | None = None) -> float | None:
+        """Seconds the coordinator's connection has been down (or was, in an
+        outage that ended within the last liveness timeout); None if neither."""
+        now = time.monotonic() if now is None else now
+        if self._down_since is not None:
+            return now - self._down_since
+        if self._last_outage is not None and now - self._last_outage[1] <= self.liveness_timeout:
+            return self._last_outage[1] - self._last_outage[0]
+        return None
+
+    def _excused(self, record: SiloRecord, now: float) -> bool:
+        """A silence the coordinator's own outage explains."""
+        if self._down_since is not None:
+            went_down = self._down_since
+        elif self._last_outage is not None and now - self._last_outage[1] <= self.liveness_timeout:
+            went_down = self._last_outage[0]
+        else:
+            return False
+        return went_down - record.last_seen <= self.liveness_timeout
 
     def reply_user_problem(self, silo: str, user_id: str | None) -> str | None:
         """Why a reply from `silo` with `user_id` must not be used, or None.
@@ -78,12 +111,15 @@ class Membership:
     def is_live(self, silo: str, now: float | None = None) -> bool:
         record = self._silos.get(silo)
         now = time.monotonic() if now is None else now
-        return record is not None and now - record.last_seen <= self.liveness_timeout
+        return record is not None and self._is_live(record, now)
+
+    def _is_live(self, record: SiloRecord, now: float) -> bool:
+        return now - record.last_seen <= self.liveness_timeout or self._excused(record, now)
 
     def live(self) -> list[SiloRecord]:
         now = time.monotonic()
         return sorted(
-            (r for r in self._silos.values() if now - r.last_seen <= self.liveness_timeout),
+            (r for r in self._silos.values() if self._is_live(r, now)),
             key=lambda r: r.name,
         )
 
