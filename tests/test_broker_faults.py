@@ -23,6 +23,9 @@ from tests.test_failures import _context, _direct_mean, _wait_live
 from tff_amqp.errors import TffAmqpError
 from tff_amqp.local import LocalFederation
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 NAMES = ("alpha", "bravo", "charlie")
 
 

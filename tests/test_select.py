@@ -25,6 +25,9 @@ import tff_amqp
 from tests.support.federation import assert_close, run_in
 from tff_amqp.errors import SiloError, UnsupportedIntrinsicError
 
+# Long real-broker tests: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 # ------------------------------------------------------------ select helpers
 
 

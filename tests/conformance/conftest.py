@@ -87,8 +87,12 @@ def both(
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Conformance tests share one broker-backed federation: give each a bound.
+    # Conformance tests share one broker-backed federation of their own: give
+    # each a bound, and keep the suite (its start-up and ~250 comparisons with
+    # TFF) out of the fast subset; run it with `scripts/test.sh tests/conformance`.
     here = Path(__file__).parent
     for item in items:
-        if here in item.path.parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(300))
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(300))
