@@ -201,7 +201,7 @@ def _machine_line(m: dict[str, Any]) -> str:
     )
 
 
-def _header(run: dict[str, Any] | None) -> str:
+def _header(run: dict[str, Any] | None, measured: list[str] | None = None) -> str:
     lines = [
         "# Benchmark results",
         "",
@@ -241,7 +241,13 @@ def _header(run: dict[str, Any] | None) -> str:
     if run.get("note"):
         lines += [f"> {run['note']}", ""]
     lines += [
-        f"Run started {start.get('when', '?')}, ended {end.get('when', '?')}.",
+        f"The last `run_all` started {start.get('when', '?')} and ended {end.get('when', '?')}"
+        + (
+            f"; the sections below were measured between {min(measured)} and {max(measured)}"
+            " (benchmarks rerun on their own keep their own time, given in each section)."
+            if measured
+            else "."
+        ),
         f"Machine: {_machine_line(start)}.",
         "",
         table(
@@ -264,7 +270,7 @@ def _header(run: dict[str, Any] | None) -> str:
 def render(results: Path = RESULTS) -> str:
     run_path = results / "run_all.json"
     run = json.loads(run_path.read_text()) if run_path.exists() else None
-    parts = [_header(run)]
+    parts = [_header(run, _measured_times(results))]
     known = {b.name: b for b in BENCHMARKS}
     names = [b.name for b in BENCHMARKS] + sorted(
         p.stem for p in results.glob("*.json") if p.stem not in known and p.stem != "run_all"
@@ -279,6 +285,22 @@ def render(results: Path = RESULTS) -> str:
             continue
         parts.append(_section(name, title, benchmark.measures if benchmark else None, path))
     return "\n\n".join(parts) + "\n"
+
+
+def _measured_times(results: Path) -> list[str]:
+    """When each benchmark's results were measured (ISO times, as recorded)."""
+    times = []
+    for path in results.glob("*.json"):
+        if path.stem == "run_all":
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        machine = data.get("machine") if isinstance(data, dict) else None
+        if isinstance(machine, dict) and isinstance(machine.get("when"), str):
+            times.append(machine["when"])
+    return times
 
 
 def _section(name: str, title: str, measures: str | None, path: Path) -> str:
