@@ -60,23 +60,32 @@ def amqp_url() -> Iterator[str]:
         pytest.fail(str(exc), pytrace=False)
 
 
+_GROUPS = pytest.StashKey[list[ProcessGroup]]()
+
+
 @pytest.fixture
-def federation(amqp_url: str) -> Iterator[str]:
+def federation(amqp_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A federation name of this test alone (``t-<8 hex>``), so tests never see
     each other's queues. Afterwards its ``tff.<name>.*`` queues and exchanges
     are deleted, best effort: only on a broker on this machine whose
     `rabbitmqctl` works (listing costs ~0.7 s); elsewhere they stay (harmless,
-    nobody else uses the name; the coordinator's queue is auto-delete)."""
+    nobody else uses the name; the coordinator's queue is auto-delete).
+    The test's processes are stopped first, so no silo declares them again."""
     name = new_federation_name()
     yield name
+    for group in request.node.stash.get(_GROUPS, []):
+        group.stop_all()
     delete_federation_entities(amqp_url, name)
 
 
 @pytest.fixture
-def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessGroup]:
+def process_group(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ProcessGroup]:
     """A ProcessGroup for this test; its processes are stopped after the test.
     Logs are under pytest's tmp dir (``.../logs<N>/<name>.log``)."""
     with ProcessGroup(tmp_path_factory.mktemp("logs")) as group:
+        request.node.stash.setdefault(_GROUPS, []).append(group)
         yield group
 
 

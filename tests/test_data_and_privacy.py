@@ -18,7 +18,7 @@ import tensorflow_federated as tff
 
 import tff_amqp
 from tests.support.federation import (
-    new_federation_name,
+    local_federation,
     read_column,
     read_column_of_file,
     run_in,
@@ -26,7 +26,6 @@ from tests.support.federation import (
 )
 from tff_amqp import protocol
 from tff_amqp.errors import SiloError
-from tff_amqp.local import LocalFederation
 
 ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
 ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
@@ -112,7 +111,7 @@ def test_raw_client_values_are_refused_by_default_and_silo_keeps_serving(amqp_co
 
 @pytest.mark.slow
 def test_raw_client_values_served_with_opt_in(amqp_url, tmp_path):
-    with LocalFederation(amqp_url, new_federation_name(), log_dir=tmp_path / "logs") as local:
+    with local_federation(amqp_url, tmp_path / "logs") as local:
         federation = start_federation(
             local,
             tmp_path,

@@ -25,7 +25,7 @@ from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 import tff_amqp
 from tests.support.federation import (
     Federation,
-    new_federation_name,
+    local_federation,
     read_column,
     run_in,
     start_federation,
@@ -38,7 +38,6 @@ from tff_amqp.errors import (
     QuorumError,
     SiloError,
 )
-from tff_amqp.local import LocalFederation
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.topology import Topology
 
@@ -51,7 +50,7 @@ NAMES = ("alpha", "bravo", "charlie", "delta")
 @pytest.fixture(scope="module")
 def four_silos(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("four")
-    with LocalFederation(amqp_url, new_federation_name(), log_dir=root / "logs") as local:
+    with local_federation(amqp_url, root / "logs") as local:
         yield start_federation(local, root, names=NAMES, clients_per_silo=(2, 1, 3, 2))
 
 

@@ -7,6 +7,7 @@ purpose start their own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.broker import delete_federation_entities
 from tff_amqp.local import LocalFederation
 
 SILO_NAMES = ("alpha", "bravo", "charlie")
@@ -89,12 +91,24 @@ def new_federation_name() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
+@contextlib.contextmanager
+def local_federation(amqp_url: str, log_dir: Path) -> Iterator[LocalFederation]:
+    """A LocalFederation under a fresh name whose queues and exchanges are
+    deleted from the broker afterwards (its silos stopped first)."""
+    name = new_federation_name()
+    try:
+        with LocalFederation(amqp_url, name, log_dir=log_dir) as local:
+            yield local
+    finally:
+        delete_federation_entities(amqp_url, name)
+
+
 @pytest.fixture(scope="session")
 def silo_federation(
     amqp_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("federation")
-    with LocalFederation(amqp_url, new_federation_name(), log_dir=root / "logs") as local:
+    with local_federation(amqp_url, root / "logs") as local:
         yield start_federation(local, root)
 
 
