@@ -11,6 +11,7 @@ collecting tests stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -89,6 +90,18 @@ def process_group(
         yield group
 
 
+@contextlib.contextmanager
+def _reaping_worker_binaries() -> Iterator[None]:
+    """SIGKILL, on exit, the worker_binary children that appeared meanwhile
+    (TFF's launcher starts them as our children and leaves them running)."""
+    before = child_pids_named("worker_binary")
+    try:
+        yield
+    finally:
+        for pid in child_pids_named("worker_binary") - before:
+            kill_pid(pid)
+
+
 @pytest.fixture(scope="session")
 def native_context() -> Iterator[Any]:
     """TFF's own native runtime (C++ worker_binary behind a RemoteExecutor), for
@@ -101,13 +114,8 @@ def native_context() -> Iterator[Any]:
     """
     import tensorflow_federated as tff
 
-    before = child_pids_named("worker_binary")
-    context = tff.backends.native.create_sync_local_cpp_execution_context()
-    try:
-        yield context
-    finally:
-        for pid in child_pids_named("worker_binary") - before:
-            kill_pid(pid)
+    with _reaping_worker_binaries():
+        yield tff.backends.native.create_sync_local_cpp_execution_context()
 
 
 @pytest.fixture(scope="session")
@@ -118,13 +126,8 @@ def test_context() -> Iterator[Any]:
     killed at teardown like the native context's."""
     import tensorflow_federated as tff
 
-    before = child_pids_named("worker_binary")
-    context = tff.backends.test.create_sync_test_cpp_execution_context()
-    try:
-        yield context
-    finally:
-        for pid in child_pids_named("worker_binary") - before:
-            kill_pid(pid)
+    with _reaping_worker_binaries():
+        yield tff.backends.test.create_sync_test_cpp_execution_context()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -135,10 +138,8 @@ def _tff_default_context_workers() -> Iterator[None]:
     In a full run `native_context` reaps those at its teardown; this does the
     same for any subset (e.g. -m "not slow"), so the leak check below only
     reports processes tests really left behind (silos, their workers)."""
-    before = child_pids_named("worker_binary")
-    yield
-    for pid in child_pids_named("worker_binary") - before:
-        kill_pid(pid)
+    with _reaping_worker_binaries():
+        yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

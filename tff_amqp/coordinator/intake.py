@@ -84,6 +84,8 @@ class ReplyIntake(Generic[R]):
 
     # Prefix of log events ("coordinator", "mapreduce").
     role = "coordinator"
+    # Counters of what a reply means in this regime (besides the shared ones).
+    regime_stats: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -118,6 +120,11 @@ class ReplyIntake(Generic[R]):
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._pending: dict[str, Pending[R]] = {}
+        self.stats.update(dict.fromkeys(self.regime_stats, 0))
+        self._init_regime()
+
+    def _init_regime(self) -> None:
+        """Set up what this regime's publishing and replies keep."""
 
     # -------------------------------------------------------------- lifecycle
 

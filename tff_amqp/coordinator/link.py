@@ -18,8 +18,6 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
-from tff_amqp.coordinator.membership import Membership
-from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
 
@@ -30,20 +28,9 @@ class CoordinatorLink(ReplyIntake[p.Result]):
     """Publishing batches and matching their replies for one federation."""
 
     role = "coordinator"
+    regime_stats = ("replies", "late_replies")
 
-    def __init__(
-        self,
-        broker_url: str,
-        topology: Topology,
-        membership: Membership,
-        *,
-        max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
-        sender: str = "coordinator",
-    ) -> None:
-        super().__init__(
-            broker_url, topology, membership, max_message_bytes=max_message_bytes, sender=sender
-        )
-        self.stats.update(replies=0, late_replies=0)
+    def _init_regime(self) -> None:
         self._late: set[str] = set()
         self._requests: AbstractExchange | None = None
 

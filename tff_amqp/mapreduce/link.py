@@ -20,8 +20,6 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
-from tff_amqp.coordinator.membership import Membership
-from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import publish_with_retry
 from tff_amqp.transport.schema import declare_exchange, declare_work_queue
 
@@ -32,20 +30,9 @@ class WorkLink(ReplyIntake[p.WorkResult]):
     """Publishing work items and collecting their results for one federation."""
 
     role = "mapreduce"
+    regime_stats = ("results", "duplicate_results", "late_results")
 
-    def __init__(
-        self,
-        broker_url: str,
-        topology: Topology,
-        membership: Membership,
-        *,
-        max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
-        sender: str = "coordinator",
-    ) -> None:
-        super().__init__(
-            broker_url, topology, membership, max_message_bytes=max_message_bytes, sender=sender
-        )
-        self.stats.update(results=0, duplicate_results=0, late_results=0)
+    def _init_regime(self) -> None:
         self._work: AbstractExchange | None = None
         # Items already answered (False) or given up on with their silo (True):
         # a later reply is a duplicate, or late.
