@@ -80,7 +80,7 @@ async def native_transfer(weights: np.ndarray, workers: int) -> float:
     from tensorflow_federated.python.core.impl.executors import value_serialization
     from tensorflow_federated.python.core.impl.types import computation_types
 
-    from tff_amqp.worker import WorkerBinary
+    from tff_amqp.tff_worker import WorkerBinary
 
     binaries = [WorkerBinary() for _ in range(workers)]
     try:
@@ -100,7 +100,7 @@ async def native_transfer(weights: np.ndarray, workers: int) -> float:
 async def probe_once(runtime: Any, silo: str) -> float:
     """A small request over the control path: one batch (open, a 4-byte
     value, compute) to `silo`, and its reply."""
-    from tff_amqp.coordinator.invocation import Invocation
+    from tff_amqp.coordinator.stateful.invocation import Invocation
 
     started = time.perf_counter()
     invocation = Invocation(runtime, clients=None)

@@ -105,7 +105,7 @@ def _run_step(
 ) -> dict[str, Any]:
     import tff_amqp
     from tff_amqp.local import LocalFederation
-    from tff_amqp.silo.host_cli import numbered_silo_names
+    from tff_amqp.silo.stateful.host_cli import numbered_silo_names
 
     hosts = 1 if mode == "process" else -(-n // args.silos_per_host)
     need = hosts * HOST_BUDGET_MB

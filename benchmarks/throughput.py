@@ -62,7 +62,7 @@ class OperationCounter:
         self._originals: dict[str, Any] = {}
 
     def __enter__(self) -> OperationCounter:
-        from tff_amqp.coordinator.executor import AmqpExecutor
+        from tff_amqp.coordinator.stateful.executor import AmqpExecutor
 
         for name in EXECUTOR_OPERATIONS:
             original = getattr(AmqpExecutor, name)
@@ -71,7 +71,7 @@ class OperationCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from tff_amqp.coordinator.executor import AmqpExecutor
+        from tff_amqp.coordinator.stateful.executor import AmqpExecutor
 
         for name, original in self._originals.items():
             setattr(AmqpExecutor, name, original)
@@ -235,7 +235,7 @@ async def broker_ceiling(
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from tff_amqp.local import LocalFederation
-    from tff_amqp.silo.host_cli import numbered_silo_names
+    from tff_amqp.silo.stateful.host_cli import numbered_silo_names
 
     comp = _computation()
     values = [float(i + 1) for i in range(args.silos * 2)]

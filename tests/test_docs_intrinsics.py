@@ -23,7 +23,7 @@ def _rows() -> dict[str, str]:
 
 
 def test_table_lists_exactly_the_implemented_intrinsics() -> None:
-    from tff_amqp.coordinator.strategy import supported_intrinsics
+    from tff_amqp.coordinator.stateful.strategy import supported_intrinsics
 
     assert sorted(_rows()) == supported_intrinsics()
 

@@ -200,7 +200,7 @@ def _generic(uri: str) -> Any:
 def _direct(amqp_context: Any, intrinsic: Any, arg: Any, arg_type: Any, clients: int) -> Any:
     from tensorflow_federated.python.core.impl.types import placements
 
-    from tff_amqp.context import AmqpExecutorFactory
+    from tff_amqp.coordinator.stateful.context import AmqpExecutorFactory
 
     factory = AmqpExecutorFactory(amqp_context.runtime)
 

@@ -1,25 +1,41 @@
-"""The layout's import rules, read from the source (no import is executed):
+"""The layout's import rules, read from the source (no import is executed).
 
-- neither regime imports the other's own modules: the stateless coordinator
-  (`mapreduce/`) uses only the shared rooms of `coordinator/`, the pool worker
-  (`worker_pool/`) only the shared rooms of `silo/`, and neither stateful side
-  imports its stateless sibling;
+Each side has a shared room and one room per regime:
+
+    coordinator/            shared by both coordinators
+    coordinator/stateful/   the stateful executor stack and its contexts
+    coordinator/mapreduce/  the stateless (MapReduce) contexts and round driver
+    silo/                   shared by both silo-side processes
+    silo/stateful/          `tff-amqp silo` and simulation hosts
+    silo/pool/              `tff-amqp worker --stateless`
+
+- a regime's room never imports its sibling regime's room;
+- the shared room of a side imports neither of its regimes;
 - the coordinator side never imports the silo side, nor the other way round.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tff_amqp"
 
-# Rooms of a side that both regimes use.
-SHARED_COORDINATOR = {"intake", "membership", "options", "quorum", "sync"}
-SHARED_SILO = {"endpoint", "data", "options"}
-
-COORDINATOR_SIDE = ("tff_amqp.coordinator", "tff_amqp.mapreduce", "tff_amqp.context")
-SILO_SIDE = ("tff_amqp.silo", "tff_amqp.worker_pool")
+COORDINATOR = "tff_amqp.coordinator"
+SILO = "tff_amqp.silo"
+REGIMES = {
+    "coordinator/stateful": "tff_amqp.coordinator.stateful",
+    "coordinator/mapreduce": "tff_amqp.coordinator.mapreduce",
+    "silo/stateful": "tff_amqp.silo.stateful",
+    "silo/pool": "tff_amqp.silo.pool",
+}
+SIBLING = {
+    "coordinator/stateful": "coordinator/mapreduce",
+    "coordinator/mapreduce": "coordinator/stateful",
+    "silo/stateful": "silo/pool",
+    "silo/pool": "silo/stateful",
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -35,63 +51,63 @@ def _imports(path: Path) -> set[str]:
     return {n for n in names if n.startswith("tff_amqp")}
 
 
-def _modules(room: str) -> dict[str, set[str]]:
+def _modules(room: str, *, recursive: bool = True) -> dict[str, set[str]]:
     folder = PACKAGE / room
-    files = [folder.with_suffix(".py")] if folder.with_suffix(".py").exists() else []
-    files += sorted(folder.glob("*.py")) if folder.is_dir() else []
+    files = sorted(folder.rglob("*.py") if recursive else folder.glob("*.py"))
     return {str(f.relative_to(PACKAGE)): _imports(f) for f in files}
 
 
-def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+def _starts(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
-def _violations(room: str, forbidden: object) -> list[str]:
-    found = []
-    for path, imports in _modules(room).items():
-        for name in sorted(imports):
-            if forbidden(name):  # type: ignore[operator]
-                found.append(f"{path} imports {name}")
-    return found
+def _violations(modules: dict[str, set[str]], forbidden: Callable[[str], bool]) -> list[str]:
+    return [
+        f"{path} imports {name}"
+        for path, imports in modules.items()
+        for name in sorted(imports)
+        if forbidden(name)
+    ]
 
 
-def _stateful_coordinator(name: str) -> bool:
-    parts = name.split(".")
-    if name == "tff_amqp.context":
-        return True
-    return len(parts) >= 3 and parts[1] == "coordinator" and parts[2] not in SHARED_COORDINATOR
+def test_no_regime_imports_its_sibling_regime() -> None:
+    for room, sibling in SIBLING.items():
+        assert _violations(_modules(room), lambda n, s=REGIMES[sibling]: _starts(n, s)) == []
 
 
-def _stateful_silo(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) >= 3 and parts[1] == "silo" and parts[2] not in SHARED_SILO
-
-
-def test_the_stateless_coordinator_uses_only_the_shared_coordinator_rooms() -> None:
-    assert _violations("mapreduce", _stateful_coordinator) == []
-
-
-def test_the_pool_worker_uses_only_the_shared_silo_rooms() -> None:
-    assert _violations("worker_pool", _stateful_silo) == []
-
-
-def test_the_stateful_sides_do_not_import_their_stateless_siblings() -> None:
-    assert _violations("coordinator", lambda n: _starts(n, ("tff_amqp.mapreduce",))) == []
-    assert _violations("context", lambda n: _starts(n, ("tff_amqp.mapreduce",))) == []
-    assert _violations("silo", lambda n: _starts(n, ("tff_amqp.worker_pool",))) == []
+def test_the_shared_rooms_import_no_regime() -> None:
+    for room in ("coordinator", "silo"):
+        shared = _modules(room, recursive=False)
+        assert shared, room
+        assert _violations(shared, lambda n: any(_starts(n, r) for r in REGIMES.values())) == []
 
 
 def test_the_coordinator_side_and_the_silo_side_do_not_import_each_other() -> None:
-    for room in ("coordinator", "mapreduce", "context"):
-        assert _violations(room, lambda n: _starts(n, SILO_SIDE)) == []
-    for room in ("silo", "worker_pool"):
-        assert _violations(room, lambda n: _starts(n, COORDINATOR_SIDE)) == []
+    assert _violations(_modules("coordinator"), lambda n: _starts(n, SILO)) == []
+    assert _violations(_modules("silo"), lambda n: _starts(n, COORDINATOR)) == []
+
+
+# The command line and the demo put the sides together; they are not floors.
+ENTRY_POINTS = {"cli.py", "demo.py", "local.py", "federation_cli.py", "status.py", "__init__.py"}
+
+
+def test_the_floors_below_import_neither_side() -> None:
+    floors = {
+        path: names
+        for path, names in _modules(".", recursive=True).items()
+        if not path.startswith(("coordinator/", "silo/"))
+        and path not in ENTRY_POINTS
+    }
+    assert floors
+    sides = (COORDINATOR, SILO)
+    assert _violations(floors, lambda n: any(_starts(n, s) for s in sides)) == []
 
 
 def test_the_rules_see_imports() -> None:
     # A check that cannot fail proves nothing: the reader must find real imports.
-    mapreduce = _modules("mapreduce")
+    mapreduce = _modules("coordinator/mapreduce")
     assert any("tff_amqp.coordinator.intake" in names for names in mapreduce.values())
-    assert _stateful_coordinator("tff_amqp.coordinator.invocation")
-    assert not _stateful_coordinator("tff_amqp.coordinator.intake")
-    assert _stateful_silo("tff_amqp.silo.agent") and not _stateful_silo("tff_amqp.silo.endpoint")
+    pool = _modules("silo/pool")
+    assert any("tff_amqp.silo.endpoint" in names for names in pool.values())
+    planted = {"x.py": {"tff_amqp.coordinator.stateful.invocation"}}
+    assert _violations(planted, lambda n: _starts(n, REGIMES["coordinator/stateful"])) != []

@@ -379,7 +379,7 @@ def test_worker_raw_value_helpers_agree_with_protobuf() -> None:
     """The unparsed pass-through relies on field numbers of TFF's protos."""
     from tensorflow_federated.proto.v0 import executor_pb2
 
-    from tff_amqp.worker.client import (
+    from tff_amqp.tff_worker.client import (
         _value_of_response,
         _varint,
         serialized_is_computation,

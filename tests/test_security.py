@@ -27,10 +27,10 @@ from tests.support.federation import read_column, write_silo_csvs
 from tests.support.processes import start_silo, wait_ready
 from tests.support.provisioning import ProvisionedFederation, admin_url_for
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.link import CoordinatorLink
+from tff_amqp.coordinator.mapreduce.link import WorkLink
+from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.membership import Membership
-from tff_amqp.mapreduce.link import WorkLink
-from tff_amqp.mapreduce.membership import PoolMembership
+from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.topology import Topology
 
 Action = Callable[[AbstractChannel], Awaitable[object]]

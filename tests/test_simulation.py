@@ -24,7 +24,7 @@ import tensorflow_federated as tff
 import tff_amqp
 from tests.support.federation import assert_close, read_column, run_in, write_silo_csvs
 from tests.support.processes import ManagedProcess, ProcessGroup, child_pids_named
-from tff_amqp.silo.host_cli import numbered_silo_names
+from tff_amqp.silo.stateful.host_cli import numbered_silo_names
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

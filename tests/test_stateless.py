@@ -38,7 +38,7 @@ from tests.support.processes import ManagedProcess, ProcessGroup
 from tests.test_observe import scrape
 from tff_amqp import protocol as p
 from tff_amqp.silo.data import DataSource, SiloDataStore
-from tff_amqp.worker_pool.shard import shard_bounds
+from tff_amqp.silo.pool.shard import shard_bounds
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

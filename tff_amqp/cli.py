@@ -186,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tff_amqp.provision import add_provision_parser
 
     add_provision_parser(sub, common)
-    from tff_amqp.worker_pool.cli import add_worker_parser
+    from tff_amqp.silo.pool.cli import add_worker_parser
 
     add_worker_parser(sub, common, _broker_default())
-    from tff_amqp.silo.host_cli import add_silos_parser
+    from tff_amqp.silo.stateful.host_cli import add_silos_parser
 
     add_silos_parser(sub, common, _broker_default())
     return parser
@@ -267,13 +267,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "silo":
         return _run_silo(args)
     if args.command == "silos":
-        from tff_amqp.silo.host_cli import run_silos
+        from tff_amqp.silo.stateful.host_cli import run_silos
 
         return run_silos(args)
     if args.command == "status":
         return _run_status(args)
     if args.command == "worker":
-        from tff_amqp.worker_pool.cli import run_worker
+        from tff_amqp.silo.pool.cli import run_worker
 
         return run_worker(args)
     if args.command == "demo":
@@ -324,8 +324,8 @@ def _run_silo(args: argparse.Namespace) -> int:
         print(f"tff-amqp silo: {e}", file=sys.stderr)
         return 2
 
-    from tff_amqp.silo.agent import SiloAgent, SiloConfig
-    from tff_amqp.silo.session import PrivacyPolicy
+    from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
+    from tff_amqp.silo.stateful.session import PrivacyPolicy
 
     try:
         config = SiloConfig(
@@ -422,7 +422,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 async def _serve(agent: object, *, metrics_port: int | None = None) -> None:
     from tff_amqp.observe.metrics import MetricsServer, SiloMetrics
-    from tff_amqp.silo.agent import SiloAgent
+    from tff_amqp.silo.stateful.agent import SiloAgent
 
     assert isinstance(agent, SiloAgent)
     stop = asyncio.Event()

@@ -529,7 +529,7 @@ class SiloStatus:
 
 
 # --------------------------------------------------------------------------
-# Stateless regime (MapReduce work items, `tff_amqp.mapreduce`): a work item
+# Stateless regime (MapReduce work items, `tff_amqp.coordinator.mapreduce`): a work item
 # is self-contained, so any worker of the silo can run it and a redelivered
 # copy gives the same result. The envelope's `inv` is the round id and `corr`
 # the work item id (results are merged once per item id).

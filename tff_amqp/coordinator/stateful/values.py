@@ -17,8 +17,8 @@ from tensorflow_federated.python.core.impl.executors import executor_value_base
 from tensorflow_federated.python.core.impl.types import computation_types
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.invocation import Invocation
-    from tff_amqp.coordinator.scope import Scope
+    from tff_amqp.coordinator.stateful.invocation import Invocation
+    from tff_amqp.coordinator.stateful.scope import Scope
 
 
 class CoordinatorValue(executor_value_base.ExecutorValue):

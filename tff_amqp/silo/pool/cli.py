@@ -62,7 +62,7 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"tff-amqp worker: {e}", file=sys.stderr)
         return 2
     from tff_amqp.errors import TffAmqpError
-    from tff_amqp.worker_pool.agent import StatelessWorker, WorkerConfig
+    from tff_amqp.silo.pool.agent import StatelessWorker, WorkerConfig
 
     try:
         config = WorkerConfig(

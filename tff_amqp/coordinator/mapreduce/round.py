@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.mapreduce.link import WorkLink
+from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.quorum import phase_cutoff
 from tff_amqp.errors import CohortError, InvocationTimeoutError
-from tff_amqp.mapreduce.link import WorkLink
-from tff_amqp.mapreduce.membership import PoolMembership
 from tff_amqp.observe.events import InvocationEvents
-from tff_amqp.worker import WorkerExecutor
+from tff_amqp.tff_worker import WorkerExecutor
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`tff-amqp silos`: many simulated silos in one process (see silo/host.py)."""
+"""`tff-amqp silos`: many simulated silos in one process (see silo/stateful/host.py)."""
 
 from __future__ import annotations
 
@@ -134,10 +134,10 @@ def run_silos(args: argparse.Namespace) -> int:
     asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
 
     from tff_amqp.errors import TffAmqpError
-    from tff_amqp.silo.agent import SiloConfig
     from tff_amqp.silo.data import DataError, DataSource
-    from tff_amqp.silo.host import SiloHost, WorkerMode
-    from tff_amqp.silo.session import PrivacyPolicy
+    from tff_amqp.silo.stateful.agent import SiloConfig
+    from tff_amqp.silo.stateful.host import SiloHost, WorkerMode
+    from tff_amqp.silo.stateful.session import PrivacyPolicy
 
     policy = PrivacyPolicy(
         allow_raw_client_values=args.allow_raw_client_values,

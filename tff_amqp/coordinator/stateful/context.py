@@ -24,10 +24,10 @@ from tensorflow_federated.python.core.impl.execution_contexts import async_execu
 from tensorflow_federated.python.core.impl.executors import executor_factory
 from tensorflow_federated.python.core.impl.types import placements
 
-from tff_amqp.coordinator.executor import AmqpExecutor
-from tff_amqp.coordinator.invocation import Invocation
 from tff_amqp.coordinator.options import CoordinatorOptions
-from tff_amqp.coordinator.runtime import CoordinatorRuntime
+from tff_amqp.coordinator.stateful.executor import AmqpExecutor
+from tff_amqp.coordinator.stateful.invocation import Invocation
+from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
 from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.errors import InvocationTimeoutError
 

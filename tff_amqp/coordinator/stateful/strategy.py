@@ -23,9 +23,9 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
-from tff_amqp.coordinator import select as _select
-from tff_amqp.coordinator.scope import EMPTY_SCOPE as _EMPTY
-from tff_amqp.coordinator.values import (
+from tff_amqp.coordinator.stateful import select as _select
+from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE as _EMPTY
+from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
@@ -35,7 +35,7 @@ from tff_amqp.coordinator.values import (
 from tff_amqp.errors import UnsupportedIntrinsicError
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.executor import AmqpExecutor
+    from tff_amqp.coordinator.stateful.executor import AmqpExecutor
 
 Intrinsic = building_blocks.Intrinsic
 Arg = CoordinatorValue | None

@@ -19,10 +19,10 @@ from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.executors import executor_base, value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
-from tff_amqp.coordinator.invocation import Invocation
-from tff_amqp.coordinator.scope import EMPTY_SCOPE, Scope
-from tff_amqp.coordinator.strategy import FederatingStrategy
-from tff_amqp.coordinator.values import (
+from tff_amqp.coordinator.stateful.invocation import Invocation
+from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE, Scope
+from tff_amqp.coordinator.stateful.strategy import FederatingStrategy
+from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import CodedError
+from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
+from tff_amqp.tff_worker.client import serialized_is_computation
 from tff_amqp.transport.bulk import TransferError
-from tff_amqp.worker import WorkerClient, WorkerError, WorkerExecutor
-from tff_amqp.worker.client import serialized_is_computation
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tff_amqp import protocol as p
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.invocation import Invocation
+    from tff_amqp.coordinator.stateful.invocation import Invocation
 
 
 class SiloOutbox:

@@ -1,3 +1,3 @@
 """Stateless workers (`tff-amqp worker --stateless`): a silo's pool of
 interchangeable workers that take MapReduce work items from the silo's shared
-work queue (see `tff_amqp.mapreduce` for the coordinator side)."""
+work queue (see `tff_amqp.coordinator.mapreduce` for the coordinator side)."""

@@ -22,8 +22,8 @@ import enum
 import logging
 from collections.abc import Sequence
 
-from tff_amqp.silo.agent import SiloAgent, SiloConfig
-from tff_amqp.worker import WorkerBinary
+from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
+from tff_amqp.tff_worker import WorkerBinary
 
 log = logging.getLogger(__name__)
 

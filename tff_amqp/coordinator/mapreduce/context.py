@@ -37,17 +37,22 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
+from tff_amqp.coordinator.mapreduce.link import WorkLink
+from tff_amqp.coordinator.mapreduce.membership import PoolMembership
+from tff_amqp.coordinator.mapreduce.round import (
+    FormWire,
+    MapReduceRound,
+    RoundReport,
+    RoundSettings,
+)
 from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.data_reference import SiloDataReference
 from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
-from tff_amqp.mapreduce.link import WorkLink
-from tff_amqp.mapreduce.membership import PoolMembership
-from tff_amqp.mapreduce.round import FormWire, MapReduceRound, RoundReport, RoundSettings
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.telemetry import CoordinatorTelemetry
+from tff_amqp.tff_worker import WorkerBinary
 from tff_amqp.topology import Topology
-from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from typing import Any
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from tff_amqp.coordinator.bulk import CoordinatorBulk
-from tff_amqp.coordinator.link import CoordinatorLink
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
-from tff_amqp.coordinator.values import FunctionValue
+from tff_amqp.coordinator.stateful.bulk import CoordinatorBulk
+from tff_amqp.coordinator.stateful.link import CoordinatorLink
+from tff_amqp.coordinator.stateful.values import FunctionValue
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.telemetry import CoordinatorTelemetry
+from tff_amqp.tff_worker import WorkerBinary
 from tff_amqp.topology import Topology
-from tff_amqp.worker import WorkerBinary
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class CoordinatorRuntime:
     def function_wire(self, value: FunctionValue) -> tuple[executor_pb2.Value, bytes]:
         """A function's Value proto and its serialized bytes, built once per
         building block (they are large, and the same ones ship every round)."""
-        from tff_amqp.coordinator.invocation import function_proto
-        from tff_amqp.coordinator.select import check_runnable
+        from tff_amqp.coordinator.stateful.invocation import function_proto
+        from tff_amqp.coordinator.stateful.select import check_runnable
 
         key = id(value.building_block)
         entry = self._function_wire.get(key)

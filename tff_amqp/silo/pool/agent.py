@@ -33,11 +33,11 @@ from tff_amqp import protocol as p
 from tff_amqp.errors import CodedError
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.endpoint import SiloEndpoint
+from tff_amqp.silo.pool.shard import ShardRunner, shard_bounds
+from tff_amqp.tff_worker import WorkerBinary, WorkerError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.schema import declare_work_queue
 from tff_amqp.transport.tls import TlsFiles
-from tff_amqp.worker import WorkerBinary, WorkerError
-from tff_amqp.worker_pool.shard import ShardRunner, shard_bounds
 
 log = logging.getLogger(__name__)
 

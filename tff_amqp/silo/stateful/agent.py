@@ -21,15 +21,15 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from tff_amqp import protocol as p
 from tff_amqp.retry import connect_within
-from tff_amqp.silo.bulk import SiloBulk
 from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
 from tff_amqp.silo.endpoint import SiloEndpoint
-from tff_amqp.silo.session import InvocationSession, PrivacyPolicy, SessionError
+from tff_amqp.silo.stateful.bulk import SiloBulk
+from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, SessionError
+from tff_amqp.tff_worker import WorkerBinary, WorkerClient
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
 from tff_amqp.transport.schema import declare_queue
 from tff_amqp.transport.tls import TlsFiles
-from tff_amqp.worker import WorkerBinary, WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SiloAgent:
     """One silo: a worker_binary, a request consumer and a heartbeat.
 
     `worker`: a client of a worker_binary owned by someone else (the
-    simulation host in `tff_amqp.silo.host` shares one between silos); by
+    simulation host in `tff_amqp.silo.stateful.host` shares one between silos); by
     default the agent starts and stops a worker_binary of its own.
     """
 

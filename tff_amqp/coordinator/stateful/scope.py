@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.values import CoordinatorValue
+    from tff_amqp.coordinator.stateful.values import CoordinatorValue
 
 _Binding = Union["CoordinatorValue", "asyncio.Task[CoordinatorValue]"]
 

@@ -33,8 +33,8 @@ from tensorflow_federated.python.core.impl.compiler import building_blocks, intr
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
-from tff_amqp.coordinator.scope import EMPTY_SCOPE
-from tff_amqp.coordinator.values import (
+from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE
+from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
@@ -44,8 +44,8 @@ from tff_amqp.coordinator.values import (
 from tff_amqp.errors import UnsupportedIntrinsicError
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.executor import AmqpExecutor
-    from tff_amqp.coordinator.invocation import Invocation
+    from tff_amqp.coordinator.stateful.executor import AmqpExecutor
+    from tff_amqp.coordinator.stateful.invocation import Invocation
 
 # Sequence intrinsics TFF's native runtime cannot run, and what to use instead.
 NOT_RUN_BY_NATIVE_TFF = {

@@ -28,9 +28,9 @@ from tensorflow_federated.python.core.impl.types import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.outbox import SiloOutbox
 from tff_amqp.coordinator.quorum import phase_cutoff
-from tff_amqp.coordinator.values import (
+from tff_amqp.coordinator.stateful.outbox import SiloOutbox
+from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
@@ -41,9 +41,9 @@ from tff_amqp.errors import InvocationTimeoutError, QuorumError, SiloError
 from tff_amqp.transport.bulk import TransferError
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.link import CoordinatorLink
-    from tff_amqp.coordinator.runtime import CoordinatorRuntime
-    from tff_amqp.worker import WorkerExecutor
+    from tff_amqp.coordinator.stateful.link import CoordinatorLink
+    from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
+    from tff_amqp.tff_worker import WorkerExecutor
 
 log = logging.getLogger(__name__)
 

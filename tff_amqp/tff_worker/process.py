@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from tff_amqp.processes import die_with_parent, stop_process_group
-from tff_amqp.worker.client import GRPC_OPTIONS, WorkerClient, WorkerError
+from tff_amqp.tff_worker.client import GRPC_OPTIONS, WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class WorkerBinary:
     def new_client(self) -> WorkerClient:
         """Another client on this worker's channel, with its own pinned
         executors and computation cache (one per silo when silos share a
-        worker; see tff_amqp.silo.host)."""
+        worker; see tff_amqp.silo.stateful.host)."""
         if self._channel is None or self._client is None:
             raise WorkerError("worker_binary is not started")
         return WorkerClient(self._channel)

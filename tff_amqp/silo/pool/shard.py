@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from tff_amqp.worker import WorkerExecutor
+from tff_amqp.tff_worker import WorkerExecutor
 
 log = logging.getLogger(__name__)
 
