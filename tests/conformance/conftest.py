@@ -34,7 +34,7 @@ from tests.conformance.harness import (
     ConformanceFederation,
 )
 from tests.support.data import write_silo_csvs
-from tests.support.federation import local_federation
+from tests.support.federation import local_federation, started_context
 
 
 @pytest.fixture(scope="session")
@@ -57,20 +57,8 @@ def conformance_federation(
 def conformance_context(
     amqp_url: str, conformance_federation: ConformanceFederation
 ) -> Iterator[Any]:
-    import tff_amqp
-
-    context = tff_amqp.create_sync_amqp_execution_context(
-        amqp_url,
-        federation=conformance_federation.name,
-        min_silos=len(SILOS),
-        cohort_timeout=120.0,
-        deadline=300.0,
-    )
-    context.start()
-    try:
+    with started_context(amqp_url, conformance_federation.name, len(SILOS)) as context:
         yield context
-    finally:
-        context.close()
 
 
 @pytest.fixture(scope="session")

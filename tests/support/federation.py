@@ -70,22 +70,26 @@ def silo_federation(
         yield start_federation(local, root)
 
 
-@pytest.fixture(scope="session")
-def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
+@contextlib.contextmanager
+def started_context(amqp_url: str, federation: str, silos: int) -> Iterator[Any]:
+    """A started stateful context of a session federation (all `silos` in
+    the cohort), closed afterwards."""
     import tff_amqp
 
     context = tff_amqp.create_sync_amqp_execution_context(
-        amqp_url,
-        federation=silo_federation.name,
-        min_silos=len(silo_federation.silos),
-        cohort_timeout=120.0,
-        deadline=300.0,
+        amqp_url, federation=federation, min_silos=silos, cohort_timeout=120.0, deadline=300.0
     )
     context.start()
     try:
         yield context
     finally:
         context.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
+    with started_context(amqp_url, silo_federation.name, len(silo_federation.silos)) as context:
+        yield context
 
 
 def run_in(context: Any, comp: Any, *args: Any) -> Any:
