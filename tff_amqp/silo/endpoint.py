@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -26,7 +24,12 @@ from aio_pika.abc import (
 from tff_amqp import protocol as p
 from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.topology import Topology
-from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.transport.connection import (
+    connect,
+    envelope_message,
+    publish_with_retry,
+    username_of,
+)
 from tff_amqp.transport.schema import declare_exchange
 
 log = logging.getLogger(__name__)
@@ -190,15 +193,8 @@ class SiloEndpoint:
                 f"{self.role} {self.silo!r}: {e}",
             )
             return
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id or None,
-            type=str(envelope.kind),
-            user_id=self.user_id,
-            timestamp=time.time(),
-        )
+        # Replies carry no expiration: the coordinator decides what is late.
+        message = envelope_message(envelope, payload, user_id=self.user_id, expires=False)
         # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
         # return every reply. Retried across reconnects; the coordinator drops
         # duplicate replies.
