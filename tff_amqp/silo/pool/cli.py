@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tff_amqp.silo.options import add_endpoint_options, message_size, tls_files
+from tff_amqp.silo.options import add_endpoint_options, run_silo_side, stop_on_signals
+
+if TYPE_CHECKING:
+    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.pool.agent import WorkerConfig
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
@@ -40,59 +42,26 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from tff_amqp.topology import Topology, check_silo_name
+    def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> WorkerConfig:
+        from tff_amqp.silo.pool.agent import WorkerConfig
 
-    try:
-        check_silo_name(args.silo)
-        Topology(args.federation)
-        tls = tls_files(args)
-    except ValueError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    # An unreachable broker or refused credentials: say so before TensorFlow
-    # loads (failures are explained by tff_amqp.cli.main).
-    from tff_amqp.cli import _probe_broker
-
-    asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
-    from tff_amqp.silo.data import DataError, DataSource
-
-    try:
-        sources = tuple(DataSource.parse(flag) for flag in args.data)
-    except DataError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    from tff_amqp.errors import TffAmqpError
-    from tff_amqp.silo.pool.agent import StatelessWorker, WorkerConfig
-
-    try:
-        config = WorkerConfig(
-            broker_url=args.broker,
-            federation=args.federation,
-            silo=args.silo,
-            data=sources,
-            min_clients_per_item=args.min_clients_per_item,
-            heartbeat_interval=args.heartbeat_interval,
-            declare_topology=not args.no_declare,
-            connect_timeout=args.connect_timeout,
-            tls=tls,
-            **message_size(args),
+        return WorkerConfig(
+            silo=args.silo, data=sources, min_clients_per_item=args.min_clients_per_item, **endpoint
         )
-    except ValueError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    try:
-        failed = asyncio.run(_serve(StatelessWorker(config), metrics_port=args.metrics_port))
-    except (TffAmqpError, DataError) as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 1
-    if failed:
+
+    async def serve(config: WorkerConfig) -> int:
+        from tff_amqp.silo.pool.agent import StatelessWorker
+
+        if not await _serve(StatelessWorker(config), metrics_port=args.metrics_port):
+            return 0
         print(
             "tff-amqp worker: the local worker_binary died; its item went back to the pool. "
             "Exiting so a supervisor can restart this worker.",
             file=sys.stderr,
         )
         return 1
-    return 0
+
+    return run_silo_side("worker", args, silo=args.silo, build=build, serve=serve)
 
 
 async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
@@ -104,11 +73,7 @@ async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
 
 
 async def _serve_until_stopped(worker: Any) -> bool:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with worker:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.failed.wait())]
         try:

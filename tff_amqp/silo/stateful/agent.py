@@ -180,21 +180,14 @@ class SiloAgent(SiloServer):
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
             return
         self._remember(envelope.message_id)
-        if envelope.kind is not p.Kind.BATCH:
+        refusal = self._refusal(envelope)
+        if refusal is not None:
+            code, text = refusal
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
-                p.ErrorCode.MALFORMED,
-                f"silo {self.config.name!r} only accepts 'batch' messages, got {envelope.kind!r}",
-            )
-            return
-        if envelope.expired():
-            self.stats["expired"] += 1
-            await self.endpoint.reply_error(
-                envelope.invocation_id,
-                envelope.correlation_id,
-                p.ErrorCode.EXPIRED,
-                f"silo {self.config.name!r} received the request after its deadline; not executed",
+                code,
+                f"silo {self.config.name!r} {text}",
             )
             return
         runner = self._runners.get(envelope.invocation_id)
@@ -218,6 +211,16 @@ class SiloAgent(SiloServer):
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         runner.submit(envelope)
+
+    def _refusal(self, envelope: p.Envelope) -> tuple[p.ErrorCode, str] | None:
+        """Why a request is answered with an error before any session sees
+        it (not a batch, or past its deadline), if it is."""
+        if envelope.kind is not p.Kind.BATCH:
+            return p.ErrorCode.MALFORMED, f"only accepts 'batch' messages, got {envelope.kind!r}"
+        if envelope.expired():
+            self.stats["expired"] += 1
+            return p.ErrorCode.EXPIRED, "received the request after its deadline; not executed"
+        return None
 
     async def _refuse_malformed(
         self, message: AbstractIncomingMessage, inv: str, corr: str, error: p.ProtocolError
