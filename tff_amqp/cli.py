@@ -17,6 +17,7 @@ from tff_amqp.silo.options import (
     add_broker_options,
     add_connect_timeout_option,
     add_endpoint_options,
+    add_silo_command,
     run_silo_side,
     stop_on_signals,
 )
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("tff_amqp.cli")
 
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+# `tff-amqp silo`: its one-line help, then its description.
+_SILO_COMMAND = """run a silo agent: connect out to the broker and serve executor requests
+
+Run a silo agent. It opens only an outbound connection to the broker, owns a
+local TFF worker_binary and keeps its clients' data local: only outputs of
+federated aggregations leave it.
+"""
 
 
 def _broker_default() -> str:
@@ -51,15 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    silo = sub.add_parser(
-        "silo",
-        parents=[common],
-        help="run a silo agent: connect out to the broker and serve executor requests",
-        description="Run a silo agent. It opens only an outbound connection to the broker, "
-        "owns a local TFF worker_binary and keeps its clients' data local: only outputs of "
-        "federated aggregations leave it.",
-    )
-    add_endpoint_options(silo, _broker_default())
+    silo = add_silo_command(sub, common, "silo", _broker_default(), _SILO_COMMAND)
+    add_endpoint_options(silo)
     silo.add_argument("--name", required=True, help="this silo's name (letters, digits, - and _)")
     silo.add_argument(
         "--allow-raw-client-values",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import sys
@@ -17,6 +18,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from tff_amqp.silo.data import DataSource
     from tff_amqp.transport.tls import TlsFiles
+
+
+def add_silo_command(
+    sub: Any, common: argparse.ArgumentParser, name: str, broker_default: str, doc: str
+) -> argparse.ArgumentParser:
+    """The parser of a silo-side command (`silo`, `worker`, `silos`): the
+    options every command takes, and which broker and federation it joins.
+    `doc` documents the command: its first paragraph is the one-line help,
+    the rest the description (the command's module docstring says both)."""
+    summary, _, description = inspect.cleandoc(doc).partition("\n\n")
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, parents=[common], help=" ".join(summary.split()), description=description
+    )
+    add_broker_options(parser, broker_default)
+    return parser
 
 
 def add_broker_options(parser: argparse.ArgumentParser, broker_default: str) -> None:
@@ -71,10 +87,9 @@ DATA_HELP = (
 )
 
 
-def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -> None:
-    """Every option a silo-side process with its own broker connection takes
-    (`tff-amqp silo`, `tff-amqp worker`)."""
-    add_broker_options(parser, broker_default)
+def add_endpoint_options(parser: argparse.ArgumentParser) -> None:
+    """Every further option a silo-side process with its own broker
+    connection takes (`tff-amqp silo`, `tff-amqp worker`)."""
     parser.add_argument("--data", action="append", default=[], metavar="KEY=PATH", help=DATA_HELP)
     add_presence_options(parser)
     parser.add_argument(

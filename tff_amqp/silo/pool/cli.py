@@ -1,4 +1,13 @@
-"""`tff-amqp worker`: run one (stateless) worker of a silo's pool."""
+"""run a stateless worker of a silo's pool (MapReduce work items)
+
+Run one stateless worker of silo SILO. Start as many per silo as you like,
+and stop them any time: workers keep no state between work items, take items
+from the silo's shared work queue, and ack an item only after its result is
+published, so an item of a worker that dies is redone by another.
+"""
+
+# (This docstring is `tff-amqp worker --help`: the one-line help, then the
+# description.)
 
 from __future__ import annotations
 
@@ -7,7 +16,12 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from tff_amqp.silo.options import add_endpoint_options, run_silo_side, stop_on_signals
+from tff_amqp.silo.options import (
+    add_endpoint_options,
+    add_silo_command,
+    run_silo_side,
+    stop_on_signals,
+)
 
 if TYPE_CHECKING:
     from tff_amqp.silo.data import DataSource
@@ -15,22 +29,15 @@ if TYPE_CHECKING:
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
-    worker = sub.add_parser(
-        "worker",
-        parents=[common],
-        help="run a stateless worker of a silo's pool (MapReduce work items)",
-        description="Run one stateless worker of silo SILO. Start as many per silo as you "
-        "like, and stop them any time: workers keep no state between work items, take items "
-        "from the silo's shared work queue, and ack an item only after its result is "
-        "published, so an item of a worker that dies is redone by another.",
-    )
+    # Help and description: this module's docstring.
+    worker = add_silo_command(sub, common, "worker", broker_default, __doc__ or "")
     worker.add_argument(
         "--stateless",
         action="store_true",
         help="the stateless regime, the only worker kind (accepted for compatibility; "
         "for the stateful regime run `tff-amqp silo`)",
     )
-    add_endpoint_options(worker, broker_default)
+    add_endpoint_options(worker)
     worker.add_argument("--silo", required=True, help="the silo this worker serves")
     worker.add_argument(
         "--min-clients-per-item",

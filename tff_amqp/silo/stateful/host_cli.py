@@ -1,4 +1,13 @@
-"""`tff-amqp silos`: many simulated silos in one process (see silo/stateful/host.py)."""
+"""simulation: run many silo agents in one process (shared TensorFlow import)
+
+Simulation and testing mode: run several silo agents in one process. Each
+has its own broker connection, request queue, sessions and privacy policy;
+they share this process's CPU, memory and failure domain, and by default one
+worker_binary. Not for production silos (see docs/simulation.md).
+"""
+
+# (This docstring is `tff-amqp silos --help`: the one-line help, then the
+# description. The host itself: silo/stateful/host.py.)
 
 from __future__ import annotations
 
@@ -9,9 +18,9 @@ import sys
 from typing import Any
 
 from tff_amqp.silo.options import (
-    add_broker_options,
     add_no_declare_option,
     add_presence_options,
+    add_silo_command,
     probe_broker,
     stop_on_signals,
 )
@@ -29,16 +38,8 @@ def numbered_silo_names(prefix: str, count: int, first: int = 0) -> list[str]:
 
 
 def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
-    silos = sub.add_parser(
-        "silos",
-        parents=[common],
-        help="simulation: run many silo agents in one process (shared TensorFlow import)",
-        description="Simulation and testing mode: run several silo agents in one process. "
-        "Each has its own broker connection, request queue, sessions and privacy policy; "
-        "they share this process's CPU, memory and failure domain, and by default one "
-        "worker_binary. Not for production silos (see docs/simulation.md).",
-    )
-    add_broker_options(silos, broker_default)
+    # Help and description: this module's docstring.
+    silos = add_silo_command(sub, common, "silos", broker_default, __doc__ or "")
     names = silos.add_mutually_exclusive_group(required=True)
     names.add_argument(
         "--name", action="append", dest="names", metavar="NAME", help="a silo name; repeatable"
