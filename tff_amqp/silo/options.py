@@ -1,6 +1,9 @@
-"""Command-line options both silo-side processes share (`tff-amqp silo` and
-`tff-amqp worker`): where the broker is, which federation, the silo's data,
-how to connect (TLS, timeouts, message size) and what to expose (metrics)."""
+"""The command line of the silo-side processes, written once for
+`tff-amqp silo`, `tff-amqp worker` and the simulation host `tff-amqp silos`:
+where the broker is, which federation, the silo's data, how to stay present
+and connect (heartbeat, timeouts, TLS, message size), what to expose
+(metrics), and the front door that checks them, probes the broker and turns
+failures into one line and an exit code."""
 
 from __future__ import annotations
 
