@@ -282,10 +282,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _run_silo(args: argparse.Namespace) -> int:
-    from tff_amqp.silo.stateful.session import PrivacyPolicy
-
+    # (Called once the broker answered: these import TensorFlow.)
     def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> SiloConfig:
         from tff_amqp.silo.stateful.agent import SiloConfig
+        from tff_amqp.silo.stateful.session import PrivacyPolicy
 
         policy = PrivacyPolicy(
             allow_raw_client_values=args.allow_raw_client_values,
