@@ -88,26 +88,26 @@ class SiloEndpoint:
 
     def __init__(
         self,
-        settings: EndpointConfig,
+        config: EndpointConfig,
         *,
         silo: str,
         role: str,
         status: Callable[[], p.SiloStatus],
         stats: dict[str, int],
     ) -> None:
-        self.topology = Topology(settings.federation)
+        self.topology = Topology(config.federation)
         self.silo = silo
         self.role = role
-        self.user_id = username_of(settings.broker_url)
-        self.max_message_bytes = settings.max_message_bytes
+        self.user_id = username_of(config.broker_url)
+        self.max_message_bytes = config.max_message_bytes
         self.stats = stats
         self.stats.setdefault("published_bytes", 0)
         self.stats.setdefault("reconnects", 0)
         # Called after the robust connection came back.
         self.reconnect_callbacks: list[Callable[[], None]] = []
-        self._settings = settings
+        self._config = config
         self._status = status
-        self._ssl_context = settings.tls.context() if settings.tls else None
+        self._ssl_context = config.tls.context() if config.tls else None
         self._connection: AbstractRobustConnection | None = None
         self._replies: AbstractExchange | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -117,15 +117,15 @@ class SiloEndpoint:
         process consumes on; the replies exchange is declared or, for a
         provisioned silo, only looked up."""
         self._connection = await connect(
-            self._settings.broker_url,
+            self._config.broker_url,
             name=f"tff-amqp {self.role} {self.silo}",
-            policy=connect_within(self._settings.connect_timeout),
+            policy=connect_within(self._config.connect_timeout),
             ssl_context=self._ssl_context,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        if self._settings.declare_topology:
+        if self._config.declare_topology:
             self._replies = await declare_exchange(
                 channel, self.topology, self.topology.replies_exchange
             )
@@ -162,7 +162,7 @@ class SiloEndpoint:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.heartbeat_interval)
+            await asyncio.sleep(self._config.heartbeat_interval)
             try:
                 await self._publish_status(p.Kind.HEARTBEAT)
             except Exception as e:  # reconnecting; the robust connection recovers

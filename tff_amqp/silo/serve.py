@@ -66,7 +66,7 @@ class SiloServer(Service):
 
     def __init__(
         self,
-        settings: EndpointConfig,
+        config: EndpointConfig,
         *,
         silo: str,
         prefetch: int,
@@ -74,11 +74,11 @@ class SiloServer(Service):
         worker: WorkerClient | None = None,
     ) -> None:
         self.silo = silo
-        self.topology = Topology(settings.federation)
-        self.data = SiloDataStore(silo, settings.data)
+        self.topology = Topology(config.federation)
+        self.data = SiloDataStore(silo, config.data)
         self.stats = stats
         self.endpoint = SiloEndpoint(
-            settings, silo=silo, role=self.role, status=self._status, stats=stats
+            config, silo=silo, role=self.role, status=self._status, stats=stats
         )
         self._prefetch = prefetch
         self._injected_worker = worker
