@@ -41,6 +41,43 @@ def test_help_lists_commands_and_silo_flags():
         assert flag in silo.stdout
 
 
+# Options every silo-side command takes from the one set in silo/options.py,
+# and those of the commands that own their broker connection.
+_SILO_SIDE_FLAGS = (
+    "--broker",
+    "--federation",
+    "--data",
+    "--heartbeat-interval",
+    "--connect-timeout",
+    "--no-declare",
+)
+_ENDPOINT_FLAGS = ("--max-message-bytes", "--tls-ca", "--tls-cert", "--tls-key", "--metrics-port")
+
+
+def test_silo_side_commands_share_their_options_and_say_what_they_do():
+    top = " ".join(_run("--help").stdout.split())
+    # The one-line help of each command (worker's and silos' from their modules' docstrings).
+    for line in (
+        "run a silo agent: connect out to the broker and serve executor requests",
+        "run a stateless worker of a silo's pool (MapReduce work items)",
+        "simulation: run many silo agents in one process (shared TensorFlow import)",
+    ):
+        assert line in top
+    for command, description, own_connection in (
+        ("silo", "Run a silo agent. It opens only an outbound connection", True),
+        ("worker", "Run one stateless worker of silo SILO.", True),
+        ("silos", "Simulation and testing mode: run several silo agents", False),
+    ):
+        result = _run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())
+        assert description in text
+        for flag in _SILO_SIDE_FLAGS:
+            assert flag in text, (command, flag)
+        for flag in _ENDPOINT_FLAGS:
+            assert (flag in text) is own_connection, (command, flag)
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

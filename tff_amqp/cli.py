@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tff_amqp import config
 from tff_amqp.logs import configure_logging
-from tff_amqp.silo.options import add_endpoint_options, message_size, tls_files
+from tff_amqp.silo.options import (
+    add_broker_options,
+    add_connect_timeout_option,
+    add_endpoint_options,
+    add_silo_command,
+    run_silo_side,
+    stop_on_signals,
+)
 
 if TYPE_CHECKING:
-    from tff_amqp.transport.tls import TlsFiles
+    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.stateful.agent import SiloConfig
 
 log = logging.getLogger("tff_amqp.cli")
 
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+# `tff-amqp silo`: its one-line help, then its description.
+_SILO_COMMAND = """run a silo agent: connect out to the broker and serve executor requests
+
+Run a silo agent. It opens only an outbound connection to the broker, owns a
+local TFF worker_binary and keeps its clients' data local: only outputs of
+federated aggregations leave it.
+"""
 
 
 def _broker_default() -> str:
@@ -46,15 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    silo = sub.add_parser(
-        "silo",
-        parents=[common],
-        help="run a silo agent: connect out to the broker and serve executor requests",
-        description="Run a silo agent. It opens only an outbound connection to the broker, "
-        "owns a local TFF worker_binary and keeps its clients' data local: only outputs of "
-        "federated aggregations leave it.",
-    )
-    add_endpoint_options(silo, _broker_default())
+    silo = add_silo_command(sub, common, "silo", _broker_default(), _SILO_COMMAND)
+    add_endpoint_options(silo)
     silo.add_argument("--name", required=True, help="this silo's name (letters, digits, - and _)")
     silo.add_argument(
         "--allow-raw-client-values",
@@ -89,16 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "an unknown federation is reported, not created. Its user needs configure and write "
         "on tff.<federation>.status.* (the coordinator's user has them).",
     )
-    status.add_argument(
-        "--broker",
-        default=_broker_default(),
-        help="broker URL (env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
-    )
-    status.add_argument(
-        "--federation",
-        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
-        help="federation name (default %(default)s)",
-    )
+    add_broker_options(status, _broker_default())
     status.add_argument(
         "--window",
         type=float,
@@ -106,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to listen for heartbeats (default %(default)s)",
     )
-    status.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up connecting to the broker after this long (default %(default)s)",
-    )
+    add_connect_timeout_option(status)
 
     demo = sub.add_parser(
         "demo",
@@ -289,114 +282,40 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _run_silo(args: argparse.Namespace) -> int:
-    from tff_amqp.errors import TffAmqpError
-    from tff_amqp.topology import Topology, check_silo_name
+    # (Called once the broker answered: these import TensorFlow.)
+    def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> SiloConfig:
+        from tff_amqp.silo.stateful.agent import SiloConfig
+        from tff_amqp.silo.stateful.session import PrivacyPolicy
 
-    # Fail on typos at once, before TensorFlow takes seconds to import.
-    try:
-        check_silo_name(args.name)
-        Topology(args.federation)
-        tls = tls_files(args)
-    except ValueError as e:
-        print(f"tff-amqp silo: {e}", file=sys.stderr)
-        return 2
-    # Likewise an unreachable broker or refused credentials: say so within
-    # --connect-timeout, not after TensorFlow has loaded.
-    # A --data flag that cannot work is reported before TensorFlow loads too.
-    problem = _data_flag_problem(args.data)
-    if problem is not None:
-        print(f"tff-amqp silo: {problem}", file=sys.stderr)
-        return 2
-    # (Failures are explained by main(); --log-level debug adds the traceback.)
-    asyncio.run(
-        _probe_broker(
-            args.broker,
-            args.connect_timeout,
-            tls,
-            declare=None if args.no_declare else (args.federation, args.name),
+        policy = PrivacyPolicy(
+            allow_raw_client_values=args.allow_raw_client_values,
+            min_clients_per_aggregate=args.min_clients_per_aggregate,
         )
-    )
-    from tff_amqp.silo.data import DataError, DataSource
-
-    try:
-        sources = tuple(DataSource.parse(flag) for flag in args.data)
-    except DataError as e:
-        print(f"tff-amqp silo: {e}", file=sys.stderr)
-        return 2
-
-    from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
-    from tff_amqp.silo.stateful.session import PrivacyPolicy
-
-    try:
-        config = SiloConfig(
-            broker_url=args.broker,
-            federation=args.federation,
+        return SiloConfig(
             name=args.name,
             data=sources,
-            policy=PrivacyPolicy(
-                allow_raw_client_values=args.allow_raw_client_values,
-                min_clients_per_aggregate=args.min_clients_per_aggregate,
-            ),
+            policy=policy,
             default_clients=args.default_clients,
-            heartbeat_interval=args.heartbeat_interval,
-            declare_topology=not args.no_declare,
-            connect_timeout=args.connect_timeout,
-            tls=tls,
-            **message_size(args),
+            **endpoint,
         )
-    except ValueError as e:
-        print(f"tff-amqp silo: {e}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(_serve(SiloAgent(config), metrics_port=args.metrics_port))
-    except (TffAmqpError, DataError) as e:
-        print(f"tff-amqp silo: {e}", file=sys.stderr)
-        return 1
-    return 0
 
+    async def serve(config: SiloConfig) -> int:
+        from tff_amqp.silo.stateful.agent import SiloAgent
 
-async def _probe_broker(
-    url: str, timeout: float, tls: TlsFiles | None, *, declare: tuple[str, str] | None = None
-) -> None:
-    """Open and close one connection (bounded by `timeout`). With `declare`
-    (federation, silo), also declare the federation's request exchange, as
-    the agent is about to (same arguments, so idempotent): a user without
-    configure permission is told so now, not after TensorFlow has loaded."""
-    from aio_pika import ExchangeType
+        await _serve(SiloAgent(config), metrics_port=args.metrics_port)
+        return 0
 
-    from tff_amqp.retry import RetryPolicy
-    from tff_amqp.topology import Topology
-    from tff_amqp.transport.connection import connect
-
-    connection = await connect(
-        url,
-        name="tff-amqp silo (probe)",
-        policy=RetryPolicy(total_timeout=timeout),
-        ssl_context=tls.context() if tls else None,
+    # A --data flag that cannot work is reported before TensorFlow loads, and
+    # a user who may not declare is told so by the probe.
+    return run_silo_side(
+        "silo",
+        args,
+        silo=args.name,
+        build=build,
+        serve=serve,
+        check_data_flags=True,
+        probe_declare=True,
     )
-    try:
-        if declare is not None:
-            channel = await connection.channel()
-            await channel.declare_exchange(
-                Topology(declare[0]).requests_exchange, ExchangeType.DIRECT, durable=True
-            )
-    finally:
-        await connection.close()
-
-
-def _data_flag_problem(flags: Sequence[str]) -> str | None:
-    """What is wrong with a --data KEY=PATH flag that can be seen without
-    reading it (the full check is DataSource.parse, after TensorFlow loads)."""
-    for flag in flags:
-        key, sep, path = flag.partition("=")
-        if not sep or not key or not path:
-            return f"--data {flag!r}: expected KEY=PATH (e.g. patients=/data/wards/)"
-        if not Path(path).exists():
-            return (
-                f"--data {flag!r}: {path!r} does not exist; give a CSV file or a folder of "
-                "CSV files"
-            )
-    return None
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -425,11 +344,7 @@ async def _serve(agent: object, *, metrics_port: int | None = None) -> None:
     from tff_amqp.silo.stateful.agent import SiloAgent
 
     assert isinstance(agent, SiloAgent)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     with MetricsServer.optional(SiloMetrics(agent).registry, metrics_port):
         async with agent:
             await stop.wait()

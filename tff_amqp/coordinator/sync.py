@@ -9,7 +9,8 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base
 
-_A = TypeVar("_A", bound="_AsyncContext")
+_O = TypeVar("_O", covariant=True)
+_A = TypeVar("_A", bound="_AsyncContext[Any]")
 
 _shared_runner: async_utils.AsyncThreadRunner | None = None
 _shared_runner_lock = threading.Lock()
@@ -25,13 +26,15 @@ def _runner() -> async_utils.AsyncThreadRunner:
         return _shared_runner
 
 
-class _AsyncContext(Protocol):
+class _AsyncContext(Protocol[_O]):
+    @property
+    def options(self) -> _O: ...
     async def invoke(self, comp: Any, arg: Any) -> Any: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
 
-class SyncOverSharedLoop(context_base.SyncContext, Generic[_A]):
+class SyncOverSharedLoop(context_base.SyncContext, Generic[_A, _O]):
     """A synchronous TFF context that runs an async one on the process's
     shared event-loop thread (both regimes' sync contexts are this)."""
 
@@ -41,6 +44,10 @@ class SyncOverSharedLoop(context_base.SyncContext, Generic[_A]):
         self._async_context = async_context
         self._runner = _runner()
         self._closed = False
+
+    @property
+    def options(self) -> _O:
+        return self._async_context.options  # type: ignore[no-any-return]
 
     def invoke(self, comp: Any, arg: Any) -> Any:
         if self._closed:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import ssl
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -24,10 +24,20 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import CodedError
 from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.topology import Topology
-from tff_amqp.transport.connection import connect, publish_with_retry, username_of
+from tff_amqp.transport.connection import (
+    connect,
+    envelope_message,
+    publish_with_retry,
+    username_of,
+)
 from tff_amqp.transport.schema import declare_exchange
+
+if TYPE_CHECKING:
+    from tff_amqp.silo.data import DataSource
+    from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -35,45 +45,69 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 60_000
 
 
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    """What both silo-side processes' configurations say about their presence
+    on the broker (each process's config adds its own fields)."""
+
+    broker_url: str
+    federation: str
+    data: tuple[DataSource, ...] = ()
+    heartbeat_interval: float = 1.0
+    # Declare exchanges and the process's queue (needs configure permission).
+    # Provisioned silos have them created by `tff-amqp provision` instead.
+    declare_topology: bool = True
+    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
+    # Bounded wait for the broker at start-up (then robust reconnection).
+    connect_timeout: float = 30.0
+    # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
+    tls: TlsFiles | None = None
+
+
+class ServingError(CodedError):
+    """A request a silo-side process answers with an error reply: the
+    protocol code, the message, and the gRPC status of the TFF worker error
+    behind it, if any."""
+
+    code: p.ErrorCode
+
+    def __init__(
+        self, code: p.ErrorCode, message: str, *, worker_status: str | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.worker_status = worker_status
+
+
 class SiloEndpoint:
     """Connection, status messages and publishing for one silo-side process.
 
     `role` names the process in logs and errors ("silo", "worker"); `status`
-    builds the hello / heartbeat / goodbye body when one is sent.
+    builds the hello / heartbeat / goodbye body when one is sent; `stats`
+    are the owner's counters (these keep published bytes and reconnects).
     """
 
     def __init__(
         self,
+        config: EndpointConfig,
         *,
-        broker_url: str,
-        topology: Topology,
         silo: str,
         role: str,
         status: Callable[[], p.SiloStatus],
-        max_message_bytes: int,
-        heartbeat_interval: float,
-        connect_timeout: float,
-        declare_topology: bool,
-        ssl_context: ssl.SSLContext | None = None,
-        stats: dict[str, int] | None = None,
+        stats: dict[str, int],
     ) -> None:
-        self.topology = topology
+        self.topology = Topology(config.federation)
         self.silo = silo
         self.role = role
-        self.user_id = username_of(broker_url)
-        self.max_message_bytes = max_message_bytes
-        # The owner's counters, if it passes them: these two are kept here.
-        self.stats = stats if stats is not None else {}
+        self.user_id = username_of(config.broker_url)
+        self.max_message_bytes = config.max_message_bytes
+        self.stats = stats
         self.stats.setdefault("published_bytes", 0)
         self.stats.setdefault("reconnects", 0)
         # Called after the robust connection came back.
         self.reconnect_callbacks: list[Callable[[], None]] = []
-        self._url = broker_url
+        self._config = config
         self._status = status
-        self._heartbeat_interval = heartbeat_interval
-        self._connect_timeout = connect_timeout
-        self._declare = declare_topology
-        self._ssl_context = ssl_context
+        self._ssl_context = config.tls.context() if config.tls else None
         self._connection: AbstractRobustConnection | None = None
         self._replies: AbstractExchange | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -83,15 +117,15 @@ class SiloEndpoint:
         process consumes on; the replies exchange is declared or, for a
         provisioned silo, only looked up."""
         self._connection = await connect(
-            self._url,
+            self._config.broker_url,
             name=f"tff-amqp {self.role} {self.silo}",
-            policy=connect_within(self._connect_timeout),
+            policy=connect_within(self._config.connect_timeout),
             ssl_context=self._ssl_context,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        if self._declare:
+        if self._config.declare_topology:
             self._replies = await declare_exchange(
                 channel, self.topology, self.topology.replies_exchange
             )
@@ -128,7 +162,7 @@ class SiloEndpoint:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
+            await asyncio.sleep(self._config.heartbeat_interval)
             try:
                 await self._publish_status(p.Kind.HEARTBEAT)
             except Exception as e:  # reconnecting; the robust connection recovers
@@ -148,26 +182,16 @@ class SiloEndpoint:
         *,
         worker_status: str | None = None,
     ) -> None:
-        await self.publish(
-            self.error_envelope(
-                invocation_id, correlation_id, code, message, worker_status=worker_status
-            )
-        )
+        report = p.ErrorReport(code=code, message=message, worker_status=worker_status)
+        await self.publish(self.error_envelope(invocation_id, correlation_id, report))
 
     def error_envelope(
-        self,
-        invocation_id: str,
-        correlation_id: str,
-        code: p.ErrorCode,
-        message: str,
-        *,
-        worker_status: str | None = None,
+        self, invocation_id: str, correlation_id: str, report: p.ErrorReport
     ) -> p.Envelope:
+        """The error reply `report` to a request (its message cut to fit)."""
         return p.Envelope(
             kind=p.Kind.ERROR,
-            body=p.ErrorReport(
-                code=code, message=message[:MAX_ERROR_CHARS], worker_status=worker_status
-            ),
+            body=dataclasses.replace(report, message=report.message[:MAX_ERROR_CHARS]),
             sender=self.silo,
             invocation_id=invocation_id,
             correlation_id=correlation_id,
@@ -190,15 +214,8 @@ class SiloEndpoint:
                 f"{self.role} {self.silo!r}: {e}",
             )
             return
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id or None,
-            type=str(envelope.kind),
-            user_id=self.user_id,
-            timestamp=time.time(),
-        )
+        # Replies carry no expiration: the coordinator decides what is late.
+        message = envelope_message(envelope, payload, user_id=self.user_id, expires=False)
         # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
         # return every reply. Retried across reconnects; the coordinator drops
         # duplicate replies.

@@ -1,19 +1,45 @@
-"""Command-line options both silo-side processes share (`tff-amqp silo` and
-`tff-amqp worker`): where the broker is, which federation, the silo's data,
-how to connect (TLS, timeouts, message size) and what to expose (metrics)."""
+"""The command line of the silo-side processes, written once for
+`tff-amqp silo`, `tff-amqp worker` and the simulation host `tff-amqp silos`:
+where the broker is, which federation, the silo's data, how to stay present
+and connect (heartbeat, timeouts, TLS, message size), what to expose
+(metrics), and the front door that checks them, probes the broker and turns
+failures into one line and an exit code."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import inspect
 import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from tff_amqp.silo.data import DataSource
     from tff_amqp.transport.tls import TlsFiles
 
 
-def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -> None:
+def add_silo_command(
+    sub: Any, common: argparse.ArgumentParser, name: str, broker_default: str, doc: str
+) -> argparse.ArgumentParser:
+    """The parser of a silo-side command (`silo`, `worker`, `silos`): the
+    options every command takes, and which broker and federation it joins.
+    `doc` documents the command: its first paragraph is the one-line help,
+    the rest the description (the command's module docstring says both)."""
+    summary, _, description = inspect.cleandoc(doc).partition("\n\n")
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, parents=[common], help=" ".join(summary.split()), description=description
+    )
+    add_broker_options(parser, broker_default)
+    return parser
+
+
+def add_broker_options(parser: argparse.ArgumentParser, broker_default: str) -> None:
+    """--broker and --federation: which broker, which federation on it."""
     parser.add_argument(
         "--broker",
         default=broker_default,
@@ -25,21 +51,9 @@ def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
         help="federation name; namespaces queues and exchanges (default %(default)s)",
     )
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="KEY=PATH",
-        help="local data: a CSV file (one client) or a folder of CSV files (one client per "
-        "file; an empty folder is a silo with no clients); repeatable",
-    )
-    parser.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="seconds between heartbeats (default %(default)s)",
-    )
+
+
+def add_connect_timeout_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=float,
@@ -47,6 +61,40 @@ def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -
         metavar="SECONDS",
         help="give up connecting to the broker after this long (default %(default)s)",
     )
+
+
+def add_presence_options(parser: argparse.ArgumentParser) -> None:
+    """How a silo-side process keeps its presence on the broker: heartbeat
+    and connect timeout."""
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats (default %(default)s)",
+    )
+    add_connect_timeout_option(parser)
+
+
+def add_no_declare_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-declare",
+        action="store_true",
+        help="do not declare exchanges/queues (for provisioned silos without configure permission)",
+    )
+
+
+DATA_HELP = (
+    "local data: a CSV file (one client) or a folder of CSV files (one client per "
+    "file; an empty folder is a silo with no clients); repeatable"
+)
+
+
+def add_endpoint_options(parser: argparse.ArgumentParser) -> None:
+    """Every further option a silo-side process with its own broker
+    connection takes (`tff-amqp silo`, `tff-amqp worker`)."""
+    parser.add_argument("--data", action="append", default=[], metavar="KEY=PATH", help=DATA_HELP)
+    add_presence_options(parser)
     parser.add_argument(
         "--max-message-bytes",
         type=int,
@@ -55,11 +103,7 @@ def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -
         help="the broker's max_message_size (RabbitMQ 3.x: 134217728, 4.x: 16777216); "
         "larger values are refused or travel as chunks sized to fit it (default 134217728)",
     )
-    parser.add_argument(
-        "--no-declare",
-        action="store_true",
-        help="do not declare exchanges/queues (for provisioned silos without configure permission)",
-    )
+    add_no_declare_option(parser)
     parser.add_argument(
         "--tls-ca", type=Path, help="CA certificate that signed the broker's (amqps)"
     )
@@ -71,6 +115,20 @@ def add_endpoint_options(parser: argparse.ArgumentParser, broker_default: str) -
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off)",
+    )
+
+
+def endpoint_fields(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, Any]:
+    """The `EndpointConfig` fields that `add_endpoint_options` set (the
+    process's config adds its own)."""
+    return dict(
+        broker_url=args.broker,
+        federation=args.federation,
+        heartbeat_interval=args.heartbeat_interval,
+        declare_topology=not args.no_declare,
+        connect_timeout=args.connect_timeout,
+        tls=tls,
+        **message_size(args),
     )
 
 
@@ -88,3 +146,123 @@ def message_size(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_message_bytes is None:
         return {}
     return {"max_message_bytes": args.max_message_bytes}
+
+
+def checked_tls(args: argparse.Namespace, silo: str) -> TlsFiles | None:
+    """Check the silo name, the federation and the --tls-* files (ValueError)
+    before TensorFlow takes seconds to import; the TLS files, if any."""
+    from tff_amqp.topology import Topology, check_silo_name
+
+    check_silo_name(silo)
+    Topology(args.federation)
+    return tls_files(args)
+
+
+async def probe_broker(
+    url: str, timeout: float, tls: TlsFiles | None, *, declare: tuple[str, str] | None = None
+) -> None:
+    """Open and close one connection (bounded by `timeout`). With `declare`
+    (federation, silo), also declare the federation's request exchange, as
+    the agent is about to (same arguments, so idempotent): a user without
+    configure permission is told so now, not after TensorFlow has loaded."""
+    from aio_pika import ExchangeType
+
+    from tff_amqp.retry import RetryPolicy
+    from tff_amqp.topology import Topology
+    from tff_amqp.transport.connection import connect
+
+    connection = await connect(
+        url,
+        name="tff-amqp silo (probe)",
+        policy=RetryPolicy(total_timeout=timeout),
+        ssl_context=tls.context() if tls else None,
+    )
+    try:
+        if declare is not None:
+            channel = await connection.channel()
+            await channel.declare_exchange(
+                Topology(declare[0]).requests_exchange, ExchangeType.DIRECT, durable=True
+            )
+    finally:
+        await connection.close()
+
+
+def data_flag_problem(flags: Sequence[str]) -> str | None:
+    """What is wrong with a --data KEY=PATH flag that can be seen without
+    reading it (the full check is DataSource.parse, after TensorFlow loads)."""
+    for flag in flags:
+        key, sep, path = flag.partition("=")
+        if not sep or not key or not path:
+            return f"--data {flag!r}: expected KEY=PATH (e.g. patients=/data/wards/)"
+        if not Path(path).exists():
+            return (
+                f"--data {flag!r}: {path!r} does not exist; give a CSV file or a folder of "
+                "CSV files"
+            )
+    return None
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (where the loop can handle them)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+C = TypeVar("C")
+
+
+def run_silo_side(
+    command: str,
+    args: argparse.Namespace,
+    *,
+    silo: str,
+    build: Callable[[tuple[DataSource, ...], dict[str, Any]], C],
+    serve: Callable[[C], Coroutine[Any, Any, int]],
+    check_data_flags: bool = False,
+    probe_declare: bool = False,
+) -> int:
+    """The front door of a silo-side process (`tff-amqp silo`, `tff-amqp
+    worker`): check the options, probe the broker, read the --data flags,
+    `build` the config from the sources and the `EndpointConfig` fields, and
+    `serve` it; the exit code. Bad input exits 2 and a failure while serving
+    exits 1, each with one line on stderr; connection failures propagate to
+    `tff_amqp.cli.main`, which explains them (--log-level debug adds the
+    traceback)."""
+
+    def refuse(problem: object, status: int = 2) -> int:
+        print(f"tff-amqp {command}: {problem}", file=sys.stderr)
+        return status
+
+    # Fail on typos at once, before TensorFlow takes seconds to import.
+    try:
+        tls = checked_tls(args, silo)
+    except ValueError as e:
+        return refuse(e)
+    if check_data_flags:
+        problem = data_flag_problem(args.data)
+        if problem is not None:
+            return refuse(problem)
+    # Likewise an unreachable broker or refused credentials: say so within
+    # --connect-timeout, not after TensorFlow has loaded. With `probe_declare`
+    # it also declares what the process will (a user who may not is told now).
+    declare = (args.federation, silo) if probe_declare and not args.no_declare else None
+    asyncio.run(probe_broker(args.broker, args.connect_timeout, tls, declare=declare))
+    from tff_amqp.errors import TffAmqpError
+    from tff_amqp.silo.data import DataError, DataSource
+
+    try:
+        sources = tuple(DataSource.parse(flag) for flag in args.data)
+    except DataError as e:
+        return refuse(e)
+    try:
+        config = build(sources, endpoint_fields(args, tls))
+    except ValueError as e:
+        return refuse(e)
+    try:
+        return asyncio.run(serve(config))
+    except (TffAmqpError, DataError) as e:
+        return refuse(e, 1)

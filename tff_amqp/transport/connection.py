@@ -13,6 +13,7 @@ import aiormq
 import yarl
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
+from tff_amqp import protocol as p
 from tff_amqp.errors import BrokerAuthError, BrokerPermissionError, BrokerUnreachableError
 from tff_amqp.retry import RetryPolicy
 
@@ -188,3 +189,30 @@ async def publish_with_retry(
     async for attempt in policy.retrying(_transient):
         with attempt:
             await exchange.publish(message, routing_key=routing_key, mandatory=False, timeout=10)
+
+
+def envelope_message(
+    envelope: p.Envelope,
+    payload: bytes,
+    *,
+    user_id: str | None = None,
+    persistent: bool = False,
+    expires: bool = True,
+) -> aio_pika.Message:
+    """The AMQP message of an encoded envelope, whoever sends it: its ids and
+    kind as properties (receivers route and drop duplicates by them); with
+    `expires`, the envelope's deadline as the message's expiration (an expired
+    request is dead-lettered back to the coordinator, never run late); with
+    `user_id`, the sender's broker user, which RabbitMQ validates."""
+    ttl = envelope.ttl_seconds() if expires else None
+    return aio_pika.Message(
+        payload,
+        content_type=p.CONTENT_TYPE,
+        message_id=envelope.message_id,
+        correlation_id=envelope.correlation_id or None,
+        type=str(envelope.kind),
+        user_id=user_id,
+        timestamp=time.time(),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else None,
+        expiration=max(ttl, 0.001) if ttl is not None else None,
+    )

@@ -28,7 +28,7 @@ from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
 )
 from tensorflow_federated.python.core.impl.computation import computation_impl
-from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
+from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
     computation_types,
@@ -37,6 +37,7 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
+from tff_amqp.coordinator.context import RuntimeContext, installing
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.mapreduce.round import (
@@ -46,13 +47,12 @@ from tff_amqp.coordinator.mapreduce.round import (
     RoundSettings,
 )
 from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.runtime import SharedRuntime
 from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.data_reference import SiloDataReference
 from tff_amqp.errors import InvocationTimeoutError, TffAmqpError
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.telemetry import CoordinatorTelemetry
-from tff_amqp.tff_worker import WorkerBinary
-from tff_amqp.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -84,67 +84,29 @@ class MapReduceOptions:
             raise ValueError("shards_per_silo must be between 1 and 100000")
 
 
-class _Runtime:
-    """The broker link, pool membership and the coordinator's worker_binary;
-    started on first use, bound to that event loop."""
+class _Runtime(SharedRuntime[WorkLink, PoolMembership]):
+    """The work-item link, pool membership and the coordinator's TFF worker."""
+
+    loop_error = "a MapReduce context is bound to the event loop it first ran on"
 
     def __init__(self, options: MapReduceOptions) -> None:
-        self.options = options
         coordinator = options.coordinator
-        self.topology = Topology(coordinator.federation)
-        self.membership = PoolMembership(liveness_timeout=coordinator.heartbeat_timeout)
-        # What rounds report (progress display, metrics), as the stateful
-        # runtime's invocations do.
-        self.events = InvocationEvents()
-        self.telemetry: CoordinatorTelemetry | None = None
-        self.link: WorkLink | None = None
-        self.worker: WorkerBinary | None = None
-        self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(
+            coordinator, PoolMembership(liveness_timeout=coordinator.heartbeat_timeout)
+        )
+        self.options = options
 
-    async def ensure_started(self) -> tuple[WorkLink, WorkerBinary]:
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            raise RuntimeError("a MapReduce context is bound to the event loop it first ran on")
-        self._loop = loop
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self.link is None or self.worker is None:
-                coordinator = self.options.coordinator
-                worker = WorkerBinary()
-                await worker.start()
-                link = WorkLink(
-                    coordinator.broker_url,
-                    self.topology,
-                    self.membership,
-                    max_message_bytes=coordinator.max_message_bytes,
-                    sender=coordinator.coordinator_name,
-                )
-                try:
-                    await link.start()
-                except BaseException:
-                    await worker.stop()
-                    raise
-                self.link, self.worker = link, worker
-                self.telemetry = CoordinatorTelemetry(
-                    coordinator,
-                    self.events,
-                    self.membership,
-                    lambda: self.link.stats if self.link is not None else None,
-                )
-            return self.link, self.worker
-
-    async def close(self) -> None:
-        if self.telemetry is not None:
-            self.telemetry.close()
-            self.telemetry = None
-        if self.link is not None:
-            await self.link.close()
-            self.link = None
-        if self.worker is not None:
-            await self.worker.stop()
-            self.worker = None
+    async def _connect(self) -> WorkLink:
+        coordinator = self.options.coordinator
+        link = WorkLink(
+            coordinator.broker_url,
+            self.topology,
+            self.membership,
+            max_message_bytes=coordinator.max_message_bytes,
+            sender=coordinator.coordinator_name,
+        )
+        await link.start()
+        return link
 
 
 def _wire(comp: computation_impl.ConcreteComputation) -> tuple[bytes, executor_pb2.Value]:
@@ -212,12 +174,12 @@ def _to_python(obj: Any) -> Any:
     return structure.to_odict_or_tuple(obj) if isinstance(obj, structure.Struct) else None
 
 
-class AmqpAsyncMapReduceContext(context_base.AsyncContext):
+class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
     """Asynchronous MapReduce context: `await comp(state, silo_data(KEY))`."""
 
     def __init__(self, options: MapReduceOptions) -> None:
         self._options = options
-        self._runtime = _Runtime(options)
+        self.runtime = _Runtime(options)
         self._forms: dict[int, tuple[object, forms.MapReduceForm, FormWire]] = {}
         self.last_round: RoundReport | None = None
 
@@ -228,29 +190,22 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
     @property
     def events(self) -> InvocationEvents:
         """What rounds report (observers: progress display, metrics)."""
-        return self._runtime.events
+        return self.runtime.events
 
     @property
     def telemetry(self) -> CoordinatorTelemetry | None:
         """The metrics endpoint and progress display, once started."""
-        return self._runtime.telemetry
+        return self.runtime.telemetry
 
     @property
     def membership(self) -> PoolMembership:
-        return self._runtime.membership
+        return self.runtime.membership
 
     @property
     def link(self) -> WorkLink:
-        if self._runtime.link is None:
+        if not self.runtime.started:
             raise RuntimeError("the MapReduce context is not started")
-        return self._runtime.link
-
-    async def start(self) -> None:
-        """Connect and start the local worker now (otherwise on first use)."""
-        await self._runtime.ensure_started()
-
-    async def close(self) -> None:
-        await self._runtime.close()
+        return self.runtime.link
 
     async def invoke(self, comp: Any, arg: Any) -> Any:
         if asyncio.iscoroutine(arg):
@@ -302,17 +257,18 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
                 f"pass client values from the coordinator, use the stateful context. "
                 f"{_STATEFUL_HINT}"
             )
-        link, worker = await self._runtime.ensure_started()
+        await self.runtime.ensure_started()
+        link, worker = self.runtime.link, self.runtime.worker
         state_type = form.prepare.type_signature.parameter
         state = tensorflow_computation.transform_args(_tree_to_python(state))
         state_value, _ = value_serialization.serialize_value(state, state_type)
         coordinator = self._options.coordinator
         round_ = MapReduceRound(
             link=link,
-            membership=self._runtime.membership,
+            membership=self.runtime.membership,
             executor=await worker.client.shared_executor(0),
             form=wire,
-            events=self._runtime.events,
+            events=self.runtime.events,
             settings=RoundSettings(
                 min_silos=coordinator.min_silos,
                 max_silos=coordinator.max_silos,
@@ -333,7 +289,8 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
     async def _run_locally(self, comp: computation_impl.ConcreteComputation, arg: Any) -> Any:
         """A computation without CLIENTS placement (e.g. `initialize`) on the
         coordinator's own worker_binary."""
-        _, worker = await self._runtime.ensure_started()
+        await self.runtime.ensure_started()
+        worker = self.runtime.worker
         compiled = await asyncio.to_thread(compiler.desugar_and_transform_to_native, comp)
         executor = await worker.client.shared_executor(0)
         serialized, function = _wire(compiled)
@@ -381,17 +338,13 @@ def _tree_to_python(value: Any) -> Any:
     return tree.traverse(_to_python, value)
 
 
-class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext]):
+class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext, MapReduceOptions]):
     """Synchronous MapReduce context on the process's shared event-loop thread."""
 
     _name = "MapReduce context"
 
     def __init__(self, options: MapReduceOptions) -> None:
         super().__init__(AmqpAsyncMapReduceContext(options))
-
-    @property
-    def options(self) -> MapReduceOptions:
-        return self._async_context.options
 
     @property
     def events(self) -> InvocationEvents:
@@ -414,56 +367,24 @@ class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext]):
         return self._async_context.last_round
 
 
-def _options(broker_url: str, shards_per_silo: int, kwargs: dict[str, Any]) -> MapReduceOptions:
-    return MapReduceOptions(
-        CoordinatorOptions(broker_url=broker_url, **kwargs), shards_per_silo=shards_per_silo
-    )
-
-
 def create_sync_amqp_mapreduce_context(
-    broker_url: str,
-    *,
-    federation: str = "default",
-    shards_per_silo: int = 4,
-    min_silos: int = 1,
-    max_silos: int | None = None,
-    cohort_timeout: float = 60.0,
-    deadline: float = 600.0,
-    heartbeat_timeout: float = 5.0,
-    straggler_timeout: float | None = None,
-    quorum_grace: float | None = None,
-    **kwargs: Any,
+    broker_url: str, *, shards_per_silo: int = 4, **kwargs: Any
 ) -> AmqpSyncMapReduceContext:
     """A sync context that runs MapReduce-form computations as work items on
     the silos' stateless worker pools (`tff-amqp worker --stateless`).
 
     Args:
       broker_url: `amqp://user:password@host:5672/vhost` (or `amqps://`).
-      federation: namespace of queues and exchanges; workers use the same.
       shards_per_silo: work items per silo per round (contiguous client shards).
-      min_silos, max_silos, cohort_timeout, deadline, heartbeat_timeout,
-      straggler_timeout, quorum_grace: as for `create_sync_amqp_execution_context`
-        (the same K-of-N rule, `tff_amqp.coordinator.quorum`); a silo
-        is live while any of its workers is, and a dropped silo's shards are
-        left out of the round as a whole.
+      **kwargs: the coordinator options of `create_sync_amqp_execution_context`
+        (`tff_amqp.coordinator.options.CoordinatorOptions`, with its defaults):
+        federation (workers use the same), min_silos, max_silos, cohort_timeout,
+        deadline, heartbeat_timeout, straggler_timeout, quorum_grace (the same
+        K-of-N rule, `tff_amqp.coordinator.quorum`; a silo is live while any
+        of its workers is, and a dropped silo's shards are left out of the
+        round as a whole), max_message_bytes, metrics_port, progress.
     """
-    return AmqpSyncMapReduceContext(
-        _options(
-            broker_url,
-            shards_per_silo,
-            dict(
-                federation=federation,
-                min_silos=min_silos,
-                max_silos=max_silos,
-                cohort_timeout=cohort_timeout,
-                deadline=deadline,
-                heartbeat_timeout=heartbeat_timeout,
-                straggler_timeout=straggler_timeout,
-                quorum_grace=quorum_grace,
-                **kwargs,
-            ),
-        )
-    )
+    return AmqpSyncMapReduceContext(_options(broker_url, shards_per_silo, kwargs))
 
 
 def create_async_amqp_mapreduce_context(
@@ -473,15 +394,15 @@ def create_async_amqp_mapreduce_context(
     return AmqpAsyncMapReduceContext(_options(broker_url, shards_per_silo, kwargs))
 
 
-def set_sync_amqp_mapreduce_context(broker_url: str, **kwargs: Any) -> AmqpSyncMapReduceContext:
-    """Create a sync MapReduce context and install it as TFF's default context."""
-    context = create_sync_amqp_mapreduce_context(broker_url, **kwargs)
-    context_stack_impl.context_stack.set_default_context(context)
-    return context
+def _options(broker_url: str, shards_per_silo: int, kwargs: dict[str, Any]) -> MapReduceOptions:
+    return MapReduceOptions(
+        CoordinatorOptions(broker_url=broker_url, **kwargs), shards_per_silo=shards_per_silo
+    )
 
 
-def set_async_amqp_mapreduce_context(broker_url: str, **kwargs: Any) -> AmqpAsyncMapReduceContext:
-    """Create an async MapReduce context and install it as TFF's default context."""
-    context = create_async_amqp_mapreduce_context(broker_url, **kwargs)
-    context_stack_impl.context_stack.set_default_context(context)
-    return context
+set_sync_amqp_mapreduce_context = installing(
+    create_sync_amqp_mapreduce_context, "sync MapReduce context"
+)
+set_async_amqp_mapreduce_context = installing(
+    create_async_amqp_mapreduce_context, "async MapReduce context"
+)

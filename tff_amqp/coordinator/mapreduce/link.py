@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
-from tff_amqp.transport.connection import publish_with_retry
+from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange, declare_work_queue
 
 log = logging.getLogger(__name__)
@@ -61,19 +59,9 @@ class WorkLink(ReplyIntake[p.WorkResult]):
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.WorkResult] = asyncio.get_running_loop().create_future()
         self._pending[envelope.correlation_id] = Pending(silo, envelope.invocation_id, future)
-        ttl = envelope.ttl_seconds()
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id,
-            type=str(envelope.kind),
-            timestamp=time.time(),
-            # Persistent: a work queue is durable, and items outlive a broker
-            # restart. Expired items are dead-lettered back to us, never run late.
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            expiration=max(ttl, 0.001) if ttl is not None else None,
-        )
+        # Persistent: a work queue is durable, and items outlive a broker
+        # restart. Expired items are dead-lettered back to us, never run late.
+        message = envelope_message(envelope, payload, persistent=True)
         await publish_with_retry(
             self._work, message, self.topology.request_routing_key(silo), self.publish_policy
         )

@@ -19,11 +19,11 @@ from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
 )
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.executors import executor_factory
 from tensorflow_federated.python.core.impl.types import placements
 
+from tff_amqp.coordinator.context import RuntimeContext, installing
 from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.stateful.executor import AmqpExecutor
 from tff_amqp.coordinator.stateful.invocation import Invocation
@@ -56,7 +56,7 @@ class AmqpExecutorFactory(executor_factory.ExecutorFactory):
         pass
 
 
-class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
+class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExecutionContext):
     """Asynchronous context: `await comp(args)` runs over the federation."""
 
     def __init__(self, options: CoordinatorOptions) -> None:
@@ -109,62 +109,23 @@ class AmqpAsyncExecutionContext(async_execution_context.AsyncExecutionContext):
                 # path; the runtime waits for it before it shuts down.
                 self.runtime.in_background(invocation.close())
 
-    async def start(self) -> None:
-        """Connect and start the local worker now (otherwise done on first use),
-        so an unreachable broker fails here rather than in the first call."""
-        await self.runtime.ensure_started()
 
-    async def close(self) -> None:
-        await self.runtime.close()
-
-
-class AmqpSyncExecutionContext(SyncOverSharedLoop[AmqpAsyncExecutionContext]):
+class AmqpSyncExecutionContext(SyncOverSharedLoop[AmqpAsyncExecutionContext, CoordinatorOptions]):
     """Synchronous context: runs the async one on the shared event-loop thread."""
 
     def __init__(self, options: CoordinatorOptions) -> None:
         super().__init__(AmqpAsyncExecutionContext(options))
 
     @property
-    def options(self) -> CoordinatorOptions:
-        return self._async_context.options
-
-    @property
     def runtime(self) -> CoordinatorRuntime:
         return self._async_context.runtime
 
 
-def _options(broker_url: str, kwargs: dict[str, Any]) -> CoordinatorOptions:
-    return CoordinatorOptions(broker_url=broker_url, **kwargs)
-
-
 def create_async_amqp_execution_context(
-    broker_url: str,
-    *,
-    federation: str = "default",
-    min_silos: int = 1,
-    max_silos: int | None = None,
-    cohort_timeout: float = 60.0,
-    deadline: float = 600.0,
-    heartbeat_timeout: float = 5.0,
-    straggler_timeout: float | None = None,
-    **kwargs: Any,
+    broker_url: str, **kwargs: Any
 ) -> AmqpAsyncExecutionContext:
-    """An async context that runs computations on the silos of `federation`."""
-    return AmqpAsyncExecutionContext(
-        _options(
-            broker_url,
-            dict(
-                federation=federation,
-                min_silos=min_silos,
-                max_silos=max_silos,
-                cohort_timeout=cohort_timeout,
-                deadline=deadline,
-                heartbeat_timeout=heartbeat_timeout,
-                straggler_timeout=straggler_timeout,
-                **kwargs,
-            ),
-        )
-    )
+    """The async variant of `create_sync_amqp_execution_context` (same options)."""
+    return AmqpAsyncExecutionContext(CoordinatorOptions(broker_url=broker_url, **kwargs))
 
 
 def create_sync_amqp_execution_context(
@@ -203,31 +164,23 @@ def create_sync_amqp_execution_context(
         terminal).
     """
     return AmqpSyncExecutionContext(
-        _options(
-            broker_url,
-            dict(
-                federation=federation,
-                min_silos=min_silos,
-                max_silos=max_silos,
-                cohort_timeout=cohort_timeout,
-                deadline=deadline,
-                heartbeat_timeout=heartbeat_timeout,
-                straggler_timeout=straggler_timeout,
-                **kwargs,
-            ),
+        CoordinatorOptions(
+            broker_url=broker_url,
+            federation=federation,
+            min_silos=min_silos,
+            max_silos=max_silos,
+            cohort_timeout=cohort_timeout,
+            deadline=deadline,
+            heartbeat_timeout=heartbeat_timeout,
+            straggler_timeout=straggler_timeout,
+            **kwargs,
         )
     )
 
 
-def set_sync_amqp_execution_context(broker_url: str, **kwargs: Any) -> AmqpSyncExecutionContext:
-    """Create a sync AMQP context and install it as TFF's default context."""
-    context = create_sync_amqp_execution_context(broker_url, **kwargs)
-    context_stack_impl.context_stack.set_default_context(context)
-    return context
-
-
-def set_async_amqp_execution_context(broker_url: str, **kwargs: Any) -> AmqpAsyncExecutionContext:
-    """Create an async AMQP context and install it as TFF's default context."""
-    context = create_async_amqp_execution_context(broker_url, **kwargs)
-    context_stack_impl.context_stack.set_default_context(context)
-    return context
+set_sync_amqp_execution_context = installing(
+    create_sync_amqp_execution_context, "sync AMQP context"
+)
+set_async_amqp_execution_context = installing(
+    create_async_amqp_execution_context, "async AMQP context"
+)

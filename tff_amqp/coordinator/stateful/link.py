@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
-from tff_amqp.transport.connection import publish_with_retry
+from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
 
 log = logging.getLogger(__name__)
@@ -53,17 +51,8 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         if expect_reply or envelope.correlation_id:
             future = asyncio.get_running_loop().create_future()
             self._pending[envelope.correlation_id] = Pending(silo, envelope.invocation_id, future)
-        ttl = envelope.ttl_seconds()
-        message = aio_pika.Message(
-            payload,
-            content_type=p.CONTENT_TYPE,
-            message_id=envelope.message_id,
-            correlation_id=envelope.correlation_id or None,
-            type=str(envelope.kind),
-            timestamp=time.time(),
-            # Expired requests are dead-lettered back to us, never run late.
-            expiration=max(ttl, 0.001) if ttl is not None else None,
-        )
+        # Expired requests are dead-lettered back to us, never run late.
+        message = envelope_message(envelope, payload)
         await publish_with_retry(
             self._requests, message, self.topology.request_routing_key(silo), self.publish_policy
         )

@@ -14,34 +14,29 @@ from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.runtime import SharedRuntime
 from tff_amqp.coordinator.stateful.bulk import CoordinatorBulk
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.coordinator.stateful.values import FunctionValue
-from tff_amqp.observe.events import InvocationEvents
-from tff_amqp.observe.telemetry import CoordinatorTelemetry
-from tff_amqp.tff_worker import WorkerBinary
-from tff_amqp.topology import Topology
 
 log = logging.getLogger(__name__)
 
 
-class CoordinatorRuntime:
+class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
     """Starts lazily on the event loop that first uses it; `close()` frees
-    the broker connection and stops the local worker."""
+    the broker connections and stops the local worker."""
+
+    loop_error = (
+        "an AMQP execution context is bound to the event loop it first ran on; "
+        "create one context per event loop"
+    )
 
     def __init__(self, options: CoordinatorOptions) -> None:
+        super().__init__(options, Membership(liveness_timeout=options.heartbeat_timeout))
         self.options = options
-        self.topology = Topology(options.federation)
-        self.membership = Membership(liveness_timeout=options.heartbeat_timeout)
-        self.events = InvocationEvents()
         # Intrinsic calls dispatched, by URI (what ran here, for docs and tests).
         self.intrinsic_calls: collections.Counter[str] = collections.Counter()
-        self.telemetry: CoordinatorTelemetry | None = None
-        self._link: CoordinatorLink | None = None
         self._bulk: CoordinatorBulk | None = None
-        self._worker: WorkerBinary | None = None
-        self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task[None]] = set()
         # id(building block) -> (building block, Value proto, bytes); the block
         # is kept so its id cannot be reused while cached.
@@ -80,79 +75,45 @@ class CoordinatorRuntime:
             await asyncio.wait(set(self._background), timeout=timeout)
 
     @property
-    def link(self) -> CoordinatorLink:
-        if self._link is None:
-            raise RuntimeError("coordinator runtime is not started")
-        return self._link
-
-    @property
     def bulk(self) -> CoordinatorBulk:
         if self._bulk is None:
             raise RuntimeError("coordinator runtime is not started")
         return self._bulk
 
-    @property
-    def worker(self) -> WorkerBinary:
-        if self._worker is None:
-            raise RuntimeError("coordinator runtime is not started")
-        return self._worker
+    async def _connect(self) -> CoordinatorLink:
+        link = CoordinatorLink(
+            self.options.broker_url,
+            self.topology,
+            self.membership,
+            max_message_bytes=self.options.max_message_bytes,
+            sender=self.options.coordinator_name,
+        )
+        # Large values travel on a connection of their own.
+        bulk = CoordinatorBulk(
+            self.options.broker_url,
+            self.topology,
+            sender=self.options.coordinator_name,
+            max_message_bytes=self.options.max_message_bytes,
+        )
+        try:
+            await link.start()
+            await bulk.start()
+        except BaseException:
+            await link.close()
+            raise
+        self._bulk = bulk
+        return link
 
-    async def ensure_started(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            raise RuntimeError(
-                "an AMQP execution context is bound to the event loop it first ran on; "
-                "create one context per event loop"
-            )
-        self._loop = loop
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._link is not None:
-                return
-            worker = WorkerBinary()
-            await worker.start()
-            link = CoordinatorLink(
-                self.options.broker_url,
-                self.topology,
-                self.membership,
-                max_message_bytes=self.options.max_message_bytes,
-                sender=self.options.coordinator_name,
-            )
-            bulk = CoordinatorBulk(
-                self.options.broker_url,
-                self.topology,
-                sender=self.options.coordinator_name,
-                max_message_bytes=self.options.max_message_bytes,
-            )
-            try:
-                await link.start()
-                await bulk.start()
-            except BaseException:
-                await link.close()
-                await worker.stop()
-                raise
-            self._worker, self._link, self._bulk = worker, link, bulk
-            self.telemetry = CoordinatorTelemetry(
-                self.options,
-                self.events,
-                self.membership,
-                lambda: self._link.stats if self._link is not None else None,
-            )
-            log.info("coordinator.started", extra={"federation": self.options.federation})
+    def _on_started(self) -> None:
+        log.info("coordinator.started", extra={"federation": self.options.federation})
 
-    async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=10.0)
-        if self.telemetry is not None:
-            self.telemetry.close()
-            self.telemetry = None
+    async def _disconnect(self) -> None:
         if self._bulk is not None:
             await self._bulk.close()
             self._bulk = None
-        if self._link is not None:
-            await self._link.close()
-            self._link = None
-        if self._worker is not None:
-            await self._worker.stop()
-            self._worker = None
+
+    async def close(self) -> None:
+        # Bounded: earlier invocations' clean-up (their `close` messages) first.
+        if self._background:
+            await asyncio.wait(self._background, timeout=10.0)
+        await super().close()

@@ -25,42 +25,29 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-)
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
-from tff_amqp.errors import CodedError
-from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
-from tff_amqp.silo.endpoint import SiloEndpoint
+from tff_amqp.silo.data import DataError
+from tff_amqp.silo.endpoint import EndpointConfig, ServingError
 from tff_amqp.silo.pool.shard import ShardRunner, shard_bounds
+from tff_amqp.silo.serve import SiloServer
 from tff_amqp.tff_worker import WorkerBinary, WorkerError
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.schema import declare_work_queue
-from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything a stateless worker needs to run."""
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig(EndpointConfig):
+    """Everything a stateless worker needs to run (keyword arguments only;
+    `declare_topology` covers the work queue)."""
 
-    broker_url: str
-    federation: str
     silo: str
-    data: tuple[DataSource, ...] = ()
     # Refuse work items whose shard has fewer clients than this (a shard's
     # accumulator is what leaves the silo; see docs/privacy.md).
     min_clients_per_item: int = 1
-    heartbeat_interval: float = 1.0
-    # Declare the work queue (needs configure permission; provisioned silos
-    # have it created by the operator instead).
-    declare_topology: bool = True
-    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
-    connect_timeout: float = 30.0
-    # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
-    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         check_silo_name(self.silo)
@@ -71,22 +58,15 @@ class WorkerConfig:
             raise ValueError("heartbeat_interval must be a positive number of seconds")
 
 
-class ItemError(CodedError):
+class ItemError(ServingError):
     """A work item that cannot succeed on any worker (bad data key, privacy,
     a failing computation): answered with an error reply, then acked.
     `worker_status`: the gRPC status of the TFF worker error behind it."""
 
-    code: p.ErrorCode
 
-    def __init__(
-        self, code: p.ErrorCode, message: str, *, worker_status: str | None = None
-    ) -> None:
-        super().__init__(code, message)
-        self.worker_status = worker_status
-
-
-class StatelessWorker:
-    """One worker: a worker_binary, a work-queue consumer and a heartbeat.
+class StatelessWorker(SiloServer):
+    """One worker: a worker_binary, a work-queue consumer and a heartbeat
+    (started and stopped by the shared serve loop, `tff_amqp.silo.serve`).
 
     async with StatelessWorker(config) as worker:
         ...  # serves until the block ends
@@ -96,32 +76,21 @@ class StatelessWorker:
     # the same shards come back every round.
     MAX_CACHED_CLIENTS = 4096
 
+    role = "worker"
+
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.topology = Topology(config.federation)
-        self.data = SiloDataStore(config.silo, config.data)
-        self.stats: dict[str, int] = {
+        stats: dict[str, int] = {
             "items": 0,
             "errors": 0,
             "redelivered": 0,
             "expired": 0,
             "malformed": 0,
         }
-        self._started_at = time.time()
-        self._worker: WorkerBinary | None = None
-        self.endpoint = SiloEndpoint(
-            broker_url=config.broker_url,
-            topology=self.topology,
-            silo=config.silo,
-            role="worker",
-            status=self._status,
-            max_message_bytes=config.max_message_bytes,
-            heartbeat_interval=config.heartbeat_interval,
-            connect_timeout=config.connect_timeout,
-            declare_topology=config.declare_topology,
-            ssl_context=config.tls.context() if config.tls else None,
-            stats=self.stats,
-        )
+        # One item at a time: a second one would wait unacked behind the
+        # first (counting towards consumer_timeout) instead of going to an
+        # idle worker of the pool.
+        super().__init__(config, silo=config.silo, prefetch=1, stats=stats)
         # Called with (seconds, ok) after each work item (metrics).
         self.item_observers: list[Callable[[float, bool], None]] = []
         self._busy = 0
@@ -129,68 +98,29 @@ class StatelessWorker:
         self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
 
-    async def __aenter__(self) -> StatelessWorker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _start(self) -> None:
-        # One item at a time: a second one would wait unacked behind the
-        # first (counting towards consumer_timeout) instead of going to an
-        # idle worker of the pool.
-        channel = await self.endpoint.connect(prefetch=1)
-        self._worker = WorkerBinary()
-        await self._worker.start()
-        queue_name = self.topology.work_queue(self.config.silo)
+    async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
         if self.config.declare_topology:
             await declare_work_queue(channel, self.topology, self.config.silo)
-        queue = await channel.get_queue(queue_name, ensure=False)
-        await queue.consume(self._on_message, no_ack=False)
-        await self.endpoint.announce()
-        log.info(
-            "worker.ready",
-            extra={
-                "silo": self.config.silo,
-                "federation": self.config.federation,
-                "queue": queue_name,
-                "data_keys": self.data.keys,
-                "worker_pid": self._worker.pid,
-            },
-        )
+        return await channel.get_queue(self.topology.work_queue(self.config.silo), ensure=False)
 
-    async def stop(self) -> None:
-        """Say goodbye, close the connection (an item in progress is not
-        acked, so the broker redelivers it) and stop the worker_binary."""
-        await self.endpoint.close()
-        if self._worker is not None:
-            await self._worker.stop()
-            self._worker = None
-        log.info("worker.stopped", extra={"silo": self.config.silo, **self.stats})
+    # Stopping closes the connection with an item in progress unacked, so the
+    # broker redelivers it to another worker of the pool.
 
     # ------------------------------------------------------------------ intake
 
+    async def _refuse_malformed(
+        self, message: AbstractIncomingMessage, inv: str, corr: str, error: p.ProtocolError
+    ) -> None:
+        if corr:
+            await self.endpoint.reply_error(inv, corr, error.code, str(error))
+            await message.ack()
+        else:
+            # Nobody to answer: dead-letter it to the coordinator's queue.
+            await message.reject(requeue=False)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            envelope = p.decode(message.body, max_bytes=self.config.max_message_bytes)
-        except p.ProtocolError as e:
-            self.stats["malformed"] += 1
-            log.warning("worker.malformed", extra={"code": str(e.code), "error": str(e)})
-            inv, corr = p.peek_ids(message.body)
-            if corr:
-                await self.endpoint.reply_error(inv, corr, e.code, str(e))
-                await message.ack()
-            else:
-                # Nobody to answer: dead-letter it to the coordinator's queue.
-                await message.reject(requeue=False)
+        envelope = await self._decode(message)
+        if envelope is None:
             return
         if message.redelivered:
             self.stats["redelivered"] += 1
@@ -269,9 +199,11 @@ class StatelessWorker:
             return self.endpoint.error_envelope(
                 envelope.invocation_id,
                 envelope.correlation_id,
-                error.code,
-                f"silo {self.config.silo!r} worker: {error}",
-                worker_status=error.worker_status,
+                p.ErrorReport(
+                    error.code,
+                    f"silo {self.config.silo!r} worker: {error}",
+                    worker_status=error.worker_status,
+                ),
             )
         self.stats["items"] += 1
         log.info(
@@ -379,18 +311,8 @@ class StatelessWorker:
 
     # ------------------------------------------------------------- publishing
 
-    def _status(self) -> p.SiloStatus:
-        try:
-            clients = self.data.default_num_clients()
-        except DataError:
-            clients = 0
-        return p.SiloStatus(
-            silo=self.config.silo,
-            clients=clients,
-            data_keys=tuple(self.data.keys),
-            active_invocations=self._busy,
-            started_at=self._started_at,
-        )
+    def _active(self) -> int:
+        return self._busy
 
     def _require_worker(self) -> WorkerBinary:
         if self._worker is None:

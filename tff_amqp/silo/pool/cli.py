@@ -1,34 +1,43 @@
-"""`tff-amqp worker`: run one (stateless) worker of a silo's pool."""
+"""run a stateless worker of a silo's pool (MapReduce work items)
+
+Run one stateless worker of silo SILO. Start as many per silo as you like,
+and stop them any time: workers keep no state between work items, take items
+from the silo's shared work queue, and ack an item only after its result is
+published, so an item of a worker that dies is redone by another.
+"""
+
+# (This docstring is `tff-amqp worker --help`: the one-line help, then the
+# description.)
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tff_amqp.silo.options import add_endpoint_options, message_size, tls_files
+from tff_amqp.silo.options import (
+    add_endpoint_options,
+    add_silo_command,
+    run_silo_side,
+    stop_on_signals,
+)
+
+if TYPE_CHECKING:
+    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.pool.agent import WorkerConfig
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
-    worker = sub.add_parser(
-        "worker",
-        parents=[common],
-        help="run a stateless worker of a silo's pool (MapReduce work items)",
-        description="Run one stateless worker of silo SILO. Start as many per silo as you "
-        "like, and stop them any time: workers keep no state between work items, take items "
-        "from the silo's shared work queue, and ack an item only after its result is "
-        "published, so an item of a worker that dies is redone by another.",
-    )
+    # Help and description: this module's docstring.
+    worker = add_silo_command(sub, common, "worker", broker_default, __doc__ or "")
     worker.add_argument(
         "--stateless",
         action="store_true",
         help="the stateless regime, the only worker kind (accepted for compatibility; "
         "for the stateful regime run `tff-amqp silo`)",
     )
-    add_endpoint_options(worker, broker_default)
+    add_endpoint_options(worker)
     worker.add_argument("--silo", required=True, help="the silo this worker serves")
     worker.add_argument(
         "--min-clients-per-item",
@@ -40,59 +49,26 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from tff_amqp.topology import Topology, check_silo_name
+    def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> WorkerConfig:
+        from tff_amqp.silo.pool.agent import WorkerConfig
 
-    try:
-        check_silo_name(args.silo)
-        Topology(args.federation)
-        tls = tls_files(args)
-    except ValueError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    # An unreachable broker or refused credentials: say so before TensorFlow
-    # loads (failures are explained by tff_amqp.cli.main).
-    from tff_amqp.cli import _probe_broker
-
-    asyncio.run(_probe_broker(args.broker, args.connect_timeout, tls))
-    from tff_amqp.silo.data import DataError, DataSource
-
-    try:
-        sources = tuple(DataSource.parse(flag) for flag in args.data)
-    except DataError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    from tff_amqp.errors import TffAmqpError
-    from tff_amqp.silo.pool.agent import StatelessWorker, WorkerConfig
-
-    try:
-        config = WorkerConfig(
-            broker_url=args.broker,
-            federation=args.federation,
-            silo=args.silo,
-            data=sources,
-            min_clients_per_item=args.min_clients_per_item,
-            heartbeat_interval=args.heartbeat_interval,
-            declare_topology=not args.no_declare,
-            connect_timeout=args.connect_timeout,
-            tls=tls,
-            **message_size(args),
+        return WorkerConfig(
+            silo=args.silo, data=sources, min_clients_per_item=args.min_clients_per_item, **endpoint
         )
-    except ValueError as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 2
-    try:
-        failed = asyncio.run(_serve(StatelessWorker(config), metrics_port=args.metrics_port))
-    except (TffAmqpError, DataError) as e:
-        print(f"tff-amqp worker: {e}", file=sys.stderr)
-        return 1
-    if failed:
+
+    async def serve(config: WorkerConfig) -> int:
+        from tff_amqp.silo.pool.agent import StatelessWorker
+
+        if not await _serve(StatelessWorker(config), metrics_port=args.metrics_port):
+            return 0
         print(
             "tff-amqp worker: the local worker_binary died; its item went back to the pool. "
             "Exiting so a supervisor can restart this worker.",
             file=sys.stderr,
         )
         return 1
-    return 0
+
+    return run_silo_side("worker", args, silo=args.silo, build=build, serve=serve)
 
 
 async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
@@ -104,11 +80,7 @@ async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
 
 
 async def _serve_until_stopped(worker: Any) -> bool:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with worker:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.failed.wait())]
         try:

@@ -16,51 +16,39 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
 from tff_amqp.retry import connect_within
-from tff_amqp.silo.data import DataError, DataSource, SiloDataStore
-from tff_amqp.silo.endpoint import SiloEndpoint
+from tff_amqp.silo.endpoint import EndpointConfig
+from tff_amqp.silo.serve import SiloServer
 from tff_amqp.silo.stateful.bulk import SiloBulk
 from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, SessionError
-from tff_amqp.tff_worker import WorkerBinary, WorkerClient
+from tff_amqp.tff_worker import WorkerClient
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
 from tff_amqp.transport.schema import declare_queue
-from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SiloConfig:
-    """Everything a silo agent needs to run."""
+@dataclass(frozen=True, kw_only=True)
+class SiloConfig(EndpointConfig):
+    """Everything a silo agent needs to run (keyword arguments only)."""
 
-    broker_url: str
-    federation: str
     name: str
-    data: tuple[DataSource, ...] = ()
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     # Clients of an invocation that gives this silo no client data (no
     # silo_data argument, no client list), e.g. `federated_value(x, CLIENTS)`
     # alone: 0, as in TFF's native runtime, unless the operator says otherwise.
     default_clients: int = 0
-    heartbeat_interval: float = 1.0
     prefetch: int = 32
-    # Declare exchanges and the request queue (needs configure permission).
-    # Provisioned silos have them created by `tff-amqp provision` instead.
-    declare_topology: bool = True
-    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     # Bytes held at once in incoming chunked transfers (partial or unclaimed).
     max_pending_transfer_bytes: int = DEFAULT_MAX_PENDING_BYTES
     # Sessions idle this long past their deadline are freed even without Close.
     session_grace: float = 30.0
-    # Bounded wait for the broker at start-up (then robust reconnection).
-    connect_timeout: float = 30.0
-    # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
-    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         check_silo_name(self.name)
@@ -98,20 +86,20 @@ class _InvocationRunner:
             await self._task
 
 
-class SiloAgent:
-    """One silo: a worker_binary, a request consumer and a heartbeat.
+class SiloAgent(SiloServer):
+    """One silo: a worker_binary, a request consumer and a heartbeat (started
+    and stopped by the shared serve loop, `tff_amqp.silo.serve`).
 
     `worker`: a client of a worker_binary owned by someone else (the
     simulation host in `tff_amqp.silo.stateful.host` shares one between silos); by
     default the agent starts and stops a worker_binary of its own.
     """
 
+    role = "silo"
+
     def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
-        self._injected_worker = worker
-        self.topology = Topology(config.federation)
-        self.data = SiloDataStore(config.name, config.data)
-        self.stats: dict[str, int] = {
+        stats = {
             "batches": 0,
             "errors": 0,
             "duplicates": 0,
@@ -122,59 +110,25 @@ class SiloAgent:
             "published_bytes": 0,
             "reconnects": 0,
         }
+        super().__init__(
+            config, silo=config.name, prefetch=config.prefetch, stats=stats, worker=worker
+        )
         # Called with (seconds, ok) after each batch (metrics).
         self.batch_observers: list[Callable[[float, bool], None]] = []
-        self._worker: WorkerBinary | None = None
-        self._channel: AbstractChannel | None = None
-        self.endpoint = SiloEndpoint(
-            broker_url=config.broker_url,
-            topology=self.topology,
-            silo=config.name,
-            role="silo",
-            status=self._status,
-            max_message_bytes=config.max_message_bytes,
-            heartbeat_interval=config.heartbeat_interval,
-            connect_timeout=config.connect_timeout,
-            declare_topology=config.declare_topology,
-            ssl_context=config.tls.context() if config.tls else None,
-            stats=self.stats,
-        )
         self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         self._sweeper_task: asyncio.Task[None] | None = None
-        self._started_at = time.time()
         self.ready = asyncio.Event()
 
-    async def __aenter__(self) -> SiloAgent:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        """Connect, start the worker, declare/consume, say hello. On any
-        failure everything already started is stopped again."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _start(self) -> None:
-        # The broker first: an unreachable broker should fail fast and cheap.
-        self._channel = await self.endpoint.connect(prefetch=self.config.prefetch)
-        if self._injected_worker is None:
-            self._worker = WorkerBinary()
-            await self._worker.start()
-        queue_name = self.topology.request_queue(self.config.name)
+    async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
         if self.config.declare_topology:
-            queue = await declare_queue(
-                self._channel, self.topology, self.topology.request_queue_spec(self.config.name)
+            return await declare_queue(
+                channel, self.topology, self.topology.request_queue_spec(self.config.name)
             )
-        else:
-            queue = await self._channel.get_queue(queue_name, ensure=False)
+        return await channel.get_queue(self.topology.request_queue(self.config.name), ensure=False)
+
+    async def _before_consume(self) -> None:
         # Large values travel on a connection of their own (after the control
         # topology exists: it declares nothing the control side needs).
         self.bulk = SiloBulk(
@@ -189,25 +143,16 @@ class SiloAgent:
             ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         await self.bulk.start()
-        await queue.consume(self._on_message, no_ack=False)
-        await self.endpoint.announce()
+
+    def _serving(self) -> None:
         self._sweeper_task = asyncio.create_task(self._sweep_loop(), name="sweeper")
         self.ready.set()
-        log.info(
-            "silo.ready",
-            extra={
-                "silo": self.config.name,
-                "federation": self.config.federation,
-                "queue": queue_name,
-                "clients": self.data.default_num_clients(),
-                "data_keys": self.data.keys,
-                "worker_pid": self._worker.pid if self._worker is not None else None,
-            },
-        )
 
-    async def stop(self) -> None:
-        """Say goodbye, free every invocation, close the broker connection and
-        stop the worker. Bounded and idempotent."""
+    def _ready_details(self) -> dict[str, Any]:
+        return {"clients": self.data.default_num_clients()}
+
+    async def _stop_work(self) -> None:
+        """Free every invocation (and the bulk connection) before goodbye."""
         if self._sweeper_task is not None:
             self._sweeper_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -219,11 +164,6 @@ class SiloAgent:
         if self.bulk is not None:
             await self.bulk.close()
             self.bulk = None
-        await self.endpoint.close()
-        if self._worker is not None:
-            await self._worker.stop()
-            self._worker = None
-        log.info("silo.stopped", extra={"silo": self.config.name, **self.stats})
 
     # ------------------------------------------------------------------ intake
 
@@ -231,37 +171,23 @@ class SiloAgent:
         # Ack on receipt: the coordinator's deadline owns retries, and a
         # long-held unacked message would trip RabbitMQ's consumer_timeout.
         await message.ack()
-        body = message.body
-        self.stats["received_bytes"] += len(body)
-        try:
-            envelope = p.decode(body, max_bytes=self.config.max_message_bytes)
-        except p.ProtocolError as e:
-            self.stats["malformed"] += 1
-            inv, corr = p.peek_ids(body)
-            corr = corr or (message.correlation_id or "")
-            log.warning("silo.malformed", extra={"code": str(e.code), "error": str(e)})
-            await self.endpoint.reply_error(inv, corr, e.code, f"silo {self.config.name!r}: {e}")
+        self.stats["received_bytes"] += len(message.body)
+        envelope = await self._decode(message)
+        if envelope is None:
             return
         if envelope.message_id in self._seen_ids:
             self.stats["duplicates"] += 1
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
             return
         self._remember(envelope.message_id)
-        if envelope.kind is not p.Kind.BATCH:
+        refusal = self._refusal(envelope)
+        if refusal is not None:
+            code, text = refusal
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
-                p.ErrorCode.MALFORMED,
-                f"silo {self.config.name!r} only accepts 'batch' messages, got {envelope.kind!r}",
-            )
-            return
-        if envelope.expired():
-            self.stats["expired"] += 1
-            await self.endpoint.reply_error(
-                envelope.invocation_id,
-                envelope.correlation_id,
-                p.ErrorCode.EXPIRED,
-                f"silo {self.config.name!r} received the request after its deadline; not executed",
+                code,
+                f"silo {self.config.name!r} {text}",
             )
             return
         runner = self._runners.get(envelope.invocation_id)
@@ -285,6 +211,24 @@ class SiloAgent:
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         runner.submit(envelope)
+
+    def _refusal(self, envelope: p.Envelope) -> tuple[p.ErrorCode, str] | None:
+        """Why a request is answered with an error before any session sees
+        it (not a batch, or past its deadline), if it is."""
+        if envelope.kind is not p.Kind.BATCH:
+            return p.ErrorCode.MALFORMED, f"only accepts 'batch' messages, got {envelope.kind!r}"
+        if envelope.expired():
+            self.stats["expired"] += 1
+            return p.ErrorCode.EXPIRED, "received the request after its deadline; not executed"
+        return None
+
+    async def _refuse_malformed(
+        self, message: AbstractIncomingMessage, inv: str, corr: str, error: p.ProtocolError
+    ) -> None:
+        corr = corr or (message.correlation_id or "")
+        await self.endpoint.reply_error(
+            inv, corr, error.code, f"silo {self.config.name!r}: {error}"
+        )
 
     async def _process_batch(self, session: InvocationSession, envelope: p.Envelope) -> None:
         batch = envelope.body
@@ -403,20 +347,11 @@ class SiloAgent:
 
     # ------------------------------------------------------------- publishing
 
-    def _status(self) -> p.SiloStatus:
-        try:
-            clients = self.data.default_num_clients()
-        except DataError:
-            # Data folder changed under us: still alive, report no clients.
-            clients = 0
-        return p.SiloStatus(
-            silo=self.config.name,
-            clients=clients,
-            data_keys=tuple(self.data.keys),
-            active_invocations=len(self._runners),
-            allow_raw_client_values=self.config.policy.allow_raw_client_values,
-            started_at=self._started_at,
-        )
+    def _active(self) -> int:
+        return len(self._runners)
+
+    def _allows_raw_client_values(self) -> bool:
+        return self.config.policy.allow_raw_client_values
 
     async def _sweep_loop(self) -> None:
         """Free invocations whose coordinator went away without a `close`:

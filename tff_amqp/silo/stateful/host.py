@@ -22,6 +22,7 @@ import enum
 import logging
 from collections.abc import Sequence
 
+from tff_amqp.silo.serve import Service
 from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
 from tff_amqp.tff_worker import WorkerBinary
 
@@ -33,7 +34,7 @@ class WorkerMode(enum.StrEnum):
     PER_SILO = "per-silo"  # each silo starts its own, like `tff-amqp silo`
 
 
-class SiloHost:
+class SiloHost(Service):
     """Starts, serves and stops the agents of `configs` in this process.
 
     async with SiloHost(configs) as host:
@@ -58,27 +59,13 @@ class SiloHost:
         self.agents: list[SiloAgent] = []
         self._worker: WorkerBinary | None = None
 
-    async def __aenter__(self) -> SiloHost:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     @property
     def worker_pid(self) -> int | None:
         return self._worker.pid if self._worker is not None else None
 
-    async def start(self) -> None:
-        """Start the shared worker (if any), then every agent; on any failure
-        everything already started is stopped again."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
-
     async def _start(self) -> None:
+        """Start the shared worker (if any), then every agent (`start()`
+        stops everything already started if this fails)."""
         if self.worker_mode is WorkerMode.SHARED:
             self._worker = WorkerBinary()
             await self._worker.start()

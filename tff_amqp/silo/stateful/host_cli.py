@@ -1,14 +1,29 @@
-"""`tff-amqp silos`: many simulated silos in one process (see silo/stateful/host.py)."""
+"""simulation: run many silo agents in one process (shared TensorFlow import)
+
+Simulation and testing mode: run several silo agents in one process. Each
+has its own broker connection, request queue, sessions and privacy policy;
+they share this process's CPU, memory and failure domain, and by default one
+worker_binary. Not for production silos (see docs/simulation.md).
+"""
+
+# (This docstring is `tff-amqp silos --help`: the one-line help, then the
+# description. The host itself: silo/stateful/host.py.)
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
 import sys
 from typing import Any
+
+from tff_amqp.silo.options import (
+    add_no_declare_option,
+    add_presence_options,
+    add_silo_command,
+    probe_broker,
+    stop_on_signals,
+)
 
 
 def numbered_silo_names(prefix: str, count: int, first: int = 0) -> list[str]:
@@ -23,26 +38,8 @@ def numbered_silo_names(prefix: str, count: int, first: int = 0) -> list[str]:
 
 
 def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
-    silos = sub.add_parser(
-        "silos",
-        parents=[common],
-        help="simulation: run many silo agents in one process (shared TensorFlow import)",
-        description="Simulation and testing mode: run several silo agents in one process. "
-        "Each has its own broker connection, request queue, sessions and privacy policy; "
-        "they share this process's CPU, memory and failure domain, and by default one "
-        "worker_binary. Not for production silos (see docs/simulation.md).",
-    )
-    silos.add_argument(
-        "--broker",
-        default=broker_default,
-        help="broker URL, amqp[s]://user:pass@host:port/vhost "
-        "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
-    )
-    silos.add_argument(
-        "--federation",
-        default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
-        help="federation name (default %(default)s)",
-    )
+    # Help and description: this module's docstring.
+    silos = add_silo_command(sub, common, "silos", broker_default, __doc__ or "")
     names = silos.add_mutually_exclusive_group(required=True)
     names.add_argument(
         "--name", action="append", dest="names", metavar="NAME", help="a silo name; repeatable"
@@ -92,25 +89,9 @@ def add_silos_parser(sub: Any, common: argparse.ArgumentParser, broker_default: 
         help="clients of each silo in an invocation that gives it no client data "
         "(default 0, as TFF's native runtime)",
     )
-    silos.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="seconds between each silo's heartbeats (default %(default)s)",
-    )
-    silos.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="give up connecting to the broker after this long (default %(default)s)",
-    )
-    silos.add_argument(
-        "--no-declare",
-        action="store_true",
-        help="do not declare exchanges/queues (provisioned silos without configure permission)",
-    )
+    # The same presence on the broker as `tff-amqp silo` (each silo has it).
+    add_presence_options(silos)
+    add_no_declare_option(silos)
 
 
 def run_silos(args: argparse.Namespace) -> int:
@@ -129,9 +110,7 @@ def run_silos(args: argparse.Namespace) -> int:
         return 2
     # An unreachable broker or refused credentials: say so before TensorFlow
     # loads (failures are explained by tff_amqp.cli.main).
-    from tff_amqp.cli import _probe_broker
-
-    asyncio.run(_probe_broker(args.broker, args.connect_timeout, None))
+    asyncio.run(probe_broker(args.broker, args.connect_timeout, None))
 
     from tff_amqp.errors import TffAmqpError
     from tff_amqp.silo.data import DataError, DataSource
@@ -172,11 +151,7 @@ def run_silos(args: argparse.Namespace) -> int:
 async def _serve(host: Any) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the shared worker dies
     (exit 1, so a supervisor restarts the host)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with host:
         stopped = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(host.wait_for_failure())

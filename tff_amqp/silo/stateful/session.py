@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
-from tff_amqp.errors import CodedError
+from tff_amqp.silo.endpoint import ServingError
 from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation
 from tff_amqp.transport.bulk import TransferError
@@ -42,17 +42,9 @@ AGGREGATION_URIS = frozenset(
 _INLINE_COPY = 1024 * 1024
 
 
-class SessionError(CodedError):
-    """An operation failed; carries the protocol error code for the reply."""
-
-    code: p.ErrorCode
-
-    def __init__(
-        self, code: p.ErrorCode, message: str, *, worker_status: str | None = None
-    ) -> None:
-        super().__init__(code, message)
-        # gRPC status of the worker_binary error behind it, if any.
-        self.worker_status = worker_status
+class SessionError(ServingError):
+    """An operation failed; carries the protocol error code for the reply
+    and the gRPC status of the worker_binary error behind it, if any."""
 
     @classmethod
     def from_worker(cls, error: WorkerError, message: str) -> SessionError:

@@ -1,0 +1,182 @@
+"""The serve loop both silo-side processes share (the stateful silo agent and
+the stateless pool worker).
+
+Start: connect (the broker first: an unreachable broker fails fast and
+cheap), own a TFF worker, find or declare the queue, consume it, say hello.
+Stop: the regime's own clean-up, goodbye, close the connection, stop the TFF
+worker; bounded and idempotent, and run too when a start fails half-way.
+A message that cannot be decoded is counted, logged and answered with an
+error reply where the regime can route one. What a decoded message means is
+the regime's business (`_on_message`, `_queue`, the hooks below).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Self
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from tff_amqp import protocol as p
+from tff_amqp.silo.data import DataError, SiloDataStore
+from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
+from tff_amqp.tff_worker import WorkerBinary, WorkerClient
+from tff_amqp.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """`async with service:` starts it and stops it; a start that fails
+    stops whatever it had started before the error propagates."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class SiloServer(Service):
+    """One silo-side process on the broker: its endpoint (connection, hello,
+    heartbeat, goodbye, replies), its TFF worker and its queue consumer.
+
+    `worker`: a client of a TFF worker owned by someone else (the simulation
+    host shares one between silos); by default the process starts and stops
+    one of its own.
+    """
+
+    # Names the process in logs, its connection and error texts ("silo", "worker").
+    role = "silo"
+
+    def __init__(
+        self,
+        config: EndpointConfig,
+        *,
+        silo: str,
+        prefetch: int,
+        stats: dict[str, int],
+        worker: WorkerClient | None = None,
+    ) -> None:
+        self.silo = silo
+        self.topology = Topology(config.federation)
+        self.data = SiloDataStore(silo, config.data)
+        self.stats = stats
+        self.endpoint = SiloEndpoint(
+            config, silo=silo, role=self.role, status=self._status, stats=stats
+        )
+        self._prefetch = prefetch
+        self._injected_worker = worker
+        self._worker: WorkerBinary | None = None
+        self._started_at = time.time()
+
+    async def _start(self) -> None:
+        # The broker first: an unreachable broker should fail fast and cheap.
+        channel = await self.endpoint.connect(prefetch=self._prefetch)
+        if self._injected_worker is None:
+            self._worker = WorkerBinary()
+            await self._worker.start()
+        queue = await self._queue(channel)
+        await self._before_consume()
+        await queue.consume(self._on_message, no_ack=False)
+        await self.endpoint.announce()
+        self._serving()
+        log.info(
+            f"{self.role}.ready",
+            extra={
+                "silo": self.silo,
+                "federation": self.topology.federation,
+                "queue": queue.name,
+                **self._ready_details(),
+                "data_keys": self.data.keys,
+                "worker_pid": self._worker.pid if self._worker is not None else None,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop the regime's work, say goodbye, close the broker connection
+        and stop the TFF worker. Bounded and idempotent."""
+        await self._stop_work()
+        await self.endpoint.close()
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        log.info(f"{self.role}.stopped", extra={"silo": self.silo, **self.stats})
+
+    # ----------------------------------------------------------- the regime's
+
+    async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
+        """The queue the process consumes (declared, or only looked up)."""
+        raise NotImplementedError
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        raise NotImplementedError
+
+    async def _before_consume(self) -> None:
+        """Start what must run before the first message arrives."""
+
+    def _serving(self) -> None:
+        """Called once the process consumes and has said hello."""
+
+    def _ready_details(self) -> dict[str, Any]:
+        return {}
+
+    async def _stop_work(self) -> None:
+        """Stop the regime's own work (before goodbye)."""
+
+    async def _refuse_malformed(
+        self, message: AbstractIncomingMessage, inv: str, corr: str, error: p.ProtocolError
+    ) -> None:
+        """Answer (or dead-letter) a message that could not be decoded."""
+        raise NotImplementedError
+
+    def _active(self) -> int:
+        """What the status reports as active invocations (or items)."""
+        return 0
+
+    def _allows_raw_client_values(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------- shared
+
+    async def _decode(self, message: AbstractIncomingMessage) -> p.Envelope | None:
+        """The message's envelope; None if it was malformed (then counted,
+        logged and refused)."""
+        try:
+            return p.decode(message.body, max_bytes=self.endpoint.max_message_bytes)
+        except p.ProtocolError as e:
+            self.stats["malformed"] += 1
+            log.warning(f"{self.role}.malformed", extra={"code": str(e.code), "error": str(e)})
+            inv, corr = p.peek_ids(message.body)
+            await self._refuse_malformed(message, inv, corr, e)
+            return None
+
+    def _status(self) -> p.SiloStatus:
+        try:
+            clients = self.data.default_num_clients()
+        except DataError:
+            # Data folder changed under us: still alive, report no clients.
+            clients = 0
+        return p.SiloStatus(
+            silo=self.silo,
+            clients=clients,
+            data_keys=tuple(self.data.keys),
+            active_invocations=self._active(),
+            allow_raw_client_values=self._allows_raw_client_values(),
+            started_at=self._started_at,
+        )
