@@ -12,9 +12,9 @@ from typing import Any
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
-from tff_amqp.coordinator.stateful.bulk import CoordinatorBulk
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.coordinator.stateful.values import FunctionValue
 from tff_amqp.observe.events import InvocationEvents
