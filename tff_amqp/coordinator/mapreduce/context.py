@@ -37,6 +37,7 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.mapreduce.round import (
@@ -98,6 +99,8 @@ class _Runtime:
         self.events = InvocationEvents()
         self.telemetry: CoordinatorTelemetry | None = None
         self.link: WorkLink | None = None
+        # Large broadcasts into the pools' streams, large accumulators back.
+        self.bulk: CoordinatorBulk | None = None
         self.worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,12 +124,23 @@ class _Runtime:
                     max_message_bytes=coordinator.max_message_bytes,
                     sender=coordinator.coordinator_name,
                 )
+                bulk = CoordinatorBulk(
+                    coordinator.broker_url,
+                    self.topology,
+                    sender=coordinator.coordinator_name,
+                    max_message_bytes=coordinator.max_message_bytes,
+                )
                 try:
                     await link.start()
+                    try:
+                        await bulk.start()
+                    except BaseException:
+                        await link.close()
+                        raise
                 except BaseException:
                     await worker.stop()
                     raise
-                self.link, self.worker = link, worker
+                self.link, self.bulk, self.worker = link, bulk, worker
                 self.telemetry = CoordinatorTelemetry(
                     coordinator,
                     self.events,
@@ -139,6 +153,9 @@ class _Runtime:
         if self.telemetry is not None:
             self.telemetry.close()
             self.telemetry = None
+        if self.bulk is not None:
+            await self.bulk.close()
+            self.bulk = None
         if self.link is not None:
             await self.link.close()
             self.link = None
@@ -240,6 +257,14 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
         return self._runtime.membership
 
     @property
+    def bulk(self) -> CoordinatorBulk:
+        """Chunked transfers: broadcasts into the pools' streams (counted in
+        `bulk.stats`), large accumulators back."""
+        if self._runtime.bulk is None:
+            raise RuntimeError("the MapReduce context has not started yet")
+        return self._runtime.bulk
+
+    @property
     def link(self) -> WorkLink:
         if self._runtime.link is None:
             raise RuntimeError("the MapReduce context is not started")
@@ -307,8 +332,10 @@ class AmqpAsyncMapReduceContext(context_base.AsyncContext):
         state = tensorflow_computation.transform_args(_tree_to_python(state))
         state_value, _ = value_serialization.serialize_value(state, state_type)
         coordinator = self._options.coordinator
+        assert self._runtime.bulk is not None  # started with the link
         round_ = MapReduceRound(
             link=link,
+            bulk=self._runtime.bulk,
             membership=self._runtime.membership,
             executor=await worker.client.shared_executor(0),
             form=wire,
@@ -408,6 +435,10 @@ class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext]):
     @property
     def link(self) -> WorkLink:
         return self._async_context.link
+
+    @property
+    def bulk(self) -> CoordinatorBulk:
+        return self._async_context.bulk
 
     @property
     def last_round(self) -> RoundReport | None:

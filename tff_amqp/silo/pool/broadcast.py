@@ -1,0 +1,214 @@
+"""A pool worker's bulk connection: a round's broadcast read from the silo's
+stream, large accumulators sent as chunks.
+
+The coordinator publishes a broadcast above the inline limit once per round
+into every cohort silo's broadcast stream (``tff.F.broadcast.<silo>``); work
+items only name it (`BlobRef`) and say from when to read. A stream, unlike a
+queue, is not consumed away: every worker of the pool reads the same chunks,
+and one that starts late still finds them (retention: see topology.py). A
+worker reads the stream from that point with a short-lived consumer, keeps
+the chunks of the wanted transfer only, verifies the SHA-256 (`Reassembler`),
+and caches the value, so the shards of one round on one worker fetch it once.
+The cache holds at most `MAX_CACHED` values and drops each when its round's
+deadline has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from tff_amqp import protocol as p
+from tff_amqp.retry import RetryPolicy
+from tff_amqp.silo.bulk import PREFETCH, SiloBulkConnection
+from tff_amqp.topology import Topology
+from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, Reassembler, TransferError
+from tff_amqp.transport.schema import declare_broadcast_stream
+
+log = logging.getLogger(__name__)
+
+# Broadcasts kept at once: the current round's, and the next one's while the
+# last items of the current round still run.
+MAX_CACHED = 2
+
+
+@dataclass
+class _Cached:
+    value: asyncio.Future[bytes]
+    expires: float  # epoch seconds: the round's deadline
+
+
+class PoolBulk(SiloBulkConnection):
+    """Broadcasts from the silo's stream (cached per round), results as chunks."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        topology: Topology,
+        *,
+        silo: str,
+        user_id: str,
+        max_message_bytes: int,
+        declare_topology: bool,
+        connect_policy: RetryPolicy,
+        ssl_context: ssl.SSLContext | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    ) -> None:
+        super().__init__(
+            broker_url,
+            topology,
+            silo=silo,
+            user_id=user_id,
+            max_message_bytes=max_message_bytes,
+            declare_topology=declare_topology,
+            connect_policy=connect_policy,
+            ssl_context=ssl_context,
+            role="worker",
+        )
+        self._max_pending_bytes = max_pending_bytes
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self.stats: dict[str, int] = {
+            "broadcast_fetches": 0,
+            "broadcast_cache_hits": 0,
+            # Chunk messages read from the stream, the wanted ones or not.
+            "broadcast_read_bytes": 0,
+        }
+
+    async def _start_receiving(
+        self, connection: AbstractRobustConnection, channel: AbstractChannel
+    ) -> None:
+        # Nothing is consumed until an item needs a broadcast; a worker that
+        # may configure (guest mode) declares the stream so it exists early.
+        if self._declare:
+            await declare_broadcast_stream(channel, self.topology, self.silo)
+
+    async def close(self) -> None:
+        for entry in self._cache.values():
+            entry.value.cancel()
+        self._cache.clear()
+        await super().close()
+
+    async def broadcast(
+        self, blob: p.BlobRef, *, since: float, round_id: str, deadline: float
+    ) -> bytes:
+        """The broadcast `blob` of round `round_id`: from the cache, or read
+        from the silo's stream starting at `since` (epoch seconds), waiting at
+        most until `deadline`."""
+        self._evict()
+        entry = self._cache.get(blob.transfer)
+        if entry is not None and not _failed(entry.value):
+            self.stats["broadcast_cache_hits"] += 1
+            self._cache.move_to_end(blob.transfer)
+            return await asyncio.shield(entry.value)
+        self.stats["broadcast_fetches"] += 1
+        task = asyncio.ensure_future(self._fetch(blob, since, round_id, deadline))
+        self._cache[blob.transfer] = _Cached(task, deadline)
+        while len(self._cache) > MAX_CACHED:
+            _, old = self._cache.popitem(last=False)
+            old.value.cancel()
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if self._cache.get(blob.transfer) is not None and task.done():
+                del self._cache[blob.transfer]  # a failed fetch is not cached
+            raise
+
+    def _evict(self) -> None:
+        now = time.time()
+        for transfer, entry in list(self._cache.items()):
+            if now > entry.expires:
+                entry.value.cancel()
+                del self._cache[transfer]
+
+    async def _fetch(self, blob: p.BlobRef, since: float, round_id: str, deadline: float) -> bytes:
+        if self._connection is None:
+            raise RuntimeError("worker bulk connection is not started")
+        started = time.monotonic()
+        read_before = self.stats["broadcast_read_bytes"]
+        # A channel per fetch: its consumer and prefetch window end with it.
+        channel = await self._connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=PREFETCH)  # streams require a prefetch
+            queue = await channel.get_queue(self.topology.broadcast_queue(self.silo), ensure=False)
+            async with Reassembler(
+                name=f"worker {self.silo} broadcast", max_pending_bytes=self._max_pending_bytes
+            ) as reassembler:
+
+                async def on_message(message: AbstractIncomingMessage) -> None:
+                    try:
+                        self._on_chunk(message, blob, reassembler)
+                    finally:
+                        await message.ack()  # streams need manual acks to keep delivering
+
+                offset = datetime.datetime.fromtimestamp(max(0, int(since)), datetime.UTC)
+                tag = await queue.consume(
+                    on_message, no_ack=False, arguments={"x-stream-offset": offset}
+                )
+                try:
+                    data = await reassembler.take(
+                        blob,
+                        sender="coordinator",
+                        invocation_id=round_id,
+                        timeout=deadline - time.time(),
+                    )
+                except TransferError as e:
+                    raise TransferError(
+                        e.code,
+                        f"{e}; reading stream {self.topology.broadcast_queue(self.silo)} from "
+                        f"{offset.isoformat()} (if no chunk arrived, the coordinator's clock may "
+                        "be ahead of the broker's, or the stream's retention dropped it)",
+                    ) from e
+                finally:
+                    with contextlib.suppress(Exception):
+                        await queue.cancel(tag)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        value = bytes(data)  # immutable: shared by every shard that uses it
+        log.info(
+            "worker.broadcast_fetched",
+            extra={
+                "transfer": blob.transfer,
+                "bytes": blob.size,
+                "read_bytes": self.stats["broadcast_read_bytes"] - read_before,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return value
+
+    def _on_chunk(
+        self, message: AbstractIncomingMessage, blob: p.BlobRef, reassembler: Reassembler
+    ) -> None:
+        self.stats["broadcast_read_bytes"] += len(message.body)
+        try:
+            envelope = p.decode(message.body, max_bytes=self._max_message_bytes)
+        except p.ProtocolError as e:
+            log.warning("worker.malformed_chunk", extra={"error": str(e)})
+            return
+        chunk = envelope.body
+        # The stream holds other rounds' broadcasts too: only the wanted
+        # transfer is buffered. Only the coordinator may publish into it
+        # (write on tff.F.bulk), hence one sender name.
+        if not isinstance(chunk, p.Chunk) or chunk.blob.transfer != blob.transfer:
+            return
+        try:
+            reassembler.add(
+                chunk,
+                sender="coordinator",
+                invocation_id=envelope.invocation_id,
+                deadline=envelope.deadline or time.time() + 60.0,
+            )
+        except TransferError as e:
+            log.warning("worker.transfer_failed", extra={"error": str(e)})
+
+
+def _failed(future: asyncio.Future[bytes]) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
