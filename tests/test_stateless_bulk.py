@@ -8,6 +8,8 @@ native runtime.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import signal
 import threading
@@ -22,12 +24,18 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_amqp
+from tests.support.broker import delete_federation_entities, new_federation_name
 from tests.support.federation import assert_close, run_in
 from tests.support.pools import ROW, start_worker, wait_workers_ready, write_xy_clients
 from tests.support.private_broker import private_rabbitmq
 from tests.support.processes import ManagedProcess, ProcessGroup
+from tff_amqp import protocol as p
+from tff_amqp.coordinator.bulk import CoordinatorBulk
+from tff_amqp.retry import connect_within
 from tff_amqp.silo.data import DataSource, SiloDataStore
-from tff_amqp.transport.bulk import chunk_bytes_for, inline_limit_for
+from tff_amqp.silo.pool.broadcast import PoolBulk
+from tff_amqp.topology import Topology
+from tff_amqp.transport.bulk import TransferError, chunk_bytes_for, inline_limit_for
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +171,65 @@ def test_the_limit_leaves_room_for_chunks() -> None:
     # cannot ride inline under it.
     assert chunk_bytes_for(LIMIT) == LIMIT - 64 * 1024
     assert 4 * SIZE > 8 * inline_limit_for(LIMIT)
+
+
+async def test_workers_read_a_broadcast_from_the_stream_once_and_late_ones_find_it(
+    amqp_url: str,
+) -> None:
+    """The pieces on the shared broker, without TFF: the coordinator publishes
+    into a silo's stream; a worker reads the wanted transfer once (skipping an
+    earlier one), serves it again from its cache, drops it when the round's
+    deadline passes; a worker started afterwards still reads it; a blob whose
+    checksum does not match is refused, not cached."""
+    federation = new_federation_name()
+    topology = Topology(federation)
+
+    def worker() -> PoolBulk:
+        return PoolBulk(
+            amqp_url,
+            topology,
+            silo="north",
+            user_id="guest",
+            max_message_bytes=2 * MiB,
+            declare_topology=True,
+            connect_policy=connect_within(10),
+        )
+
+    coordinator = CoordinatorBulk(amqp_url, topology, sender="coord", max_message_bytes=2 * MiB)
+    first, late = worker(), worker()
+    try:
+        await coordinator.start()
+        await first.start()  # guest mode: declares the stream
+        since = time.time() - 5
+        deadline = time.time() + 6
+        earlier = os.urandom(3 * MiB)
+        data = os.urandom(5 * MiB + 7)
+        await coordinator.send_to_streams(earlier, ["north"], invocation_id="r0", deadline=deadline)
+        blob = await coordinator.send_to_streams(
+            data, ["north"], invocation_id="r1", deadline=deadline
+        )
+        assert coordinator.stats["stream_transfers"] == 2
+        for _ in range(2):
+            got = await first.broadcast(blob, since=since, round_id="r1", deadline=deadline)
+            assert got == data
+        assert first.stats["broadcast_fetches"] == 1
+        assert first.stats["broadcast_cache_hits"] == 1
+        # Both transfers were read from the stream; only the wanted one kept.
+        assert first.stats["broadcast_read_bytes"] > len(earlier) + len(data)
+        await late.start()
+        assert await late.broadcast(blob, since=since, round_id="r1", deadline=deadline) == data
+        forged = p.BlobRef(blob.transfer, blob.size, b"\0" * 32)
+        with pytest.raises(TransferError, match="incomplete"):
+            await late.broadcast(forged, since=since, round_id="r1", deadline=time.time() + 2)
+        assert late.stats["broadcast_fetches"] == 2
+        await asyncio.sleep(max(0.0, deadline - time.time()) + 1.5)
+        # The round is over: the cache let go of the value without a new item.
+        assert first.cached == 0
+    finally:
+        await late.close()
+        await first.close()
+        await coordinator.close()
+        delete_federation_entities(amqp_url, federation)
 
 
 def test_a_large_model_round_equals_native_with_one_broadcast_per_round(

@@ -10,7 +10,7 @@ worker reads the stream from that point with a short-lived consumer, keeps
 the chunks of the wanted transfer only, verifies the SHA-256 (`Reassembler`),
 and caches the value, so the shards of one round on one worker fetch it once.
 The cache holds at most `MAX_CACHED` values and drops each when its round's
-deadline has passed.
+deadline passes.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class PoolBulk(SiloBulkConnection):
             role="worker",
         )
         self._max_pending_bytes = max_pending_bytes
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        # Keyed by the whole BlobRef: a value is the one with that id, size and checksum.
+        self._cache: OrderedDict[p.BlobRef, _Cached] = OrderedDict()
         self.stats: dict[str, int] = {
             "broadcast_fetches": 0,
             "broadcast_cache_hits": 0,
@@ -96,6 +97,11 @@ class PoolBulk(SiloBulkConnection):
         self._cache.clear()
         await super().close()
 
+    @property
+    def cached(self) -> int:
+        """Broadcasts held (or being fetched) in the cache."""
+        return len(self._cache)
+
     async def broadcast(
         self, blob: p.BlobRef, *, since: float, round_id: str, deadline: float
     ) -> bytes:
@@ -103,30 +109,33 @@ class PoolBulk(SiloBulkConnection):
         from the silo's stream starting at `since` (epoch seconds), waiting at
         most until `deadline`."""
         self._evict()
-        entry = self._cache.get(blob.transfer)
+        entry = self._cache.get(blob)
         if entry is not None and not _failed(entry.value):
             self.stats["broadcast_cache_hits"] += 1
-            self._cache.move_to_end(blob.transfer)
+            self._cache.move_to_end(blob)
             return await asyncio.shield(entry.value)
         self.stats["broadcast_fetches"] += 1
         task = asyncio.ensure_future(self._fetch(blob, since, round_id, deadline))
-        self._cache[blob.transfer] = _Cached(task, deadline)
+        task.add_done_callback(_retrieve)
+        self._cache[blob] = _Cached(task, deadline)
+        # Freed when its round is over even if no further item comes.
+        asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()) + 1.0, self._evict)
         while len(self._cache) > MAX_CACHED:
-            _, old = self._cache.popitem(last=False)
-            old.value.cancel()
+            self._cache.popitem(last=False)
         try:
             return await asyncio.shield(task)
         except BaseException:
-            if self._cache.get(blob.transfer) is not None and task.done():
-                del self._cache[blob.transfer]  # a failed fetch is not cached
+            if self._cache.get(blob) is not None and task.done():
+                del self._cache[blob]  # a failed fetch is not cached
             raise
 
     def _evict(self) -> None:
+        # Dropped, not cancelled: an item may still await a fetch in flight,
+        # which ends by itself at its deadline at the latest.
         now = time.time()
-        for transfer, entry in list(self._cache.items()):
+        for key, entry in list(self._cache.items()):
             if now > entry.expires:
-                entry.value.cancel()
-                del self._cache[transfer]
+                del self._cache[key]
 
     async def _fetch(self, blob: p.BlobRef, since: float, round_id: str, deadline: float) -> bytes:
         if self._connection is None:
@@ -208,6 +217,12 @@ class PoolBulk(SiloBulkConnection):
             )
         except TransferError as e:
             log.warning("worker.transfer_failed", extra={"error": str(e)})
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    # A fetch nobody awaits any more must not log "exception never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 def _failed(future: asyncio.Future[bytes]) -> bool:
