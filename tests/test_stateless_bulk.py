@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -229,6 +230,41 @@ async def test_workers_read_a_broadcast_from_the_stream_once_and_late_ones_find_
         await late.close()
         await first.close()
         await coordinator.close()
+        delete_federation_entities(amqp_url, federation)
+
+
+async def test_a_worker_starts_even_if_its_stream_cannot_be_declared(amqp_url: str) -> None:
+    # A broker without streams, or a stream declared otherwise, must not stop
+    # a worker whose rounds may never need one; its broadcast-free work goes on.
+    federation = new_federation_name()
+    topology = Topology(federation)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(topology.broadcast_queue("north"), durable=True)  # classic
+        worker = PoolBulk(
+            amqp_url,
+            topology,
+            silo="north",
+            user_id="guest",
+            max_message_bytes=2 * MiB,
+            declare_topology=True,
+            connect_policy=connect_within(10),
+        )
+        await worker.start()
+        try:
+            # Its sending side works: a result transfer is confirmed by the broker.
+            ref = await worker.send(
+                os.urandom(3 * MiB),
+                invocation_id="r",
+                correlation_id="c",
+                deadline=time.time() + 30,
+            )
+            assert ref.size == 3 * MiB and worker.sent_bytes > 3 * MiB
+        finally:
+            await worker.close()
+    finally:
+        await connection.close()
         delete_federation_entities(amqp_url, federation)
 
 

@@ -88,8 +88,21 @@ class PoolBulk(SiloBulkConnection):
     ) -> None:
         # Nothing is consumed until an item needs a broadcast; a worker that
         # may configure (guest mode) declares the stream so it exists early.
+        # On a channel of its own: a refusal (a broker without streams, a
+        # stream declared with other arguments) closes the channel, and must
+        # not stop a worker whose rounds may never need a stream.
         if self._declare:
-            await declare_broadcast_stream(channel, self.topology, self.silo)
+            own = await connection.channel()
+            try:
+                await declare_broadcast_stream(own, self.topology, self.silo)
+            except Exception as e:
+                log.warning(
+                    "worker.broadcast_stream_unavailable",
+                    extra={"stream": self.topology.broadcast_queue(self.silo), "error": str(e)},
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await own.close()
 
     async def close(self) -> None:
         for entry in self._cache.values():
