@@ -28,8 +28,9 @@ import tff_amqp
 from tests.support.broker import delete_federation_entities, new_federation_name
 from tests.support.federation import assert_close, run_in
 from tests.support.pools import ROW, start_worker, wait_workers_ready, write_xy_clients
-from tests.support.private_broker import private_rabbitmq
+from tests.support.private_broker import free_port, private_rabbitmq
 from tests.support.processes import ManagedProcess, ProcessGroup
+from tests.test_observe import scrape, value
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.retry import connect_within
@@ -97,7 +98,7 @@ class Federation:
         self.workers: dict[str, list[ManagedProcess]] = {s: [] for s in SILOS}
         self._started = 0
 
-    def add_worker(self, silo: str) -> ManagedProcess:
+    def add_worker(self, silo: str, *extra_args: str) -> ManagedProcess:
         self._started += 1
         worker = start_worker(
             self.group,
@@ -106,7 +107,7 @@ class Federation:
             silo,
             self._started,
             {"xy": self.folders[silo]},
-            extra_args=["--max-message-bytes", str(LIMIT)],
+            extra_args=["--max-message-bytes", str(LIMIT), *extra_args],
         )
         self.workers[silo].append(worker)
         return worker
@@ -343,7 +344,8 @@ def test_a_worker_that_starts_after_the_broadcast_still_reads_it(
             while context.bulk.stats["stream_transfers"] == published:
                 assert time.monotonic() < deadline and thread.is_alive(), outcome
                 time.sleep(0.1)
-            late = federation.add_worker("south")
+            metrics_port = free_port()
+            late = federation.add_worker("south", "--metrics-port", str(metrics_port))
             wait_workers_ready([late])
         finally:
             # The frozen worker's unacked item (prefetch 1) goes back to the
@@ -359,6 +361,13 @@ def test_a_worker_that_starts_after_the_broadcast_still_reads_it(
         report = context.last_round
         assert report is not None and report.dropped_silos == []
         assert report.merged_items == report.items == len(SILOS) * SHARDS_PER_SILO
+        samples = scrape(metrics_port)
     text = late.log_text()
     assert len(FETCHED.findall(text)) == 1
     assert len(DONE.findall(text)) == SHARDS_PER_SILO
+    # The same in the worker's metrics: one read of the stream, the other
+    # shard served from the cache.
+    assert value(samples, "tff_amqp_worker_broadcast_fetches_total", silo="south") == 1
+    hits = value(samples, "tff_amqp_worker_broadcast_cache_hits_total", silo="south")
+    assert hits == SHARDS_PER_SILO - 1
+    assert value(samples, "tff_amqp_worker_broadcast_read_bytes_total", silo="south") > 4 * SIZE

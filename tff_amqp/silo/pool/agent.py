@@ -168,6 +168,7 @@ class StatelessWorker:
             declare_topology=self.config.declare_topology,
             connect_policy=connect_within(self.config.connect_timeout),
             ssl_context=self.config.tls.context() if self.config.tls else None,
+            stats=self.stats,
         )
         await self.bulk.start()
         queue = await channel.get_queue(queue_name, ensure=False)

@@ -61,6 +61,7 @@ class PoolBulk(SiloBulkConnection):
         connect_policy: RetryPolicy,
         ssl_context: ssl.SSLContext | None = None,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        stats: dict[str, int] | None = None,
     ) -> None:
         super().__init__(
             broker_url,
@@ -76,12 +77,12 @@ class PoolBulk(SiloBulkConnection):
         self._max_pending_bytes = max_pending_bytes
         # Keyed by the whole BlobRef: a value is the one with that id, size and checksum.
         self._cache: OrderedDict[p.BlobRef, _Cached] = OrderedDict()
-        self.stats: dict[str, int] = {
-            "broadcast_fetches": 0,
-            "broadcast_cache_hits": 0,
-            # Chunk messages read from the stream, the wanted ones or not.
-            "broadcast_read_bytes": 0,
-        }
+        # The owner's counters, if it passes them (the worker's metrics).
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("broadcast_fetches", 0)
+        self.stats.setdefault("broadcast_cache_hits", 0)
+        # Chunk messages read from the stream, the wanted ones or not.
+        self.stats.setdefault("broadcast_read_bytes", 0)
 
     async def _start_receiving(
         self, connection: AbstractRobustConnection, channel: AbstractChannel
