@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tff_amqp.processes import reaping_children
+
 # TFF_AMQP_BENCH_RESULTS: write elsewhere (e.g. a one-off run that must not
 # replace the suite's results).
 RESULTS = Path(os.environ.get("TFF_AMQP_BENCH_RESULTS") or Path(__file__).parent / "results")
@@ -46,36 +48,14 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def _worker_children() -> list[int]:
-    me = str(os.getpid())
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = stat[stat.rindex(")") + 2 :].split()[1]
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if ppid == me and b"worker_binary" in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 @contextlib.contextmanager
 def native_context() -> Iterator[Any]:
     """TFF's own native runtime; its worker_binary is killed on exit (TFF's
     launcher would leave it running)."""
     import tensorflow_federated as tff
 
-    context = tff.backends.native.create_sync_local_cpp_execution_context()
-    try:
-        yield context
-    finally:
-        for pid in _worker_children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    with reaping_children("worker_binary"):
+        yield tff.backends.native.create_sync_local_cpp_execution_context()
 
 
 def machine() -> dict[str, Any]:
@@ -151,25 +131,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def children(pid: int, named: str | None = None) -> list[int]:
-    """Live direct children of `pid`, optionally only those whose command
-    line contains `named`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            if named is None or named.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def available_memory_mb() -> float:

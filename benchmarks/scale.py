@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
     RESULTS,
     available_memory_mb,
-    children,
     cpu_seconds,
     delete_federation,
     machine,
@@ -43,6 +42,7 @@ from benchmarks._common import (
     write_result,
 )
 from benchmarks.overhead import build
+from tff_amqp.processes import child_pids_named
 
 FULL_SILOS = [1, 2, 4, 8, 16, 32, 64]
 QUICK_SILOS = [1, 2, 4, 8]
@@ -57,7 +57,7 @@ class NotEnoughMemory(RuntimeError):
 
 
 def _coordinator_pids() -> list[int]:
-    return [os.getpid(), *children(os.getpid(), named="worker_binary")]
+    return [os.getpid(), *child_pids_named("worker_binary")]
 
 
 def _measure(context: Any, n: int, built: tuple[Any, ...], repeats: int) -> dict[str, Any]:
@@ -90,9 +90,9 @@ def _measure(context: Any, n: int, built: tuple[Any, ...], repeats: int) -> dict
 
 
 def _silo_memory(local: Any) -> dict[str, float]:
-    processes = [silo.process.pid for silo in local.silos.values()]
+    processes = [silo.pid for silo in local.silos.values()]
     agent_mb = sum(rss_mb(pid) for pid in processes)
-    worker_mb = sum(rss_mb(w) for pid in processes for w in children(pid, named="worker_binary"))
+    worker_mb = sum(rss_mb(w) for pid in processes for w in child_pids_named("worker_binary", pid))
     return {
         "silo_processes": len(processes),
         "agents_rss_mb": agent_mb,

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 import time
 import uuid
@@ -41,7 +39,6 @@ import numpy as np
 
 from benchmarks._common import (
     RESULTS,
-    children,
     delete_federation_async,
     machine,
     print_table,
@@ -49,6 +46,7 @@ from benchmarks._common import (
     stop_on_sigterm,
     write_result,
 )
+from tff_amqp.processes import reaping_children
 
 EXECUTOR_OPERATIONS = ("create_value", "create_call", "create_struct", "create_selection")
 
@@ -112,10 +110,10 @@ def _computation() -> Any:
 async def _native(comp: Any, values: list[float], levels: list[int], total: int) -> dict[int, Any]:
     import tensorflow_federated as tff
 
-    before = set(children(os.getpid(), named="worker_binary"))
-    context = tff.backends.native.create_async_local_cpp_execution_context()
     out = {}
-    try:
+    # TFF's launcher leaves its worker_binary running: ours to stop.
+    with reaping_children("worker_binary"):
+        context = tff.backends.native.create_async_local_cpp_execution_context()
         with tff.framework.get_context_stack().install(context):
             await comp(values)  # warm-up
             for c in levels:
@@ -123,11 +121,6 @@ async def _native(comp: Any, values: list[float], levels: list[int], total: int)
                 assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
                 out[c] = {"invocations_per_s": len(results) / seconds, "seconds": seconds}
                 progress(f"  native      C={c:3d}: {out[c]['invocations_per_s']:.1f} invocations/s")
-    finally:
-        # TFF's launcher leaves its worker_binary running: ours to stop.
-        for pid in set(children(os.getpid(), named="worker_binary")) - before:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
     return out
 
 

@@ -11,7 +11,6 @@ collecting tests stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -27,12 +26,9 @@ from tests.support.broker import (
     provide_broker,
     redact,
 )
-from tests.support.processes import (
-    ProcessGroup,
-    child_pids_named,
-    kill_pid,
-    marked_processes,
-)
+from tests.support.processes import marked_processes
+from tff_amqp.local import LocalFederation, ProcessGroup
+from tff_amqp.processes import kill_pid, reaping_children
 
 MARKER = "TFF_AMQP_TEST_SESSION"
 os.environ.setdefault(MARKER, uuid.uuid4().hex)
@@ -90,16 +86,20 @@ def process_group(
         yield group
 
 
-@contextlib.contextmanager
-def _reaping_worker_binaries() -> Iterator[None]:
-    """SIGKILL, on exit, the worker_binary children that appeared meanwhile
-    (TFF's launcher starts them as our children and leaves them running)."""
-    before = child_pids_named("worker_binary")
-    try:
-        yield
-    finally:
-        for pid in child_pids_named("worker_binary") - before:
-            kill_pid(pid)
+@pytest.fixture
+def local(
+    amqp_url: str,
+    federation: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[LocalFederation]:
+    """The launcher (`tff_amqp.local.LocalFederation`) for this test's
+    federation on the shared broker: silos, pool workers and simulation hosts
+    started through it are stopped after the test, before `federation` deletes
+    the broker objects. Logs are under pytest's tmp dir."""
+    with LocalFederation(amqp_url, federation, log_dir=tmp_path_factory.mktemp("logs")) as group:
+        request.node.stash.setdefault(_GROUPS, []).append(group)
+        yield group
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +114,7 @@ def native_context() -> Iterator[Any]:
     """
     import tensorflow_federated as tff
 
-    with _reaping_worker_binaries():
+    with reaping_children("worker_binary"):
         yield tff.backends.native.create_sync_local_cpp_execution_context()
 
 
@@ -126,7 +126,7 @@ def test_context() -> Iterator[Any]:
     killed at teardown like the native context's."""
     import tensorflow_federated as tff
 
-    with _reaping_worker_binaries():
+    with reaping_children("worker_binary"):
         yield tff.backends.test.create_sync_test_cpp_execution_context()
 
 
@@ -138,7 +138,7 @@ def _tff_default_context_workers() -> Iterator[None]:
     In a full run `native_context` reaps those at its teardown; this does the
     same for any subset (e.g. -m "not slow"), so the leak check below only
     reports processes tests really left behind (silos, their workers)."""
-    with _reaping_worker_binaries():
+    with reaping_children("worker_binary"):
         yield
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import tff_amqp
-from tests.support.federation import Federation, new_federation_name, run_in, start_federation
+from tests.support.broker import new_federation_name
+from tests.support.computations import mean_glucose
+from tests.support.federation import Federation, run_in, start_federation
 from tests.support.private_broker import PrivateBroker, rabbitmq_available
-from tests.test_data_and_privacy import mean_glucose
 from tests.test_failures import _context, _direct_mean, _wait_live
 from tff_amqp.errors import TffAmqpError
 from tff_amqp.local import LocalFederation

@@ -8,46 +8,18 @@ the explicit opt-in flag, and a refusing silo keeps serving.
 
 from __future__ import annotations
 
-import collections
 import struct
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_amqp
-from tests.support.federation import (
-    local_federation,
-    read_column,
-    read_column_of_file,
-    run_in,
-    start_federation,
-)
+from tests.support.computations import ROW, ROWS_AT_CLIENTS, mean_glucose
+from tests.support.data import read_column, read_column_of_file
+from tests.support.federation import local_federation, run_in, start_federation
 from tff_amqp import protocol
 from tff_amqp.errors import SiloError
-
-ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
-ROWS_AT_CLIENTS = tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
-
-
-@tff.tensorflow.computation(tff.SequenceType(ROW))
-def client_sum_and_count(rows):
-    return rows.reduce(
-        (np.float64(0.0), np.float64(0.0)),
-        lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
-    )
-
-
-@tff.tensorflow.computation(np.float64, np.float64)
-def divide(total, count):
-    return total / count
-
-
-@tff.federated_computation(ROWS_AT_CLIENTS)
-def mean_glucose(rows):
-    sums = tff.federated_sum(tff.federated_map(client_sum_and_count, rows))
-    return tff.federated_map(divide, sums)
 
 
 @tff.federated_computation(ROWS_AT_CLIENTS)

@@ -23,14 +23,9 @@ import tensorflow_federated as tff
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 
 import tff_amqp
-from tests.support.federation import (
-    Federation,
-    local_federation,
-    read_column,
-    run_in,
-    start_federation,
-)
-from tests.test_data_and_privacy import ROW, mean_glucose
+from tests.support.computations import ROW, mean_glucose
+from tests.support.data import read_column
+from tests.support.federation import Federation, local_federation, run_in, start_federation
 from tff_amqp import protocol as p
 from tff_amqp.errors import (
     CohortError,

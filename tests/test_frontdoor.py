@@ -30,7 +30,7 @@ import yarl
 from tests.support.broker import federation_entities, new_federation_name
 from tests.support.processes import marked_processes
 from tests.support.provisioning import ProvisionedFederation, admin_url_for
-from tff_amqp.local import die_with_parent
+from tff_amqp.processes import die_with_parent
 from tff_amqp.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tff_amqp.cli import build_parser
-from tff_amqp.local import die_with_parent
+from tff_amqp.processes import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "docs" / "tutorial.md", ROOT / "docs" / "operations.md"]

@@ -19,8 +19,8 @@ import aio_pika
 import msgpack
 import numpy as np
 import pytest
-import tensorflow_federated as tff
 
+from tests.support.computations import fed_sum
 from tests.support.federation import Federation, run_in
 from tff_amqp import protocol as p
 from tff_amqp.topology import Topology
@@ -132,11 +132,6 @@ async def _send_garbage(url: str, topology: Topology, silo: str) -> int:
     return len(bad)
 
 
-@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
-def total(values):
-    return tff.federated_sum(values)
-
-
 def test_silo_and_coordinator_survive_garbage_and_still_serve(
     amqp_url: str, silo_federation: Federation, amqp_context
 ) -> None:
@@ -176,4 +171,4 @@ def test_silo_and_coordinator_survive_garbage_and_still_serve(
     # Every process is still up, and a real computation gives the right answer.
     assert all(s.running for s in silo_federation.local.silos.values())
     values = [1.5, 2.0, 3.25, 4.0, 0.5, 6.0, 7.75]
-    assert run_in(amqp_context, total, values) == np.float32(sum(values))
+    assert run_in(amqp_context, fed_sum, values) == np.float32(sum(values))

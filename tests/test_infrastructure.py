@@ -22,15 +22,9 @@ from tests.support.broker import (
     redact,
     run_async,
 )
-from tests.support.processes import (
-    ManagedProcess,
-    ProcessGroup,
-    child_pids_named,
-    kill_pid,
-    marked_processes,
-    start_silo,
-    wait_ready,
-)
+from tests.support.processes import marked_processes
+from tff_amqp.local import LocalFederation, ManagedProcess, ProcessGroup, SiloOptions, wait_ready
+from tff_amqp.processes import child_pids_named, kill_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "TFF_AMQP_TEST_SESSION"
@@ -155,25 +149,71 @@ def test_wait_ready_waits_for_every_silo_and_reports_a_dead_one(
         wait_ready([a, dead], timeout=60)
 
 
-def test_start_silo_builds_the_documented_command_line(
-    process_group: ProcessGroup, tmp_path: Path
-) -> None:
-    silo = start_silo(
-        process_group,
-        "amqp://u:p@h:5672/",
-        "t-0000abcd",
-        "alpha",
-        {"readings": tmp_path / "a", "labels": tmp_path / "b"},
-        extra_args=("--log-level", "info"),
-    )
-    silo.stop()
+def test_start_silo_builds_the_documented_command_line(tmp_path: Path) -> None:
+    with LocalFederation("amqp://u:p@h:5672/", "t-0000abcd", log_dir=tmp_path) as local:
+        silo = local.start_silo(
+            "alpha",
+            data={"readings": tmp_path / "a", "labels": tmp_path / "b"},
+            options=SiloOptions(extra_args=("--log-level", "info")),
+        )
+    assert not silo.running
     assert silo.args == [
         sys.executable, "-m", "tff_amqp", "silo",
         "--broker", "amqp://u:p@h:5672/", "--federation", "t-0000abcd", "--name", "alpha",
         "--data", f"readings={tmp_path / 'a'}", "--data", f"labels={tmp_path / 'b'}",
         "--log-level", "info",
     ]  # fmt: skip
-    assert process_group["silo-alpha"] is silo
+    assert local["silo-alpha"] is silo and local.silos["alpha"] is silo
+    assert silo.log_path == tmp_path / "silo-alpha.log"
+
+
+def test_the_launcher_builds_worker_and_host_command_lines_with_options(tmp_path: Path) -> None:
+    options = SiloOptions(
+        tls_ca=tmp_path / "ca.pem", tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem",
+        max_message_bytes=1 << 20, metrics_port=9100, no_declare=True,
+    )  # fmt: skip
+    tls_args = [
+        "--tls-ca", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "c.pem"),
+        "--tls-key", str(tmp_path / "k.pem"), "--max-message-bytes", "1048576",
+        "--metrics-port", "9100", "--no-declare",
+    ]  # fmt: skip
+    assert options.args() == tls_args
+    host_options = SiloOptions(
+        default_clients=4, min_clients_per_aggregate=2, allow_raw_client_values=True
+    )
+    with LocalFederation("amqp://u:p@h:5672/", "t-0000abcd", log_dir=tmp_path) as local:
+        first = local.start_worker("north", data={"xy": tmp_path / "a"}, options=options)
+        second = local.start_worker(
+            "north", options=SiloOptions(broker_url="amqp://north:pw@h:5672/")
+        )
+        host = local.start_silo_host(
+            "h0", ["s000", "s001"], worker_mode="per-silo", options=host_options
+        )
+    assert first.args == [
+        sys.executable, "-m", "tff_amqp", "worker",
+        "--broker", "amqp://u:p@h:5672/", "--federation", "t-0000abcd",
+        "--stateless", "--silo", "north", "--data", f"xy={tmp_path / 'a'}", *tls_args,
+    ]  # fmt: skip
+    assert second.args[4:6] == ["--broker", "amqp://north:pw@h:5672/"]
+    assert local.silos == {"north#1": first, "north#2": second, "h0": host}
+    assert (first.ready_event, host.ready_event) == ("worker.ready", "silo_host.ready")
+    assert second.log_path == tmp_path / "worker-north-2.log"
+    assert host.args[4:] == [
+        "--broker", "amqp://u:p@h:5672/", "--federation", "t-0000abcd",
+        "--worker", "per-silo", "--name", "s000", "--name", "s001",
+        "--default-clients", "4", "--min-clients-per-aggregate", "2",
+        "--allow-raw-client-values",
+    ]  # fmt: skip
+
+
+def test_a_name_is_reused_only_once_its_process_has_exited(process_group: ProcessGroup) -> None:
+    first = process_group.start("sleeper", [sys.executable, "-c", SLEEPER])
+    with pytest.raises(ValueError, match="already in this group"):
+        process_group.start("sleeper", [sys.executable, "-c", SLEEPER])
+    first.stop()
+    second = process_group.start("sleeper", [sys.executable, "-c", SLEEPER])
+    assert second is not first and second.running and process_group["sleeper"] is second
+    assert second.log_path == first.log_path  # a restart appends to the same log
 
 
 @pytest.mark.parametrize("with_psutil", [True, False], ids=["psutil", "proc"])

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.federation import read_column, write_silo_csvs
-from tests.support.processes import start_silo, wait_ready
+from tests.support.data import read_column, write_silo_csvs
+from tff_amqp.local import SiloOptions, wait_ready
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.observe.metrics import CoordinatorMetrics
 from tff_amqp.observe.progress import ProgressDisplay, progress_enabled
@@ -150,37 +150,31 @@ def test_a_taken_metrics_port_is_a_clear_error():
 
 @pytest.mark.slow
 def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
-    amqp_url, federation, process_group, tmp_path
+    amqp_url, federation, local, tmp_path
 ):
     """A real silo process with --metrics-port and a coordinator context with
     metrics_port=0: both endpoints are scraped between invocations, and the
     counters for invocations, batches, bytes and phase latencies move."""
-    import collections
-
     import numpy as np
     import tensorflow_federated as tff
 
     import tff_amqp
+    from tests.support.computations import ROW
 
     folder = write_silo_csvs(tmp_path, 0, clients=2)
     silo_port = free_port()
-    silo = start_silo(
-        process_group,
-        amqp_url,
-        federation,
+    silo = local.start_silo(
         "metered",
         data={"readings": folder},
-        extra_args=["--metrics-port", str(silo_port), "--log-level", "info"],
+        options=SiloOptions(metrics_port=silo_port, extra_args=("--log-level", "info")),
     )
     wait_ready(silo, timeout=240)
 
-    row = collections.OrderedDict(age=np.int32, glucose=np.float32)
-
-    @tff.tensorflow.computation(tff.SequenceType(row))
+    @tff.tensorflow.computation(tff.SequenceType(ROW))
     def total(rows):
         return rows.reduce(np.float32(0), lambda acc, r: acc + r["glucose"])
 
-    @tff.federated_computation(tff.FederatedType(tff.SequenceType(row), tff.CLIENTS))
+    @tff.federated_computation(tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS))
     def federated_total(rows):
         return tff.federated_sum(tff.federated_map(total, rows))
 
@@ -243,7 +237,7 @@ def test_metrics_endpoints_of_coordinator_and_silo_move_during_a_run(
 
 @pytest.mark.slow
 def test_a_frozen_silo_shows_up_as_a_dropped_straggler_and_a_late_reply(
-    amqp_url, federation, process_group, tmp_path
+    amqp_url, federation, local, tmp_path
 ):
     """Real silo processes, one frozen (SIGSTOP) during an invocation with a
     1 s straggler timeout: the progress display names the dropped straggler,
@@ -256,14 +250,12 @@ def test_a_frozen_silo_shows_up_as_a_dropped_straggler_and_a_late_reply(
     import tensorflow_federated as tff
 
     import tff_amqp
-    from tests.test_data_and_privacy import mean_glucose
+    from tests.support.computations import mean_glucose
 
     silos = {}
     for index, name in enumerate(("steady", "frozen")):
         folder = write_silo_csvs(tmp_path, index, clients=2)
-        silos[name] = start_silo(
-            process_group, amqp_url, federation, name, data={"readings": folder}
-        )
+        silos[name] = local.start_silo(name, data={"readings": folder})
     wait_ready(silos.values(), timeout=240)
 
     def run(context):

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tests.support.computations import F32_CLIENTS, fed_mean, fed_sum
 from tests.support.federation import assert_close, run_in
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
@@ -21,17 +22,6 @@ pytestmark = pytest.mark.slow
 
 CLIENT_VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
 WEIGHTS = [1.0, 2.0, 0.5, 3.0, 1.0, 4.0, 2.0]
-F32_CLIENTS = tff.FederatedType(np.float32, tff.CLIENTS)
-
-
-@tff.federated_computation(F32_CLIENTS)
-def fed_sum(x):
-    return tff.federated_sum(x)
-
-
-@tff.federated_computation(F32_CLIENTS)
-def fed_mean(x):
-    return tff.federated_mean(x)
 
 
 @tff.federated_computation(F32_CLIENTS, F32_CLIENTS)

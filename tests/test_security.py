@@ -12,7 +12,6 @@ pass because of a broken set-up.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from tests.support.federation import read_column, write_silo_csvs
-from tests.support.processes import start_silo, wait_ready
+from tests.support.data import read_column, write_silo_csvs
 from tests.support.provisioning import ProvisionedFederation, admin_url_for
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.mapreduce.link import WorkLink
@@ -342,51 +340,31 @@ async def test_coordinator_uses_a_reply_only_from_the_silos_hello_user(
         await link.close()
 
 
-ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
-
-
 @pytest.mark.slow
-def test_federation_end_to_end_with_provisioned_credentials(
-    amqp_url: str, tmp_path: Path, process_group
-) -> None:
-    import tensorflow as tf
-    import tensorflow_federated as tff
-
+def test_federation_end_to_end_with_provisioned_credentials(amqp_url: str, tmp_path: Path) -> None:
     import tff_amqp
+    from tests.support.computations import glucose_totals
     from tests.support.federation import run_in
-
-    @tff.tensorflow.computation(tff.SequenceType(ROW))
-    def sum_and_count(rows):
-        return rows.reduce(
-            (np.float64(0.0), np.float64(0.0)),
-            lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
-        )
-
-    @tff.federated_computation(tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS))
-    def glucose_totals(rows):
-        return tff.federated_sum(tff.federated_map(sum_and_count, rows))
+    from tff_amqp.local import LocalFederation, SiloOptions
 
     silos = ("north", "south")
     with ProvisionedFederation(amqp_url, admin_url_for(amqp_url), silos) as fed:
         folders = {name: write_silo_csvs(tmp_path, i, 2 + i) for i, name in enumerate(silos)}
-        processes = [
-            start_silo(
-                process_group,
-                fed.silo_urls[name],
-                fed.name,
-                name,
-                {"readings": folders[name]},
-                ("--no-declare",),
-            )
-            for name in silos
-        ]
-        wait_ready(processes, timeout=240)
-        with tff_amqp.create_sync_amqp_execution_context(
-            fed.coordinator_url, federation=fed.name, min_silos=2, cohort_timeout=120.0
-        ) as context:
-            total, count = run_in(context, glucose_totals, tff_amqp.silo_data("readings"))
-            stats = dict(context.runtime.link.stats)
-        process_group.stop_all()
+        # Stopped when the block ends, before the provisioned users are deleted.
+        with LocalFederation(amqp_url, fed.name, log_dir=tmp_path / "logs") as local:
+            for name in silos:
+                local.start_silo(
+                    name,
+                    data={"readings": folders[name]},
+                    # Each silo as its own provisioned user.
+                    options=SiloOptions(broker_url=fed.silo_urls[name], no_declare=True),
+                )
+            local.wait_ready(timeout=240)
+            with tff_amqp.create_sync_amqp_execution_context(
+                fed.coordinator_url, federation=fed.name, min_silos=2, cohort_timeout=120.0
+            ) as context:
+                total, count = run_in(context, glucose_totals, tff_amqp.silo_data("readings"))
+                stats = dict(context.runtime.link.stats)
     values = [v for folder in folders.values() for v in read_column(folder, "glucose")]
     assert count == len(values)
     np.testing.assert_allclose(total, np.asarray(values, np.float32).astype(np.float64).sum())

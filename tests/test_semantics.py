@@ -22,21 +22,16 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.mapreduce import intrinsics as mr_intrinsics
 
+from tests.support.computations import F32_CLIENTS, fed_sum
 from tests.support.federation import assert_close, run_in
 from tff_amqp.errors import SiloError, SiloWorkerError
 
-F32_CLIENTS = tff.FederatedType(np.float32, tff.CLIENTS)
 I32_CLIENTS = tff.FederatedType(np.int32, tff.CLIENTS)
 
 
 @tff.federated_computation(F32_CLIENTS)
 def sum_and_mean(x):
     return tff.federated_sum(x), tff.federated_mean(x)
-
-
-@tff.federated_computation(F32_CLIENTS)
-def just_sum(x):
-    return tff.federated_sum(x)
 
 
 @pytest.mark.parametrize("values", [[2.5], [1.0, -4.0], [1.0, 2.0, 3.0, 4.0]])
@@ -46,8 +41,8 @@ def test_fewer_or_uneven_clients_than_silos(values, amqp_context, native_context
 
 
 def test_empty_client_list_sums_to_zero(amqp_context, native_context):
-    expected = run_in(native_context, just_sum, [])
-    actual = run_in(amqp_context, just_sum, [])
+    expected = run_in(native_context, fed_sum, [])
+    actual = run_in(amqp_context, fed_sum, [])
     assert actual == expected == 0.0
 
 

@@ -9,64 +9,24 @@ a SIGKILLed host takes its workers with it.
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_federated as tff
 
 import tff_amqp
-from tests.support.federation import assert_close, read_column, run_in, write_silo_csvs
-from tests.support.processes import ManagedProcess, ProcessGroup, child_pids_named
+from tests.support.computations import fed_mean, glucose_totals
+from tests.support.data import read_column, write_silo_csvs
+from tests.support.federation import assert_close, run_in
+from tff_amqp.local import LocalFederation, wait_ready
+from tff_amqp.processes import child_pids_named
 from tff_amqp.silo.stateful.host_cli import numbered_silo_names
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-ROW = collections.OrderedDict(age=np.int32, glucose=np.float32)
-F32_CLIENTS = tff.FederatedType(np.float32, tff.CLIENTS)
-HOST_READY = r'"event":\s*"silo_host\.ready"'
-
-
-@tff.federated_computation(F32_CLIENTS)
-def fed_mean(x):
-    return tff.federated_mean(x)
-
-
-@tff.tensorflow.computation(tff.SequenceType(ROW))
-def glucose_sum_and_count(rows):
-    return rows.reduce(
-        (np.float64(0.0), np.float64(0.0)),
-        lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
-    )
-
-
-@tff.federated_computation(tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS))
-def glucose_sum_and_count_over_silos(rows):
-    return tff.federated_sum(tff.federated_map(glucose_sum_and_count, rows))
-
-
-def start_host(
-    group: ProcessGroup,
-    amqp_url: str,
-    federation: str,
-    host: str,
-    names: list[str],
-    *,
-    worker: str,
-    extra_args: tuple[str, ...] = (),
-) -> ManagedProcess:
-    args = [sys.executable, "-m", "tff_amqp", "silos", "--broker", amqp_url]
-    args += ["--federation", federation, "--worker", worker]
-    for name in names:
-        args += ["--name", name]
-    return group.start(host, [*args, *extra_args])
 
 
 def wait_gone(pids: set[int], timeout: float) -> set[int]:
@@ -97,17 +57,15 @@ def test_numbered_silo_names_sort_in_numeric_order_across_hosts() -> None:
         numbered_silo_names("s", 0)
 
 
-def test_silos_command_rejects_a_bad_silo_name_before_starting(
-    process_group: ProcessGroup, amqp_url: str, federation: str
-) -> None:
-    bad = start_host(process_group, amqp_url, federation, "bad", ["ok", "not ok"], worker="shared")
+def test_silos_command_rejects_a_bad_silo_name_before_starting(local: LocalFederation) -> None:
+    bad = local.start_silo_host("bad", ["ok", "not ok"], worker_mode="shared")
     assert bad.process is not None
     assert bad.process.wait(60) == 2
     assert "not ok" in bad.log_text()
 
 
 def test_six_silos_in_two_hosts_match_native_and_keep_their_own_data(
-    process_group: ProcessGroup,
+    local: LocalFederation,
     amqp_url: str,
     federation: str,
     native_context: object,
@@ -117,19 +75,12 @@ def test_six_silos_in_two_hosts_match_native_and_keep_their_own_data(
     for i, name in enumerate(names):
         write_silo_csvs(tmp_path, i, clients=1 + i % 3)
         (tmp_path / f"silo{i}").rename(tmp_path / name)
-    data = ("--data", f"readings={tmp_path}/{{silo}}")
+    data = {"readings": f"{tmp_path}/{{silo}}"}
     hosts = [
-        start_host(
-            process_group, amqp_url, federation, "host-a", names[:3], worker="shared",
-            extra_args=data,
-        ),
-        start_host(
-            process_group, amqp_url, federation, "host-b", names[3:], worker="per-silo",
-            extra_args=data,
-        ),
-    ]  # fmt: skip
-    for host in hosts:
-        host.wait_for_log(HOST_READY, timeout=240)
+        local.start_silo_host("host-a", names[:3], worker_mode="shared", data=data),
+        local.start_silo_host("host-b", names[3:], worker_mode="per-silo", data=data),
+    ]
+    wait_ready(hosts, timeout=240)
     # One shared worker in host-a, one per silo in host-b.
     assert len(child_pids_named("worker_binary", parent=hosts[0].pid)) == 1
     assert len(child_pids_named("worker_binary", parent=hosts[1].pid)) == 3
@@ -140,26 +91,17 @@ def test_six_silos_in_two_hosts_match_native_and_keep_their_own_data(
         amqp_url, federation=federation, min_silos=6, cohort_timeout=120.0, deadline=300.0
     ) as context:
         assert_close(run_in(context, fed_mean, values), expected)
-        total, count = run_in(
-            context, glucose_sum_and_count_over_silos, tff_amqp.silo_data("readings")
-        )
+        total, count = run_in(context, glucose_totals, tff_amqp.silo_data("readings"))
     column = [v for name in names for v in read_column(tmp_path / name, "glucose")]
     # Each silo read its own folder: the distinctive per-silo values add up.
     assert count == len(column)
     np.testing.assert_allclose(total, sum(np.float32(v) for v in column), rtol=1e-6)
 
 
-def test_host_failures_take_their_silos_and_workers_down(
-    process_group: ProcessGroup, amqp_url: str, federation: str
-) -> None:
-    shared = start_host(
-        process_group, amqp_url, federation, "shared", ["a0", "a1"], worker="shared"
-    )
-    per_silo = start_host(
-        process_group, amqp_url, federation, "per-silo", ["b0", "b1"], worker="per-silo"
-    )
-    for host in (shared, per_silo):
-        host.wait_for_log(HOST_READY, timeout=240)
+def test_host_failures_take_their_silos_and_workers_down(local: LocalFederation) -> None:
+    shared = local.start_silo_host("shared", ["a0", "a1"], worker_mode="shared")
+    per_silo = local.start_silo_host("per-silo", ["b0", "b1"], worker_mode="per-silo")
+    wait_ready([shared, per_silo], timeout=240)
 
     # The shared worker dies: every silo of the host is gone with it, so the
     # host stops them (goodbye) and exits with an error for a supervisor.

@@ -25,18 +25,12 @@ import tensorflow_federated as tff
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 
 import tff_amqp
-from tests.support.broker import delete_federation_entities, new_federation_name
-from tests.support.federation import assert_close, read_column, run_in
-from tests.support.pools import (
-    ROW,
-    fedavg_round,
-    start_worker,
-    wait_workers_ready,
-    write_xy_clients,
-)
-from tests.support.processes import ManagedProcess, ProcessGroup
+from tests.support.computations import XY_ROW, fedavg_round
+from tests.support.data import read_column, write_xy_clients
+from tests.support.federation import assert_close, local_federation, run_in
 from tests.test_observe import scrape
 from tff_amqp import protocol as p
+from tff_amqp.local import LocalFederation, ManagedProcess, SiloOptions, wait_ready
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.silo.pool.shard import shard_bounds
 
@@ -49,24 +43,20 @@ WORKERS_PER_SILO = 3
 
 
 class Pools:
-    def __init__(self, name: str, group: ProcessGroup, folders: dict[str, Path]) -> None:
-        self.name = name
-        self.group = group
+    def __init__(self, local: LocalFederation, folders: dict[str, Path]) -> None:
+        self.name = local.federation
+        self.local = local
         self.folders = folders
         self.workers: dict[str, list[ManagedProcess]] = {s: [] for s in SILOS}
-        self._started = 0
 
-    def add_worker(self, amqp_url: str, silo: str) -> ManagedProcess:
-        self._started += 1
-        worker = start_worker(
-            self.group, amqp_url, self.name, silo, self._started, {"xy": self.folders[silo]}
-        )
+    def add_worker(self, silo: str) -> ManagedProcess:
+        worker = self.local.start_worker(silo, data={"xy": self.folders[silo]})
         self.workers[silo].append(worker)
         return worker
 
     def datasets(self, silos=SILOS) -> list[tf.data.Dataset]:
         """Every client's data in the order the workers shard it."""
-        element_type = tff.to_type(ROW)
+        element_type = tff.to_type(XY_ROW)
         out = []
         for silo in silos:
             store = SiloDataStore(silo, [DataSource("xy", self.folders[silo])])
@@ -80,16 +70,14 @@ class Pools:
 @pytest.fixture(scope="module")
 def pools(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pools]:
     root = tmp_path_factory.mktemp("pools")
-    name = new_federation_name()
     folders = {s: write_xy_clients(root, i, CLIENTS_PER_SILO) for i, s in enumerate(SILOS)}
-    with ProcessGroup(root / "logs") as group:
-        pools = Pools(name, group, folders)
+    with local_federation(amqp_url, root / "logs") as local:
+        pools = Pools(local, folders)
         for silo in SILOS:
             for _ in range(WORKERS_PER_SILO):
-                pools.add_worker(amqp_url, silo)
-        wait_workers_ready([w for ws in pools.workers.values() for w in ws])
+                pools.add_worker(silo)
+        local.wait_ready(timeout=180)
         yield pools
-    delete_federation_entities(amqp_url, name)
 
 
 def _context(amqp_url: str, pools: Pools, **options) -> tff_amqp.AmqpSyncMapReduceContext:
@@ -144,7 +132,7 @@ def test_fedavg_over_worker_pools_equals_native_tff(amqp_url, pools, native_cont
 # ---------------------------------------------------- crash mid-item: retry
 
 
-@tff.tensorflow.computation(tff.SequenceType(ROW), np.int64)
+@tff.tensorflow.computation(tff.SequenceType(XY_ROW), np.int64)
 def slow_count(rows, offset):
     # Seconds of work inside the worker's TensorFlow, so a test can catch a
     # worker in the middle of an item.
@@ -159,7 +147,8 @@ def add(a, b):
 
 
 @tff.federated_computation(
-    tff.FederatedType(np.int64, tff.SERVER), tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
+    tff.FederatedType(np.int64, tff.SERVER),
+    tff.FederatedType(tff.SequenceType(XY_ROW), tff.CLIENTS),
 )
 def slow_round(state, rows):
     offset = tff.federated_broadcast(state)
@@ -238,7 +227,7 @@ def test_a_worker_killed_mid_item_costs_only_a_retry(amqp_url, pools):
     # Replace the victim for the next tests.
     silo = next(s for s, ws in pools.workers.items() if victim in ws)
     pools.workers[silo].remove(victim)
-    wait_workers_ready([pools.add_worker(amqp_url, silo)])
+    wait_ready(pools.add_worker(silo), timeout=180)
 
 
 def test_worker_whose_worker_binary_dies_gives_its_item_back_and_exits(amqp_url, pools):
@@ -261,7 +250,7 @@ def test_worker_whose_worker_binary_dies_gives_its_item_back_and_exits(amqp_url,
     assert "worker_binary died" in victim.log_text()
     silo = next(s for s, ws in pools.workers.items() if victim in ws)
     pools.workers[silo].remove(victim)
-    wait_workers_ready([pools.add_worker(amqp_url, silo)])
+    wait_ready(pools.add_worker(silo), timeout=180)
 
 
 @pytest.mark.parametrize(
@@ -337,7 +326,7 @@ def test_computation_outside_mapreduce_form_points_to_the_stateful_context(amqp_
     assert "create_sync_amqp_execution_context" in str(error.value)
 
 
-@tff.tensorflow.computation(tff.SequenceType(ROW), np.int64)
+@tff.tensorflow.computation(tff.SequenceType(XY_ROW), np.int64)
 def count_below_limit(rows, limit):
     n = rows.reduce(np.int64(0), lambda n, _: n + 1)
     check = tf.debugging.assert_less(n, limit, message="too many rows for the limit")
@@ -346,7 +335,8 @@ def count_below_limit(rows, limit):
 
 
 @tff.federated_computation(
-    tff.FederatedType(np.int64, tff.SERVER), tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS)
+    tff.FederatedType(np.int64, tff.SERVER),
+    tff.FederatedType(tff.SequenceType(XY_ROW), tff.CLIENTS),
 )
 def checked_round(limit, rows):
     counts = tff.federated_map(count_below_limit, (rows, tff.federated_broadcast(limit)))
@@ -412,36 +402,28 @@ def test_work_messages_round_trip_and_reject_bad_shards():
         p.decode(bad)
 
 
-def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, process_group):
-    name = new_federation_name()
+def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, local):
+    # The `local` fixture stops the worker first (its robust connection would
+    # re-declare what is deleted), then deletes the federation's broker objects.
+    name = local.federation
     folder = write_xy_clients(tmp_path, 0, 3)
-    worker = start_worker(
-        process_group,
-        amqp_url,
-        name,
-        "tiny",
-        1,
-        {"xy": folder},
-        ["--min-clients-per-item", "2"],
+    worker = local.start_worker(
+        "tiny", data={"xy": folder}, options=SiloOptions(extra_args=("--min-clients-per-item", "2"))
     )
-    wait_workers_ready([worker])
-    try:
-        options = dict(cohort_timeout=60.0, deadline=120.0)
-        with tff_amqp.create_sync_amqp_mapreduce_context(
-            amqp_url, federation=name, shards_per_silo=3, **options
-        ) as context:
-            # 3 clients in 3 shards: 1 client per item, below the floor of 2.
-            with pytest.raises(tff_amqp.SiloError, match="at least 2 per work item") as error:
-                run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
-            assert error.value.silo == "tiny" and error.value.code == "privacy_refused"
-        with tff_amqp.create_sync_amqp_mapreduce_context(
-            amqp_url, federation=name, shards_per_silo=1, **options
-        ) as context:
-            _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
-        assert total == len(read_column(folder, "x"))
-    finally:
-        worker.stop()  # first: its robust connection would re-declare what we delete
-        delete_federation_entities(amqp_url, name)
+    wait_ready(worker, timeout=180)
+    options = dict(cohort_timeout=60.0, deadline=120.0)
+    with tff_amqp.create_sync_amqp_mapreduce_context(
+        amqp_url, federation=name, shards_per_silo=3, **options
+    ) as context:
+        # 3 clients in 3 shards: 1 client per item, below the floor of 2.
+        with pytest.raises(tff_amqp.SiloError, match="at least 2 per work item") as error:
+            run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        assert error.value.silo == "tiny" and error.value.code == "privacy_refused"
+    with tff_amqp.create_sync_amqp_mapreduce_context(
+        amqp_url, federation=name, shards_per_silo=1, **options
+    ) as context:
+        _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+    assert total == len(read_column(folder, "x"))
 
 
 def test_no_live_worker_is_a_clear_cohort_error_within_the_timeout(amqp_url, federation):

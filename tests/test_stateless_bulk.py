@@ -26,13 +26,14 @@ import tensorflow_federated as tff
 
 import tff_amqp
 from tests.support.broker import delete_federation_entities, new_federation_name
+from tests.support.computations import XY_ROW as ROW
+from tests.support.data import write_xy_clients
 from tests.support.federation import assert_close, run_in
-from tests.support.pools import ROW, start_worker, wait_workers_ready, write_xy_clients
 from tests.support.private_broker import free_port, private_rabbitmq
-from tests.support.processes import ManagedProcess, ProcessGroup
 from tests.test_observe import scrape, value
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.bulk import CoordinatorBulk
+from tff_amqp.local import LocalFederation, ManagedProcess, SiloOptions, wait_ready
 from tff_amqp.retry import connect_within
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.silo.pool.broadcast import PoolBulk
@@ -90,24 +91,18 @@ def small_round(scale: Any, rows: Any) -> Any:
 
 
 class Federation:
-    def __init__(self, url: str, group: ProcessGroup, folders: dict[str, Path]) -> None:
-        self.url = url
-        self.name = "bulkpool"
-        self.group = group
+    def __init__(self, local: LocalFederation, folders: dict[str, Path]) -> None:
+        self.url = local.broker_url
+        self.name = local.federation
+        self.local = local
         self.folders = folders
         self.workers: dict[str, list[ManagedProcess]] = {s: [] for s in SILOS}
-        self._started = 0
 
-    def add_worker(self, silo: str, *extra_args: str) -> ManagedProcess:
-        self._started += 1
-        worker = start_worker(
-            self.group,
-            self.url,
-            self.name,
+    def add_worker(self, silo: str, metrics_port: int | None = None) -> ManagedProcess:
+        worker = self.local.start_worker(
             silo,
-            self._started,
-            {"xy": self.folders[silo]},
-            extra_args=["--max-message-bytes", str(LIMIT), *extra_args],
+            data={"xy": self.folders[silo]},
+            options=SiloOptions(max_message_bytes=LIMIT, metrics_port=metrics_port),
         )
         self.workers[silo].append(worker)
         return worker
@@ -139,11 +134,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     root = tmp_path_factory.mktemp("bulkpool")
     folders = {s: write_xy_clients(root, i, CLIENTS_PER_SILO) for i, s in enumerate(SILOS)}
     with private_rabbitmq(config=f"max_message_size = {LIMIT}") as url:
-        with ProcessGroup(root / "logs") as group:
-            fed = Federation(url, group, folders)
+        with LocalFederation(url, "bulkpool", log_dir=root / "logs") as local:
+            fed = Federation(local, folders)
             for silo in SILOS:
                 fed.add_worker(silo)
-            wait_workers_ready([w for ws in fed.workers.values() for w in ws])
+            local.wait_ready(timeout=180)
             yield fed
 
 
@@ -345,8 +340,8 @@ def test_a_worker_that_starts_after_the_broadcast_still_reads_it(
                 assert time.monotonic() < deadline and thread.is_alive(), outcome
                 time.sleep(0.1)
             metrics_port = free_port()
-            late = federation.add_worker("south", "--metrics-port", str(metrics_port))
-            wait_workers_ready([late])
+            late = federation.add_worker("south", metrics_port)
+            wait_ready(late, 180)
         finally:
             # The frozen worker's unacked item (prefetch 1) goes back to the
             # queue when it dies; the late worker runs it.

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 
 from tests.support.broker import new_federation_name
-from tests.support.federation import run_in, write_silo_csvs
+from tests.support.data import write_silo_csvs
+from tests.support.federation import run_in
 from tests.support.private_broker import PrivateBroker
-from tests.support.processes import ProcessGroup, start_silo, wait_ready
 from tests.support.tls import Pki
 from tff_amqp.errors import BrokerUnreachableError
+from tff_amqp.local import LocalFederation, SiloOptions
 from tff_amqp.retry import RetryPolicy
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
@@ -102,9 +103,8 @@ def _refused(url: str, tls: TlsFiles) -> str:
 def test_silo_and_coordinator_connect_with_client_certificates_and_serve(
     tls_broker: TlsBroker, tmp_path: Path
 ) -> None:
-    import tensorflow_federated as tff
-
     import tff_amqp
+    from tests.support.computations import fed_sum
 
     federation = new_federation_name()
     url = _provision(
@@ -118,13 +118,12 @@ def test_silo_and_coordinator_connect_with_client_certificates_and_serve(
     assert CERT_CN in users
     cert, key = tls_broker.pki.client(CERT_CN)
     folder = write_silo_csvs(tmp_path, 0, 2)
-    tls_args = (
-        "--no-declare", "--tls-ca", str(tls_broker.pki.ca_cert),
-        "--tls-cert", str(cert), "--tls-key", str(key),
-    )  # fmt: skip
-    with ProcessGroup(tmp_path / "logs") as group:
-        silo = start_silo(group, url, federation, "alpha", {"readings": folder}, tls_args)
-        wait_ready(silo, timeout=180)
+    options = SiloOptions(
+        no_declare=True, tls_ca=tls_broker.pki.ca_cert, tls_cert=cert, tls_key=key
+    )
+    with LocalFederation(url, federation, log_dir=tmp_path / "logs") as local:
+        local.start_silo("alpha", data={"readings": folder}, options=options)
+        local.wait_ready(timeout=180)
         # The coordinator too: amqps with its own certificate, given in the
         # URL's query (aiormq reads cafile/certfile/keyfile from it).
         coordinator_url = _provision(
@@ -142,12 +141,7 @@ def test_silo_and_coordinator_connect_with_client_certificates_and_serve(
             coordinator_url, federation=federation, min_silos=1, cohort_timeout=60.0
         )
         try:
-
-            @tff.federated_computation(tff.FederatedType(tff.TensorType(np.float32), tff.CLIENTS))
-            def total(values: object) -> object:
-                return tff.federated_sum(values)
-
-            assert run_in(context, total, [1.5, 2.5]) == pytest.approx(4.0)
+            assert run_in(context, fed_sum, [1.5, 2.5]) == pytest.approx(4.0)
             # Checked while the coordinator is connected.
             connections = tls_broker.broker.ctl(
                 "list_connections", "-q", "user", "ssl", "auth_mechanism"
@@ -190,14 +184,12 @@ def test_pool_worker_connects_with_a_client_certificate_and_serves_a_round(
     """`tff-amqp worker` has the silo's TLS options: a stateless round runs with
     the worker and the coordinator both on amqps with client certificates, and
     the worker's own metrics endpoint counts the items."""
-    import collections
-
     import tensorflow as tf
     import tensorflow_federated as tff
 
     import tff_amqp
-    from tests.support.federation import read_column
-    from tests.support.pools import WORKER_READY, start_worker
+    from tests.support.computations import ROW
+    from tests.support.data import read_column
     from tests.support.private_broker import free_port
     from tests.test_observe import scrape, value
 
@@ -222,9 +214,8 @@ def test_pool_worker_connects_with_a_client_certificate_and_serves_a_round(
     )
     folder = write_silo_csvs(tmp_path, 1, 3)
     metrics_port = free_port()
-    row = collections.OrderedDict(age=np.int32, glucose=np.float32)
 
-    @tff.tensorflow.computation(tff.SequenceType(row))
+    @tff.tensorflow.computation(tff.SequenceType(ROW))
     def count(rows: object) -> object:
         return rows.reduce(np.int64(0), lambda n, _: n + 1)  # type: ignore[attr-defined]
 
@@ -234,22 +225,19 @@ def test_pool_worker_connects_with_a_client_certificate_and_serves_a_round(
 
     @tff.federated_computation(
         tff.FederatedType(np.int64, tff.SERVER),
-        tff.FederatedType(tff.SequenceType(row), tff.CLIENTS),
+        tff.FederatedType(tff.SequenceType(ROW), tff.CLIENTS),
     )
     def count_round(state: object, rows: object) -> object:
         total = tff.federated_sum(tff.federated_map(count, rows))
         return tff.federated_map(add, (state, total)), total
 
-    with ProcessGroup(tmp_path / "logs") as group:
-        worker = start_worker(
-            group, url, federation, "beta", 0, {"readings": folder},
-            [
-                "--no-declare", "--tls-ca", str(tls_broker.pki.ca_cert),
-                "--tls-cert", str(cert), "--tls-key", str(key),
-                "--metrics-port", str(metrics_port),
-            ],
-        )  # fmt: skip
-        worker.wait_for_log(WORKER_READY, 180)
+    options = SiloOptions(
+        no_declare=True, tls_ca=tls_broker.pki.ca_cert, tls_cert=cert, tls_key=key,
+        metrics_port=metrics_port,
+    )  # fmt: skip
+    with LocalFederation(url, federation, log_dir=tmp_path / "logs") as local:
+        local.start_worker("beta", data={"readings": folder}, options=options)
+        local.wait_ready(timeout=180)
         context = tff_amqp.create_sync_amqp_mapreduce_context(
             coordinator_url, federation=federation, min_silos=1, shards_per_silo=2
         )

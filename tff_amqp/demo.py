@@ -279,7 +279,7 @@ class _SiloWatcher:
         pending = dict(self._local.silos)
         while pending and not self._stop.wait(0.25):
             for name, silo in list(pending.items()):
-                if f'"{silo.ready_event}"' in silo.log_tail(200):
+                if silo.is_ready():
                     del pending[name]
                     self._say(
                         f"  silo {name} is up ({time.monotonic() - self._started:.0f} s; "

@@ -1,7 +1,7 @@
 """Owning child processes: they die with us and stop within a bound.
 
 Shared by everything that starts processes (a silo's TFF worker, the local
-federation launcher, tests and benchmarks).
+launcher in `tff_amqp/local.py`, and through it tests, benchmarks and the demo).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import ctypes
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -22,17 +25,111 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def spawn(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `command` as an owned child: its own process group (so a group
+    stop also reaches its children), SIGKILLed when its parent dies, output
+    appended to `log_path` (never our stdout: an orphan holding it would hang
+    a pipeline). `env` is added to ours."""
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            env={**os.environ, **env} if env else None,
+            cwd=cwd,
+        )
+
+
+def stop_process_groups(
+    processes: Iterable[subprocess.Popen[bytes]], timeout: float = 10.0
+) -> None:
+    """SIGTERM every process group, wait at most `timeout` in total (so many
+    processes stop in parallel, not one bound after another), then SIGKILL."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        kill_process_group(process)
+
+
 def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM the process group, wait at most `timeout`, then SIGKILL it."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # Kill stragglers of the group (e.g. a worker_binary) even if the leader exited.
+    stop_process_groups([process], timeout)
+
+
+def kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the group and reap its leader. Also when the leader already
+    exited: stragglers of the group (e.g. a worker_binary) may remain."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5.0)
+
+
+def proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(comm, state, ppid) of a process from /proc, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return comm, fields[0], int(fields[1])
+
+
+def child_pids_named(name: str, parent: int | None = None) -> set[int]:
+    """Live (non-zombie) direct children of `parent` (default: us) called `name`
+    (psutil if installed, else a walk of /proc)."""
+    parent = os.getpid() if parent is None else parent
+    try:
+        import psutil
+    except ImportError:
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                stat = proc_stat(int(entry.name))
+                # /proc's comm is the name cut to 15 characters.
+                if stat and stat[0] == name[:15] and stat[1] != "Z" and stat[2] == parent:
+                    found.add(int(entry.name))
+        return found
+    found = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(parent).children(recursive=False):
+            with contextlib.suppress(psutil.Error):
+                if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
+                    found.add(child.pid)
+    return found
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL one process, ignoring it being gone already."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def reaping_children(name: str) -> Iterator[None]:
+    """SIGKILL, on exit, our children called `name` that appeared meanwhile:
+    TFF's native launcher starts `worker_binary` as our child and leaves it
+    running (its orphan would outlive tests and benchmarks)."""
+    before = child_pids_named(name)
+    try:
+        yield
+    finally:
+        for pid in child_pids_named(name) - before:
+            kill_pid(pid)

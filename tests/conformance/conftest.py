@@ -33,9 +33,8 @@ from tests.conformance.harness import (
     Both,
     ConformanceFederation,
 )
-from tests.support.broker import delete_federation_entities, new_federation_name
-from tests.support.federation import write_silo_csvs
-from tff_amqp.local import LocalFederation
+from tests.support.data import write_silo_csvs
+from tests.support.federation import local_federation, started_context
 
 
 @pytest.fixture(scope="session")
@@ -43,38 +42,23 @@ def conformance_federation(
     amqp_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ConformanceFederation]:
     root = tmp_path_factory.mktemp("conformance")
-    name = new_federation_name()
     folders: dict[str, dict[str, Path]] = {key: {} for key in CLIENTS_PER_SILO}
-    try:
-        with LocalFederation(amqp_url, name, log_dir=root / "logs") as local:
-            for i, silo in enumerate(SILOS):
-                for key, counts in CLIENTS_PER_SILO.items():
-                    folders[key][silo] = write_silo_csvs(root / key, i, counts[i])
-                local.start_silo(silo, data={key: folders[key][silo] for key in folders})
-            local.wait_ready(timeout=240)
-            yield ConformanceFederation(name, folders)
-    finally:
-        delete_federation_entities(amqp_url, name)
+    # Deletes the federation's broker objects afterwards, its silos stopped first.
+    with local_federation(amqp_url, root / "logs") as local:
+        for i, silo in enumerate(SILOS):
+            for key, counts in CLIENTS_PER_SILO.items():
+                folders[key][silo] = write_silo_csvs(root / key, i, counts[i])
+            local.start_silo(silo, data={key: folders[key][silo] for key in folders})
+        local.wait_ready(timeout=240)
+        yield ConformanceFederation(local.federation, folders)
 
 
 @pytest.fixture(scope="session")
 def conformance_context(
     amqp_url: str, conformance_federation: ConformanceFederation
 ) -> Iterator[Any]:
-    import tff_amqp
-
-    context = tff_amqp.create_sync_amqp_execution_context(
-        amqp_url,
-        federation=conformance_federation.name,
-        min_silos=len(SILOS),
-        cohort_timeout=120.0,
-        deadline=300.0,
-    )
-    context.start()
-    try:
+    with started_context(amqp_url, conformance_federation.name, len(SILOS)) as context:
         yield context
-    finally:
-        context.close()
 
 
 @pytest.fixture(scope="session")

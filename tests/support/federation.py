@@ -8,8 +8,6 @@ purpose start their own.
 from __future__ import annotations
 
 import contextlib
-import csv
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,48 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.broker import delete_federation_entities
-from tff_amqp.local import LocalFederation
+from tests.support.broker import delete_federation_entities, new_federation_name
+from tests.support.data import write_silo_csvs
+from tff_amqp.local import LocalFederation, SiloOptions
 
 SILO_NAMES = ("alpha", "bravo", "charlie")
-
-
-# Distinctive values: if any of these ever reached the coordinator as raw
-# bytes, the data-locality test would see them.
-def _silo_rows(silo_index: int, client_index: int) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(1000 * silo_index + client_index)
-    rows = []
-    for r in range(4 + client_index + silo_index):
-        rows.append(
-            {
-                "patient": f"p{silo_index}-{client_index}-{r}",
-                "age": int(rng.integers(20, 90)),
-                "glucose": round(float(rng.normal(5.5, 1.2)) + 1000.0 * (silo_index + 1), 3),
-                "notes": "confidential",
-            }
-        )
-    return rows
-
-
-def write_silo_csvs(root: Path, silo_index: int, clients: int) -> Path:
-    folder = root / f"silo{silo_index}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for c in range(clients):
-        rows = _silo_rows(silo_index, c)
-        with open(folder / f"client_{c:02d}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["patient", "age", "glucose", "notes"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return folder
-
-
-def read_column_of_file(path: Path, column: str) -> list[float]:
-    with open(path, newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f)]
-
-
-def read_column(folder: Path, column: str) -> list[float]:
-    return [v for path in sorted(folder.glob("*.csv")) for v in read_column_of_file(path, column)]
 
 
 class Federation:
@@ -82,13 +43,10 @@ def start_federation(
     folders: dict[str, Path] = {}
     for i, name in enumerate(names):
         folders[name] = write_silo_csvs(root, i, clients_per_silo[i % len(clients_per_silo)])
-        local.start_silo(name, data={"readings": folders[name]}, extra_args=extra_args)
+        options = SiloOptions(extra_args=extra_args)
+        local.start_silo(name, data={"readings": folders[name]}, options=options)
     local.wait_ready(timeout=240)
     return Federation(local, folders)
-
-
-def new_federation_name() -> str:
-    return f"t-{uuid.uuid4().hex[:8]}"
 
 
 @contextlib.contextmanager
@@ -112,22 +70,26 @@ def silo_federation(
         yield start_federation(local, root)
 
 
-@pytest.fixture(scope="session")
-def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
+@contextlib.contextmanager
+def started_context(amqp_url: str, federation: str, silos: int) -> Iterator[Any]:
+    """A started stateful context of a session federation (all `silos` in
+    the cohort), closed afterwards."""
     import tff_amqp
 
     context = tff_amqp.create_sync_amqp_execution_context(
-        amqp_url,
-        federation=silo_federation.name,
-        min_silos=len(silo_federation.silos),
-        cohort_timeout=120.0,
-        deadline=300.0,
+        amqp_url, federation=federation, min_silos=silos, cohort_timeout=120.0, deadline=300.0
     )
     context.start()
     try:
         yield context
     finally:
         context.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
+    with started_context(amqp_url, silo_federation.name, len(silo_federation.silos)) as context:
+        yield context
 
 
 def run_in(context: Any, comp: Any, *args: Any) -> Any:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from tff_amqp.processes import die_with_parent, stop_process_group
+from tff_amqp.processes import spawn, stop_process_group
 from tff_amqp.tff_worker.client import GRPC_OPTIONS, WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,6 @@ def find_worker_binary() -> Path:
             f"TFF's worker_binary is missing at {path}; reinstall tensorflow-federated"
         )
     return path
-
-
-def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
 
 
 def _free_port() -> int:
@@ -144,7 +132,7 @@ class WorkerBinary:
             f"--grpc_max_message_length_megabytes={self._max_mb}",
         ]
         assert self.log_path is not None
-        self._process = _spawn(command, self.log_path)
+        self._process = spawn(command, self.log_path)
         _LIVE.add(self)
         self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=GRPC_OPTIONS)
         started = time.monotonic()
