@@ -164,15 +164,10 @@ async def delete_federation_async(broker: str, federation: str, silos: list[str]
     from tff_amqp.topology import Topology
 
     topology = Topology(federation)
-    queues = [topology.request_queue(s) for s in silos]
-    queues += [topology.bulk_queue(s) for s in silos] + [topology.work_queue(s) for s in silos]
-    exchanges = [
-        topology.requests_exchange,
-        topology.replies_exchange,
-        topology.dead_letter_exchange,
-        topology.bulk_exchange,
-        topology.work_exchange,
-    ]
+    # The schema's lists: every silo queue (broadcast streams included), every exchange.
+    queues = [spec.name for s in silos for spec in topology.silo_queue_specs(s)]
+    queues += [topology.coordinator_queue, topology.coordinator_bulk_queue]
+    exchanges = list(topology.exchanges())
     connection = await aio_pika.connect(broker, timeout=10)
     try:
         channel = await connection.channel()

@@ -71,6 +71,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "Stateless work scaling",
         "stateless work queues spread over many workers (from the stateless-scaling work)",
     ),
+    Benchmark(
+        "stateless_bulk",
+        "Stateless large broadcasts",
+        "a 16 MB model broadcast to 2 silo pools of 4 work items each: once per round into the "
+        "silos' streams, against inline in every work item; round time and bytes published",
+        quick_args=("--repeats", "1"),
+    ),
 )
 
 

@@ -91,31 +91,11 @@ def build():
 
 
 def delete_broker_objects(broker: str, federation: str) -> None:
-    """Remove what this run declared on the broker (its federation is unique)."""
-    import asyncio
+    """Remove what this run declared on the broker (its federation is unique):
+    queues (the pool's broadcast stream included) and exchanges."""
+    from benchmarks._common import delete_federation
 
-    import aio_pika
-
-    from tff_amqp.topology import Topology
-
-    topology = Topology(federation)
-
-    async def delete() -> None:
-        connection = await aio_pika.connect(broker, timeout=10)
-        try:
-            channel = await connection.channel()
-            await channel.queue_delete(topology.work_queue("pool"))
-            await channel.queue_delete(topology.coordinator_queue)
-            for exchange in (
-                topology.work_exchange,
-                topology.replies_exchange,
-                topology.dead_letter_exchange,
-            ):
-                await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
-
-    asyncio.run(delete())
+    delete_federation(broker, federation, ["pool"])
 
 
 def main() -> int:

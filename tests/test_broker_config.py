@@ -73,9 +73,16 @@ def test_silo_permission_regexes_grant_only_its_own_names() -> None:
     topology = Topology("fed-1")
     perms = silo_permissions(topology, "a_1")
     read, write, topic = (re.compile(x) for x in (perms.read, perms.write, perms.topic_write))
-    for own in ("tff.fed-1.req.a_1", "tff.fed-1.bulk.a_1", "tff.fed-1.work.a_1"):
+    for own in (
+        "tff.fed-1.req.a_1",
+        "tff.fed-1.bulk.a_1",
+        "tff.fed-1.work.a_1",
+        "tff.fed-1.broadcast.a_1",
+    ):
         assert read.match(own)
     for other in (
+        "tff.fed-1.broadcast.b",
+        "tff.fed-1.broadcast.a_12",
         "tff.fed-1.req.a_12",
         "tff.fed-1.req.b",
         "tff.fed-12.req.a_1",

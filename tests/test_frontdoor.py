@@ -31,6 +31,7 @@ from tests.support.broker import federation_entities, new_federation_name
 from tests.support.processes import marked_processes
 from tests.support.provisioning import ProvisionedFederation, admin_url_for
 from tff_amqp.processes import die_with_parent
+from tff_amqp.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "scripts" / "broker_probe.py"
@@ -341,6 +342,9 @@ def test_removing_a_federation_over_amqp_deletes_what_the_demo_leaves(amqp_url):
                 await channel.declare_exchange(f"tff.{name}.{exchange}", durable=True)
             await channel.declare_queue(f"tff.{name}.req.north", durable=True)
             await channel.declare_queue(f"tff.{name}.bulk.north", durable=True)
+            # A stateless round with a large broadcast leaves a stream too.
+            stream = Topology(name).broadcast_queue_spec("north")
+            await channel.declare_queue(stream.name, durable=True, arguments=stream.arguments)
         finally:
             await connection.close()
 
@@ -348,6 +352,7 @@ def test_removing_a_federation_over_amqp_deletes_what_the_demo_leaves(amqp_url):
     try:
         removed = remove_after_demo(amqp_url, name, ["north"])
         assert f"queue tff.{name}.req.north" in removed
+        assert f"queue tff.{name}.broadcast.north" in removed
         entities = federation_entities(amqp_url, name)
         if entities is not None:
             assert entities == ([], [])

@@ -161,3 +161,26 @@ def test_decode_never_crashes_on_structured_garbage(kind, body):
         p.decode(_raw(kind=kind, body=body))
     except p.ProtocolError:
         pass
+
+
+def test_work_messages_name_large_values_as_blobs() -> None:
+    blob = p.BlobRef(transfer="t" * 32, size=5_000_000, sha256=b"\x01" * 32)
+    item = p.WorkItem(
+        "xy", 0, 2, b"w", b"z", b"a", b"", broadcast_blob=blob, broadcast_since=1234.5
+    )
+    envelope = p.Envelope(kind=p.Kind.WORK, body=item, sender="c", correlation_id="i1")
+    assert p.decode(p.encode(envelope)).body == item
+    result = p.WorkResult(0, 3, b"", blob=blob)
+    reply = p.Envelope(kind=p.Kind.WORK_RESULT, body=result, sender="north")
+    assert p.decode(p.encode(reply)).body == result
+    # Small values stay inline: no blob fields on the wire.
+    inline = p.WorkItem("xy", 0, 2, b"w", b"z", b"a", b"b")
+    assert "bblob" not in inline.to_wire() and "blob" not in p.WorkResult(0, 1, b"x").to_wire()
+    # A value is inline or a blob, never both.
+    with pytest.raises(p.ProtocolError, match="both inline and as a blob"):
+        p.WorkItem("xy", 0, 2, b"w", b"z", b"a", b"b", broadcast_blob=blob)
+    with pytest.raises(p.ProtocolError, match="both inline and as a blob"):
+        p.WorkResult(0, 1, b"acc", blob=blob)
+    wire = inline.to_wire() | {"bblob": "not a map"}
+    with pytest.raises(p.ProtocolError, match="'bblob' must be a map"):
+        p.WorkItem.from_wire(wire)

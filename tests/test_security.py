@@ -107,6 +107,32 @@ def test_a_silo_reads_only_its_own_queues(provisioned: ProvisionedFederation) ->
     assert isinstance(error, aiormq.exceptions.ChannelAccessRefused)
 
 
+def _read_stream(queue_name: str) -> Action:
+    # A stream consumer needs a prefetch and manual acks.
+    async def ack(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+
+    async def action(channel: AbstractChannel) -> object:
+        await channel.set_qos(prefetch_count=8)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        return await queue.consume(ack, no_ack=False, arguments={"x-stream-offset": "first"})
+
+    return action
+
+
+def test_a_pool_worker_reads_only_its_own_broadcast_stream(
+    provisioned: ProvisionedFederation,
+) -> None:
+    t = Topology(provisioned.name)
+    alpha = provisioned.silo_urls["alpha"]
+    assert outcome(alpha, _read_stream(t.broadcast_queue("alpha"))) is None
+    error = outcome(alpha, _read_stream(t.broadcast_queue("bravo")))
+    assert isinstance(error, aiormq.exceptions.ChannelAccessRefused), error
+    # Only the coordinator may publish into the streams (via tff.F.bulk).
+    error = outcome(alpha, _publish(t.bulk_exchange, t.broadcast_routing_key("alpha")))
+    assert isinstance(error, aiormq.exceptions.ChannelAccessRefused), error
+
+
 def test_a_silo_cannot_declare_queues_or_exchanges(provisioned: ProvisionedFederation) -> None:
     t = Topology(provisioned.name)
     alpha = provisioned.silo_urls["alpha"]
@@ -403,6 +429,7 @@ def test_remove_silo_undoes_add_silo(amqp_url: str, capsys: pytest.CaptureFixtur
         code, out, _ = _cli(capsys, "remove-silo", "solo", *common)
         assert code == 0 and f"user silo.{federation}.solo" in out
         assert f"queue tff.{federation}.req.solo" in out
+        assert f"queue tff.{federation}.broadcast.solo" in out
         # The user is gone: the URL no longer logs in.
         with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
             asyncio.run(_take_all(url, []))

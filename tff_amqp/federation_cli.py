@@ -148,14 +148,9 @@ async def remove_federation_objects(
     t = Topology(federation)
     queues = [t.coordinator_queue, t.coordinator_bulk_queue]
     for silo in silos:
-        queues += [t.request_queue(silo), t.bulk_queue(silo), t.work_queue(silo)]
-    exchanges = [
-        t.requests_exchange,
-        t.replies_exchange,
-        t.dead_letter_exchange,
-        t.bulk_exchange,
-        t.work_exchange,
-    ]
+        # The schema's list: request, bulk and work queues, broadcast stream.
+        queues += [spec.name for spec in t.silo_queue_specs(silo)]
+    exchanges = list(t.exchanges())
     connection = await connect(
         broker_url,
         name="tff-amqp federation remove",

@@ -545,7 +545,13 @@ class WorkItem:
 
     The shard is the `shard`-th of `shards` contiguous slices of the silo's
     clients (in the data's client order). Computations and the broadcast value
-    are serialized `executor_pb2.Value` protos."""
+    are serialized `executor_pb2.Value` protos.
+
+    A broadcast above the inline limit is not in the item: `broadcast` is
+    empty and `broadcast_blob` names the transfer the coordinator published
+    once per round into the silo's broadcast stream, whose chunks were written
+    no earlier than `broadcast_since` (epoch seconds: where a worker starts
+    reading the stream)."""
 
     data_key: str
     shard: int
@@ -554,6 +560,8 @@ class WorkItem:
     zero: bytes
     accumulate: bytes
     broadcast: bytes
+    broadcast_blob: BlobRef | None = None
+    broadcast_since: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.shards <= _MAX_SHARDS:
@@ -562,9 +570,13 @@ class WorkItem:
                 f"work item shard {self.shard} of {self.shards}: need 0 <= shard < shards "
                 f"<= {_MAX_SHARDS}",
             )
+        if self.broadcast_blob is not None and self.broadcast:
+            raise ProtocolError(
+                ErrorCode.MALFORMED, "work item carries its broadcast both inline and as a blob"
+            )
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "key": self.data_key,
             "shard": self.shard,
             "shards": self.shards,
@@ -573,9 +585,16 @@ class WorkItem:
             "accumulate": self.accumulate,
             "broadcast": self.broadcast,
         }
+        if self.broadcast_blob is not None:
+            wire["bblob"] = self.broadcast_blob.to_wire()
+            wire["bsince"] = self.broadcast_since
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> WorkItem:
+        blob_raw = raw.get("bblob")
+        if blob_raw is not None and not isinstance(blob_raw, dict):
+            raise ProtocolError(ErrorCode.MALFORMED, "field 'bblob' must be a map")
         return cls(
             data_key=_str(raw, "key"),
             shard=_int(raw, "shard", minimum=0),
@@ -584,27 +603,50 @@ class WorkItem:
             zero=_bytes(raw, "zero"),
             accumulate=_bytes(raw, "accumulate"),
             broadcast=_bytes(raw, "broadcast"),
+            broadcast_blob=None if blob_raw is None else BlobRef.from_wire(blob_raw),
+            broadcast_since=_float(raw, "bsince"),
         )
 
 
 @dataclass(frozen=True)
 class WorkResult:
     """The accumulator of one work item's shard (a serialized `Value`), over
-    `clients` clients; `clients == 0` (an empty shard) carries `zero()`."""
+    `clients` clients; `clients == 0` (an empty shard) carries `zero()`.
+    An accumulator above the inline limit is sent first as a chunked transfer
+    (on the worker's bulk connection, key ``bulk.<silo>``): `accumulator` is
+    then empty and `blob` names the transfer."""
 
     shard: int
     clients: int
     accumulator: bytes
+    blob: BlobRef | None = None
+
+    def __post_init__(self) -> None:
+        if self.blob is not None and self.accumulator:
+            raise ProtocolError(
+                ErrorCode.MALFORMED, "work result carries its accumulator both inline and as a blob"
+            )
 
     def to_wire(self) -> dict[str, Any]:
-        return {"shard": self.shard, "clients": self.clients, "acc": self.accumulator}
+        wire: dict[str, Any] = {
+            "shard": self.shard,
+            "clients": self.clients,
+            "acc": self.accumulator,
+        }
+        if self.blob is not None:
+            wire["blob"] = self.blob.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> WorkResult:
+        blob_raw = raw.get("blob")
+        if blob_raw is not None and not isinstance(blob_raw, dict):
+            raise ProtocolError(ErrorCode.MALFORMED, "field 'blob' must be a map")
         return cls(
             shard=_int(raw, "shard", minimum=0),
             clients=_int(raw, "clients", minimum=0),
             accumulator=_bytes(raw, "acc"),
+            blob=None if blob_raw is None else BlobRef.from_wire(blob_raw),
         )
 
 

@@ -9,7 +9,8 @@ The permission model (checked on RabbitMQ 3.10.8; see docs/security.md):
 
 - a silo's user may configure nothing, write only the federation's reply
   exchange, and only with the routing keys ``reply.<silo>`` and ``bulk.<silo>``
-  (a topic permission), and read only its own request, bulk and work queues.
+  (a topic permission), and read only its own request, bulk and work queues
+  and its broadcast stream.
   It never gets write on the default exchange, which would let it publish into
   any queue, another silo's or the coordinator's.
 - the coordinator's user may configure, write and read everything under
@@ -66,13 +67,14 @@ def coordinator_user(federation: str) -> str:
 
 def silo_permissions(topology: Topology, silo: str) -> Permissions:
     """Exactly what a silo needs: nothing to configure, write on the reply
-    exchange with its own keys only, read of its own three queues."""
+    exchange with its own keys only, read of its own three queues and its
+    broadcast stream (stateless pool workers)."""
     fed = re.escape(topology.federation)
     name = re.escape(check_silo_name(silo))
     return Permissions(
         configure="^$",
         write=f"^{re.escape(topology.replies_exchange)}$",
-        read=rf"^tff\.{fed}\.(req|bulk|work)\.{name}$",
+        read=rf"^tff\.{fed}\.(req|bulk|work|broadcast)\.{name}$",
         topic_exchange=topology.replies_exchange,
         topic_write=rf"^(reply|bulk)\.{name}$",
         topic_read="^$",

@@ -26,9 +26,16 @@ The stateless (MapReduce) regime hands work items to pools of workers:
 - ``tff.<fed>.work``        direct exchange, coordinator -> a silo's worker pool,
                             routing key = silo name
 - ``tff.<fed>.work.<silo>`` durable queue shared by one silo's workers (competing consumers)
+- ``tff.<fed>.broadcast.<silo>`` a stream (``x-queue-type: stream``) of one silo: a round's
+                            large broadcast, published once per round on ``tff.<fed>.bulk``
+                            with key ``pool.<silo>`` (``CC`` for the other silos); every
+                            worker reads it from the round's start (a stream is not consumed
+                            away, unlike a queue whose competing consumers would each get
+                            only some chunks)
 
 A silo's broker user therefore needs: configure nothing; write ``tff.<fed>.replies`` (topic
-keys ``reply.<silo>`` and ``bulk.<silo>`` only); read ``tff.<fed>.(req|bulk|work).<silo>``.
+keys ``reply.<silo>`` and ``bulk.<silo>`` only); read
+``tff.<fed>.(req|bulk|work|broadcast).<silo>``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ from tff_amqp.protocol import is_valid_name
 # A coordinator's queues outlive a dropped connection (the robust connection
 # resumes consuming them) and expire a minute after their consumer is gone.
 COORDINATOR_QUEUE_EXPIRES_MS = 60_000
+# A silo's broadcast stream keeps a round's broadcast for workers that start
+# late, then drops it: whole segments go once older than the age or beyond the
+# size (RabbitMQ deletes streams by segment, so segments are kept small).
+BROADCAST_STREAM_MAX_AGE = "2h"
+BROADCAST_STREAM_MAX_BYTES = 8 * 1024 * 1024 * 1024
+BROADCAST_STREAM_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,15 @@ class Topology:
         check_silo_name(silo)
         return f"{self.prefix}.work.{silo}"
 
+    def broadcast_queue(self, silo: str) -> str:
+        check_silo_name(silo)
+        return f"{self.prefix}.broadcast.{silo}"
+
+    @staticmethod
+    def broadcast_routing_key(silo: str) -> str:
+        # On the bulk exchange, apart from the stateful key (the silo name).
+        return f"pool.{silo}"
+
     @staticmethod
     def request_routing_key(silo: str) -> str:
         return silo
@@ -174,12 +196,31 @@ class Topology:
             routing_key=self.request_routing_key(silo),
         )
 
+    def broadcast_queue_spec(self, silo: str) -> QueueSpec:
+        # A stream, not a queue: every worker of the pool reads every chunk
+        # (from an offset), and a worker that starts late still finds them.
+        # Streams ignore per-message TTL; retention is by age and size.
+        return QueueSpec(
+            self.broadcast_queue(silo),
+            durable=True,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-age": BROADCAST_STREAM_MAX_AGE,
+                "x-max-length-bytes": BROADCAST_STREAM_MAX_BYTES,
+                "x-stream-max-segment-size-bytes": BROADCAST_STREAM_SEGMENT_BYTES,
+            },
+            exchange=self.bulk_exchange,
+            routing_key=self.broadcast_routing_key(silo),
+        )
+
     def silo_queue_specs(self, silo: str) -> list[QueueSpec]:
-        """A silo's queues: requests, incoming chunks, work items."""
+        """A silo's queues: requests, incoming chunks, work items, the pool's
+        broadcast stream."""
         return [
             self.request_queue_spec(silo),
             self.bulk_queue_spec(silo),
             self.work_queue_spec(silo),
+            self.broadcast_queue_spec(silo),
         ]
 
     def coordinator_queue_spec(self) -> QueueSpec:

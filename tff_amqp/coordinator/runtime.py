@@ -1,8 +1,9 @@
 """The lifecycle of a coordinator's long-lived resources, either regime's.
 
 A runtime owns the broker link (a `ReplyIntake`), the membership it feeds, the
-coordinator's own TFF worker and the telemetry (metrics endpoint, progress
-display) that observes them. It starts lazily on the event loop that first
+bulk connection (both regimes move large values as chunks, on a connection of
+their own), the coordinator's own TFF worker and the telemetry (metrics
+endpoint, progress display) that observes them. It starts lazily on the event loop that first
 uses it (grpc.aio and aio-pika objects are bound to that loop) and `close()`
 frees everything, in reverse order. A regime says only how its link (and
 whatever else rides on the broker) is made, in `_connect` and `_disconnect`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Generic, TypeVar
 
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.intake import ReplyIntake
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
@@ -41,6 +43,7 @@ class SharedRuntime(Generic[L, M]):
         self.telemetry: CoordinatorTelemetry | None = None
         self._coordinator = coordinator
         self._link: L | None = None
+        self._bulk: CoordinatorBulk | None = None
         self._worker: WorkerBinary | None = None
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,6 +57,12 @@ class SharedRuntime(Generic[L, M]):
         if self._link is None:
             raise RuntimeError("coordinator runtime is not started")
         return self._link
+
+    @property
+    def bulk(self) -> CoordinatorBulk:
+        if self._bulk is None:
+            raise RuntimeError("coordinator runtime is not started")
+        return self._bulk
 
     @property
     def worker(self) -> WorkerBinary:
@@ -75,10 +84,22 @@ class SharedRuntime(Generic[L, M]):
             await worker.start()
             try:
                 link = await self._connect()
+                # Large values travel on a connection of their own.
+                bulk = CoordinatorBulk(
+                    self._coordinator.broker_url,
+                    self.topology,
+                    sender=self._coordinator.coordinator_name,
+                    max_message_bytes=self._coordinator.max_message_bytes,
+                )
+                try:
+                    await bulk.start()
+                except BaseException:
+                    await link.close()
+                    raise
             except BaseException:
                 await worker.stop()
                 raise
-            self._worker, self._link = worker, link
+            self._worker, self._link, self._bulk = worker, link, bulk
             self.telemetry = CoordinatorTelemetry(
                 self._coordinator,
                 self.events,
@@ -94,14 +115,13 @@ class SharedRuntime(Generic[L, M]):
     def _on_started(self) -> None:
         """Called once everything is started."""
 
-    async def _disconnect(self) -> None:
-        """Close what the regime opened beside its link (before the link)."""
-
     async def close(self) -> None:
         if self.telemetry is not None:
             self.telemetry.close()
             self.telemetry = None
-        await self._disconnect()
+        if self._bulk is not None:
+            await self._bulk.close()
+            self._bulk = None
         if self._link is not None:
             await self._link.close()
             self._link = None

@@ -54,6 +54,15 @@ WORKER_STATS: dict[str, tuple[str, str]] = {
     "malformed": ("malformed_messages", "messages that failed protocol decoding"),
     "published_bytes": ("published_bytes", "bytes of results and heartbeats published"),
     "reconnects": ("reconnects", "reconnections of the broker connection"),
+    "broadcast_fetches": ("broadcast_fetches", "large broadcasts read from the silo's stream"),
+    "broadcast_cache_hits": (
+        "broadcast_cache_hits",
+        "work items that used a broadcast this worker had already read",
+    ),
+    "broadcast_read_bytes": (
+        "broadcast_read_bytes",
+        "bytes of chunk messages read from the silo's broadcast stream",
+    ),
 }
 SILO_STATS: dict[str, tuple[str, str]] = {
     "invocations": ("invocations", "invocations this silo took part in"),

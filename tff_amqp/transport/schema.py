@@ -35,3 +35,12 @@ async def declare_work_queue(channel: AbstractChannel, topology: Topology, silo:
     """The silo's durable work queue; the coordinator and the silo's workers
     both declare it, so items published before any worker started are kept."""
     await declare_queue(channel, topology, topology.work_queue_spec(silo))
+
+
+async def declare_broadcast_stream(
+    channel: AbstractChannel, topology: Topology, silo: str
+) -> AbstractQueue:
+    """The silo's broadcast stream (stateless regime): declared by the
+    coordinator before it publishes a round's broadcast, and by workers that
+    may configure (guest mode), so a late worker still reads it."""
+    return await declare_queue(channel, topology, topology.broadcast_queue_spec(silo))

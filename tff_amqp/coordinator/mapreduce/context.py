@@ -37,6 +37,7 @@ from tensorflow_federated.python.core.impl.types import (
     type_conversions,
 )
 
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.context import RuntimeContext, installing
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
@@ -202,6 +203,14 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
         return self.runtime.membership
 
     @property
+    def bulk(self) -> CoordinatorBulk:
+        """Chunked transfers: broadcasts into the pools' streams (counted in
+        `bulk.stats`), large accumulators back."""
+        if not self.runtime.started:
+            raise RuntimeError("the MapReduce context has not started yet")
+        return self.runtime.bulk
+
+    @property
     def link(self) -> WorkLink:
         if not self.runtime.started:
             raise RuntimeError("the MapReduce context is not started")
@@ -265,6 +274,7 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
         coordinator = self._options.coordinator
         round_ = MapReduceRound(
             link=link,
+            bulk=self.runtime.bulk,
             membership=self.runtime.membership,
             executor=await worker.client.shared_executor(0),
             form=wire,
@@ -361,6 +371,10 @@ class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext, Map
     @property
     def link(self) -> WorkLink:
         return self._async_context.link
+
+    @property
+    def bulk(self) -> CoordinatorBulk:
+        return self._async_context.bulk
 
     @property
     def last_round(self) -> RoundReport | None:

@@ -19,7 +19,11 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
-from tff_amqp.transport.schema import declare_exchange, declare_work_queue
+from tff_amqp.transport.schema import (
+    declare_broadcast_stream,
+    declare_exchange,
+    declare_work_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class WorkLink(ReplyIntake[p.WorkResult]):
         # a later reply is a duplicate, or late.
         self._finished: dict[str, bool] = {}
         self._declared: set[str] = set()
+        self._streams: set[str] = set()
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         self._work = await declare_exchange(channel, self.topology, self.topology.work_exchange)
@@ -51,6 +56,16 @@ class WorkLink(ReplyIntake[p.WorkResult]):
             raise RuntimeError("mapreduce link is not started")
         await declare_work_queue(self._channel, self.topology, silo)
         self._declared.add(silo)
+
+    async def ensure_broadcast_stream(self, silo: str) -> None:
+        """Declare the silo's broadcast stream before a large broadcast goes
+        into it (provisioned silos cannot declare; workers only read it)."""
+        if silo in self._streams:
+            return
+        if self._channel is None:
+            raise RuntimeError("mapreduce link is not started")
+        await declare_broadcast_stream(self._channel, self.topology, silo)
+        self._streams.add(silo)
 
     async def publish(self, silo: str, envelope: p.Envelope) -> asyncio.Future[p.WorkResult]:
         """Publish one work item; return the future of its result."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.quorum import phase_cutoff
@@ -29,6 +30,12 @@ from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.tff_worker import WorkerExecutor
 
 log = logging.getLogger(__name__)
+
+# A work item tells workers to read the broadcast stream from this many
+# seconds before the coordinator started publishing: stream offsets by time
+# use the broker's clock, which may lag ours a little. Reading earlier only
+# costs skipping older chunks.
+BROADCAST_LOOKBACK = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,14 @@ class RoundReport:
     merged_items: int = 0
     dropped_silos: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # A broadcast above the inline limit is published once per round into the
+    # cohort's streams: transfers (0 or 1), the value's bytes, and the chunk
+    # message bytes published (once, whatever the silos and shards).
+    broadcast_transfers: int = 0
+    broadcast_bytes: int = 0
+    broadcast_chunk_bytes: int = 0
+    # Shard accumulators that came back as chunked transfers.
+    chunked_results: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class MapReduceRound:
         self,
         *,
         link: WorkLink,
+        bulk: CoordinatorBulk,
         membership: PoolMembership,
         executor: WorkerExecutor,
         form: FormWire,
@@ -86,6 +102,7 @@ class MapReduceRound:
         events: InvocationEvents | None = None,
     ) -> None:
         self._link = link
+        self._bulk = bulk
         self._membership = membership
         self._executor = executor
         self._form = form
@@ -143,6 +160,8 @@ class MapReduceRound:
             return computed
         finally:
             self.report.seconds = time.monotonic() - started
+            # Chunks of results never taken (dropped silos, duplicates) go.
+            self._bulk.forget_invocation(round_id)
             self._events.invocation_finished(round_id, ok, self.report.seconds)
             refs, self._created = self._created, []
             try:
@@ -155,8 +174,13 @@ class MapReduceRound:
     async def _publish(
         self, cohort: list[str], data_key: str, broadcast: bytes
     ) -> dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]]:
-        """Publish every shard of every cohort silo; silo -> shard -> (item id, future)."""
+        """Publish every shard of every cohort silo; silo -> shard -> (item id, future).
+        A broadcast above the inline limit goes once into the cohort's streams
+        and the items only name it; a small one rides inline in each item."""
         form, shards = self._form, self._settings.shards_per_silo
+        blob, since = await self._publish_broadcast(cohort, broadcast)
+        if blob is not None:
+            broadcast = b""
         items: dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]] = {}
         for silo in cohort:
             await self._link.ensure_work_queue(silo)
@@ -173,15 +197,39 @@ class MapReduceRound:
                         zero=form.zero[0],
                         accumulate=form.accumulate[0],
                         broadcast=broadcast,
+                        broadcast_blob=blob,
+                        broadcast_since=since,
                     ),
                     sender=self._settings.sender,
                     invocation_id=self.report.round_id,
                     correlation_id=item_id,
                     deadline=self._deadline,
                 )
+                # A large accumulator's chunks may come for this item, from
+                # this silo only (registered before the item can run).
+                self._bulk.expect(item_id, silo, self.report.round_id)
                 items[silo][shard] = (item_id, await self._link.publish(silo, envelope))
                 self.report.items += 1
         return items
+
+    async def _publish_broadcast(
+        self, cohort: list[str], broadcast: bytes
+    ) -> tuple[p.BlobRef | None, float]:
+        """(blob, read-from time) of a broadcast published into the streams,
+        or (None, 0) for one small enough to ride inline."""
+        if len(broadcast) <= self._bulk.inline_limit:
+            return None, 0.0
+        for silo in cohort:
+            await self._link.ensure_broadcast_stream(silo)
+        since = time.time() - BROADCAST_LOOKBACK
+        sent_before = self._bulk.sent_bytes
+        blob = await self._bulk.send_to_streams(
+            broadcast, cohort, invocation_id=self.report.round_id, deadline=self._deadline
+        )
+        self.report.broadcast_transfers += 1
+        self.report.broadcast_bytes += blob.size
+        self.report.broadcast_chunk_bytes += self._bulk.sent_bytes - sent_before
+        return blob, since
 
     async def _collect(
         self,
@@ -249,9 +297,23 @@ class MapReduceRound:
         results = []
         for silo in active:
             for shard in sorted(items[silo]):
-                results.append(items[silo][shard][1].result())
+                results.append(await self._inline(silo, items[silo][shard][1].result()))
         self.report.merged_items = sum(1 for r in results if r.clients)
         return results
+
+    async def _inline(self, silo: str, result: p.WorkResult) -> p.WorkResult:
+        """The result with its accumulator inline: a chunked one is taken from
+        the bulk connection (its chunks went before the reply)."""
+        if result.blob is None:
+            return result
+        data = await self._bulk.receive(
+            silo,
+            result.blob,
+            invocation_id=self.report.round_id,
+            timeout=self._deadline - time.time(),
+        )
+        self.report.chunked_results += 1
+        return p.WorkResult(result.shard, result.clients, bytes(data))
 
     def _drop(self, silos: list[str], items: dict, reason: str) -> None:
         self._events.silos_dropped(

@@ -15,7 +15,6 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.runtime import SharedRuntime
-from tff_amqp.coordinator.stateful.bulk import CoordinatorBulk
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.coordinator.stateful.values import FunctionValue
 
@@ -36,7 +35,6 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
         self.options = options
         # Intrinsic calls dispatched, by URI (what ran here, for docs and tests).
         self.intrinsic_calls: collections.Counter[str] = collections.Counter()
-        self._bulk: CoordinatorBulk | None = None
         self._background: set[asyncio.Task[None]] = set()
         # id(building block) -> (building block, Value proto, bytes); the block
         # is kept so its id cannot be reused while cached.
@@ -74,12 +72,6 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
 
-    @property
-    def bulk(self) -> CoordinatorBulk:
-        if self._bulk is None:
-            raise RuntimeError("coordinator runtime is not started")
-        return self._bulk
-
     async def _connect(self) -> CoordinatorLink:
         link = CoordinatorLink(
             self.options.broker_url,
@@ -88,29 +80,11 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
             max_message_bytes=self.options.max_message_bytes,
             sender=self.options.coordinator_name,
         )
-        # Large values travel on a connection of their own.
-        bulk = CoordinatorBulk(
-            self.options.broker_url,
-            self.topology,
-            sender=self.options.coordinator_name,
-            max_message_bytes=self.options.max_message_bytes,
-        )
-        try:
-            await link.start()
-            await bulk.start()
-        except BaseException:
-            await link.close()
-            raise
-        self._bulk = bulk
+        await link.start()
         return link
 
     def _on_started(self) -> None:
         log.info("coordinator.started", extra={"federation": self.options.federation})
-
-    async def _disconnect(self) -> None:
-        if self._bulk is not None:
-            await self._bulk.close()
-            self._bulk = None
 
     async def close(self) -> None:
         # Bounded: earlier invocations' clean-up (their `close` messages) first.

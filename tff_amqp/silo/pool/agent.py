@@ -19,6 +19,7 @@ counts a silo live while any of its workers is.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -28,12 +29,15 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
+from tff_amqp.retry import connect_within
 from tff_amqp.silo.data import DataError
 from tff_amqp.silo.endpoint import EndpointConfig, ServingError
+from tff_amqp.silo.pool.broadcast import PoolBulk
 from tff_amqp.silo.pool.shard import ShardRunner, shard_bounds
 from tff_amqp.silo.serve import SiloServer
 from tff_amqp.tff_worker import WorkerBinary, WorkerError
 from tff_amqp.topology import Topology, check_silo_name
+from tff_amqp.transport.bulk import TransferError
 from tff_amqp.transport.schema import declare_work_queue
 
 log = logging.getLogger(__name__)
@@ -97,11 +101,33 @@ class StatelessWorker(SiloServer):
         # Set when this worker can no longer run items (its worker_binary died).
         self.failed = asyncio.Event()
         self._client_values: OrderedDict[tuple[str, bytes, int], object] = OrderedDict()
+        # Large broadcasts in, large accumulators out (its own connection).
+        self.bulk: PoolBulk | None = None
 
     async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
         if self.config.declare_topology:
             await declare_work_queue(channel, self.topology, self.config.silo)
         return await channel.get_queue(self.topology.work_queue(self.config.silo), ensure=False)
+
+    async def _before_consume(self) -> None:
+        # Large broadcasts in, large accumulators out, on a connection of its own.
+        self.bulk = PoolBulk(
+            self.config.broker_url,
+            self.topology,
+            silo=self.config.silo,
+            user_id=self.endpoint.user_id,
+            max_message_bytes=self.config.max_message_bytes,
+            declare_topology=self.config.declare_topology,
+            connect_policy=connect_within(self.config.connect_timeout),
+            ssl_context=self.config.tls.context() if self.config.tls else None,
+            stats=self.stats,
+        )
+        await self.bulk.start()
+
+    async def _stop_work(self) -> None:
+        if self.bulk is not None:
+            await self.bulk.close()
+            self.bulk = None
 
     # Stopping closes the connection with an item in progress unacked, so the
     # broker redelivers it to another worker of the pool.
@@ -182,7 +208,8 @@ class StatelessWorker(SiloServer):
                     p.ErrorCode.EXPIRED,
                     "work item received after its round's deadline; not executed",
                 )
-            result = await self._run(envelope.body)
+            item = await self._with_broadcast(envelope, envelope.body)
+            result = await self._chunked(envelope, await self._run(item))
         except Exception as e:
             if isinstance(e, ItemError):
                 error = e
@@ -222,6 +249,42 @@ class StatelessWorker(SiloServer):
             invocation_id=envelope.invocation_id,
             correlation_id=envelope.correlation_id,
         )
+
+    async def _with_broadcast(self, envelope: p.Envelope, item: p.WorkItem) -> p.WorkItem:
+        """The item with its broadcast inline: a large one is read from the
+        silo's stream once per round and worker (cached), then shared."""
+        if item.broadcast_blob is None:
+            return item
+        bulk = self._require_bulk()
+        try:
+            value = await bulk.broadcast(
+                item.broadcast_blob,
+                since=item.broadcast_since,
+                round_id=envelope.invocation_id,
+                deadline=envelope.deadline or time.time() + 600.0,
+            )
+        except TransferError as e:
+            raise ItemError(e.code, f"broadcast not received: {e}") from e
+        return dataclasses.replace(item, broadcast=value, broadcast_blob=None)
+
+    async def _chunked(self, envelope: p.Envelope, result: p.WorkResult) -> p.WorkResult:
+        """A result above the inline limit goes as a chunked transfer first
+        (to the coordinator's bulk queue); the reply then names it."""
+        bulk = self._require_bulk()
+        if len(result.accumulator) <= bulk.inline_limit:
+            return result
+        blob = await bulk.send(
+            result.accumulator,
+            invocation_id=envelope.invocation_id,
+            correlation_id=envelope.correlation_id,
+            deadline=envelope.deadline or time.time() + 600.0,
+        )
+        return p.WorkResult(result.shard, result.clients, b"", blob=blob)
+
+    def _require_bulk(self) -> PoolBulk:
+        if self.bulk is None:
+            raise RuntimeError("worker is not started")
+        return self.bulk
 
     async def _run(self, item: p.WorkItem) -> p.WorkResult:
         from tensorflow_federated.proto.v0 import executor_pb2

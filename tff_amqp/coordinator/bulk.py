@@ -1,4 +1,7 @@
 """The coordinator's bulk connection: large values to silos, large results back.
+Shared by both coordinators: the stateful one sends values to silos' bulk
+queues; the MapReduce one sends a round's broadcast into the silos' broadcast
+streams (`send_to_streams`); both reassemble silos' chunked results here.
 
 A second broker connection, apart from the control link, so a transfer of
 hundreds of MB never delays a heartbeat or a small request (AMQP frames of one
@@ -76,7 +79,14 @@ class CoordinatorBulk:
         self._reassembler = Reassembler(name="coordinator", max_pending_bytes=max_pending_bytes)
         # correlation id of a batch with computes -> who may send chunks for it
         self._expected: dict[str, _Expected] = {}
-        self.stats: dict[str, int] = {"received_bytes": 0, "rejected_chunks": 0}
+        # stream_*: broadcasts published into pool streams (value bytes,
+        # counted once per publish however many silos the broker copies to).
+        self.stats: dict[str, int] = {
+            "received_bytes": 0,
+            "rejected_chunks": 0,
+            "stream_transfers": 0,
+            "stream_bytes": 0,
+        }
         self._policy = COORDINATOR_PUBLISH
 
     @property
@@ -142,17 +152,43 @@ class CoordinatorBulk:
         deadline: float,
     ) -> p.BlobRef:
         """Publish `data` once for all `silos` (the broker copies it)."""
+        keys = [self.topology.request_routing_key(s) for s in silos]
+        return await self._send(data, keys, list(silos), invocation_id, deadline)
+
+    async def send_to_streams(
+        self,
+        data: bytes | bytearray | memoryview,
+        silos: Sequence[str],
+        *,
+        invocation_id: str,
+        deadline: float,
+    ) -> p.BlobRef:
+        """Publish `data` once into the broadcast streams of `silos` (stateless
+        regime: every worker of a pool reads it from there)."""
+        keys = [self.topology.broadcast_routing_key(s) for s in silos]
+        blob = await self._send(data, keys, list(silos), invocation_id, deadline)
+        self.stats["stream_transfers"] += 1
+        self.stats["stream_bytes"] += blob.size
+        return blob
+
+    async def _send(
+        self,
+        data: bytes | bytearray | memoryview,
+        keys: list[str],
+        silos: list[str],
+        invocation_id: str,
+        deadline: float,
+    ) -> p.BlobRef:
         if self._sender is None:
             raise RuntimeError("coordinator bulk connection is not started")
-        if not silos:
+        if not keys:
             raise ValueError("a transfer needs at least one silo")
-        keys = [self.topology.request_routing_key(s) for s in silos]
         blob = await self._sender.send(
             data, routing_key=keys[0], cc=keys[1:], invocation_id=invocation_id, deadline=deadline
         )
         log.info(
             "coordinator.transfer_sent",
-            extra={"transfer": blob.transfer, "bytes": blob.size, "silos": list(silos)},
+            extra={"transfer": blob.transfer, "bytes": blob.size, "silos": silos},
         )
         return blob
 
