@@ -11,21 +11,39 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from tff_amqp import protocol as p
 
-if TYPE_CHECKING:
-    from tff_amqp.coordinator.stateful.invocation import Invocation
+
+@dataclass(frozen=True)
+class OutboxChannel:
+    """Exactly what an outbox needs from its invocation, and nothing more: who
+    sends, for which invocation and until when, the size limit its batches
+    keep under, and the four calls it makes (an outbox cannot reach the
+    runtime, the cohort or the local executor through it)."""
+
+    sender: str
+    invocation_id: str
+    deadline_epoch: float
+    max_message_bytes: int
+    # Publish a batch to a silo: the future of its reply when one is expected.
+    publish: Callable[[str, p.Envelope, bool], Awaitable[asyncio.Future[p.Result] | None]]
+    # Chunks of a large result may arrive for (correlation id, silo, invocation id).
+    expect_chunks: Callable[[str, str, str], None]
+    # Wait for a silo's reply, bounded by the deadline and the silo's liveness.
+    wait_for_reply: Callable[[str, asyncio.Future[p.Result]], Awaitable[p.Result]]
+    # A silo's large result, sent as a chunked transfer.
+    receive_blob: Callable[[str, p.BlobRef], Awaitable[bytearray]]
 
 
 class SiloOutbox:
     """Queue of operations to one silo, flushed as batches in order."""
 
-    def __init__(self, invocation: Invocation, silo: str, next_id: Callable[[], int]) -> None:
+    def __init__(self, channel: OutboxChannel, silo: str, next_id: Callable[[], int]) -> None:
         self.silo = silo
-        self._invocation = invocation
+        self._channel = channel
         self._next_id = next_id
         self._ops: list[p.Operation] = []
         # Bytes of values inline in the pending batch: flushed early so a
@@ -47,7 +65,7 @@ class SiloOutbox:
             self._ops.insert(0, p.Open(clients=clients, data_key=data_key))
 
     def create_value(self, serialized: bytes) -> int:
-        budget = self._invocation.runtime.options.max_message_bytes // 2
+        budget = self._channel.max_message_bytes // 2
         if self._ops and self._inline_bytes + len(serialized) > budget:
             self._flush_now()
         self._inline_bytes += len(serialized)
@@ -78,9 +96,9 @@ class SiloOutbox:
             self._waiter = asyncio.get_running_loop().create_future()
         waiter = self._waiter
         self._schedule_flush()
-        result = await self._invocation.wait_for_silo(self.silo, waiter)
+        result = await self._channel.wait_for_reply(self.silo, waiter)
         if source in result.blobs:
-            return await self._invocation.receive_blob(self.silo, result.blobs[source])
+            return await self._channel.receive_blob(self.silo, result.blobs[source])
         if source not in result.values:
             raise p.ProtocolError(
                 p.ErrorCode.MALFORMED, f"silo {self.silo!r} did not return value {source}"
@@ -131,25 +149,23 @@ class SiloOutbox:
     async def _send(
         self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
     ) -> None:
-        invocation = self._invocation
+        channel = self._channel
         envelope = p.batch_envelope(
-            sender=invocation.sender,
-            invocation_id=invocation.id,
+            sender=channel.sender,
+            invocation_id=channel.invocation_id,
             correlation_id=uuid.uuid4().hex,
-            deadline=invocation.deadline_epoch,
+            deadline=channel.deadline_epoch,
             operations=ops,
             seq=seq,
         )
         if waiter is not None:
             # Large results come back as chunks that name this batch.
-            invocation.runtime.bulk.expect(envelope.correlation_id, self.silo, invocation.id)
+            channel.expect_chunks(envelope.correlation_id, self.silo, channel.invocation_id)
         try:
             # Publishes leave in sequence order; replies are awaited outside
             # the lock so batches pipeline.
             async with self._publish_lock:
-                reply = await invocation.link.send(
-                    self.silo, envelope, expect_reply=waiter is not None
-                )
+                reply = await channel.publish(self.silo, envelope, waiter is not None)
             if waiter is not None and reply is not None:
                 result = await reply
                 if not waiter.done():
