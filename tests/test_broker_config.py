@@ -29,7 +29,7 @@ from tff_amqp.provision import (
     federation_exchanges,
     silo_permissions,
 )
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import connect_within
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
@@ -155,7 +155,7 @@ def test_tls_example_config_starts_and_enforces_certificates(tmp_path: Path) -> 
     async def without_certificate() -> None:
         tls = TlsFiles(ca=pki.ca_cert)
         connection = await connect(
-            url, name="no cert", ssl_context=tls.context(), policy=RetryPolicy(total_timeout=3)
+            url, name="no cert", ssl_context=tls.context(), policy=connect_within(3)
         )
         await connection.close()
 

@@ -19,7 +19,7 @@ from tests.support.federation import assert_close, run_in, start_federation
 from tests.support.private_broker import private_rabbitmq
 from tff_amqp import protocol as p
 from tff_amqp.local import LocalFederation
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import connect_within
 from tff_amqp.topology import Topology
 from tff_amqp.transport.bulk import (
     BulkSender,
@@ -199,7 +199,7 @@ async def test_broadcast_is_published_once_and_fanned_out_by_the_broker(amqp_url
             exchange,
             sender="coordinator",
             max_message_bytes=2 * MiB,
-            policy=RetryPolicy(total_timeout=10),
+            policy=connect_within(10),
         )
         blob = await sender.send(
             data, routing_key="s1", cc=["s2", "s3"], invocation_id="inv", deadline=time.time() + 60

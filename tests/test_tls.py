@@ -26,7 +26,7 @@ from tests.support.private_broker import PrivateBroker
 from tests.support.tls import Pki
 from tff_amqp.errors import BrokerUnreachableError
 from tff_amqp.local import LocalFederation, SiloOptions
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import connect_within
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.tls import TlsFiles
 
@@ -91,7 +91,7 @@ def _provision(args: list[str]) -> str:
 def _refused(url: str, tls: TlsFiles) -> str:
     async def attempt() -> None:
         connection = await connect(
-            url, name="tls test", policy=RetryPolicy(total_timeout=3.0), ssl_context=tls.context()
+            url, name="tls test", policy=connect_within(3.0), ssl_context=tls.context()
         )
         await connection.close()
 

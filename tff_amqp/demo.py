@@ -381,12 +381,12 @@ def _broker_answers(broker_url: str, timeout: float = 5.0) -> bool:
     import asyncio
 
     from tff_amqp.errors import BrokerAuthError, BrokerUnreachableError
-    from tff_amqp.retry import RetryPolicy
+    from tff_amqp.retry import connect_within
     from tff_amqp.transport.connection import connect
 
     async def probe() -> None:
         connection = await connect(
-            broker_url, name="tff-amqp demo probe", policy=RetryPolicy(total_timeout=timeout)
+            broker_url, name="tff-amqp demo probe", policy=connect_within(timeout)
         )
         await connection.close()
 

@@ -142,7 +142,7 @@ async def remove_federation_objects(
 ) -> list[str]:
     """Delete, over AMQP, every queue and exchange a federation of these
     silos uses (deleting a missing one is not an error). What it deleted."""
-    from tff_amqp.retry import RetryPolicy
+    from tff_amqp.retry import connect_within
     from tff_amqp.transport.connection import connect
 
     t = Topology(federation)
@@ -154,7 +154,7 @@ async def remove_federation_objects(
     connection = await connect(
         broker_url,
         name="tff-amqp federation remove",
-        policy=RetryPolicy(total_timeout=connect_timeout),
+        policy=connect_within(connect_timeout),
     )
     removed = []
     try:

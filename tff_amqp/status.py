@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, Exch
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import FederationNotFoundError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import connect_within
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
 
@@ -52,7 +52,7 @@ async def observe(
     reply exchange raises FederationNotFoundError (nothing is created)."""
     topology = Topology(federation)
     connection = await connect(
-        broker_url, name="tff-amqp status", policy=RetryPolicy(total_timeout=connect_timeout)
+        broker_url, name="tff-amqp status", policy=connect_within(connect_timeout)
     )
     seen: dict[str, SiloSeen] = {}
     try:

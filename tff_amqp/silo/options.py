@@ -167,14 +167,14 @@ async def probe_broker(
     configure permission is told so now, not after TensorFlow has loaded."""
     from aio_pika import ExchangeType
 
-    from tff_amqp.retry import RetryPolicy
+    from tff_amqp.retry import connect_within
     from tff_amqp.topology import Topology
     from tff_amqp.transport.connection import connect
 
     connection = await connect(
         url,
         name="tff-amqp silo (probe)",
-        policy=RetryPolicy(total_timeout=timeout),
+        policy=connect_within(timeout),
         ssl_context=tls.context() if tls else None,
     )
     try:

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import BrokerAuthError, BrokerPermissionError, BrokerUnreachableError
-from tff_amqp.retry import RetryPolicy
+from tff_amqp.retry import RetryPolicy, connect_within
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ async def connect(
     the virtual host, and BrokerUnreachableError when no connection could be
     made within the policy's total_timeout (default 5 s, see
     default_connect_timeout)."""
-    policy = policy or RetryPolicy(total_timeout=default_connect_timeout())
+    policy = policy or connect_within(default_connect_timeout())
     parsed = parse_broker_url(url)
     if "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
