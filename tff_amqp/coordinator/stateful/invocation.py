@@ -71,9 +71,6 @@ class Invocation:
     def started(self) -> float:
         return self.clock.started
 
-    def remaining(self) -> float:
-        return self.clock.remaining()
-
     def describe_wait(self) -> str:
         """Where the invocation stands, for an error raised at its deadline."""
         return self.gather.describe_wait()
