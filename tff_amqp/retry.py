@@ -41,6 +41,12 @@ COORDINATOR_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeou
 SILO_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
 
 
+# Seconds aio-pika's robust connection waits between reconnect attempts once
+# connected (its default is 5 s): silos should be back well within the
+# coordinator's heartbeat timeout.
+RECONNECT_INTERVAL = 1
+
+
 def connect_within(seconds: float) -> RetryPolicy:
     """First connection to the broker: the default backoff, within `seconds`."""
     return RetryPolicy(total_timeout=seconds)

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import BrokerAuthError, BrokerPermissionError, BrokerUnreachableError
-from tff_amqp.retry import RetryPolicy, connect_within
+from tff_amqp.retry import RECONNECT_INTERVAL, RetryPolicy, connect_within
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ async def connect(
     if "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
     if "reconnect_interval" not in parsed.query:
-        # aio-pika waits 5 s between attempts by default; silos should be
-        # back well within the coordinator's heartbeat timeout.
-        parsed = parsed.update_query(reconnect_interval=1)
+        parsed = parsed.update_query(reconnect_interval=RECONNECT_INTERVAL)
     kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
