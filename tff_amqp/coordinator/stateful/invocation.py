@@ -47,8 +47,9 @@ class Invocation:
         self.clock = InvocationClock.start(runtime.options.deadline)
         self.events = runtime.events
         self.closed = False
-        # Outboxes see only this channel; the link and bulk are looked up
-        # when used (the runtime owns them).
+        # Outboxes see only this channel. Everything in it is looked up when
+        # used: the runtime owns the link and bulk, and gather and shipping
+        # are built below (an outbox exists only once the cohort is chosen).
         channel = OutboxChannel(
             sender=runtime.options.coordinator_name,
             invocation_id=self.id,
