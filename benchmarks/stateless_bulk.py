@@ -107,7 +107,7 @@ def main() -> int:
     try:
         with LocalFederation(args.broker, federation) as local:
             for silo in SILOS:
-                local.start_worker(silo, data={"xy": folders[silo]})
+                local.start_pool_worker(silo, data={"xy": folders[silo]})
             local.wait_ready(timeout=300)
             with tff_amqp.create_sync_amqp_mapreduce_context(
                 args.broker,

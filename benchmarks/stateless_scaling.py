@@ -136,11 +136,11 @@ def main() -> int:
             running = 0
             for size in pool_sizes:
                 while running < size:
-                    local.start_worker("pool", data={"rows": data})
+                    local.start_pool_worker("pool", data={"rows": data})
                     running += 1
                 local.wait_ready(timeout=300)
                 deadline = time.monotonic() + 60
-                while ctx.membership.workers("pool") < size:
+                while ctx.membership.pool_workers("pool") < size:
                     assert time.monotonic() < deadline, "workers did not announce themselves"
                     time.sleep(0.2)
                 for name, comp in rounds.items():

@@ -182,8 +182,8 @@ def test_the_launcher_builds_worker_and_host_command_lines_with_options(tmp_path
         default_clients=4, min_clients_per_aggregate=2, allow_raw_client_values=True
     )
     with LocalFederation("amqp://u:p@h:5672/", "t-0000abcd", log_dir=tmp_path) as local:
-        first = local.start_worker("north", data={"xy": tmp_path / "a"}, options=options)
-        second = local.start_worker(
+        first = local.start_pool_worker("north", data={"xy": tmp_path / "a"}, options=options)
+        second = local.start_pool_worker(
             "north", options=SiloOptions(broker_url="amqp://north:pw@h:5672/")
         )
         host = local.start_silo_host(
@@ -196,7 +196,7 @@ def test_the_launcher_builds_worker_and_host_command_lines_with_options(tmp_path
     ]  # fmt: skip
     assert second.args[4:6] == ["--broker", "amqp://north:pw@h:5672/"]
     assert local.silos == {"north#1": first, "north#2": second, "h0": host}
-    assert (first.ready_event, host.ready_event) == ("worker.ready", "silo_host.ready")
+    assert (first.ready_event, host.ready_event) == ("pool_worker.ready", "silo_host.ready")
     assert second.log_path == tmp_path / "worker-north-2.log"
     assert host.args[4:] == [
         "--broker", "amqp://u:p@h:5672/", "--federation", "t-0000abcd",

@@ -50,7 +50,7 @@ class Pools:
         self.workers: dict[str, list[ManagedProcess]] = {s: [] for s in SILOS}
 
     def add_worker(self, silo: str) -> ManagedProcess:
-        worker = self.local.start_worker(silo, data={"xy": self.folders[silo]})
+        worker = self.local.start_pool_worker(silo, data={"xy": self.folders[silo]})
         self.workers[silo].append(worker)
         return worker
 
@@ -92,8 +92,8 @@ def _context(amqp_url: str, pools: Pools, **options) -> tff_amqp.AmqpSyncMapRedu
 
 def _wait_workers(context, silos, count: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while not all(context.membership.workers(s) >= count for s in silos):
-        assert time.monotonic() < deadline, {s: context.membership.workers(s) for s in silos}
+    while not all(context.membership.pool_workers(s) >= count for s in silos):
+        assert time.monotonic() < deadline, {s: context.membership.pool_workers(s) for s in silos}
         time.sleep(0.2)
 
 
@@ -407,7 +407,7 @@ def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, local)
     # re-declare what is deleted), then deletes the federation's broker objects.
     name = local.federation
     folder = write_xy_clients(tmp_path, 0, 3)
-    worker = local.start_worker(
+    worker = local.start_pool_worker(
         "tiny", data={"xy": folder}, options=SiloOptions(extra_args=("--min-clients-per-item", "2"))
     )
     wait_ready(worker, timeout=180)

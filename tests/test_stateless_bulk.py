@@ -99,7 +99,7 @@ class Federation:
         self.workers: dict[str, list[ManagedProcess]] = {s: [] for s in SILOS}
 
     def add_worker(self, silo: str, metrics_port: int | None = None) -> ManagedProcess:
-        worker = self.local.start_worker(
+        worker = self.local.start_pool_worker(
             silo,
             data={"xy": self.folders[silo]},
             options=SiloOptions(max_message_bytes=LIMIT, metrics_port=metrics_port),
@@ -158,8 +158,8 @@ def _run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, A
 
 def _wait_workers(context: Any, count: dict[str, int], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not all(context.membership.workers(s) >= n for s, n in count.items()):
-        assert time.monotonic() < deadline, {s: context.membership.workers(s) for s in count}
+    while not all(context.membership.pool_workers(s) >= n for s, n in count.items()):
+        assert time.monotonic() < deadline, {s: context.membership.pool_workers(s) for s in count}
         time.sleep(0.2)
 
 

@@ -236,7 +236,7 @@ def test_pool_worker_connects_with_a_client_certificate_and_serves_a_round(
         metrics_port=metrics_port,
     )  # fmt: skip
     with LocalFederation(url, federation, log_dir=tmp_path / "logs") as local:
-        local.start_worker("beta", data={"readings": folder}, options=options)
+        local.start_pool_worker("beta", data={"readings": folder}, options=options)
         local.wait_ready(timeout=180)
         context = tff_amqp.create_sync_amqp_mapreduce_context(
             coordinator_url, federation=federation, min_silos=1, shards_per_silo=2

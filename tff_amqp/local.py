@@ -3,7 +3,7 @@
 Starts, waits for and always stops any of
 
 - stateful silos (`tff-amqp silo`, `LocalFederation.start_silo`),
-- pool workers (`tff-amqp worker --stateless`, `LocalFederation.start_worker`),
+- pool workers (`tff-amqp worker --stateless`, `LocalFederation.start_pool_worker`),
 - simulation hosts (`tff-amqp silos`, `LocalFederation.start_silo_host`),
 
 each with its options (`SiloOptions`: TLS files, message limit, default
@@ -40,7 +40,7 @@ from tff_amqp.processes import kill_process_group, spawn, stop_process_groups
 # The log event each command writes once it serves (a simulation host: once
 # all of its silos do).
 SILO_READY = "silo.ready"
-WORKER_READY = "worker.ready"
+POOL_WORKER_READY = "pool_worker.ready"
 HOST_READY = "silo_host.ready"
 
 
@@ -321,7 +321,7 @@ class LocalFederation(ProcessGroup):
             args += ["--name", name]
         return self._spawn(host, "silos", args, data, options, HOST_READY)
 
-    def start_worker(
+    def start_pool_worker(
         self,
         silo: str,
         *,
@@ -337,7 +337,7 @@ class LocalFederation(ProcessGroup):
             ["--stateless", "--silo", silo],
             data,
             options,
-            WORKER_READY,
+            POOL_WORKER_READY,
         )
 
     def _spawn(

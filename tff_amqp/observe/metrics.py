@@ -46,7 +46,7 @@ COORDINATOR_STATS: dict[str, tuple[str, str]] = {
     "duplicate_results": ("duplicate_work_results", "work-item results already merged"),
     "late_results": ("late_work_results", "work-item results of dropped silos"),
 }
-WORKER_STATS: dict[str, tuple[str, str]] = {
+POOL_WORKER_STATS: dict[str, tuple[str, str]] = {
     "items": ("items", "work items completed"),
     "errors": ("errors", "work items answered with an error"),
     "redelivered": ("redelivered", "work items received again (another worker died with them)"),
@@ -220,7 +220,7 @@ class SiloMetrics(_SiloSideMetrics):
         )
 
 
-class WorkerMetrics(_SiloSideMetrics):
+class PoolWorkerMetrics(_SiloSideMetrics):
     """A pool worker's metrics: its counters and a work-item latency histogram."""
 
     def __init__(self, worker: Any) -> None:
@@ -228,7 +228,7 @@ class WorkerMetrics(_SiloSideMetrics):
             "tff_amqp_worker",
             {"federation": worker.config.federation, "silo": worker.config.silo},
             lambda: worker.stats,
-            WORKER_STATS,
+            POOL_WORKER_STATS,
             worker.item_observers,
             ("item_seconds", "time to run one work item on the local worker, by outcome"),
         )

@@ -44,7 +44,7 @@ class PoolMembership(Membership):
         async with self._changed:
             self._changed.notify_all()
 
-    def workers(self, silo: str) -> int:
+    def pool_workers(self, silo: str) -> int:
         """Workers of `silo` heard from within the liveness timeout."""
         now = time.monotonic()
         return sum(

@@ -280,7 +280,7 @@ class MapReduceRound:
                     raise InvocationTimeoutError(
                         f"round did not finish before its deadline: silo(s) "
                         f"{', '.join(incomplete)} still had work items pending (live workers: "
-                        + ", ".join(f"{s}={self._membership.workers(s)}" for s in incomplete)
+                        + ", ".join(f"{s}={self._membership.pool_workers(s)}" for s in incomplete)
                         + "). Start workers (`tff-amqp worker --stateless`), raise `deadline=`, "
                         "or set straggler_timeout to drop slow silos"
                     )

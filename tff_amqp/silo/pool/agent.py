@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerConfig(EndpointConfig):
+class PoolWorkerConfig(EndpointConfig):
     """Everything a stateless worker needs to run (keyword arguments only;
     `declare_topology` covers the work queue)."""
 
@@ -68,11 +68,11 @@ class ItemError(ServingError):
     `worker_status`: the gRPC status of the TFF worker error behind it."""
 
 
-class StatelessWorker(SiloServer):
+class PoolWorker(SiloServer):
     """One worker: a worker_binary, a work-queue consumer and a heartbeat
     (started and stopped by the shared serve loop, `tff_amqp.silo.serve`).
 
-    async with StatelessWorker(config) as worker:
+    async with PoolWorker(config) as worker:
         ...  # serves until the block ends
     """
 
@@ -80,9 +80,9 @@ class StatelessWorker(SiloServer):
     # the same shards come back every round.
     MAX_CACHED_CLIENTS = 4096
 
-    role = "worker"
+    role = "pool_worker"
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: PoolWorkerConfig) -> None:
         self.config = config
         stats: dict[str, int] = {
             "items": 0,
@@ -151,7 +151,7 @@ class StatelessWorker(SiloServer):
         if message.redelivered:
             self.stats["redelivered"] += 1
         log.info(
-            "worker.item_started",
+            "pool_worker.item_started",
             extra={"item": envelope.correlation_id, "redelivered": bool(message.redelivered)},
         )
         self._busy += 1
@@ -168,7 +168,7 @@ class StatelessWorker(SiloServer):
         if await self._worker_binary_died(failed=execution_failed):
             # Our worker_binary died under the item: not the item's fault.
             # Give it back to the pool and stop (a supervisor restarts us).
-            log.error("worker.worker_binary_died", extra={"item": envelope.correlation_id})
+            log.error("pool_worker.worker_binary_died", extra={"item": envelope.correlation_id})
             await message.nack(requeue=True)
             self.failed.set()
             return
@@ -214,13 +214,13 @@ class StatelessWorker(SiloServer):
             if isinstance(e, ItemError):
                 error = e
                 log.warning(
-                    "worker.item_failed",
+                    "pool_worker.item_failed",
                     extra={"item": envelope.correlation_id, "code": str(e.code), "error": str(e)},
                 )
             else:
                 # Anything unexpected still gets an answer (and the item its
                 # ack): an unanswered item would sit unacked here forever.
-                log.exception("worker.item_crashed", extra={"item": envelope.correlation_id})
+                log.exception("pool_worker.item_crashed", extra={"item": envelope.correlation_id})
                 error = ItemError(p.ErrorCode.EXECUTION, f"{type(e).__name__}: {e}")
             self.stats["errors"] += 1
             return self.endpoint.error_envelope(
@@ -234,7 +234,7 @@ class StatelessWorker(SiloServer):
             )
         self.stats["items"] += 1
         log.info(
-            "worker.item_done",
+            "pool_worker.item_done",
             extra={
                 "item": envelope.correlation_id,
                 "shard": result.shard,

@@ -98,7 +98,7 @@ class PoolBulk(SiloBulkConnection):
                 await declare_broadcast_stream(own, self.topology, self.silo)
             except Exception as e:
                 log.warning(
-                    "worker.broadcast_stream_unavailable",
+                    "pool_worker.broadcast_stream_unavailable",
                     extra={"stream": self.topology.broadcast_queue(self.silo), "error": str(e)},
                 )
             finally:
@@ -197,7 +197,7 @@ class PoolBulk(SiloBulkConnection):
                 await channel.close()
         value = bytes(data)  # immutable: shared by every shard that uses it
         log.info(
-            "worker.broadcast_fetched",
+            "pool_worker.broadcast_fetched",
             extra={
                 "transfer": blob.transfer,
                 "bytes": blob.size,
@@ -214,7 +214,7 @@ class PoolBulk(SiloBulkConnection):
         try:
             envelope = p.decode(message.body, max_bytes=self._max_message_bytes)
         except p.ProtocolError as e:
-            log.warning("worker.malformed_chunk", extra={"error": str(e)})
+            log.warning("pool_worker.malformed_chunk", extra={"error": str(e)})
             return
         chunk = envelope.body
         # The stream holds other rounds' broadcasts too: only the wanted
@@ -230,7 +230,7 @@ class PoolBulk(SiloBulkConnection):
                 deadline=envelope.deadline or time.time() + 60.0,
             )
         except TransferError as e:
-            log.warning("worker.transfer_failed", extra={"error": str(e)})
+            log.warning("pool_worker.transfer_failed", extra={"error": str(e)})
 
 
 def _retrieve(future: asyncio.Future[bytes]) -> None:

@@ -25,7 +25,7 @@ from tff_amqp.silo.options import (
 
 if TYPE_CHECKING:
     from tff_amqp.silo.data import DataSource
-    from tff_amqp.silo.pool.agent import WorkerConfig
+    from tff_amqp.silo.pool.agent import PoolWorkerConfig
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:
@@ -49,17 +49,17 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> WorkerConfig:
-        from tff_amqp.silo.pool.agent import WorkerConfig
+    def build(sources: tuple[DataSource, ...], endpoint: dict[str, Any]) -> PoolWorkerConfig:
+        from tff_amqp.silo.pool.agent import PoolWorkerConfig
 
-        return WorkerConfig(
+        return PoolWorkerConfig(
             silo=args.silo, data=sources, min_clients_per_item=args.min_clients_per_item, **endpoint
         )
 
-    async def serve(config: WorkerConfig) -> int:
-        from tff_amqp.silo.pool.agent import StatelessWorker
+    async def serve(config: PoolWorkerConfig) -> int:
+        from tff_amqp.silo.pool.agent import PoolWorker
 
-        if not await _serve(StatelessWorker(config), metrics_port=args.metrics_port):
+        if not await _serve(PoolWorker(config), metrics_port=args.metrics_port):
             return 0
         print(
             "tff-amqp worker: the local worker_binary died; its item went back to the pool. "
@@ -73,9 +73,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
 async def _serve(worker: Any, *, metrics_port: int | None = None) -> bool:
     """Serve until SIGINT/SIGTERM or until the worker fails; True if it failed."""
-    from tff_amqp.observe.metrics import MetricsServer, WorkerMetrics
+    from tff_amqp.observe.metrics import MetricsServer, PoolWorkerMetrics
 
-    with MetricsServer.optional(WorkerMetrics(worker).registry, metrics_port):
+    with MetricsServer.optional(PoolWorkerMetrics(worker).registry, metrics_port):
         return await _serve_until_stopped(worker)
 
 

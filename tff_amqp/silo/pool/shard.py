@@ -110,4 +110,4 @@ class ShardRunner:
         try:
             await self._executor.dispose(refs)  # type: ignore[arg-type]
         except Exception:  # the worker may be gone; nothing else to free
-            log.debug("worker.dispose_failed", exc_info=True)
+            log.debug("pool_worker.dispose_failed", exc_info=True)
