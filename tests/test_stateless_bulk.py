@@ -35,6 +35,7 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.local import LocalFederation, ManagedProcess, SiloOptions, wait_ready
 from tff_amqp.retry import connect_within
+from tff_amqp.silo.bulk import BulkSettings
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.silo.pool.broadcast import PoolBulk
 from tff_amqp.topology import Topology
@@ -183,13 +184,15 @@ async def test_workers_read_a_broadcast_from_the_stream_once_and_late_ones_find_
 
     def worker() -> PoolBulk:
         return PoolBulk(
-            amqp_url,
-            topology,
-            silo="north",
-            user_id="guest",
-            max_message_bytes=2 * MiB,
-            declare_topology=True,
-            connect_policy=connect_within(10),
+            BulkSettings(
+                broker_url=amqp_url,
+                topology=topology,
+                silo="north",
+                user_id="guest",
+                max_message_bytes=2 * MiB,
+                declare_topology=True,
+                connect_policy=connect_within(10),
+            )
         )
 
     coordinator = CoordinatorBulk(amqp_url, topology, sender="coord", max_message_bytes=2 * MiB)
@@ -239,13 +242,15 @@ async def test_a_worker_starts_even_if_its_stream_cannot_be_declared(amqp_url: s
         channel = await connection.channel()
         await channel.declare_queue(topology.broadcast_queue("north"), durable=True)  # classic
         worker = PoolBulk(
-            amqp_url,
-            topology,
-            silo="north",
-            user_id="guest",
-            max_message_bytes=2 * MiB,
-            declare_topology=True,
-            connect_policy=connect_within(10),
+            BulkSettings(
+                broker_url=amqp_url,
+                topology=topology,
+                silo="north",
+                user_id="guest",
+                max_message_bytes=2 * MiB,
+                declare_topology=True,
+                connect_policy=connect_within(10),
+            )
         )
         await worker.start()
         try:

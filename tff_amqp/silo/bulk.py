@@ -16,15 +16,20 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import SILO_PUBLISH, RetryPolicy
+from tff_amqp.retry import SILO_PUBLISH, RetryPolicy, connect_within
 from tff_amqp.topology import Topology
 from tff_amqp.transport.bulk import BulkSender, inline_limit_for
 from tff_amqp.transport.connection import connect
 from tff_amqp.transport.schema import declare_exchange
+
+if TYPE_CHECKING:
+    from tff_amqp.silo.endpoint import EndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +38,54 @@ log = logging.getLogger(__name__)
 PREFETCH = 8
 
 
+@dataclass(frozen=True, kw_only=True)
+class BulkSettings:
+    """Where and as whom a silo-side process's bulk connection connects: one
+    value, built once from the endpoint config, so the connection classes of
+    both regimes take it whole instead of repeating its fields."""
+
+    broker_url: str
+    topology: Topology
+    silo: str
+    # The silo's broker user: chunks carry it as the validated ``user_id``.
+    user_id: str
+    max_message_bytes: int
+    declare_topology: bool
+    connect_policy: RetryPolicy
+    ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def of(
+        cls, config: EndpointConfig, topology: Topology, *, silo: str, user_id: str
+    ) -> BulkSettings:
+        """The settings of `config`'s process for `silo`, connected as
+        `user_id` (known once the control connection is up)."""
+        return cls(
+            broker_url=config.broker_url,
+            topology=topology,
+            silo=silo,
+            user_id=user_id,
+            max_message_bytes=config.max_message_bytes,
+            declare_topology=config.declare_topology,
+            connect_policy=connect_within(config.connect_timeout),
+            ssl_context=config.tls.context() if config.tls else None,
+        )
+
+
 class SiloBulkConnection:
     """The bulk connection of one silo-side process and its chunk sender."""
 
-    def __init__(
-        self,
-        broker_url: str,
-        topology: Topology,
-        *,
-        silo: str,
-        user_id: str,
-        max_message_bytes: int,
-        declare_topology: bool,
-        connect_policy: RetryPolicy,
-        ssl_context: ssl.SSLContext | None = None,
-        role: str = "silo",
-    ) -> None:
-        self.topology = topology
-        self.silo = silo
+    def __init__(self, settings: BulkSettings, *, role: str = "silo") -> None:
+        self.topology = settings.topology
+        self.silo = settings.silo
         self.role = role
-        self.inline_limit = inline_limit_for(max_message_bytes)
-        self._url = broker_url
-        self._ssl_context = ssl_context
-        self._user_id = user_id
-        self._max_message_bytes = max_message_bytes
-        self._declare = declare_topology
-        self._connect_policy = connect_policy
+        self.inline_limit = inline_limit_for(settings.max_message_bytes)
+        self._url = settings.broker_url
+        self._ssl_context = settings.ssl_context
+        self._user_id = settings.user_id
+        self._max_message_bytes = settings.max_message_bytes
+        self._declare = settings.declare_topology
+        self._connect_policy = settings.connect_policy
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._sender: BulkSender | None = None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import connect_within
+from tff_amqp.silo.bulk import BulkSettings
 from tff_amqp.silo.data import DataError
 from tff_amqp.silo.endpoint import EndpointConfig, ServingError
 from tff_amqp.silo.pool.broadcast import PoolBulk
@@ -112,14 +112,9 @@ class PoolWorker(SiloServer):
     async def _before_consume(self) -> None:
         # Large broadcasts in, large accumulators out, on a connection of its own.
         self.bulk = PoolBulk(
-            self.config.broker_url,
-            self.topology,
-            silo=self.config.silo,
-            user_id=self.endpoint.user_id,
-            max_message_bytes=self.config.max_message_bytes,
-            declare_topology=self.config.declare_topology,
-            connect_policy=connect_within(self.config.connect_timeout),
-            ssl_context=self.config.tls.context() if self.config.tls else None,
+            BulkSettings.of(
+                self.config, self.topology, silo=self.config.silo, user_id=self.endpoint.user_id
+            ),
             stats=self.stats,
         )
         await self.bulk.start()

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,9 +26,7 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
-from tff_amqp.silo.bulk import PREFETCH, SiloBulkConnection
-from tff_amqp.topology import Topology
+from tff_amqp.silo.bulk import PREFETCH, BulkSettings, SiloBulkConnection
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, Reassembler, TransferError
 from tff_amqp.transport.schema import declare_broadcast_stream
 
@@ -51,29 +48,12 @@ class PoolBulk(SiloBulkConnection):
 
     def __init__(
         self,
-        broker_url: str,
-        topology: Topology,
+        settings: BulkSettings,
         *,
-        silo: str,
-        user_id: str,
-        max_message_bytes: int,
-        declare_topology: bool,
-        connect_policy: RetryPolicy,
-        ssl_context: ssl.SSLContext | None = None,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         stats: dict[str, int] | None = None,
     ) -> None:
-        super().__init__(
-            broker_url,
-            topology,
-            silo=silo,
-            user_id=user_id,
-            max_message_bytes=max_message_bytes,
-            declare_topology=declare_topology,
-            connect_policy=connect_policy,
-            ssl_context=ssl_context,
-            role="worker",
-        )
+        super().__init__(settings, role="worker")
         self._max_pending_bytes = max_pending_bytes
         # Keyed by the whole BlobRef: a value is the one with that id, size and checksum.
         self._cache: OrderedDict[p.BlobRef, _Cached] = OrderedDict()

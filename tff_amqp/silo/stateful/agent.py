@@ -21,7 +21,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import connect_within
+from tff_amqp.silo.bulk import BulkSettings
 from tff_amqp.silo.endpoint import EndpointConfig
 from tff_amqp.silo.serve import SiloServer
 from tff_amqp.silo.stateful.bulk import SiloBulk
@@ -132,15 +132,10 @@ class SiloAgent(SiloServer):
         # Large values travel on a connection of their own (after the control
         # topology exists: it declares nothing the control side needs).
         self.bulk = SiloBulk(
-            self.config.broker_url,
-            self.topology,
-            silo=self.config.name,
-            user_id=self.endpoint.user_id,
-            max_message_bytes=self.config.max_message_bytes,
+            BulkSettings.of(
+                self.config, self.topology, silo=self.config.name, user_id=self.endpoint.user_id
+            ),
             max_pending_bytes=self.config.max_pending_transfer_bytes,
-            declare_topology=self.config.declare_topology,
-            connect_policy=connect_within(self.config.connect_timeout),
-            ssl_context=self.config.tls.context() if self.config.tls else None,
         )
         await self.bulk.start()
 

@@ -10,7 +10,6 @@ shared `SiloBulkConnection`).
 from __future__ import annotations
 
 import logging
-import ssl
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -19,9 +18,7 @@ from aio_pika.abc import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.retry import RetryPolicy
-from tff_amqp.silo.bulk import SiloBulkConnection
-from tff_amqp.topology import Topology
+from tff_amqp.silo.bulk import BulkSettings, SiloBulkConnection
 from tff_amqp.transport.bulk import Reassembler, TransferError
 from tff_amqp.transport.schema import declare_queue
 
@@ -31,30 +28,11 @@ log = logging.getLogger(__name__)
 class SiloBulk(SiloBulkConnection):
     """Receives chunked values for one silo and sends its large results."""
 
-    def __init__(
-        self,
-        broker_url: str,
-        topology: Topology,
-        *,
-        silo: str,
-        user_id: str,
-        max_message_bytes: int,
-        max_pending_bytes: int,
-        declare_topology: bool,
-        connect_policy: RetryPolicy,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        super().__init__(
-            broker_url,
-            topology,
-            silo=silo,
-            user_id=user_id,
-            max_message_bytes=max_message_bytes,
-            declare_topology=declare_topology,
-            connect_policy=connect_policy,
-            ssl_context=ssl_context,
+    def __init__(self, settings: BulkSettings, *, max_pending_bytes: int) -> None:
+        super().__init__(settings)
+        self.reassembler = Reassembler(
+            name=f"silo {settings.silo}", max_pending_bytes=max_pending_bytes
         )
-        self.reassembler = Reassembler(name=f"silo {silo}", max_pending_bytes=max_pending_bytes)
         self.stats: dict[str, int] = {"malformed_chunks": 0}
 
     async def _start_receiving(
