@@ -204,9 +204,11 @@ async def test_workers_read_a_broadcast_from_the_stream_once_and_late_ones_find_
         deadline = time.time() + 6
         earlier = os.urandom(3 * MiB)
         data = os.urandom(5 * MiB + 7)
-        await coordinator.send_to_streams(earlier, ["north"], invocation_id="r0", deadline=deadline)
-        blob = await coordinator.send_to_streams(
-            data, ["north"], invocation_id="r1", deadline=deadline
+        await coordinator.send(
+            earlier, ["north"], invocation_id="r0", deadline=deadline, streams=True
+        )
+        blob = await coordinator.send(
+            data, ["north"], invocation_id="r1", deadline=deadline, streams=True
         )
         assert coordinator.stats["stream_transfers"] == 2
         for _ in range(2):

@@ -1,7 +1,7 @@
 """The coordinator's bulk connection: large values to silos, large results back.
 Shared by both coordinators: the stateful one sends values to silos' bulk
 queues; the MapReduce one sends a round's broadcast into the silos' broadcast
-streams (`send_to_streams`); both reassemble silos' chunked results here.
+streams (`send(..., streams=True)`); both reassemble silos' chunked results here.
 
 A second broker connection, apart from the control link, so a transfer of
 hundreds of MB never delays a heartbeat or a small request (AMQP frames of one
@@ -38,6 +38,7 @@ from tff_amqp.transport.bulk import (
     BulkSender,
     Reassembler,
     TransferError,
+    acked_after,
     inline_limit_for,
 )
 from tff_amqp.transport.connection import connect
@@ -119,7 +120,7 @@ class CoordinatorBulk:
             queue = await declare_queue(
                 self._channel, self.topology, self.topology.coordinator_bulk_queue_spec()
             )
-            await queue.consume(self._on_message, no_ack=False, exclusive=True)
+            await queue.consume(acked_after(self._handle), no_ack=False, exclusive=True)
             await queue.purge()
             self._sender = BulkSender(
                 exchange,
@@ -150,25 +151,19 @@ class CoordinatorBulk:
         *,
         invocation_id: str,
         deadline: float,
+        streams: bool = False,
     ) -> p.BlobRef:
-        """Publish `data` once for all `silos` (the broker copies it)."""
-        keys = [self.topology.request_routing_key(s) for s in silos]
-        return await self._send(data, keys, list(silos), invocation_id, deadline)
-
-    async def send_to_streams(
-        self,
-        data: bytes | bytearray | memoryview,
-        silos: Sequence[str],
-        *,
-        invocation_id: str,
-        deadline: float,
-    ) -> p.BlobRef:
-        """Publish `data` once into the broadcast streams of `silos` (stateless
-        regime: every worker of a pool reads it from there)."""
-        keys = [self.topology.broadcast_routing_key(s) for s in silos]
+        """Publish `data` once for all `silos` (the broker copies it): into
+        their bulk queues, or with `streams` into their broadcast streams
+        (stateless regime: every worker of a pool reads it from there)."""
+        if streams:
+            keys = [self.topology.broadcast_routing_key(s) for s in silos]
+        else:
+            keys = [self.topology.request_routing_key(s) for s in silos]
         blob = await self._send(data, keys, list(silos), invocation_id, deadline)
-        self.stats["stream_transfers"] += 1
-        self.stats["stream_bytes"] += blob.size
+        if streams:
+            self.stats["stream_transfers"] += 1
+            self.stats["stream_bytes"] += blob.size
         return blob
 
     async def _send(
@@ -210,14 +205,6 @@ class CoordinatorBulk:
         return await self._reassembler.take(
             blob, sender=silo, invocation_id=invocation_id, timeout=timeout
         )
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Acked after the chunk is stored: the prefetch window is what bounds
-        # the bytes in flight towards this process.
-        try:
-            self._handle(message)
-        finally:
-            await message.ack()
 
     def _handle(self, message: AbstractIncomingMessage) -> None:
         self.stats["received_bytes"] += len(message.body)

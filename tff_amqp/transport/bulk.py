@@ -24,11 +24,11 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import CodedError
@@ -45,6 +45,24 @@ INLINE_LIMIT = 1024 * 1024
 DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024 * 1024
 # Chunks published concurrently (awaiting confirms) per transfer.
 _PUBLISH_WINDOW = 4
+
+
+def acked_after(
+    handle: Callable[[AbstractIncomingMessage], None],
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """A consumer callback for chunk messages: `handle` stores the chunk (or
+    drops it), then the message is acked whatever happened. Acked after, not
+    before: with a manual-ack consumer, the prefetch window is what bounds the
+    chunk bytes in flight towards the process (and a stream needs the acks to
+    keep delivering)."""
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            handle(message)
+        finally:
+            await message.ack()
+
+    return on_message
 
 
 class TransferError(CodedError):

@@ -223,8 +223,12 @@ class MapReduceRound:
             await self._link.ensure_broadcast_stream(silo)
         since = time.time() - BROADCAST_LOOKBACK
         sent_before = self._bulk.sent_bytes
-        blob = await self._bulk.send_to_streams(
-            broadcast, cohort, invocation_id=self.report.round_id, deadline=self._deadline
+        blob = await self._bulk.send(
+            broadcast,
+            cohort,
+            invocation_id=self.report.round_id,
+            deadline=self._deadline,
+            streams=True,
         )
         self.report.broadcast_transfers += 1
         self.report.broadcast_bytes += blob.size

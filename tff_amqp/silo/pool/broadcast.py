@@ -27,7 +27,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.bulk import PREFETCH, BulkSettings, SiloBulkConnection
-from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, Reassembler, TransferError
+from tff_amqp.transport.bulk import (
+    DEFAULT_MAX_PENDING_BYTES,
+    Reassembler,
+    TransferError,
+    acked_after,
+)
 from tff_amqp.transport.schema import declare_broadcast_stream
 
 log = logging.getLogger(__name__)
@@ -144,13 +149,8 @@ class PoolBulk(SiloBulkConnection):
             async with Reassembler(
                 name=f"worker {self.silo} broadcast", max_pending_bytes=self._max_pending_bytes
             ) as reassembler:
-
-                async def on_message(message: AbstractIncomingMessage) -> None:
-                    try:
-                        self._on_chunk(message, blob, reassembler)
-                    finally:
-                        await message.ack()  # streams need manual acks to keep delivering
-
+                # Streams need manual acks to keep delivering.
+                on_message = acked_after(lambda m: self._on_chunk(m, blob, reassembler))
                 offset = datetime.datetime.fromtimestamp(max(0, int(since)), datetime.UTC)
                 tag = await queue.consume(
                     on_message, no_ack=False, arguments={"x-stream-offset": offset}

@@ -19,7 +19,7 @@ from aio_pika.abc import (
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.bulk import BulkSettings, SiloBulkConnection
-from tff_amqp.transport.bulk import Reassembler, TransferError
+from tff_amqp.transport.bulk import Reassembler, TransferError, acked_after
 from tff_amqp.transport.schema import declare_queue
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class SiloBulk(SiloBulkConnection):
             )
         else:
             queue = await channel.get_queue(self.topology.bulk_queue(self.silo), ensure=False)
-        await queue.consume(self._on_message, no_ack=False)
+        await queue.consume(acked_after(self._handle), no_ack=False)
 
     async def close(self) -> None:
         """Fail transfers in progress and close the connection. Idempotent."""
@@ -61,12 +61,6 @@ class SiloBulk(SiloBulkConnection):
 
     def forget_invocation(self, invocation_id: str) -> None:
         self.reassembler.discard_invocation(invocation_id)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            self._handle(message)
-        finally:
-            await message.ack()
 
     def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
