@@ -174,3 +174,14 @@ def _split(clients: int, silos: Sequence[str]) -> ClientAssignment:
         chunks[silo] = (start, stop)
         start = stop
     return ClientAssignment(chunks)
+
+
+@dataclass(frozen=True)
+class InvocationScope:
+    """What the parts of one invocation that talk to its silos (shipping,
+    gather) share: one value, so each takes it whole."""
+
+    runtime: CoordinatorRuntime
+    invocation_id: str
+    clock: InvocationClock
+    cohort: Cohort

@@ -17,25 +17,15 @@ from tff_amqp.coordinator.quorum import phase_cutoff
 from tff_amqp.errors import InvocationTimeoutError, QuorumError, SiloError
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.stateful.cohort import Cohort, InvocationClock
-    from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
+    from tff_amqp.coordinator.stateful.cohort import InvocationScope
 
 
 class SiloGather:
     """Replies from the cohort: who is being waited for, each wait's bounds,
     and the straggler cut-off and quorum of a gather."""
 
-    def __init__(
-        self,
-        runtime: CoordinatorRuntime,
-        invocation_id: str,
-        clock: InvocationClock,
-        cohort: Cohort,
-    ) -> None:
-        self._runtime = runtime
-        self._invocation_id = invocation_id
-        self._clock = clock
-        self._cohort = cohort
+    def __init__(self, scope: InvocationScope) -> None:
+        self._scope = scope
         # Silos whose replies are being awaited right now (for deadline errors).
         self._awaiting: dict[str, int] = {}
         self._interrupted: set[str] = set()
@@ -48,7 +38,7 @@ class SiloGather:
 
     def describe_wait(self) -> str:
         """Where the invocation stands, for an error raised at its deadline."""
-        name = self._invocation_id[:8]
+        name = self._scope.invocation_id[:8]
         silos = self.waiting_on()
         if silos:
             names = ", ".join(repr(s) for s in silos)
@@ -57,7 +47,7 @@ class SiloGather:
                 "(a request left unread in a silo's queue expires at the deadline and is "
                 "dead-lettered back, never run late)"
             )
-        if not self._cohort.formed:
+        if not self._scope.cohort.formed:
             return f"invocation {name} had not formed its cohort yet"
         return f"invocation {name} was working at the coordinator (no silo reply pending)"
 
@@ -75,21 +65,22 @@ class SiloGather:
             self._awaiting[silo] -= 1
 
     async def _wait_for_silo(self, silo: str, future: asyncio.Future[p.Result]) -> p.Result:
-        membership = self._runtime.membership
+        membership = self._scope.runtime.membership
         while True:
-            remaining = self._clock.remaining()
+            remaining = self._scope.clock.remaining()
             if remaining <= 0:
                 raise InvocationTimeoutError(
-                    f"invocation {self._invocation_id[:8]} passed its deadline of "
-                    f"{self._clock.seconds:.1f} s waiting for silo {silo!r}"
+                    f"invocation {self._scope.invocation_id[:8]} passed its deadline of "
+                    f"{self._scope.clock.seconds:.1f} s waiting for silo {silo!r}"
                 )
             done, _ = await asyncio.wait({future}, timeout=min(remaining, 0.5))
             if done:
-                if future.cancelled() and silo in self._cohort.dropped:
+                if future.cancelled() and silo in self._scope.cohort.dropped:
                     raise SiloError(
                         silo,
                         "dropped",
-                        f"silo {silo!r} was dropped from invocation {self._invocation_id[:8]}",
+                        f"silo {silo!r} was dropped from invocation "
+                        f"{self._scope.invocation_id[:8]}",
                     )
                 return future.result()
             if not membership.is_live(silo):
@@ -99,7 +90,7 @@ class SiloGather:
                     silo,
                     "lost",
                     f"silo {silo!r} stopped sending heartbeats (last seen {ago:.1f} s ago) while "
-                    f"invocation {self._invocation_id[:8]} waited for it",
+                    f"invocation {self._scope.invocation_id[:8]} waited for it",
                 )
 
     async def gather(self, ids: dict[str, int]) -> dict[str, executor_pb2.Value]:
@@ -109,9 +100,9 @@ class SiloGather:
         answered, proceed without the others; a silo whose heartbeats lapse is
         dropped at once if the quorum still holds. Dropped silos take no
         further part in this invocation."""
-        options = self._runtime.options
-        events = self._runtime.events
-        cohort = self._cohort
+        options = self._scope.runtime.options
+        events = self._scope.runtime.events
+        cohort = self._scope.cohort
         silos = [s for s in ids if s not in cohort.dropped]
         tasks = {asyncio.ensure_future(self._release(s, ids[s])): s for s in silos}
         results: dict[str, executor_pb2.Value] = {}
@@ -119,7 +110,7 @@ class SiloGather:
         started = time.monotonic()
         quorum_at: float | None = None
         pending = set(tasks)
-        events.gather_started(self._invocation_id, silos)
+        events.gather_started(self._scope.invocation_id, silos)
         try:
             while pending:
                 if quorum_at is None and len(results) >= cohort.quorum:
@@ -140,29 +131,30 @@ class SiloGather:
                     silo, error = tasks[task], task.exception()
                     if error is None:
                         results[silo] = task.result()
-                        events.silo_replied(self._invocation_id, silo)
+                        events.silo_replied(self._scope.invocation_id, silo)
                     elif isinstance(error, SiloError) and error.code in ("lost", "dropped"):
                         lost[silo] = error
                     else:
                         raise error
                 if len(results) + len(pending) < cohort.quorum:
                     raise QuorumError(
-                        f"invocation {self._invocation_id[:8]} lost its quorum: {len(results)} "
-                        f"silo(s) answered, {len(pending)} still pending, {cohort.quorum} needed "
+                        f"invocation {self._scope.invocation_id[:8]} lost its quorum: "
+                        f"{len(results)} silo(s) answered, {len(pending)} still pending, "
+                        f"{cohort.quorum} needed "
                         f"(min_silos={options.min_silos}, cohort of {cohort.size}); "
                         + "; ".join(str(e) for e in lost.values())
                     )
         finally:
             for task in pending:
                 task.cancel()
-        events.gather_finished(self._invocation_id, list(results), time.monotonic() - started)
+        events.gather_finished(self._scope.invocation_id, list(results), time.monotonic() - started)
         stragglers = [s for s in silos if s not in results]
         if stragglers:
             cohort.drop(stragglers, reason="lost" if set(stragglers) <= set(lost) else "straggler")
         return results
 
     async def _release(self, silo: str, value_id: int) -> executor_pb2.Value:
-        outbox = await self._cohort.outbox(silo)
+        outbox = await self._scope.cohort.outbox(silo)
         value = executor_pb2.Value()
         # memoryview: a large reassembled buffer is parsed without a copy.
         value.ParseFromString(memoryview(await outbox.compute(value_id)))

@@ -22,7 +22,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.types import computation_types
 
-from tff_amqp.coordinator.stateful.cohort import Cohort, InvocationClock
+from tff_amqp.coordinator.stateful.cohort import Cohort, InvocationClock, InvocationScope
 from tff_amqp.coordinator.stateful.gather import SiloGather
 from tff_amqp.coordinator.stateful.local import LocalExecutor
 from tff_amqp.coordinator.stateful.outbox import OutboxChannel, SiloOutbox
@@ -64,8 +64,9 @@ class Invocation:
         )
         self.cohort = Cohort(runtime, self.id, self.clock, clients, channel)
         self.local = LocalExecutor(runtime)
-        self.shipping = Shipping(runtime, self.id, self.clock, self.cohort, self.local)
-        self.gather = SiloGather(runtime, self.id, self.clock, self.cohort)
+        scope = InvocationScope(runtime, self.id, self.clock, self.cohort)
+        self.shipping = Shipping(scope, self.local)
+        self.gather = SiloGather(scope)
         self.events.invocation_started(self.id)
 
     @property

@@ -28,27 +28,16 @@ from tff_amqp.errors import SiloError
 from tff_amqp.transport.bulk import TransferError
 
 if TYPE_CHECKING:
-    from tff_amqp.coordinator.stateful.cohort import Cohort, InvocationClock
+    from tff_amqp.coordinator.stateful.cohort import InvocationScope
     from tff_amqp.coordinator.stateful.local import LocalExecutor
-    from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
 
 
 class Shipping:
     """Creates values and calls at the cohort's silos; returns their ids per
     silo (the invocation wraps them in values)."""
 
-    def __init__(
-        self,
-        runtime: CoordinatorRuntime,
-        invocation_id: str,
-        clock: InvocationClock,
-        cohort: Cohort,
-        local: LocalExecutor,
-    ) -> None:
-        self._runtime = runtime
-        self._invocation_id = invocation_id
-        self._clock = clock
-        self._cohort = cohort
+    def __init__(self, scope: InvocationScope, local: LocalExecutor) -> None:
+        self._scope = scope
         self._local = local
         # (id(value), silo) -> its id there; values kept alive in _pins
         self._at_silo: dict[tuple[int, str], asyncio.Future[int]] = {}
@@ -72,10 +61,10 @@ class Shipping:
     async def _materialize_at_silo(self, value: CoordinatorValue, silo: str) -> int:
         if isinstance(value, StructValue):
             ids = await asyncio.gather(*(self.to_silo(v, silo) for _, v in value.elements))
-            outbox = await self._cohort.outbox(silo)
+            outbox = await self._scope.cohort.outbox(silo)
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
         if isinstance(value, FunctionValue):
-            _, serialized = self._runtime.function_wire(value)
+            _, serialized = self._scope.runtime.function_wire(value)
         elif isinstance(value, LocalValue):
             # Server values are computed and serialized once, then shipped.
             serialized = await self._local.serialized(value)
@@ -89,10 +78,10 @@ class Shipping:
         """Create a serialized value at `silo`: inline if small, else as a
         chunked transfer. A `broadcast` value is needed by every active silo,
         so its transfer is published once for all of them (keyed by `key`)."""
-        outbox = await self._cohort.outbox(silo)
-        if len(serialized) <= self._runtime.bulk.inline_limit:
+        outbox = await self._scope.cohort.outbox(silo)
+        if len(serialized) <= self._scope.runtime.bulk.inline_limit:
             return outbox.create_value(serialized)
-        silos = tuple(self._cohort.active()) if broadcast else (silo,)
+        silos = tuple(self._scope.cohort.active()) if broadcast else (silo,)
         if silo not in silos:
             silos = (silo,)
         blob = await self._upload(key, serialized, silos)
@@ -102,11 +91,11 @@ class Shipping:
         upload = self._uploads.get((key, silos))
         if upload is None:
             upload = asyncio.ensure_future(
-                self._runtime.bulk.send(
+                self._scope.runtime.bulk.send(
                     data,
                     silos,
-                    invocation_id=self._invocation_id,
-                    deadline=self._clock.deadline_epoch,
+                    invocation_id=self._scope.invocation_id,
+                    deadline=self._scope.clock.deadline_epoch,
                 )
             )
             self._uploads[(key, silos)] = upload
@@ -119,8 +108,8 @@ class Shipping:
         self._pins.append(value)
         ids: dict[str, int] = {}
         for silo in silos:
-            outbox = await self._cohort.outbox(silo)
-            if len(serialized) <= self._runtime.bulk.inline_limit:
+            outbox = await self._scope.cohort.outbox(silo)
+            if len(serialized) <= self._scope.runtime.bulk.inline_limit:
                 ids[silo] = outbox.create_value(serialized)
             else:
                 blob = await self._upload(id(value), serialized, tuple(silos))
@@ -131,21 +120,24 @@ class Shipping:
         """A silo's large result, sent as a chunked transfer (bounded by the
         invocation's deadline)."""
         try:
-            return await self._runtime.bulk.receive(
-                silo, blob, invocation_id=self._invocation_id, timeout=self._clock.remaining()
+            return await self._scope.runtime.bulk.receive(
+                silo,
+                blob,
+                invocation_id=self._scope.invocation_id,
+                timeout=self._scope.clock.remaining(),
             )
         except TransferError as e:
             raise SiloError(silo, str(e.code), str(e)) from e
 
     async def call(self, fn: CoordinatorValue, arg: CoordinatorValue | None) -> dict[str, int]:
         """Place the call `fn(arg)` at every active silo; its id at each."""
-        await self._cohort.silos()
-        silos = self._cohort.active()
+        await self._scope.cohort.silos()
+        silos = self._scope.cohort.active()
 
         async def at(silo: str) -> int:
             fn_id = await self.to_silo(fn, silo)
             arg_id = await self.to_silo(arg, silo) if arg is not None else None
-            return (await self._cohort.outbox(silo)).create_call(fn_id, arg_id)
+            return (await self._scope.cohort.outbox(silo)).create_call(fn_id, arg_id)
 
         ids = await asyncio.gather(*(at(s) for s in silos))
         return dict(zip(silos, ids))
@@ -155,7 +147,7 @@ class Shipping:
     ) -> dict[str, int]:
         """A CLIENTS argument at the silos: an all-equal value once for all,
         a list of client values split in contiguous parts."""
-        silos = await self._cohort.silos()
+        silos = await self._scope.cohort.silos()
         if type_spec.all_equal:
             # One value for every silo: serialized once, shipped once.
             serialized = await asyncio.to_thread(_serialize, value, type_spec)
@@ -168,7 +160,7 @@ class Shipping:
                     f"a CLIENTS-placed argument must be a list of client values or "
                     f"tff_amqp.silo_data(KEY); got {type(value).__name__}"
                 )
-            chunk = self._cohort.assignment.chunks
+            chunk = self._scope.cohort.assignment.chunks
             if chunk is None:
                 raise ValueError("client lists need a known CLIENTS cardinality")
             start, stop = chunk[silo]
@@ -191,11 +183,11 @@ class Shipping:
                 f"tff_amqp.silo_data({key!r}) stands for per-client data and must be passed "
                 f"where a CLIENTS-placed (not all-equal) value is expected, not {type_spec}"
             )
-        silos = await self._cohort.silos()
+        silos = await self._scope.cohort.silos()
         type_bytes = type_serialization.serialize_type(type_spec).SerializeToString()
         ids = {}
         for silo in silos:
-            outbox = await self._cohort.outbox(silo, data_key=key)
+            outbox = await self._scope.cohort.outbox(silo, data_key=key)
             ids[silo] = outbox.create_data(key, type_bytes)
         return ids
 
