@@ -12,13 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from tff_amqp.coordinator.stateful.values import (
-    ClientsValue,
-    CoordinatorValue,
-    FunctionValue,
-    LocalValue,
-    StructValue,
-)
+from tff_amqp.coordinator.stateful import values
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
@@ -65,23 +59,23 @@ class LocalExecutor:
     async def create_selection(self, source: Any, index: int) -> Any:
         return self._owned(await (await self.executor()).create_selection(source, index))
 
-    async def compute(self, value: LocalValue) -> object:
+    async def compute(self, value: values.LocalValue) -> object:
         proto = await self._proto(value)
         result, _ = value_serialization.deserialize_value(proto, value.type_signature)
         return result
 
-    async def _proto(self, value: LocalValue) -> executor_pb2.Value:
+    async def _proto(self, value: values.LocalValue) -> executor_pb2.Value:
         key = id(value)
         if key not in self._computed:
             self._pins.append(value)
             self._computed[key] = asyncio.ensure_future((await self.executor()).compute(value.ref))
         return await self._computed[key]
 
-    async def to_local(self, value: CoordinatorValue) -> Any:
+    async def to_local(self, value: values.CoordinatorValue) -> Any:
         """A reference to `value` inside the coordinator's worker."""
-        if isinstance(value, LocalValue):
+        if isinstance(value, values.LocalValue):
             return value.ref
-        if isinstance(value, ClientsValue):
+        if isinstance(value, values.ClientsValue):
             raise TypeError(
                 "a CLIENTS-placed value cannot be moved to the coordinator; only federated "
                 "aggregations release client data"
@@ -92,29 +86,29 @@ class LocalExecutor:
             self._refs[key] = asyncio.ensure_future(self._materialize(value))
         return await self._refs[key]
 
-    async def _materialize(self, value: CoordinatorValue) -> Any:
+    async def _materialize(self, value: values.CoordinatorValue) -> Any:
         executor = await self.executor()
-        if isinstance(value, StructValue):
+        if isinstance(value, values.StructValue):
             refs = await asyncio.gather(*(self.to_local(v) for _, v in value.elements))
             return self._owned(
                 await executor.create_struct(
                     [(name, ref) for (name, _), ref in zip(value.elements, refs)]
                 )
             )
-        if isinstance(value, FunctionValue):
+        if isinstance(value, values.FunctionValue):
             proto, serialized = self._runtime.function_wire(value)
             ref, shared = await executor.create_computation(serialized, proto)
             return ref if shared else self._owned(ref)
         raise TypeError(f"cannot materialize {type(value).__name__} locally")
 
-    async def serialized(self, value: LocalValue) -> bytes:
+    async def serialized(self, value: values.LocalValue) -> bytes:
         """`value` serialized for shipping to silos (computed once)."""
         key = id(value)
         if key not in self._serialized:
             self._serialized[key] = asyncio.ensure_future(self._serialize(value))
         return await self._serialized[key]
 
-    async def _serialize(self, value: LocalValue) -> bytes:
+    async def _serialize(self, value: values.LocalValue) -> bytes:
         key = id(value)
         if key in self._computed:  # already computed for the coordinator itself
             return (await self._computed[key]).SerializeToString()

@@ -17,13 +17,7 @@ from tensorflow_federated.python.core.impl.types import (
 )
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.stateful.values import (
-    ClientsValue,
-    CoordinatorValue,
-    FunctionValue,
-    LocalValue,
-    StructValue,
-)
+from tff_amqp.coordinator.stateful import values
 from tff_amqp.errors import SiloError
 from tff_amqp.transport.bulk import TransferError
 
@@ -46,9 +40,9 @@ class Shipping:
         self._uploads: dict[tuple[object, tuple[str, ...]], asyncio.Future[p.BlobRef]] = {}
         self._pins: list[object] = []
 
-    async def to_silo(self, value: CoordinatorValue, silo: str) -> int:
+    async def to_silo(self, value: values.CoordinatorValue, silo: str) -> int:
         """The id of `value` at `silo`, sending it there once if needed."""
-        if isinstance(value, ClientsValue):
+        if isinstance(value, values.ClientsValue):
             if silo not in value.ids:
                 raise SiloError(silo, "bad_reference", f"value is not present at silo {silo!r}")
             return value.ids[silo]
@@ -58,14 +52,14 @@ class Shipping:
             self._at_silo[key] = asyncio.ensure_future(self._materialize_at_silo(value, silo))
         return await self._at_silo[key]
 
-    async def _materialize_at_silo(self, value: CoordinatorValue, silo: str) -> int:
-        if isinstance(value, StructValue):
+    async def _materialize_at_silo(self, value: values.CoordinatorValue, silo: str) -> int:
+        if isinstance(value, values.StructValue):
             ids = await asyncio.gather(*(self.to_silo(v, silo) for _, v in value.elements))
             outbox = await self._scope.cohort.outbox(silo)
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
-        if isinstance(value, FunctionValue):
+        if isinstance(value, values.FunctionValue):
             _, serialized = self._scope.runtime.function_wire(value)
-        elif isinstance(value, LocalValue):
+        elif isinstance(value, values.LocalValue):
             # Server values are computed and serialized once, then shipped.
             serialized = await self._local.serialized(value)
         else:
@@ -101,7 +95,7 @@ class Shipping:
             self._uploads[(key, silos)] = upload
         return await upload
 
-    async def ship_to(self, value: LocalValue, silos: Sequence[str]) -> dict[str, int]:
+    async def ship_to(self, value: values.LocalValue, silos: Sequence[str]) -> dict[str, int]:
         """Create a server value at just these silos (its id at each); if large,
         one transfer published once for all of them."""
         serialized = await self._local.serialized(value)
@@ -129,7 +123,9 @@ class Shipping:
         except TransferError as e:
             raise SiloError(silo, str(e.code), str(e)) from e
 
-    async def call(self, fn: CoordinatorValue, arg: CoordinatorValue | None) -> dict[str, int]:
+    async def call(
+        self, fn: values.CoordinatorValue, arg: values.CoordinatorValue | None
+    ) -> dict[str, int]:
         """Place the call `fn(arg)` at every active silo; its id at each."""
         await self._scope.cohort.silos()
         silos = self._scope.cohort.active()
