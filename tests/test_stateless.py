@@ -171,9 +171,9 @@ def _run_in_thread(fn) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-STARTED = re.compile(r'"event":\s*"worker\.item_started"')
-DONE = re.compile(r'"event":\s*"worker\.item_done"')
-REDELIVERED = re.compile(r'"event":\s*"worker\.item_started".*"redelivered":\s*true')
+STARTED = re.compile(r'"event":\s*"pool_worker\.item_started"')
+DONE = re.compile(r'"event":\s*"pool_worker\.item_done"')
+REDELIVERED = re.compile(r'"event":\s*"pool_worker\.item_started".*"redelivered":\s*true')
 
 
 class LogMarks:

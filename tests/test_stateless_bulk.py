@@ -52,8 +52,8 @@ SHARDS_PER_SILO = 2
 SIZE = 1_000_000
 MODEL = tff.TensorType(np.float32, [SIZE])
 
-FETCHED = re.compile(r'"event":\s*"worker\.broadcast_fetched"')
-DONE = re.compile(r'"event":\s*"worker\.item_done"')
+FETCHED = re.compile(r'"event":\s*"pool_worker\.broadcast_fetched"')
+DONE = re.compile(r'"event":\s*"pool_worker\.item_done"')
 
 
 @tff.tensorflow.computation(MODEL, tff.SequenceType(ROW))
