@@ -33,7 +33,7 @@ from tff_amqp.coordinator.mapreduce.membership import PoolMembership
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.errors import SiloRestartedError
-from tff_amqp.local import LocalFederation, ManagedProcess
+from tff_amqp.local import HOST_READY, LocalFederation, ManagedProcess
 from tff_amqp.topology import Topology
 
 # --------------------------------------------------------------- protocol
@@ -294,7 +294,9 @@ def test_a_second_process_with_a_live_silos_name_is_refused_and_never_mixed(
         assert f"host {socket.gethostname()}, pid {holder.pid}" in log, log
         assert "tff-amqp status" in log and "Nothing was consumed" in log, log
         assert "ACCESS_REFUSED" in log, log
-        assert not process.is_ready()
+    # Neither became ready (the host's other agent, zulu, did, then left).
+    assert not impostor.is_ready()
+    assert HOST_READY not in host.log_text()
     assert holder.running
 
     context = tff_amqp.create_sync_amqp_execution_context(
@@ -302,7 +304,11 @@ def test_a_second_process_with_a_live_silos_name_is_refused_and_never_mixed(
     ).start()
     try:
         membership = context.runtime.membership
-        # The refused host's other agent (zulu) said goodbye; alpha is the holder.
+        deadline = time.monotonic() + 15
+        while not membership.live():
+            assert time.monotonic() < deadline, "no silo live"
+            time.sleep(0.1)
+        # The refused host's other agent (zulu) is gone; alpha is the holder.
         assert [r.name for r in membership.live()] == ["alpha"]
         for _ in range(4):
             result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
@@ -333,7 +339,11 @@ def test_a_second_process_with_a_live_silos_name_is_refused_and_never_mixed(
         holder.kill()
         assert holder.process is not None
         holder.process.wait(timeout=10)
-        successor = local.start_silo("alpha", data={"readings": theirs})
+        # (Its own log: a restart under the old process name would append to
+        # the holder's log, whose "silo.ready" would count as the successor's.)
+        successor = _claim(
+            local, "successor", ["silo", "--name", "alpha", "--data", f"readings={theirs}"]
+        )
         local.wait_ready(timeout=240, processes=[successor])
         deadline = time.monotonic() + 30
         while membership.instance_of("alpha") in ("", instance):
