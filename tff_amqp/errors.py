@@ -116,3 +116,25 @@ class InvocationTimeoutError(TffAmqpError, TimeoutError):
 
 class UnsupportedIntrinsicError(TffAmqpError, NotImplementedError):
     """The computation uses an intrinsic this backend does not implement."""
+
+
+class SiloNameTakenError(TffAmqpError):
+    """Another live process already serves this silo name (the broker
+    refused this one the exclusive consumer on the silo's request queue)."""
+
+
+class SiloRestartedError(SiloError):
+    """A silo's process changed (a new instance id) while the invocation
+    waited for its replies: the new process has none of the invocation's
+    state, and the old one's replies must not be mixed with the new one's.
+    Code "lost", so a K-of-N gather treats the silo as dropped."""
+
+    def __init__(self, silo: str, old_instance: str, new_instance: str) -> None:
+        super().__init__(
+            silo,
+            "lost",
+            f"silo {silo!r} restarted mid-invocation (instance {old_instance[:8] or '?'} -> "
+            f"{new_instance[:8] or '?'}): its pending replies are dropped from this invocation",
+        )
+        self.old_instance = old_instance
+        self.new_instance = new_instance

@@ -4,7 +4,10 @@ One module holds every message shape, so both sides agree by construction and
 every decoder validates the same way. A message body is a msgpack map:
 
     {"v": 1, "kind": ..., "id": ..., "corr": ..., "inv": ..., "deadline": ...,
-     "sender": ..., "body": {...}}
+     "sender": ..., "body": {...}, "inst": ...}
+
+``inst`` (the sending silo-side process's instance id) is optional: added
+within version 1, so a peer that does not send it still decodes.
 
 Values and computations travel as serialized TFF ``executor_pb2.Value`` /
 ``computation_pb2.Type`` protos inside msgpack ``bin`` fields; the silo hands
@@ -499,9 +502,13 @@ class SiloStatus:
     active_invocations: int = 0
     allow_raw_client_values: bool = False
     started_at: float = 0.0
+    # Which process this is (shown by `tff-amqp status`, named in the error a
+    # second process claiming the silo's name gets). Optional on the wire.
+    host: str = ""
+    pid: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "silo": self.silo,
             "clients": self.clients,
             "data_keys": list(self.data_keys),
@@ -509,6 +516,11 @@ class SiloStatus:
             "raw": self.allow_raw_client_values,
             "started_at": self.started_at,
         }
+        if self.host:
+            wire["host"] = self.host
+        if self.pid:
+            wire["pid"] = self.pid
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> SiloStatus:
@@ -525,6 +537,8 @@ class SiloStatus:
             active_invocations=_int(raw, "active", minimum=0),
             allow_raw_client_values=raw_flag,
             started_at=_float(raw, "started_at"),
+            host=_opt_str(raw, "host", max_len=_MAX_NAME_LEN) or "",
+            pid=_opt_int(raw, "pid", minimum=0) or 0,
         )
 
 
@@ -677,6 +691,11 @@ class Envelope:
     deadline: float = 0.0  # seconds since the epoch; 0 = none
     message_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     version: int = PROTOCOL_VERSION
+    # The sending silo-side process's instance id (a uuid per process start),
+    # on every hello / heartbeat / reply: the coordinator never mixes two
+    # processes' replies for one silo. Optional ("inst", omitted when empty),
+    # so version 1 peers that do not send it still decode.
+    instance: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         return bool(self.deadline) and (now if now is not None else time.time()) > self.deadline
@@ -700,6 +719,7 @@ def encode(envelope: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
             "deadline": float(envelope.deadline),
             "sender": envelope.sender,
             "body": envelope.body.to_wire(),
+            **({"inst": envelope.instance} if envelope.instance else {}),
         },
         use_bin_type=True,
     )
@@ -758,6 +778,7 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Env
         deadline=_float(raw, "deadline"),
         message_id=_str(raw, "id", max_len=_MAX_ID_LEN),
         version=version,
+        instance=_opt_str(raw, "inst", max_len=_MAX_ID_LEN) or "",
     )
 
 
@@ -822,8 +843,8 @@ def _str(
     return value
 
 
-def _opt_str(raw: Mapping[str, Any], key: str) -> str | None:
-    return None if raw.get(key) is None else _str(raw, key)
+def _opt_str(raw: Mapping[str, Any], key: str, **limits: Any) -> str | None:
+    return None if raw.get(key) is None else _str(raw, key, **limits)
 
 
 def _name(raw: Mapping[str, Any], key: str) -> str:

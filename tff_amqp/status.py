@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, ExchangeType
@@ -28,6 +28,9 @@ class SiloSeen:
     kind: p.Kind
     last_seen: float
     heartbeats: int = 0
+    # The processes heard for this silo: instance id -> (host, pid). One for
+    # a stateful silo; one per worker of a pool.
+    processes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 async def federation_exists(connection: AbstractRobustConnection, topology: Topology) -> bool:
@@ -84,12 +87,29 @@ async def observe(
                     time.time(),
                 )
                 entry.heartbeats += 1
+                if envelope.kind is p.Kind.GOODBYE:
+                    entry.processes.pop(envelope.instance, None)
+                else:
+                    entry.processes[envelope.instance] = (envelope.body.host, envelope.body.pid)
 
         await queue.consume(on_message, no_ack=True)
         await asyncio.sleep(window)
     finally:
         await connection.close()
     return seen
+
+
+def _processes(entry: SiloSeen) -> list[str]:
+    """Instance (short), host and pid columns: of each process heard for the
+    silo (a pool's workers are several, comma-separated), "-" if unknown."""
+    processes = sorted(entry.processes.items())
+    if not processes:
+        return ["-", "-", "-"]
+    return [
+        ",".join(instance[:8] or "-" for instance, _ in processes),
+        ",".join(sorted({host or "-" for _, (host, _) in processes})),
+        ",".join(str(pid or "-") for _, (_, pid) in processes),
+    ]
 
 
 def format_table(seen: dict[str, SiloSeen], federation: str, window: float) -> str:
@@ -100,7 +120,18 @@ def format_table(seen: dict[str, SiloSeen], federation: str, window: float) -> s
         )
     now = time.time()
     rows = [
-        ["silo", "state", "last heartbeat", "clients", "active invocations", "data keys", "raw"]
+        [
+            "silo",
+            "state",
+            "last heartbeat",
+            "clients",
+            "active invocations",
+            "data keys",
+            "raw",
+            "instance",
+            "host",
+            "pid",
+        ]
     ]
     for name in sorted(seen):
         entry = seen[name]
@@ -114,6 +145,7 @@ def format_table(seen: dict[str, SiloSeen], federation: str, window: float) -> s
                 str(entry.status.active_invocations),
                 ",".join(entry.status.data_keys) or "-",
                 "yes" if entry.status.allow_raw_client_values else "no",
+                *_processes(entry),
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

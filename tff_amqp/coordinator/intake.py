@@ -7,7 +7,10 @@ message it applies the same rules: decode within the size limit; the sender
 must be the silo of the routing key; hello / heartbeat / goodbye go to the
 membership; a reply is matched to its pending request by correlation id and
 used only if it comes from the silo the request went to, with a
-broker-validated `user_id` equal to the user that silo said hello with;
+broker-validated `user_id` equal to the user that silo said hello with, and
+(stateful) from the process instance the silo had when the request was sent;
+a new instance of a silo fails the requests the old one owed
+(`SiloRestartedError`);
 dead-lettered requests fail their request at once. The regimes differ only
 in what they publish and in what a matched reply means, which subclasses say
 in `_declare_outbound`, `_on_unmatched` and `_deliver`.
@@ -31,7 +34,7 @@ from aio_pika.abc import (
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.membership import Membership
-from tff_amqp.errors import SiloError, TffAmqpError
+from tff_amqp.errors import SiloError, SiloRestartedError, TffAmqpError
 from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
@@ -49,6 +52,9 @@ class Pending(Generic[R]):
     silo: str
     invocation_id: str
     future: asyncio.Future[R]
+    # The silo's instance when the request was sent: only that process's
+    # reply is used (None: any process of the silo may answer, as a pool's).
+    instance: str | None = None
 
 
 async def consume_coordinator_queue(
@@ -107,6 +113,7 @@ class ReplyIntake(Generic[R]):
             "unknown_replies": 0,
             "rejected_replies": 0,
             "rejected_user_id": 0,
+            "rejected_instance": 0,
             "malformed": 0,
             "dead_lettered": 0,
             "reconnects": 0,
@@ -121,6 +128,7 @@ class ReplyIntake(Generic[R]):
         self._channel: AbstractChannel | None = None
         self._pending: dict[str, Pending[R]] = {}
         self.stats.update(dict.fromkeys(self.regime_stats, 0))
+        membership.instance_listeners.append(self._on_silo_restarted)
         self._init_regime()
 
     def _init_regime(self) -> None:
@@ -201,10 +209,13 @@ class ReplyIntake(Generic[R]):
             if envelope.body.silo != silo:
                 self.stats["rejected_replies"] += 1
                 return
-            await self.membership.observe(envelope.kind, envelope.body, message.user_id)
+            await self.membership.observe(
+                envelope.kind, envelope.body, message.user_id, envelope.instance
+            )
             return
         record = self.membership.record(silo)
-        if record is not None:  # any reply of a silo is as good as a heartbeat
+        if record is not None and record.instance in ("", envelope.instance):
+            # Any reply of a silo's live process is as good as a heartbeat.
             record.last_seen = time.monotonic()
         corr = envelope.correlation_id
         pending = self._pending.get(corr)
@@ -219,7 +230,38 @@ class ReplyIntake(Generic[R]):
             self.stats["rejected_user_id"] += 1
             self._reject(silo=silo, user_id=message.user_id, reason=user_problem)
             return
+        if pending.instance is not None and envelope.instance != pending.instance:
+            # Another process of the silo (an impostor, or a restart): its
+            # reply is not the one the request was sent to; never mixed in.
+            self.stats["rejected_instance"] += 1
+            self._reject(
+                silo=silo,
+                instance=envelope.instance[:8],
+                expected=pending.instance[:8],
+                reason="reply from another process instance of the silo",
+            )
+            return
         self._deliver(corr, pending, envelope, silo)
+
+    def _on_silo_restarted(self, silo: str, old: str, new: str) -> None:
+        """A new process serves `silo`: fail the replies the old one owed
+        (a SiloRestartedError, code "lost": a gather drops the silo)."""
+        failed = 0
+        for pending in list(self._pending.values()):
+            if (
+                pending.silo == silo
+                and pending.instance is not None
+                and pending.instance != new
+                and not pending.future.done()
+            ):
+                pending.future.set_exception(SiloRestartedError(silo, pending.instance or old, new))
+                # Retrieved, so asyncio does not warn when nobody awaits it.
+                pending.future.exception()
+                failed += 1
+        log.warning(
+            f"{self.role}.silo_restarted",
+            extra={"silo": silo, "old": old[:8], "new": new[:8], "failed_requests": failed},
+        )
 
     def _reject(self, **extra: Any) -> None:
         self.stats["rejected_replies"] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
@@ -19,6 +20,8 @@ class SiloRecord:
     user_id: str | None
     first_seen: float
     last_seen: float
+    # The process behind the silo (its instance id; "" if it sends none).
+    instance: str = ""
 
 
 class Membership:
@@ -39,21 +42,46 @@ class Membership:
         # last outage as (went down, came back).
         self._down_since: float | None = None
         self._last_outage: tuple[float, float] | None = None
+        # The last instance heard from per silo (kept past a goodbye, so a
+        # process that replaces it is noticed), and who wants to know when
+        # it changes: (silo, old instance, new instance).
+        self._instances: dict[str, str] = {}
+        self.instance_listeners: list[Callable[[str, str, str], None]] = []
 
-    async def observe(self, kind: p.Kind, status: p.SiloStatus, user_id: str | None) -> None:
+    async def observe(
+        self, kind: p.Kind, status: p.SiloStatus, user_id: str | None, instance: str = ""
+    ) -> None:
         now = time.monotonic()
+        record = self._silos.get(status.silo)
         if kind is p.Kind.GOODBYE:
-            self._silos.pop(status.silo, None)
+            # Only the process that holds the name may take it away.
+            if record is not None and (not instance or record.instance in ("", instance)):
+                self._silos.pop(status.silo, None)
         else:
-            record = self._silos.get(status.silo)
-            if record is None or record.status.started_at != status.started_at:
-                record = SiloRecord(status.silo, status, user_id, now, now)
+            previous = self._instances.get(status.silo, "")
+            if instance:
+                self._instances[status.silo] = instance
+            if (
+                record is None
+                or record.status.started_at != status.started_at
+                or record.instance != instance
+            ):
+                record = SiloRecord(status.silo, status, user_id, now, now, instance)
                 self._silos[status.silo] = record
             record.status = status
             record.user_id = user_id
             record.last_seen = now
+            if instance and previous and previous != instance:
+                # A new process serves the silo: what the old one owed is lost.
+                for listener in self.instance_listeners:
+                    listener(status.silo, previous, instance)
         async with self._changed:
             self._changed.notify_all()
+
+    def instance_of(self, silo: str) -> str:
+        """The instance id of the process serving `silo` ("" if unknown)."""
+        record = self._silos.get(silo)
+        return record.instance if record is not None else ""
 
     def coordinator_disconnected(self, now: float | None = None) -> None:
         """Our broker connection is down: heartbeats cannot reach us."""

@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 
@@ -100,9 +104,16 @@ class SiloEndpoint:
         self.role = role
         self.user_id = username_of(config.broker_url)
         self.max_message_bytes = config.max_message_bytes
+        self.heartbeat_interval = config.heartbeat_interval
         self.stats = stats
         self.stats.setdefault("published_bytes", 0)
         self.stats.setdefault("reconnects", 0)
+        # Who this process is: a fresh instance id per start (stamped on
+        # every hello / heartbeat / reply), its host and pid (in the status,
+        # and in the broker connection's name, so an operator can find it).
+        self.instance = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
         # Called after the robust connection came back.
         self.reconnect_callbacks: list[Callable[[], None]] = []
         self._config = config
@@ -118,7 +129,7 @@ class SiloEndpoint:
         provisioned silo, only looked up."""
         self._connection = await connect(
             self._config.broker_url,
-            name=f"tff-amqp {self.role} {self.silo}",
+            name=f"tff-amqp {self.role} {self.silo} ({self.host}:{self.pid})",
             policy=connect_within(self._config.connect_timeout),
             ssl_context=self._ssl_context,
         )
@@ -132,6 +143,47 @@ class SiloEndpoint:
         else:
             self._replies = await channel.get_exchange(self.topology.replies_exchange, ensure=False)
         return channel
+
+    async def holder(self, window: float) -> tuple[p.SiloStatus, str] | None:
+        """Best effort: (status, instance) of another live process serving
+        this silo, from its next hello / heartbeat within `window` seconds,
+        or None (nothing heard, or this user may not declare the temporary
+        queue, as a provisioned silo's user may not). Used only to name the
+        holder in the error of a process refused the silo's name."""
+        if self._connection is None:
+            return None
+        heard: asyncio.Future[tuple[p.SiloStatus, str]] = asyncio.get_running_loop().create_future()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            with contextlib.suppress(p.ProtocolError):
+                envelope = p.decode(message.body, max_bytes=self.max_message_bytes)
+                body = envelope.body
+                if (
+                    isinstance(body, p.SiloStatus)
+                    and envelope.kind is not p.Kind.GOODBYE
+                    and envelope.instance != self.instance
+                    and not heard.done()
+                ):
+                    heard.set_result((body, envelope.instance))
+
+        channel = None
+        try:
+            channel = await self._connection.channel()
+            queue = await channel.declare_queue(
+                f"{self.topology.prefix}.status.{uuid.uuid4().hex[:8]}",
+                exclusive=True,
+                auto_delete=True,
+            )
+            replies = await channel.get_exchange(self.topology.replies_exchange, ensure=False)
+            await queue.bind(replies, routing_key=self.topology.reply_routing_key(self.silo))
+            await queue.consume(on_message, no_ack=True)
+            return await asyncio.wait_for(heard, window)
+        except Exception:  # permissions, timeout: the error says how to find it instead
+            return None
+        finally:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), 2.0)
 
     async def announce(self) -> None:
         """Say hello, then keep a heartbeat going beside the work (long local
@@ -202,6 +254,7 @@ class SiloEndpoint:
         answered with an error, never silently dropped."""
         if self._replies is None:
             raise RuntimeError(f"{self.role} is not started")
+        envelope = dataclasses.replace(envelope, instance=self.instance)
         try:
             payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         except p.ProtocolError as e:

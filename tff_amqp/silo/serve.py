@@ -16,9 +16,11 @@ import logging
 import time
 from typing import Any, Self
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import SiloNameTakenError
 from tff_amqp.silo.data import DataError, SiloDataStore
 from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
 from tff_amqp.tff_worker import WorkerBinary, WorkerClient
@@ -63,6 +65,9 @@ class SiloServer(Service):
 
     # Names the process in logs, its connection and error texts ("silo", "worker").
     role = "silo"
+    # Whether this process must be the only consumer of its queue (a
+    # stateful silo: one process per name; pool workers of a silo share one).
+    exclusive = False
 
     def __init__(
         self,
@@ -93,7 +98,7 @@ class SiloServer(Service):
             await self._worker.start()
         queue = await self._queue(channel)
         await self._before_consume()
-        await queue.consume(self._on_message, no_ack=False)
+        await self._consume(queue)
         await self.endpoint.announce()
         self._serving()
         log.info(
@@ -106,6 +111,41 @@ class SiloServer(Service):
                 "data_keys": self.data.keys,
                 "worker_pid": self._worker.pid if self._worker is not None else None,
             },
+        )
+
+    async def _consume(self, queue: AbstractQueue) -> None:
+        """Consume the queue; an exclusive process refused by the broker
+        (another consumer holds the queue) fails with an error naming the
+        holder, before it said hello or took any message."""
+        if not self.exclusive:
+            await queue.consume(self._on_message, no_ack=False)
+            return
+        try:
+            await queue.consume(self._on_message, no_ack=False, exclusive=True)
+        except aiormq.exceptions.ChannelAccessRefused as e:
+            raise SiloNameTakenError(await self._name_taken_message(queue.name, e)) from e
+
+    async def _name_taken_message(self, queue: str, error: Exception) -> str:
+        # Long enough to hear the holder's next heartbeat.
+        window = min(3.0, 2 * self.endpoint.heartbeat_interval + 0.5)
+        held = await self.endpoint.holder(window)
+        if held is None:
+            who = f"another process (not heard from within {window:.1f} s)"
+        else:
+            status, instance = held
+            who = (
+                f"another process: host {status.host or '?'}, pid {status.pid or '?'}, "
+                f"instance {instance[:8] or '?'}"
+            )
+        broker = " ".join(str(error).split())[:200]
+        federation = self.topology.federation
+        return (
+            f"{self.role} {self.silo!r} of federation {federation!r} is already served by "
+            f"{who}. The broker refused this process the exclusive consumer on {queue} "
+            f"({broker}). `tff-amqp status --federation {federation}` shows the host, pid and "
+            f"instance of each silo (its broker connection is named 'tff-amqp {self.role} "
+            f"{self.silo} (host:pid)'); stop that process, or start this one with another "
+            "--name. Nothing was consumed."
         )
 
     async def stop(self) -> None:
@@ -179,4 +219,6 @@ class SiloServer(Service):
             active_invocations=self._active(),
             allow_raw_client_values=self._allows_raw_client_values(),
             started_at=self._started_at,
+            host=self.endpoint.host,
+            pid=self.endpoint.pid,
         )

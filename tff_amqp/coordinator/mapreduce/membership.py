@@ -19,7 +19,11 @@ class PoolMembership(Membership):
         # silo -> worker (its started_at) -> last time heard from
         self._workers: dict[str, dict[float, float]] = {}
 
-    async def observe(self, kind: p.Kind, status: p.SiloStatus, user_id: str | None) -> None:
+    async def observe(
+        self, kind: p.Kind, status: p.SiloStatus, user_id: str | None, instance: str = ""
+    ) -> None:
+        # A pool's workers are many processes (instances) of one silo by
+        # design, and any may answer a work item: instances are not pinned.
         now = time.monotonic()
         workers = self._workers.setdefault(status.silo, {})
         if kind is p.Kind.GOODBYE:

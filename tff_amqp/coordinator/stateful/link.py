@@ -50,7 +50,10 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         future: asyncio.Future[p.Result] | None = None
         if expect_reply or envelope.correlation_id:
             future = asyncio.get_running_loop().create_future()
-            self._pending[envelope.correlation_id] = Pending(silo, envelope.invocation_id, future)
+            # Pinned to the silo's current process: another's reply is refused.
+            self._pending[envelope.correlation_id] = Pending(
+                silo, envelope.invocation_id, future, self.membership.instance_of(silo) or None
+            )
         # Expired requests are dead-lettered back to us, never run late.
         message = envelope_message(envelope, payload)
         await publish_with_retry(

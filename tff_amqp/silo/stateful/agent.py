@@ -96,6 +96,9 @@ class SiloAgent(SiloServer):
     """
 
     role = "silo"
+    # One process per silo name: a second is refused at start (exclusive
+    # consumer on the request queue), so no two processes serve one silo.
+    exclusive = True
 
     def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
