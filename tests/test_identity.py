@@ -193,7 +193,7 @@ async def test_a_pools_workers_are_many_instances_of_one_silo(
         for instance in ("1" * 32, "2" * 32):
             body = _status_envelope(p.Kind.HELLO, "alpha", instance)
             await replies.publish(aio_pika.Message(body, user_id="guest"), key)
-        await _wait_for(lambda: membership.workers("alpha") == 2)
+        await _wait_for(lambda: membership.pool_workers("alpha") == 2)
         request = p.Envelope(
             kind=p.Kind.WORK,
             body=p.WorkItem(
