@@ -183,6 +183,11 @@ class SiloAgent(SiloServer):
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
+            stale = self._runners.get(envelope.invocation_id)
+            if code is p.ErrorCode.EXPIRED and stale is not None:
+                # The invocation is past its deadline at the coordinator too:
+                # free its session now rather than at the sweep.
+                await stale.stop()
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
@@ -220,6 +225,15 @@ class SiloAgent(SiloServer):
         if envelope.expired():
             self.stats["expired"] += 1
             return p.ErrorCode.EXPIRED, "received the request after its deadline; not executed"
+        if not envelope.deadline:
+            # Every session is bounded by its deadline (plus the grace): a
+            # batch without one could pin values in the worker forever.
+            self.stats["malformed"] += 1
+            return (
+                p.ErrorCode.MALFORMED,
+                "refuses a batch without a deadline (deadline 0): a session must end; "
+                "the coordinator always sets one (ContextOptions.deadline)",
+            )
         return None
 
     async def _refuse_malformed(
