@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
+from tff_amqp.errors import SiloUnreachableError
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
 
@@ -53,11 +54,36 @@ class CoordinatorLink(ReplyIntake[p.Result]):
             self._pending[envelope.correlation_id] = Pending(silo, envelope.invocation_id, future)
         # Expired requests are dead-lettered back to us, never run late.
         message = envelope_message(envelope, payload)
-        await publish_with_retry(
-            self._requests, message, self.topology.request_routing_key(silo), self.publish_policy
+        # Mandatory: a request to a silo without a queue comes back at once
+        # instead of vanishing while the invocation waits its deadline.
+        routed = await publish_with_retry(
+            self._requests,
+            message,
+            self.topology.request_routing_key(silo),
+            self.publish_policy,
+            mandatory=True,
         )
-        self._count_published(payload)
+        if not routed:
+            self._unroutable(silo, envelope.invocation_id)
+        else:
+            self._count_published(payload)
         return future if expect_reply else None
+
+    def _unroutable(self, silo: str, invocation_id: str) -> None:
+        """Fail every reply this invocation awaits from `silo` (including the
+        request just returned): nothing sent to it can arrive."""
+        self.stats["unroutable"] += 1
+        log.warning("coordinator.unroutable", extra={"silo": silo, "invocation": invocation_id})
+        error = SiloUnreachableError(silo)
+        for pending in list(self._pending.values()):
+            if (
+                pending.silo == silo
+                and pending.invocation_id == invocation_id
+                and not pending.future.done()
+            ):
+                pending.future.set_exception(error)
+                # Retrieved: a batch without a Compute has nobody awaiting it.
+                pending.future.exception()
 
     def forget(self, correlation_id: str) -> None:
         pending = self._pending.pop(correlation_id, None)
