@@ -14,6 +14,8 @@ result exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -27,6 +29,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+import tff_amqp
 from tests.support.computations import F32_CLIENTS, fed_sum
 from tests.support.federation import Federation, run_in
 from tff_amqp import protocol as p
@@ -239,3 +242,116 @@ def test_forged_heartbeat_of_a_silo_without_queue_fails_within_2_s_naming_it(
         assert time.monotonic() < until, "the forged silo's goodbye did not arrive"
         time.sleep(0.05)
     assert run_in(amqp_context, fed_sum, values) == run_in(native_context, fed_sum, values)
+
+
+def _open_batch(link: Any, correlation: str) -> p.Envelope:
+    """A batch of `link`'s coordinator instance that opens an invocation and
+    keeps a value, with no close."""
+    envelope = p.batch_envelope(
+        sender=link.sender,
+        invocation_id=uuid.uuid4().hex,
+        correlation_id=correlation,
+        deadline=time.time() + 300,
+        operations=[p.Open(clients=1), p.CreateValue(target=1, value=_f32_value(1.5))],
+        seq=0,
+    )
+    assert isinstance(envelope.body, p.Batch)
+    body = dataclasses.replace(
+        envelope.body,
+        coordinator_instance=link.instance_id,
+        coordinator_started=link.instance_started,
+    )
+    return dataclasses.replace(envelope, body=body)
+
+
+def test_sessions_of_a_replaced_coordinator_instance_are_freed(
+    amqp_url: str, local, native_context
+) -> None:
+    """A coordinator that dies mid-invocation leaves a session at the silo;
+    the next coordinator instance's first batch frees it at once, and a late
+    request of the dead instance is refused."""
+    local.start_silo("solo")
+    local.wait_ready(timeout=240)
+    topology = Topology(local.federation)
+    options = dict(federation=local.federation, min_silos=1, cohort_timeout=60.0, deadline=120.0)
+    first = tff_amqp.create_sync_amqp_execution_context(amqp_url, **options)
+    with first.start():
+        dead = first.runtime.link
+        # Its in-flight invocation: opened at the silo, never closed.
+        old = _open_batch(dead, uuid.uuid4().hex)
+        asyncio.run(_publish_batch(amqp_url, topology, "solo", old))
+    # The first instance is gone; the silo still holds its session.
+    second = tff_amqp.create_sync_amqp_execution_context(amqp_url, **options)
+    with second.start():
+        membership = second.runtime.membership
+        until = time.monotonic() + 10
+        while (record := membership.record("solo")) is None or (
+            record.status.active_invocations < 1
+        ):
+            assert time.monotonic() < until, "the dead instance's session is not held"
+            time.sleep(0.05)
+        # The new instance's first batch tells the silo the old one is gone.
+        values = [1.0, 2.0]
+        assert run_in(second, fed_sum, values) == run_in(native_context, fed_sum, values)
+        done = time.monotonic()
+        active = _wait_all_idle(second, ["solo"], done, timeout=2.0)
+        assert active == {"solo": 0}, active
+        # A late request of the dead instance is refused, not run.
+        late = _open_batch(dead, uuid.uuid4().hex)
+        replies: list[p.Envelope] = []
+
+        def tap(payload: bytes) -> None:
+            with contextlib.suppress(p.ProtocolError):
+                envelope = p.decode(payload)
+                if envelope.correlation_id == late.correlation_id:
+                    replies.append(envelope)
+
+        link = second.runtime.link
+        link.taps.append(tap)
+        try:
+            asyncio.run(_publish_batch(amqp_url, topology, "solo", late))
+            until = time.monotonic() + 10
+            while not replies and time.monotonic() < until:
+                time.sleep(0.05)
+        finally:
+            link.taps.remove(tap)
+        assert [r.kind for r in replies] == [p.Kind.ERROR]
+        assert isinstance(replies[0].body, p.ErrorReport)
+        assert replies[0].body.code is p.ErrorCode.EXPIRED
+        assert "later-started instance" in replies[0].body.message
+        assert _wait_all_idle(second, ["solo"], time.monotonic(), timeout=2.0) == {"solo": 0}
+
+
+async def _delete_queue(url: str, name: str) -> None:
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+
+
+def test_stateless_round_fails_at_once_for_a_deleted_work_queue(
+    amqp_url: str, tmp_path, local, native_context
+) -> None:
+    """The coordinator declares a silo's work queue before its first item;
+    one deleted afterwards (by an operator) makes the next round fail at
+    once naming the silo, instead of losing its items silently."""
+    from tests.support.data import read_column, write_xy_clients
+    from tests.test_stateless import slow_round
+    from tff_amqp.local import wait_ready
+
+    folder = write_xy_clients(tmp_path, 0, 3)
+    worker = local.start_worker("tiny", data={"xy": folder})
+    wait_ready(worker, timeout=180)
+    with tff_amqp.create_sync_amqp_mapreduce_context(
+        amqp_url, federation=local.federation, cohort_timeout=60.0, deadline=120.0
+    ) as context:
+        _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        assert total == len(read_column(folder, "x"))
+        asyncio.run(_delete_queue(amqp_url, Topology(local.federation).work_queue("tiny")))
+        started = time.monotonic()
+        with pytest.raises(SiloUnreachableError) as error:
+            run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        elapsed = time.monotonic() - started
+        assert error.value.silo == "tiny" and "work queue" in str(error.value)
+        assert elapsed < 2.0, f"failed after {elapsed:.1f} s"
+        assert context.link.stats["unroutable"] >= 1

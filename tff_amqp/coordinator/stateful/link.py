@@ -10,7 +10,10 @@ said hello with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
+import uuid
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
@@ -32,6 +35,11 @@ class CoordinatorLink(ReplyIntake[p.Result]):
     def _init_regime(self) -> None:
         self._late: set[str] = set()
         self._requests: AbstractExchange | None = None
+        # This coordinator process, in every batch: a silo frees the sessions
+        # of an earlier instance (one that died without closing them) when
+        # this one's first batch arrives.
+        self.instance_id = uuid.uuid4().hex
+        self.instance_started = time.time()
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         self._requests = await declare_exchange(
@@ -47,6 +55,15 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         its result. Error replies fail the future with SiloError."""
         if self._requests is None:
             raise RuntimeError("coordinator link is not started")
+        if isinstance(envelope.body, p.Batch) and not envelope.body.coordinator_instance:
+            envelope = dataclasses.replace(
+                envelope,
+                body=dataclasses.replace(
+                    envelope.body,
+                    coordinator_instance=self.instance_id,
+                    coordinator_started=self.instance_started,
+                ),
+            )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.Result] | None = None
         if expect_reply or envelope.correlation_id:
