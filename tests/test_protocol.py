@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import msgpack
@@ -91,6 +92,9 @@ def _raw(**overrides) -> bytes:
             "binary",
         ),
         (_raw(body={"seq": "0", "ops": []}), p.ErrorCode.MALFORMED, "seq"),
+        (_raw(body={"seq": 0, "ops": [], "ci": 7, "cs": 1.0}), p.ErrorCode.MALFORMED, "'ci'"),
+        (_raw(body={"seq": 0, "ops": [], "ci": "x" * 200}), p.ErrorCode.MALFORMED, "'ci'"),
+        (_raw(body={"seq": 0, "ops": [], "ci": "i", "cs": "soon"}), p.ErrorCode.MALFORMED, "'cs'"),
         (_raw(deadline=float("nan")), p.ErrorCode.MALFORMED, "finite"),
         (_raw(sender=""), p.ErrorCode.MALFORMED, "sender"),
         (
@@ -184,3 +188,20 @@ def test_work_messages_name_large_values_as_blobs() -> None:
     wire = inline.to_wire() | {"bblob": "not a map"}
     with pytest.raises(p.ProtocolError, match="'bblob' must be a map"):
         p.WorkItem.from_wire(wire)
+
+
+def test_batch_names_its_coordinator_instance_optionally():
+    """A batch may carry the coordinator's instance id and start time (the
+    silo frees an earlier instance's sessions); without them it decodes as
+    before, with an empty instance."""
+    envelope = _batch()
+    assert isinstance(envelope.body, p.Batch)
+    assert p.decode(p.encode(envelope)).body == envelope.body
+    assert envelope.body.coordinator_instance == ""
+
+    stamped = dataclasses.replace(
+        envelope.body, coordinator_instance="c0ffee", coordinator_started=1234.5
+    )
+    decoded = p.decode(p.encode(dataclasses.replace(envelope, body=stamped))).body
+    assert isinstance(decoded, p.Batch)
+    assert (decoded.coordinator_instance, decoded.coordinator_started) == ("c0ffee", 1234.5)

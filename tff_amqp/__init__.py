@@ -48,6 +48,7 @@ _EXPORTS = {
     "CohortError": "tff_amqp.errors",
     "SiloError": "tff_amqp.errors",
     "SiloWorkerError": "tff_amqp.errors",
+    "SiloUnreachableError": "tff_amqp.errors",
     "InvocationTimeoutError": "tff_amqp.errors",
     "UnsupportedIntrinsicError": "tff_amqp.errors",
 }

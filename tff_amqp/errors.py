@@ -69,6 +69,24 @@ class SiloError(CodedError):
         return SiloWorkerError(silo, code, message, worker_status)
 
 
+class SiloUnreachableError(SiloError):
+    """The broker had no queue for a request to this silo (it returned the
+    message): the silo's queue does not exist, e.g. a silo name announced by
+    a process that never declared it, or a queue deleted by an operator. The
+    request was not delivered; nothing ran."""
+
+    def __init__(self, silo: str, what: str = "request") -> None:
+        super().__init__(
+            silo,
+            "unroutable",
+            f"silo {silo!r} is unreachable: the broker has no queue for its {what} "
+            "(it returned the message at once). Check `tff-amqp status` and that the silo's "
+            "queue exists (the silo process declares it at start, or `tff-amqp provision` "
+            "does for provisioned silos); a status message from a silo without a queue can "
+            "also be forged by a broker user that may publish on the replies exchange.",
+        )
+
+
 class WorkerRpcError(grpc.RpcError):
     """A TFF worker_binary's gRPC error, as a silo reported it: what TFF's
     native runtime raises for the same failure (`code()`, `details()`)."""

@@ -351,9 +351,19 @@ class Batch:
     # Sequence number within the invocation, so the silo applies batches in
     # order and detects duplicates.
     seq: int
+    # The coordinator process that sent it (a random id per start, and when
+    # it started, seconds since the epoch; optional, "" = unknown). A silo
+    # frees the sessions of an instance once a later-started instance of the
+    # same coordinator sends its first batch.
+    coordinator_instance: str = ""
+    coordinator_started: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"seq": self.seq, "ops": [op.to_wire() for op in self.operations]}
+        wire: dict[str, Any] = {"seq": self.seq, "ops": [op.to_wire() for op in self.operations]}
+        if self.coordinator_instance:
+            wire["ci"] = self.coordinator_instance
+            wire["cs"] = float(self.coordinator_started)
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> Batch:
@@ -374,7 +384,16 @@ class Batch:
                     f"unknown operation {tag!r}; this silo speaks {sorted(OPERATIONS)}",
                 )
             operations.append(op_cls.from_wire(raw_op))
-        return cls(operations=tuple(operations), seq=_int(raw, "seq", minimum=0))
+        instance, started = "", 0.0
+        if raw.get("ci") is not None:
+            instance = _str(raw, "ci", max_len=_MAX_ID_LEN)
+            started = _float(raw, "cs")
+        return cls(
+            operations=tuple(operations),
+            seq=_int(raw, "seq", minimum=0),
+            coordinator_instance=instance,
+            coordinator_started=started,
+        )
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,8 @@ class ReplyIntake(Generic[R]):
             "rejected_instance": 0,
             "malformed": 0,
             "dead_lettered": 0,
+            # requests/work items the broker returned: no queue for the silo
+            "unroutable": 0,
             "reconnects": 0,
         }
         # Observers of every raw payload that reaches the coordinator (audits,

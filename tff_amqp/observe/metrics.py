@@ -40,6 +40,7 @@ COORDINATOR_STATS: dict[str, tuple[str, str]] = {
     "unknown_replies": ("unknown_replies", "replies matching no pending request"),
     "malformed": ("malformed_messages", "messages that failed protocol decoding"),
     "dead_lettered": ("dead_lettered", "requests dead-lettered back (expired or rejected)"),
+    "unroutable": ("unroutable", "requests returned by the broker: no queue for the silo"),
     "reconnects": ("reconnects", "reconnections of the broker connection"),
     "rejected_user_id": ("rejected_user_id", "replies refused for a user id not the silo's"),
     "results": ("work_results", "work-item results merged (stateless regime)"),

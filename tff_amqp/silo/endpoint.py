@@ -269,9 +269,11 @@ class SiloEndpoint:
             return
         # Replies carry no expiration: the coordinator decides what is late.
         message = envelope_message(envelope, payload, user_id=self.user_id, expires=False)
-        # mandatory=False (in publish_with_retry): RabbitMQ 3.x would otherwise
-        # return every reply. Retried across reconnects; the coordinator drops
-        # duplicate replies.
+        # Not mandatory (publish_with_retry's default), unlike the coordinator's
+        # requests: RabbitMQ 3.x would otherwise return every reply, and a
+        # reply nobody can route to (no coordinator running) has nobody to
+        # tell; the coordinator's own deadline covers a lost one. Retried
+        # across reconnects; the coordinator drops duplicate replies.
         await publish_with_retry(
             self._replies, message, self.topology.reply_routing_key(self.silo), SILO_PUBLISH
         )

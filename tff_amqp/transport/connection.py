@@ -10,6 +10,7 @@ import time
 
 import aio_pika
 import aiormq
+import aiormq.abc
 import yarl
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
@@ -179,14 +180,29 @@ def _transient(error: BaseException) -> bool:
 
 
 async def publish_with_retry(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, policy: RetryPolicy
-) -> None:
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    policy: RetryPolicy,
+    *,
+    mandatory: bool = False,
+) -> bool:
     """Publish with confirms; retry while the robust connection reconnects.
     A retry can duplicate a message whose confirm was lost: receivers drop
-    duplicates by message id."""
+    duplicates by message id.
+
+    With `mandatory`, a message no queue is bound for comes back from the
+    broker (Basic.Return, before its confirm) and this returns False instead
+    of losing it silently; otherwise (and for every routed message) True."""
     async for attempt in policy.retrying(_transient):
         with attempt:
-            await exchange.publish(message, routing_key=routing_key, mandatory=False, timeout=10)
+            result = await exchange.publish(
+                message, routing_key=routing_key, mandatory=mandatory, timeout=10
+            )
+            # The channel does not raise on returns (on_return_raises=False):
+            # a returned message is the result instead of the broker's ack.
+            return not isinstance(result, aiormq.abc.DeliveredMessage)
+    raise AssertionError("unreachable")
 
 
 def envelope_message(

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
+from tff_amqp.errors import SiloUnreachableError
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import (
     declare_broadcast_stream,
@@ -77,9 +78,26 @@ class WorkLink(ReplyIntake[p.WorkResult]):
         # Persistent: a work queue is durable, and items outlive a broker
         # restart. Expired items are dead-lettered back to us, never run late.
         message = envelope_message(envelope, payload, persistent=True)
-        await publish_with_retry(
-            self._work, message, self.topology.request_routing_key(silo), self.publish_policy
+        # Mandatory: an item for a work queue that no longer exists (deleted
+        # after we declared it) comes back at once instead of vanishing.
+        routed = await publish_with_retry(
+            self._work,
+            message,
+            self.topology.request_routing_key(silo),
+            self.publish_policy,
+            mandatory=True,
         )
+        if not routed:
+            self.stats["unroutable"] += 1
+            log.warning(
+                "mapreduce.unroutable", extra={"silo": silo, "item": envelope.correlation_id}
+            )
+            # Declared again before the next item goes to this silo.
+            self._declared.discard(silo)
+            self._pending.pop(envelope.correlation_id, None)
+            future.set_exception(SiloUnreachableError(silo, "work queue"))
+            future.exception()  # retrieved: a round that already ended never awaits it
+            return future
         self._count_published(payload)
         return future
 

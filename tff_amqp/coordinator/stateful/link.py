@@ -10,12 +10,16 @@ said hello with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
+import uuid
 
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
+from tff_amqp.errors import SiloUnreachableError
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
 
@@ -31,6 +35,11 @@ class CoordinatorLink(ReplyIntake[p.Result]):
     def _init_regime(self) -> None:
         self._late: set[str] = set()
         self._requests: AbstractExchange | None = None
+        # This coordinator process, in every batch: a silo frees the sessions
+        # of an earlier instance (one that died without closing them) when
+        # this one's first batch arrives.
+        self.instance_id = uuid.uuid4().hex
+        self.instance_started = time.time()
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         self._requests = await declare_exchange(
@@ -46,6 +55,15 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         its result. Error replies fail the future with SiloError."""
         if self._requests is None:
             raise RuntimeError("coordinator link is not started")
+        if isinstance(envelope.body, p.Batch) and not envelope.body.coordinator_instance:
+            envelope = dataclasses.replace(
+                envelope,
+                body=dataclasses.replace(
+                    envelope.body,
+                    coordinator_instance=self.instance_id,
+                    coordinator_started=self.instance_started,
+                ),
+            )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.Result] | None = None
         if expect_reply or envelope.correlation_id:
@@ -56,11 +74,36 @@ class CoordinatorLink(ReplyIntake[p.Result]):
             )
         # Expired requests are dead-lettered back to us, never run late.
         message = envelope_message(envelope, payload)
-        await publish_with_retry(
-            self._requests, message, self.topology.request_routing_key(silo), self.publish_policy
+        # Mandatory: a request to a silo without a queue comes back at once
+        # instead of vanishing while the invocation waits its deadline.
+        routed = await publish_with_retry(
+            self._requests,
+            message,
+            self.topology.request_routing_key(silo),
+            self.publish_policy,
+            mandatory=True,
         )
-        self._count_published(payload)
+        if not routed:
+            self._unroutable(silo, envelope.invocation_id)
+        else:
+            self._count_published(payload)
         return future if expect_reply else None
+
+    def _unroutable(self, silo: str, invocation_id: str) -> None:
+        """Fail every reply this invocation awaits from `silo` (including the
+        request just returned): nothing sent to it can arrive."""
+        self.stats["unroutable"] += 1
+        log.warning("coordinator.unroutable", extra={"silo": silo, "invocation": invocation_id})
+        error = SiloUnreachableError(silo)
+        for pending in list(self._pending.values()):
+            if (
+                pending.silo == silo
+                and pending.invocation_id == invocation_id
+                and not pending.future.done()
+            ):
+                pending.future.set_exception(error)
+                # Retrieved: a batch without a Compute has nobody awaiting it.
+                pending.future.exception()
 
     def forget(self, correlation_id: str) -> None:
         pending = self._pending.pop(correlation_id, None)

@@ -60,8 +60,12 @@ class SiloConfig(EndpointConfig):
 class _InvocationRunner:
     """Applies the batches of one invocation strictly in arrival order."""
 
-    def __init__(self, agent: SiloAgent, session: InvocationSession) -> None:
+    def __init__(
+        self, agent: SiloAgent, session: InvocationSession, coordinator: tuple[str, str]
+    ) -> None:
         self.session = session
+        # (sender, instance id) of the coordinator process that opened it.
+        self.coordinator = coordinator
         self._agent = agent
         self._queue: asyncio.Queue[p.Envelope] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"invocation-{session.invocation_id}")
@@ -121,6 +125,10 @@ class SiloAgent(SiloServer):
         self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        # The latest-started instance seen per coordinator name, as (start
+        # time, instance id): an earlier-started one is gone (one coordinator
+        # per federation), so its sessions are freed and its batches refused.
+        self._coordinators: dict[str, tuple[float, str]] = {}
         self._sweeper_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -181,6 +189,11 @@ class SiloAgent(SiloServer):
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
+            stale = self._runners.get(envelope.invocation_id)
+            if code is p.ErrorCode.EXPIRED and stale is not None:
+                # The invocation is past its deadline at the coordinator too:
+                # free its session now rather than at the sweep.
+                await stale.stop()
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
@@ -188,6 +201,7 @@ class SiloAgent(SiloServer):
                 f"silo {self.config.name!r} {text}",
             )
             return
+        await self._note_coordinator(envelope)
         runner = self._runners.get(envelope.invocation_id)
         if runner is None:
             if not envelope.invocation_id:
@@ -205,7 +219,8 @@ class SiloAgent(SiloServer):
                 deadline=envelope.deadline,
                 fetch_blob=self._blob_fetcher(envelope.invocation_id, envelope.deadline),
             )
-            runner = _InvocationRunner(self, session)
+            sender, instance, _ = _coordinator_of(envelope)
+            runner = _InvocationRunner(self, session, (sender, instance))
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         runner.submit(envelope)
@@ -215,9 +230,25 @@ class SiloAgent(SiloServer):
         it (not a batch, or past its deadline), if it is."""
         if envelope.kind is not p.Kind.BATCH:
             return p.ErrorCode.MALFORMED, f"only accepts 'batch' messages, got {envelope.kind!r}"
+        if self._replaced(envelope):
+            self.stats["expired"] += 1
+            return (
+                p.ErrorCode.EXPIRED,
+                "received a request from a coordinator instance that a later-started instance "
+                "of the same coordinator replaced; its invocations were freed, not executed",
+            )
         if envelope.expired():
             self.stats["expired"] += 1
             return p.ErrorCode.EXPIRED, "received the request after its deadline; not executed"
+        if not envelope.deadline:
+            # Every session is bounded by its deadline (plus the grace): a
+            # batch without one could pin values in the worker forever.
+            self.stats["malformed"] += 1
+            return (
+                p.ErrorCode.MALFORMED,
+                "refuses a batch without a deadline (deadline 0): a session must end; "
+                "the coordinator always sets one (ContextOptions.deadline)",
+            )
         return None
 
     async def _refuse_malformed(
@@ -311,6 +342,36 @@ class SiloAgent(SiloServer):
             )
         return inline, blobs
 
+    def _replaced(self, envelope: p.Envelope) -> bool:
+        """Whether the batch comes from a coordinator instance that a
+        later-started instance of the same coordinator replaced."""
+        sender, instance, started = _coordinator_of(envelope)
+        current = self._coordinators.get(sender)
+        return bool(instance) and current is not None and (started, instance) < current
+
+    async def _note_coordinator(self, envelope: p.Envelope) -> None:
+        """A new instance of a coordinator (it restarted): the old instance
+        is gone (one coordinator per federation), so free its sessions now
+        instead of at their deadline plus the grace."""
+        sender, instance, started = _coordinator_of(envelope)
+        if not instance:
+            return
+        previous = self._coordinators.get(sender)
+        if previous is not None and previous >= (started, instance):
+            return
+        self._coordinators[sender] = (started, instance)
+        if previous is None:
+            return
+        stale = [r for r in self._runners.values() if r.coordinator == (sender, previous[1])]
+        if stale:
+            log.info(
+                "silo.coordinator_replaced",
+                extra={"coordinator": sender, "freed_invocations": len(stale)},
+            )
+        for runner in stale:
+            self.stats["freed_sessions"] = self.stats.get("freed_sessions", 0) + 1
+            await runner.stop()
+
     def _forget(self, invocation_id: str) -> None:
         self._runners.pop(invocation_id, None)
 
@@ -373,3 +434,12 @@ class SiloAgent(SiloServer):
         if self._worker is None:
             raise RuntimeError("silo agent is not started")
         return self._worker.client
+
+
+def _coordinator_of(envelope: p.Envelope) -> tuple[str, str, float]:
+    """(coordinator name, instance id, its start time) of a batch (instance
+    "" when it names none)."""
+    body = envelope.body
+    if not isinstance(body, p.Batch):
+        return envelope.sender, "", 0.0
+    return envelope.sender, body.coordinator_instance, body.coordinator_started

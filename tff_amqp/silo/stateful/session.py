@@ -118,7 +118,20 @@ class InvocationSession:
         return seq <= self._last_seq
 
     async def apply(self, batch: p.Batch) -> dict[int, bytes]:
-        """Apply a batch; return the values its Compute ops release."""
+        """Apply a batch; return the values its Compute ops release.
+
+        A batch carrying `close` always frees the session, even when the
+        invocation failed earlier or this batch fails: its other operations
+        fail as usual (the first error is raised), then every value of the
+        invocation is disposed of, so a failed invocation holds nothing at
+        the silo once its close arrives."""
+        try:
+            return await self._apply(batch)
+        finally:
+            if any(isinstance(op, p.Close) for op in batch.operations):
+                await self.close()
+
+    async def _apply(self, batch: p.Batch) -> dict[int, bytes]:
         if self.failed is not None:
             raise self.failed
         self._last_seq = batch.seq
