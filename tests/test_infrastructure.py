@@ -216,6 +216,20 @@ def test_a_name_is_reused_only_once_its_process_has_exited(process_group: Proces
     assert second.log_path == first.log_path  # a restart appends to the same log
 
 
+def test_a_restarted_name_is_ready_only_when_the_new_process_says_so(
+    process_group: ProcessGroup,
+) -> None:
+    # The log is shared by both processes; the first one's ready line must not
+    # make the second look ready before it has said so itself.
+    announce = "import json, sys, time; print(json.dumps({'event': 'silo.ready'}), flush=True)"
+    first = process_group.start("announcer", [sys.executable, "-c", announce])
+    wait_ready([first], timeout=30)
+    first.stop()
+    silent = process_group.start("announcer", [sys.executable, "-c", SLEEPER])
+    assert first.is_ready() and "silo.ready" in first.log_text()
+    assert not silent.is_ready() and "silo.ready" not in silent.log_text()
+
+
 @pytest.mark.parametrize("with_psutil", [True, False], ids=["psutil", "proc"])
 def test_child_pids_named_finds_live_children_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_psutil: bool

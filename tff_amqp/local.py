@@ -71,12 +71,17 @@ class ManagedProcess:
         self._env = dict(env or {})
         self._cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
+        # Where this process's output begins: a name reused after an earlier
+        # process exited appends to the same log, whose old "ready" line must
+        # not count for the new process.
+        self._log_offset = 0
 
     def start(self) -> ManagedProcess:
         """Start the process (once)."""
         if self.process is not None:
             raise RuntimeError(f"process {self.name!r} already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.process = spawn(self.args, self.log_path, env=self._env, cwd=self._cwd)
         return self
 
@@ -99,8 +104,11 @@ class ManagedProcess:
         return self.process
 
     def log_text(self) -> str:
+        """What this process has written to its log (not an earlier one's)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(self._log_offset)
+                return log_file.read().decode(errors="replace")
         except OSError:
             return ""
 
