@@ -340,7 +340,7 @@ def test_stateless_round_fails_at_once_for_a_deleted_work_queue(
     from tff_amqp.local import wait_ready
 
     folder = write_xy_clients(tmp_path, 0, 3)
-    worker = local.start_worker("tiny", data={"xy": folder})
+    worker = local.start_pool_worker("tiny", data={"xy": folder})
     wait_ready(worker, timeout=180)
     with tff_amqp.create_sync_amqp_mapreduce_context(
         amqp_url, federation=local.federation, cohort_timeout=60.0, deadline=120.0

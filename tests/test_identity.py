@@ -35,6 +35,7 @@ from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.errors import SiloRestartedError
 from tff_amqp.local import HOST_READY, LocalFederation, ManagedProcess
 from tff_amqp.topology import Topology
+from tff_amqp.transport.schema import declare_queue, declare_work_queue
 
 # --------------------------------------------------------------- protocol
 
@@ -131,6 +132,9 @@ async def test_a_reply_from_another_instance_is_rejected_and_a_restart_fails_pen
     silo = await aio_pika.connect(amqp_url, timeout=10)
     first, forger, second = "1" * 32, "2" * 32, "3" * 32
     try:
+        # Alpha's request queue exists, as a real silo declares it: requests
+        # are published mandatory, so one without a queue would come back.
+        await declare_queue(await silo.channel(), t, t.request_queue_spec("alpha"))
         replies = await (await silo.channel()).get_exchange(t.replies_exchange, ensure=False)
         key = t.reply_routing_key("alpha")
 
@@ -188,6 +192,7 @@ async def test_a_pools_workers_are_many_instances_of_one_silo(
     await link.start()
     silo = await aio_pika.connect(amqp_url, timeout=10)
     try:
+        await declare_work_queue(await silo.channel(), t, "alpha")
         replies = await (await silo.channel()).get_exchange(t.replies_exchange, ensure=False)
         key = t.reply_routing_key("alpha")
         for instance in ("1" * 32, "2" * 32):
