@@ -434,7 +434,10 @@ def create_sync_amqp_mapreduce_context(
         deadline, heartbeat_timeout, straggler_timeout, quorum_grace (the same
         K-of-N rule, `tff_amqp.coordinator.quorum`; a silo is live while any
         of its workers is, and a dropped silo's shards are left out of the
-        round as a whole), max_message_bytes, metrics_port, progress.
+        round as a whole; a round that dropped silos warns with
+        `PartialResultWarning`, or with strict=True raises `PartialResultError`;
+        `last_invocation` reports who took part), max_message_bytes,
+        metrics_port, progress.
     """
     return AmqpSyncMapReduceContext(_options(broker_url, shards_per_silo, kwargs))
 

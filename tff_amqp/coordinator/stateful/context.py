@@ -197,6 +197,10 @@ def create_sync_amqp_execution_context(
       quorum_grace: once `min_silos` silos answered an aggregation phase, wait
         at most this many more seconds for the others, then drop them as
         stragglers (None: only `straggler_timeout` limits the wait).
+      strict: (keyword, default False) a result over fewer silos than the
+        cohort (silos dropped by K of N or lost) raises `PartialResultError`
+        instead of being returned with a `PartialResultWarning`; either way
+        `context.last_invocation` says which silos took part.
       **kwargs: further `CoordinatorOptions`, e.g. `select_slices` (federated_select
         ships only requested slices; see docs/intrinsics.md), `max_message_bytes`,
         `metrics_port` (serve Prometheus metrics; 0: any free port; None: off)
