@@ -159,7 +159,9 @@ def test_strict_without_a_drop_returns_the_result(amqp_url, three_silos, native_
 def test_killed_silo_drop_warns_as_lost(amqp_url, three_silos, native_context):
     victim = three_silos.local.silos["birch"].process
     others = [n for n in NAMES if n != "birch"]
+    stream = io.StringIO()
     with _context(amqp_url, three_silos, min_silos=2, heartbeat_timeout=2.0) as context:
+        context.runtime.events.add(ProgressDisplay(stream))
         _wait_live(context, NAMES)
         os.kill(victim.pid, signal.SIGKILL)
         with pytest.warns(PartialResultWarning, match=r"birch \(lost\)"):
@@ -169,3 +171,5 @@ def test_killed_silo_drop_warns_as_lost(amqp_url, three_silos, native_context):
     assert report is not None
     assert report.dropped == {"birch": "lost"}
     assert sorted(report.took_part) == sorted(others)
+    # The summary counts the silos that took part, not the cohort.
+    assert "2/3 silo(s) took part (ash, cedar); dropped birch (lost)" in stream.getvalue()
