@@ -30,6 +30,7 @@ from tests.support.data import read_column, write_xy_clients
 from tests.support.federation import assert_close, local_federation, run_in
 from tests.test_observe import scrape
 from tff_amqp import protocol as p
+from tff_amqp.errors import PartialResultError, PartialResultWarning
 from tff_amqp.local import LocalFederation, ManagedProcess, SiloOptions, wait_ready
 from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.silo.pool.shard import shard_bounds
@@ -274,8 +275,11 @@ def test_straggling_silo_is_dropped_at_the_phase_cutoff(amqp_url, pools, cutoff)
     ) as context:
         context.events.add(Recorder())
         _wait_workers(context, ["north"], WORKERS_PER_SILO)
-        new_state, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        # A round over fewer silos is never silent.
+        with pytest.warns(PartialResultWarning, match=r"south \(straggler\)"):
+            new_state, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
         report = context.last_round
+        invocation = context.last_invocation
         assert context.membership.is_live("south")  # slow, not dead
         # Rounds report like invocations: the drop reaches observers and metrics.
         metrics = scrape(context.telemetry.metrics_port)
@@ -285,8 +289,34 @@ def test_straggling_silo_is_dropped_at_the_phase_cutoff(amqp_url, pools, cutoff)
     ok = (("federation", pools.name), ("outcome", "ok"))
     assert metrics[("tff_amqp_coordinator_invocations_total", ok)] == 1
     assert report.dropped_silos == ["south"]
+    assert invocation.invocation_id == report.round_id
+    assert invocation.dropped == {"south": "straggler"}
+    assert invocation.took_part == ["north"] and sorted(invocation.cohort) == sorted(SILOS)
     assert total == pools.rows(["north"]) and new_state == total
     assert report.merged_items == CLIENTS_PER_SILO
+
+
+def test_strict_round_refuses_a_partial_result(amqp_url, pools):
+    # south still has one worker for its 5 slow items (the test before).
+    with _context(
+        amqp_url, pools, min_silos=1, straggler_timeout=4.0, strict=True, progress=False
+    ) as context:
+        _wait_workers(context, SILOS, 1)
+        with pytest.raises(PartialResultError, match=r"south \(straggler\)") as info:
+            run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        invocation = context.last_invocation
+    assert info.value.dropped == {"south": "straggler"}
+    assert invocation.dropped == {"south": "straggler"}
+    assert context.last_round.dropped_silos == ["south"]
+
+
+def test_round_without_a_drop_reports_every_silo(amqp_url, pools):
+    with _context(amqp_url, pools, strict=True, progress=False) as context:
+        _wait_workers(context, SILOS, 1)
+        _, total = run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        invocation = context.last_invocation
+    assert total == pools.rows()
+    assert invocation.dropped == {} and sorted(invocation.took_part) == sorted(SILOS)
 
 
 def test_silo_whose_workers_all_die_is_dropped_when_quorum_holds(amqp_url, pools):

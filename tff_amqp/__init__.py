@@ -45,6 +45,8 @@ _EXPORTS = {
     "BrokerAuthError": "tff_amqp.errors",
     "BrokerPermissionError": "tff_amqp.errors",
     "QuorumError": "tff_amqp.errors",
+    "PartialResultError": "tff_amqp.errors",
+    "PartialResultWarning": "tff_amqp.errors",
     "CohortError": "tff_amqp.errors",
     "SiloError": "tff_amqp.errors",
     "SiloWorkerError": "tff_amqp.errors",

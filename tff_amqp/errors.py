@@ -41,6 +41,43 @@ class QuorumError(CohortError):
     """Too few silos answered an aggregation phase (crashes, stragglers)."""
 
 
+def _describe_drops(dropped: dict[str, str]) -> str:
+    return ", ".join(f"{silo} ({reason})" for silo, reason in dropped.items())
+
+
+class PartialResultError(QuorumError):
+    """`strict=True`: an invocation dropped silos (stragglers, lost, restarted
+    or unreachable silos), so its result would cover only the others; raised
+    instead of returning that result. `dropped` maps each silo to its reason."""
+
+    def __init__(self, invocation_id: str, dropped: dict[str, str], took_part: list[str]) -> None:
+        super().__init__(
+            f"invocation {invocation_id[:8]} dropped silo(s) {_describe_drops(dropped)}; "
+            f"only {len(took_part)} silo(s) took part ({', '.join(took_part) or '-'}). "
+            "strict=True refuses a partial result"
+        )
+        self.invocation_id = invocation_id
+        self.dropped = dict(dropped)
+        self.took_part = list(took_part)
+
+
+class PartialResultWarning(UserWarning):
+    """A result covers only part of the cohort: silos were dropped (K of N,
+    `min_silos` below the cohort). `dropped` maps each silo to its reason
+    ("straggler", "lost", "restarted", "unreachable"). Turn it into an error
+    with `strict=True`, or require every silo with `min_silos=N`."""
+
+    def __init__(self, invocation_id: str, dropped: dict[str, str], took_part: list[str]) -> None:
+        super().__init__(
+            f"partial result: invocation {invocation_id[:8]} dropped silo(s) "
+            f"{_describe_drops(dropped)}; the result covers the {len(took_part)} silo(s) "
+            f"that took part ({', '.join(took_part) or '-'})"
+        )
+        self.invocation_id = invocation_id
+        self.dropped = dict(dropped)
+        self.took_part = list(took_part)
+
+
 class CodedError(TffAmqpError):
     """An error with a machine-readable `code` (a protocol `ErrorCode`, or its
     string on the coordinator side) besides its message: what error replies

@@ -29,6 +29,10 @@ class CoordinatorOptions:
     # Once min_silos answered a phase, wait at most this much longer for the
     # others (None: no grace limit; the straggler timeout still applies).
     quorum_grace: float | None = None
+    # Any silo dropped from an invocation (or round) makes it fail with
+    # PartialResultError instead of returning a result over the others
+    # (False: the result comes with a PartialResultWarning).
+    strict: bool = False
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     # Serve Prometheus metrics on this port (0: any free port; None: off).
     metrics_port: int | None = None

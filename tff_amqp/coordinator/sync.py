@@ -9,6 +9,8 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base
 
+from tff_amqp.coordinator.partial import InvocationReport, check_partial
+
 _O = TypeVar("_O", covariant=True)
 _A = TypeVar("_A", bound="_AsyncContext[Any]")
 
@@ -29,7 +31,10 @@ def _runner() -> async_utils.AsyncThreadRunner:
 class _AsyncContext(Protocol[_O]):
     @property
     def options(self) -> _O: ...
+    @property
+    def strict(self) -> bool: ...
     async def invoke(self, comp: Any, arg: Any) -> Any: ...
+    async def invoke_reported(self, comp: Any, arg: Any) -> tuple[Any, InvocationReport | None]: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -52,7 +57,12 @@ class SyncOverSharedLoop(context_base.SyncContext, Generic[_A, _O]):
     def invoke(self, comp: Any, arg: Any) -> Any:
         if self._closed:
             raise RuntimeError(f"this {self._name} is closed")
-        return self._runner.run_coro_and_return_result(self._async_context.invoke(comp, arg))
+        result, report = self._runner.run_coro_and_return_result(
+            self._async_context.invoke_reported(comp, arg)
+        )
+        # In the caller's thread, so its warning filters (and pytest.warns) apply.
+        check_partial(report, strict=self._async_context.strict, stacklevel=3)
+        return result
 
     def start(self) -> Self:
         """Connect and start the local worker now (otherwise done on first use)."""

@@ -48,6 +48,7 @@ from tff_amqp.coordinator.mapreduce.round import (
     RoundSettings,
 )
 from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.partial import InvocationReport, check_partial
 from tff_amqp.coordinator.runtime import SharedRuntime
 from tff_amqp.coordinator.sync import SyncOverSharedLoop
 from tff_amqp.data_reference import SiloDataReference
@@ -183,6 +184,8 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
         self.runtime = _Runtime(options)
         self._forms: dict[int, tuple[object, forms.MapReduceForm, FormWire]] = {}
         self.last_round: RoundReport | None = None
+        # Who took part in the last round, as the stateful context reports it.
+        self.last_invocation: InvocationReport | None = None
 
     @property
     def options(self) -> MapReduceOptions:
@@ -216,7 +219,24 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
             raise RuntimeError("the MapReduce context is not started")
         return self.runtime.link
 
+    @property
+    def strict(self) -> bool:
+        return self._options.coordinator.strict
+
     async def invoke(self, comp: Any, arg: Any) -> Any:
+        result, report = await self.invoke_reported(comp, arg)
+        check_partial(report, strict=self.strict)
+        return result
+
+    async def invoke_reported(self, comp: Any, arg: Any) -> tuple[Any, InvocationReport | None]:
+        """The result and, for a round, who took part (the sync context warns
+        about a partial result in its caller's thread)."""
+        # This call's own report (rounds may run concurrently on one context).
+        reports: list[InvocationReport] = []
+        result = await self._invoke(comp, arg, reports)
+        return result, (reports[0] if reports else None)
+
+    async def _invoke(self, comp: Any, arg: Any, reports: list[InvocationReport]) -> Any:
         if asyncio.iscoroutine(arg):
             arg = await arg
         if not isinstance(comp, computation_impl.ConcreteComputation):
@@ -233,7 +253,7 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
                         and t.placement is placements.CLIENTS
                     ),
                 ):
-                    return await self._run_round(comp, arg, time.time() + deadline)
+                    return await self._run_round(comp, arg, time.time() + deadline, reports)
                 return await self._run_locally(comp, arg)
         except TimeoutError as e:
             if isinstance(e, InvocationTimeoutError):
@@ -255,7 +275,11 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
         return entry[1], entry[2]
 
     async def _run_round(
-        self, comp: computation_impl.ConcreteComputation, arg: Any, deadline: float
+        self,
+        comp: computation_impl.ConcreteComputation,
+        arg: Any,
+        deadline: float,
+        reports: list[InvocationReport],
     ) -> Any:
         form, wire = await self._form(comp)
         state, data = _split_argument(arg)
@@ -293,7 +317,16 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
         try:
             result = await round_.run(state_value, data.key)
         finally:
-            self.last_round = round_.report
+            report = round_.report
+            self.last_round = report
+            self.last_invocation = invocation_report = InvocationReport(
+                invocation_id=report.round_id,
+                cohort=list(report.cohort),
+                took_part=[s for s in report.cohort if s not in report.drop_reasons],
+                dropped=dict(report.drop_reasons),
+                seconds=report.seconds,
+            )
+            reports.append(invocation_report)
         return self._python_result(result, comp.type_signature.result)
 
     async def _run_locally(self, comp: computation_impl.ConcreteComputation, arg: Any) -> Any:
@@ -380,6 +413,11 @@ class AmqpSyncMapReduceContext(SyncOverSharedLoop[AmqpAsyncMapReduceContext, Map
     def last_round(self) -> RoundReport | None:
         return self._async_context.last_round
 
+    @property
+    def last_invocation(self) -> InvocationReport | None:
+        """Who took part in the last round (cohort, silos dropped and why)."""
+        return self._async_context.last_invocation
+
 
 def create_sync_amqp_mapreduce_context(
     broker_url: str, *, shards_per_silo: int = 4, **kwargs: Any
@@ -396,7 +434,10 @@ def create_sync_amqp_mapreduce_context(
         deadline, heartbeat_timeout, straggler_timeout, quorum_grace (the same
         K-of-N rule, `tff_amqp.coordinator.quorum`; a silo is live while any
         of its workers is, and a dropped silo's shards are left out of the
-        round as a whole), max_message_bytes, metrics_port, progress.
+        round as a whole; a round that dropped silos warns with
+        `PartialResultWarning`, or with strict=True raises `PartialResultError`;
+        `last_invocation` reports who took part), max_message_bytes,
+        metrics_port, progress.
     """
     return AmqpSyncMapReduceContext(_options(broker_url, shards_per_silo, kwargs))
 

@@ -64,6 +64,8 @@ class RoundReport:
     items: int = 0
     merged_items: int = 0
     dropped_silos: list[str] = field(default_factory=list)
+    # Why each dropped silo was dropped ("straggler" or "lost").
+    drop_reasons: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     # A broadcast above the inline limit is published once per round into the
     # cohort's streams: transfers (0 or 1), the value's bytes, and the chunk
@@ -320,11 +322,11 @@ class MapReduceRound:
         return p.WorkResult(result.shard, result.clients, bytes(data))
 
     def _drop(self, silos: list[str], items: dict, reason: str) -> None:
-        self._events.silos_dropped(
-            self.report.round_id, silos, "straggler" if reason == "straggler cut-off" else "lost"
-        )
+        short = "straggler" if reason == "straggler cut-off" else "lost"
+        self._events.silos_dropped(self.report.round_id, silos, short)
         for silo in silos:
             self.report.dropped_silos.append(silo)
+            self.report.drop_reasons[silo] = short
             log.warning("mapreduce.silo_dropped", extra={"silo": silo, "reason": reason})
             for item_id, _ in items[silo].values():
                 self._link.finish(item_id, dropped=True)

@@ -76,6 +76,9 @@ class Cohort:
         self.quorum = runtime.options.min_silos
         self.outboxes: dict[str, SiloOutbox] = {}
         self.dropped: set[str] = set()
+        # Why each dropped silo was dropped, in drop order (the invocation's
+        # report and its PartialResultWarning name them).
+        self.drop_reasons: dict[str, str] = {}
 
     @property
     def formed(self) -> bool:
@@ -126,6 +129,10 @@ class Cohort:
             outbox.open(clients=self.assignment.size(silo), data_key=data_key)
         return outbox
 
+    def chosen(self) -> list[str]:
+        """The silos chosen for the invocation (empty before the cohort)."""
+        return list(self._silos or [])
+
     def active(self) -> list[str]:
         return [s for s in (self._silos or []) if s not in self.dropped]
 
@@ -138,6 +145,7 @@ class Cohort:
         self._runtime.events.silos_dropped(self._invocation_id, silos, reason)
         for silo in silos:
             self.dropped.add(silo)
+            self.drop_reasons[silo] = reason
             self._runtime.link.forget_silo(self._invocation_id, silo)
             outbox = self.outboxes.get(silo)
             if outbox is not None:

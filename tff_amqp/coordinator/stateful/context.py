@@ -25,6 +25,7 @@ from tensorflow_federated.python.core.impl.types import placements
 
 from tff_amqp.coordinator.context import RuntimeContext, installing
 from tff_amqp.coordinator.options import CoordinatorOptions
+from tff_amqp.coordinator.partial import InvocationReport, check_partial
 from tff_amqp.coordinator.stateful.executor import AmqpExecutor
 from tff_amqp.coordinator.stateful.invocation import Invocation
 from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
@@ -61,6 +62,8 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
 
     def __init__(self, options: CoordinatorOptions) -> None:
         self.runtime = CoordinatorRuntime(options)
+        # Who took part in the last invocation (cohort, silos dropped and why).
+        self.last_invocation: InvocationReport | None = None
         super().__init__(
             executor_fn=AmqpExecutorFactory(self.runtime),
             compiler_fn=compiler.desugar_and_transform_to_native,
@@ -72,7 +75,18 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
     def options(self) -> CoordinatorOptions:
         return self.runtime.options
 
+    @property
+    def strict(self) -> bool:
+        return self.runtime.options.strict
+
     async def invoke(self, comp: Any, arg: Any) -> Any:
+        result, report = await self.invoke_reported(comp, arg)
+        check_partial(report, strict=self.strict)
+        return result
+
+    async def invoke_reported(self, comp: Any, arg: Any) -> tuple[Any, InvocationReport | None]:
+        """The result and who took part (None: no invocation ran); the sync
+        context warns about a partial result in its caller's thread."""
         await self.runtime.ensure_started()
         if self._compiler_pipeline is not None:
             # Compile off the event loop (the pipeline caches the result), so
@@ -87,7 +101,7 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
                 async with asyncio.timeout(deadline):
                     result = await super().invoke(comp, arg)
                     ok = True
-                    return result
+                    return result, report_of(invocations)
             except TimeoutError as e:
                 if isinstance(e, InvocationTimeoutError):
                     raise
@@ -101,6 +115,8 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
                 ) from e
         finally:
             _current_invocations.reset(token)
+            if invocations:
+                self.last_invocation = report_of(invocations)
             for invocation in invocations:
                 invocation.events.invocation_finished(
                     invocation.id, ok, time.monotonic() - invocation.started
@@ -119,6 +135,30 @@ class AmqpSyncExecutionContext(SyncOverSharedLoop[AmqpAsyncExecutionContext, Coo
     @property
     def runtime(self) -> CoordinatorRuntime:
         return self._async_context.runtime
+
+    @property
+    def last_invocation(self) -> InvocationReport | None:
+        """Who took part in the last invocation (cohort, silos dropped and why)."""
+        return self._async_context.last_invocation
+
+
+def report_of(invocations: list[Invocation]) -> InvocationReport:
+    """One report for the invocations of one call (normally one; a call that
+    created several reports the first's id and every silo of any of them)."""
+    cohort: list[str] = []
+    dropped: dict[str, str] = {}
+    for invocation in invocations:
+        cohort.extend(s for s in invocation.cohort.chosen() if s not in cohort)
+        for silo, reason in invocation.cohort.drop_reasons.items():
+            dropped.setdefault(silo, reason)
+    first = invocations[0]
+    return InvocationReport(
+        invocation_id=first.id,
+        cohort=cohort,
+        took_part=[s for s in cohort if s not in dropped],
+        dropped=dropped,
+        seconds=time.monotonic() - first.started,
+    )
 
 
 def create_async_amqp_execution_context(
@@ -157,6 +197,10 @@ def create_sync_amqp_execution_context(
       quorum_grace: once `min_silos` silos answered an aggregation phase, wait
         at most this many more seconds for the others, then drop them as
         stragglers (None: only `straggler_timeout` limits the wait).
+      strict: (keyword, default False) a result over fewer silos than the
+        cohort (silos dropped by K of N or lost) raises `PartialResultError`
+        instead of being returned with a `PartialResultWarning`; either way
+        `context.last_invocation` says which silos took part.
       **kwargs: further `CoordinatorOptions`, e.g. `select_slices` (federated_select
         ships only requested slices; see docs/intrinsics.md), `max_message_bytes`,
         `metrics_port` (serve Prometheus metrics; 0: any free port; None: off)

@@ -14,7 +14,13 @@ from tensorflow_federated.python.core.impl.types import computation_types
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.quorum import phase_cutoff
-from tff_amqp.errors import InvocationTimeoutError, QuorumError, SiloError
+from tff_amqp.errors import (
+    InvocationTimeoutError,
+    QuorumError,
+    SiloError,
+    SiloRestartedError,
+    SiloUnreachableError,
+)
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.cohort import InvocationScope
@@ -149,8 +155,12 @@ class SiloGather:
                 task.cancel()
         events.gather_finished(self._scope.invocation_id, list(results), time.monotonic() - started)
         stragglers = [s for s in silos if s not in results]
-        if stragglers:
-            cohort.drop(stragglers, reason="lost" if set(stragglers) <= set(lost) else "straggler")
+        # One drop per reason, so the invocation's report says why each went.
+        by_reason: dict[str, list[str]] = {}
+        for silo in stragglers:
+            by_reason.setdefault(_drop_reason(lost.get(silo)), []).append(silo)
+        for reason, group in by_reason.items():
+            cohort.drop(group, reason=reason)
         return results
 
     async def _release(self, silo: str, value_id: int) -> executor_pb2.Value:
@@ -175,3 +185,14 @@ class SiloGather:
                 return result
             members.extend(result)  # type: ignore[arg-type]
         return members
+
+
+def _drop_reason(error: SiloError | None) -> str:
+    """Why a silo that did not answer a gather is dropped."""
+    if error is None:
+        return "straggler"
+    if isinstance(error, SiloRestartedError):
+        return "restarted"
+    if isinstance(error, SiloUnreachableError):
+        return "unreachable"
+    return "lost"
