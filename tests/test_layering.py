@@ -95,8 +95,7 @@ def test_the_floors_below_import_neither_side() -> None:
     floors = {
         path: names
         for path, names in _modules(".", recursive=True).items()
-        if not path.startswith(("coordinator/", "silo/"))
-        and path not in ENTRY_POINTS
+        if not path.startswith(("coordinator/", "silo/")) and path not in ENTRY_POINTS
     }
     assert floors
     sides = (COORDINATOR, SILO)
