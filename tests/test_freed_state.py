@@ -8,7 +8,8 @@ result exists.
   invocation failed);
 - a batch without a deadline is refused (it would pin values in the worker);
 - a heartbeat forged for a silo that has no queue makes the next invocation
-  that picks it fail within 2 s with `SiloUnreachableError` naming it.
+  that needs it fail within 2 s with `SiloUnreachableError` naming it; under
+  K of N the silo is dropped as unreachable, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,9 +33,10 @@ import tensorflow_federated as tff
 
 import tff_amqp
 from tests.support.computations import F32_CLIENTS, fed_sum
-from tests.support.federation import Federation, run_in
+from tests.support.federation import Federation, run_in, started_context
 from tff_amqp import protocol as p
-from tff_amqp.errors import SiloUnreachableError, SiloWorkerError
+from tff_amqp.errors import PartialResultWarning, SiloUnreachableError, SiloWorkerError
+from tff_amqp.local import LocalFederation
 from tff_amqp.topology import Topology
 
 
@@ -218,30 +221,68 @@ def forged_silo(amqp_url: str, silo_federation: Federation) -> Iterator[_ForgedS
 
 
 def test_forged_heartbeat_of_a_silo_without_queue_fails_within_2_s_naming_it(
-    amqp_context, native_context, silo_federation: Federation, forged_silo: _ForgedSilo
+    amqp_url: str, local: LocalFederation
 ) -> None:
+    """Every live silo required (min_silos = the cohort): the silo without a
+    queue fails the invocation at once, naming it. (Its own federation: the
+    session's has its coordinator, and one federation has one.)"""
+    local.start_silo("alpha")
+    local.wait_ready(timeout=240)
+    with (
+        _ForgedSilo(amqp_url, Topology(local.federation), "zulu") as forged,
+        started_context(amqp_url, local.federation, 2) as context,
+    ):
+        _wait_live(context.runtime.membership, forged.name)
+        started = time.monotonic()
+        with pytest.raises(SiloUnreachableError) as error:
+            run_in(context, fed_sum, [1.0, 2.0, 3.0, 4.0])
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"failed after {elapsed:.1f} s"
+        assert error.value.silo == "zulu"
+        assert "'zulu'" in str(error.value) and "tff-amqp status" in str(error.value)
+        assert context.runtime.link.stats["unroutable"] >= 1
+
+
+def test_forged_heartbeat_under_k_of_n_drops_the_silo_with_a_warning(
+    amqp_context, native_context, forged_silo: _ForgedSilo
+) -> None:
+    """K of N (the session context needs only the real silos): the silo
+    without a queue is dropped as unreachable, the result covers the others
+    and equals native, and the warning names it."""
     membership = amqp_context.runtime.membership
-    until = time.monotonic() + 10
-    while not membership.is_live(forged_silo.name):
-        assert time.monotonic() < until, "the forged heartbeat did not arrive"
-        time.sleep(0.05)
+    _wait_live(membership, forged_silo.name)
     values = [1.0, 2.0, 3.0, 4.0]
     started = time.monotonic()
-    with pytest.raises(SiloUnreachableError) as error:
-        run_in(amqp_context, fed_sum, values)
+    with pytest.warns(PartialResultWarning) as caught:
+        result = run_in(amqp_context, fed_sum, values)
     elapsed = time.monotonic() - started
-    assert elapsed < 2.0, f"failed after {elapsed:.1f} s"
-    assert error.value.silo == "zulu"
-    assert "'zulu'" in str(error.value) and "tff-amqp status" in str(error.value)
-    stats = amqp_context.runtime.link.stats
-    assert stats["unroutable"] >= 1
-    # Once the forger is gone the federation serves again, equal to native.
+    assert elapsed < 2.0, f"took {elapsed:.1f} s"
+    # One client value per silo, in cohort order: the result covers the
+    # values of the silos that took part.
+    report = amqp_context.last_invocation
+    assert len(report.cohort) == len(values)
+    kept = [v for v, silo in zip(values, report.cohort) if silo in report.took_part]
+    assert len(kept) == len(values) - 1
+    assert result == run_in(native_context, fed_sum, kept)
+    (warning,) = [w.message for w in caught if isinstance(w.message, PartialResultWarning)]
+    assert warning.dropped == {"zulu": "unreachable"}
+    assert report.dropped == {"zulu": "unreachable"}
+    # Once the forger says goodbye the cohort is whole again: no warning.
     forged_silo.__exit__()
     until = time.monotonic() + 10
     while membership.is_live(forged_silo.name):
         assert time.monotonic() < until, "the forged silo's goodbye did not arrive"
         time.sleep(0.05)
-    assert run_in(amqp_context, fed_sum, values) == run_in(native_context, fed_sum, values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartialResultWarning)
+        assert run_in(amqp_context, fed_sum, values) == run_in(native_context, fed_sum, values)
+
+
+def _wait_live(membership: Any, silo: str) -> None:
+    until = time.monotonic() + 10
+    while not membership.is_live(silo):
+        assert time.monotonic() < until, f"the heartbeat of {silo!r} did not arrive"
+        time.sleep(0.05)
 
 
 def _open_batch(link: Any, correlation: str) -> p.Envelope:

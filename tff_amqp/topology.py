@@ -8,7 +8,8 @@ permissions can be granted with one regular expression per role:
 - ``tff.<fed>.req.<silo>`` durable queue of one silo, bound to the exchange above
 - ``tff.<fed>.replies``    topic exchange, silos -> coordinator, routing key ``reply.<silo>``
                            (results, errors, hello/heartbeat/goodbye)
-- ``tff.<fed>.coordinator`` the coordinator's queue, bound with ``reply.*``
+- ``tff.<fed>.coordinator`` the coordinator's queue, bound with ``reply.*``; durable (replies
+                           survive a broker restart), deleted a minute after its consumer left
 - ``tff.<fed>.dead``       fanout exchange receiving expired/rejected requests,
                            routed back to the coordinator's queue
 
@@ -19,7 +20,8 @@ Large values travel apart from control traffic (no head-of-line blocking):
                             header naming the other silos (the broker fans out)
 - ``tff.<fed>.bulk.<silo>`` durable queue of one silo's incoming chunks
 - ``bulk.<silo>``           routing key of a silo's outgoing chunks on ``tff.<fed>.replies``
-- ``tff.<fed>.coordinator.bulk`` the coordinator's chunk queue, bound with ``bulk.*``
+- ``tff.<fed>.coordinator.bulk`` the coordinator's chunk queue, bound with ``bulk.*`` (durable,
+                            deleted a minute after its consumer left)
 
 The stateless (MapReduce) regime hands work items to pools of workers:
 
@@ -224,9 +226,12 @@ class Topology:
         ]
 
     def coordinator_queue_spec(self) -> QueueSpec:
+        # Durable, so replies published while the broker restarts are kept
+        # for the coordinator; `x-expires` deletes it a minute after the
+        # coordinator is gone (the timer restarts with the broker).
         return QueueSpec(
             self.coordinator_queue,
-            durable=False,
+            durable=True,
             arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
             exchange=self.replies_exchange,
             routing_key=self.reply_binding_key(),
@@ -235,7 +240,7 @@ class Topology:
     def coordinator_bulk_queue_spec(self) -> QueueSpec:
         return QueueSpec(
             self.coordinator_bulk_queue,
-            durable=False,
+            durable=True,
             arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
             exchange=self.replies_exchange,
             routing_key=self.bulk_reply_binding_key(),

@@ -19,6 +19,7 @@ in `_declare_outbound`, `_on_unmatched` and `_deliver`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -65,14 +66,16 @@ async def consume_coordinator_queue(
     """Declare the federation's coordinator queue (bound to silo replies and
     to dead-lettered requests) and consume it exclusively.
 
-    Not exclusive itself: the queue (and replies in flight) survives a dropped
-    connection, and the robust connection resumes consuming it; it is deleted
-    after a minute without a consumer. One coordinator per federation is
-    enforced by consuming it exclusively."""
+    Not exclusive itself, and durable: the queue (and replies in flight)
+    survives a dropped connection and a broker restart, and the robust
+    connection resumes consuming it; it is deleted after a minute without a
+    consumer. One coordinator per federation is enforced by consuming it
+    exclusively. Each reply is acked once handled, so one delivered just
+    before the connection dropped is delivered again, not lost."""
     queue = await declare_queue(channel, topology, topology.coordinator_queue_spec())
     await queue.bind(await declare_exchange(channel, topology, topology.dead_letter_exchange))
     try:
-        await queue.consume(on_message, no_ack=True, exclusive=True)
+        await queue.consume(_acked_after(on_message), no_ack=False, exclusive=True)
     except aiormq.exceptions.ChannelAccessRefused as e:
         raise TffAmqpError(
             f"another coordinator is already running for federation "
@@ -82,6 +85,21 @@ async def consume_coordinator_queue(
     # Replies and heartbeats left from an earlier coordinator are stale.
     # (Purging after consuming, so a second coordinator cannot purge ours.)
     await queue.purge()
+
+
+def _acked_after(
+    handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            await handle(message)
+        finally:
+            # A channel that closed meanwhile redelivers it; duplicates are
+            # dropped by message id.
+            with contextlib.suppress(Exception):
+                await message.ack()
+
+    return on_message
 
 
 class ReplyIntake(Generic[R]):

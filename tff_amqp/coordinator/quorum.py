@@ -3,6 +3,8 @@ MapReduce round) stops waiting for the silos that have not answered."""
 
 from __future__ import annotations
 
+from tff_amqp.errors import SiloError, SiloRestartedError, SiloUnreachableError
+
 
 def phase_cutoff(
     started: float,
@@ -20,3 +22,23 @@ def phase_cutoff(
     if quorum_grace is not None and quorum_at is not None:
         candidates.append(quorum_at + quorum_grace)
     return min(candidates) if candidates else None
+
+
+def drop_reason(error: BaseException | None) -> str | None:
+    """Why a silo may be dropped (K of N) after `error` from it, or None when
+    the error fails the whole invocation instead.
+
+    A silo that died, restarted, or has no queue any more (the broker returned
+    the request) is a failed silo, like a straggler: the others go on while
+    they make the quorum. A silo that refused or failed an operation is not:
+    it would fail the same way at every silo, so it fails the invocation.
+    None for `error` means the silo did not answer in time."""
+    if error is None:
+        return "straggler"
+    if isinstance(error, SiloUnreachableError):
+        return "unreachable"
+    if isinstance(error, SiloRestartedError):
+        return "restarted"
+    if isinstance(error, SiloError) and error.code in ("lost", "dropped"):
+        return "lost"
+    return None

@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 
 # Error texts (TensorFlow's can be long) are cut to fit an error report.
 MAX_ERROR_CHARS = 60_000
+STATUS_KINDS = (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE)
+# A status message expires after this many heartbeat intervals (at least
+# STATUS_TTL_MIN seconds): older ones say nothing about the silo now.
+STATUS_TTL_HEARTBEATS = 5
+STATUS_TTL_MIN = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +110,7 @@ class SiloEndpoint:
         self.user_id = username_of(config.broker_url)
         self.max_message_bytes = config.max_message_bytes
         self.heartbeat_interval = config.heartbeat_interval
+        self.status_ttl = max(STATUS_TTL_HEARTBEATS * config.heartbeat_interval, STATUS_TTL_MIN)
         self.stats = stats
         self.stats.setdefault("published_bytes", 0)
         self.stats.setdefault("reconnects", 0)
@@ -268,7 +274,11 @@ class SiloEndpoint:
             )
             return
         # Replies carry no expiration: the coordinator decides what is late.
-        message = envelope_message(envelope, payload, user_id=self.user_id, expires=False)
+        # Status messages do: one older than a few heartbeats, left in the
+        # coordinator's durable queue, must not make a later coordinator
+        # think this silo is live.
+        ttl = self.status_ttl if envelope.kind in STATUS_KINDS else None
+        message = envelope_message(envelope, payload, user_id=self.user_id, expires=False, ttl=ttl)
         # Not mandatory (publish_with_retry's default), unlike the coordinator's
         # requests: RabbitMQ 3.x would otherwise return every reply, and a
         # reply nobody can route to (no coordinator running) has nobody to

@@ -212,13 +212,16 @@ def envelope_message(
     user_id: str | None = None,
     persistent: bool = False,
     expires: bool = True,
+    ttl: float | None = None,
 ) -> aio_pika.Message:
     """The AMQP message of an encoded envelope, whoever sends it: its ids and
     kind as properties (receivers route and drop duplicates by them); with
     `expires`, the envelope's deadline as the message's expiration (an expired
     request is dead-lettered back to the coordinator, never run late); with
-    `user_id`, the sender's broker user, which RabbitMQ validates."""
-    ttl = envelope.ttl_seconds() if expires else None
+    `user_id`, the sender's broker user, which RabbitMQ validates. `ttl`
+    (seconds) sets the expiration instead of the deadline."""
+    if ttl is None and expires:
+        ttl = envelope.ttl_seconds()
     return aio_pika.Message(
         payload,
         content_type=p.CONTENT_TYPE,

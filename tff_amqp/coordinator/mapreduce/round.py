@@ -24,7 +24,7 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
-from tff_amqp.coordinator.quorum import phase_cutoff
+from tff_amqp.coordinator.quorum import drop_reason, phase_cutoff
 from tff_amqp.errors import CohortError, InvocationTimeoutError
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.tff_worker import WorkerExecutor
@@ -64,7 +64,7 @@ class RoundReport:
     items: int = 0
     merged_items: int = 0
     dropped_silos: list[str] = field(default_factory=list)
-    # Why each dropped silo was dropped ("straggler" or "lost").
+    # Why each dropped silo was dropped ("straggler", "lost", "unreachable").
     drop_reasons: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     # A broadcast above the inline limit is published once per round into the
@@ -245,9 +245,10 @@ class MapReduceRound:
         """Wait for the shards of each silo. A silo whose workers all went
         silent, or that is still working at the phase's cut-off (the K-of-N
         rule both regimes share: straggler_timeout, or quorum_grace after
-        min_silos completed), is dropped for the round as a whole when the
-        others still make min_silos; an error from any item fails the round
-        (it would fail on every worker)."""
+        min_silos completed), or whose queue is gone (unreachable), is
+        dropped for the round as a whole when the others still make
+        min_silos; any other item error fails the round (it would fail on
+        every worker)."""
         settings = self._settings
         started = time.monotonic()
         quorum_at: float | None = None
@@ -257,10 +258,14 @@ class MapReduceRound:
         reported: set[str] = set()
         try:
             while True:
-                for silo in active:
-                    for _, future in items[silo].values():
-                        if future.done() and future.exception() is not None:
-                            raise future.exception()  # type: ignore[misc]
+                failed = self._failed_silos(active, items)
+                if failed:
+                    if len(active) - len(failed) < settings.min_silos:
+                        raise next(iter(failed.values()))
+                    for silo, error in failed.items():
+                        self._drop([silo], items, drop_reason(error) or "lost")
+                    active = [s for s in active if s not in failed]
+                    continue
                 complete = [s for s in active if all(f.done() for _, f in items[s].values())]
                 for silo in complete:
                     if silo not in reported:
@@ -279,7 +284,7 @@ class MapReduceRound:
                 straggling = cutoff is not None and now >= cutoff
                 drop = incomplete if straggling else silent
                 if drop and len(active) - len(drop) >= settings.min_silos:
-                    self._drop(drop, items, "straggler cut-off" if straggling else "no live worker")
+                    self._drop(drop, items, "straggler" if straggling else "lost")
                     active = [s for s in active if s not in drop]
                     continue
                 if time.time() > self._deadline:
@@ -321,12 +326,30 @@ class MapReduceRound:
         self.report.chunked_results += 1
         return p.WorkResult(result.shard, result.clients, bytes(data))
 
+    @staticmethod
+    def _failed_silos(
+        active: list[str], items: dict[str, dict[int, tuple[str, asyncio.Future[p.WorkResult]]]]
+    ) -> dict[str, BaseException]:
+        """Silos with a failed item that K of N may drop (unreachable: the
+        broker returned the item); any other item error fails the round (it
+        would fail on every worker)."""
+        failed: dict[str, BaseException] = {}
+        for silo in active:
+            for _, future in items[silo].values():
+                if future.done() and not future.cancelled() and future.exception() is not None:
+                    error = future.exception()
+                    if drop_reason(error) is None:
+                        raise error  # type: ignore[misc]
+                    failed.setdefault(silo, error)  # type: ignore[arg-type]
+        return failed
+
     def _drop(self, silos: list[str], items: dict, reason: str) -> None:
-        short = "straggler" if reason == "straggler cut-off" else "lost"
-        self._events.silos_dropped(self.report.round_id, silos, short)
+        """Drop `silos` from the round; `reason` as the report gives it
+        ("straggler", "lost", "unreachable")."""
+        self._events.silos_dropped(self.report.round_id, silos, reason)
         for silo in silos:
             self.report.dropped_silos.append(silo)
-            self.report.drop_reasons[silo] = short
+            self.report.drop_reasons[silo] = reason
             log.warning("mapreduce.silo_dropped", extra={"silo": silo, "reason": reason})
             for item_id, _ in items[silo].values():
                 self._link.finish(item_id, dropped=True)

@@ -13,12 +13,11 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.quorum import phase_cutoff
+from tff_amqp.coordinator.quorum import drop_reason, phase_cutoff
 from tff_amqp.errors import (
     InvocationTimeoutError,
     QuorumError,
     SiloError,
-    SiloRestartedError,
     SiloUnreachableError,
 )
 
@@ -138,11 +137,15 @@ class SiloGather:
                     if error is None:
                         results[silo] = task.result()
                         events.silo_replied(self._scope.invocation_id, silo)
-                    elif isinstance(error, SiloError) and error.code in ("lost", "dropped"):
-                        lost[silo] = error
+                    elif drop_reason(error) is not None:
+                        lost[silo] = error  # type: ignore[assignment]
                     else:
                         raise error
                 if len(results) + len(pending) < cohort.quorum:
+                    # A queue that is gone is the specific, actionable cause.
+                    for error in lost.values():
+                        if isinstance(error, SiloUnreachableError):
+                            raise error
                     raise QuorumError(
                         f"invocation {self._scope.invocation_id[:8]} lost its quorum: "
                         f"{len(results)} silo(s) answered, {len(pending)} still pending, "
@@ -158,7 +161,7 @@ class SiloGather:
         # One drop per reason, so the invocation's report says why each went.
         by_reason: dict[str, list[str]] = {}
         for silo in stragglers:
-            by_reason.setdefault(_drop_reason(lost.get(silo)), []).append(silo)
+            by_reason.setdefault(drop_reason(lost.get(silo)) or "lost", []).append(silo)
         for reason, group in by_reason.items():
             cohort.drop(group, reason=reason)
         return results
@@ -185,14 +188,3 @@ class SiloGather:
                 return result
             members.extend(result)  # type: ignore[arg-type]
         return members
-
-
-def _drop_reason(error: SiloError | None) -> str:
-    """Why a silo that did not answer a gather is dropped."""
-    if error is None:
-        return "straggler"
-    if isinstance(error, SiloRestartedError):
-        return "restarted"
-    if isinstance(error, SiloUnreachableError):
-        return "unreachable"
-    return "lost"
