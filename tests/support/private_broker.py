@@ -8,6 +8,7 @@ so tests that need other settings (a TLS listener, a smaller
         broker.url            # amqp://guest:guest@127.0.0.1:<port>/
         broker.ctl("list_queues")
         broker.restart()
+        broker.kill(); broker.start()   # kill -9, then back with its data
     # stopped here: `rabbitmqctl stop`, then SIGKILL of its process group
 
 The node runs as the current user (root on CI) straight from
@@ -208,6 +209,18 @@ class PrivateBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """`kill -9` of the node (its whole process group): no clean
+        shutdown, clients see their connections drop. `start()` brings it
+        back with its data directory (durable queues, persistent messages)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        self.process = None
 
     # ---------------------------------------------------------------- control
 
