@@ -32,7 +32,11 @@ def test_silos_live_at_the_outage_stay_live_through_it_and_one_timeout_after() -
     assert m.is_live("north", now=t0 + 60)
     assert not m.is_live("south", now=t0 + 60)
     assert m.coordinator_outage(now=t0 + 60) == 59
+    assert "has been down for 59.0 s" in m.outage_note(now=t0 + 60)
     m.coordinator_reconnected(now=t0 + 60)
+    # Errors about silos name the coordinator's own outage for a minute.
+    assert "lost its broker connection for 59.0 s, 10.0 s ago" in m.outage_note(now=t0 + 70)
+    assert m.outage_note(now=t0 + 121) == ""
     # One liveness timeout of grace for the next heartbeat to arrive ...
     assert m.is_live("north", now=t0 + 60 + TIMEOUT - 0.1)
     assert m.coordinator_outage(now=t0 + 62) == 59
@@ -50,3 +54,4 @@ def test_without_an_outage_liveness_is_the_heartbeat_age() -> None:
     assert m.is_live("north", now=t0 + TIMEOUT - 0.1)
     assert not m.is_live("north", now=t0 + TIMEOUT + 0.1)
     assert m.coordinator_outage(now=t0) is None
+    assert m.outage_note(now=t0) == ""

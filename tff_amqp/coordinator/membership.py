@@ -24,6 +24,10 @@ class SiloRecord:
     instance: str = ""
 
 
+# How long after the coordinator's own outage errors about silos mention it.
+OUTAGE_NOTE_SECONDS = 60.0
+
+
 class Membership:
     """Live silos, with liveness from heartbeats.
 
@@ -104,6 +108,24 @@ class Membership:
             return self._last_outage[1] - self._last_outage[0]
         return None
 
+    def outage_note(self, now: float | None = None) -> str:
+        """For error messages about silos: the coordinator's own recent
+        broker outage, which may be the real cause ("" if none in the last
+        minute)."""
+        now = time.monotonic() if now is None else now
+        if self._down_since is not None:
+            return (
+                f"; note: the coordinator's own broker connection has been down for "
+                f"{now - self._down_since:.1f} s"
+            )
+        if self._last_outage is not None and now - self._last_outage[1] <= OUTAGE_NOTE_SECONDS:
+            went_down, came_back = self._last_outage
+            return (
+                f"; note: the coordinator lost its broker connection for "
+                f"{came_back - went_down:.1f} s, {now - came_back:.1f} s ago"
+            )
+        return ""
+
     def _excused(self, record: SiloRecord, now: float) -> bool:
         """A silence the coordinator's own outage explains."""
         if self._down_since is not None:
@@ -170,7 +192,7 @@ class Membership:
                         f"cohort did not form within {timeout:.1f} s: {len(live)} live silo(s) "
                         f"({names}) but min_silos={min_silos}. Start more silos "
                         "(`tff-amqp silo ...`), check they use the same --federation, or lower "
-                        "min_silos."
+                        "min_silos." + self.outage_note()
                     )
                 # Wake on every change, and at least every second so silos
                 # whose heartbeats lapse drop out of the count.

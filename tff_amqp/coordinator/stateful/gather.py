@@ -95,7 +95,8 @@ class SiloGather:
                     silo,
                     "lost",
                     f"silo {silo!r} stopped sending heartbeats (last seen {ago:.1f} s ago) while "
-                    f"invocation {self._scope.invocation_id[:8]} waited for it",
+                    f"invocation {self._scope.invocation_id[:8]} waited for it"
+                    + membership.outage_note(),
                 )
 
     async def gather(self, ids: dict[str, int]) -> dict[str, executor_pb2.Value]:
