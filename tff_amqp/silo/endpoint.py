@@ -277,8 +277,17 @@ class SiloEndpoint:
         # Status messages do: one older than a few heartbeats, left in the
         # coordinator's durable queue, must not make a later coordinator
         # think this silo is live.
-        ttl = self.status_ttl if envelope.kind in STATUS_KINDS else None
-        message = envelope_message(envelope, payload, user_id=self.user_id, expires=False, ttl=ttl)
+        # Results and errors are persistent: one queued for the coordinator
+        # when the broker restarts is kept (its queue is durable).
+        status = envelope.kind in STATUS_KINDS
+        message = envelope_message(
+            envelope,
+            payload,
+            user_id=self.user_id,
+            expires=False,
+            ttl=self.status_ttl if status else None,
+            persistent=not status,
+        )
         # Not mandatory (publish_with_retry's default), unlike the coordinator's
         # requests: RabbitMQ 3.x would otherwise return every reply, and a
         # reply nobody can route to (no coordinator running) has nobody to

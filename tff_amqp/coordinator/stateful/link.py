@@ -73,7 +73,11 @@ class CoordinatorLink(ReplyIntake[p.Result]):
                 silo, envelope.invocation_id, future, self.membership.instance_of(silo) or None
             )
         # Expired requests are dead-lettered back to us, never run late.
-        message = envelope_message(envelope, payload)
+        # Persistent: a request still queued when the broker restarts is
+        # kept (its queue is durable); a confirm lost to a dropped connection
+        # makes publish_with_retry send it again, and the silo drops the
+        # duplicate by message id.
+        message = envelope_message(envelope, payload, persistent=True)
         # Mandatory: a request to a silo without a queue comes back at once
         # instead of vanishing while the invocation waits its deadline.
         routed = await publish_with_retry(
