@@ -8,6 +8,7 @@ Tests run in file order on one 3-silo federation; the last one kills a silo.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -154,6 +155,48 @@ def test_strict_without_a_drop_returns_the_result(amqp_url, three_silos, native_
         result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         assert sorted(context.last_invocation.took_part) == sorted(NAMES)
     np.testing.assert_allclose(result, _native_mean(native_context, three_silos, NAMES), rtol=1e-6)
+
+
+def test_async_context_warns_and_reports_a_straggler_drop(amqp_url, three_silos, native_context):
+    """The async context (awaited in the caller's event loop) warns and
+    reports exactly like the sync one."""
+    frozen = three_silos.local.silos["cedar"].process
+    others = [n for n in NAMES if n != "cedar"]
+
+    async def run() -> tuple[object, object]:
+        context = tff_amqp.create_async_amqp_execution_context(
+            amqp_url,
+            federation=three_silos.name,
+            min_silos=2,
+            straggler_timeout=1.0,
+            heartbeat_timeout=60.0,
+            cohort_timeout=60.0,
+            deadline=120.0,
+            progress=False,
+        )
+        await context.start()
+        try:
+            # Frozen once the context has seen it live: it is in the cohort.
+            until = time.monotonic() + 30
+            while not all(context.runtime.membership.is_live(s) for s in NAMES):
+                assert time.monotonic() < until, f"silos {NAMES} not live"
+                await asyncio.sleep(0.2)
+            os.kill(frozen.pid, signal.SIGSTOP)
+            with tff.framework.get_context_stack().install(context):
+                result = await mean_glucose(tff_amqp.silo_data("readings"))
+            return result, context.last_invocation
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+            await context.close()
+
+    with pytest.warns(PartialResultWarning, match=r"cedar \(straggler\)") as caught:
+        result, report = asyncio.run(run())
+    [warning] = _partial_warnings(caught.list)
+    assert warning.dropped == {"cedar": "straggler"}
+    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, others), rtol=1e-6)
+    assert report is not None and report.dropped == {"cedar": "straggler"}
+    assert sorted(report.took_part) == sorted(others)
+    assert warning.invocation_id == report.invocation_id
 
 
 def test_killed_silo_drop_warns_as_lost(amqp_url, three_silos, native_context):
