@@ -226,6 +226,63 @@ async def test_broadcast_is_published_once_and_fanned_out_by_the_broker(amqp_url
         delete_federation_entities(amqp_url, federation)
 
 
+async def test_coordinator_takes_chunks_only_from_the_silo_process_it_asked(
+    amqp_url: str,
+) -> None:
+    """A silo's chunks carry its process's instance id; the coordinator pins
+    each expected transfer to the instance it asked, so chunks from another
+    process of the same silo (an impostor, or the old process of a silo that
+    restarted) are rejected and counted, never reassembled into a result."""
+    from tff_amqp.coordinator.bulk import CoordinatorBulk
+
+    federation = new_federation_name()
+    topology = Topology(federation)
+    data = np.random.default_rng(2).bytes(3 * MiB + 17)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        async with CoordinatorBulk(
+            amqp_url, topology, sender="coordinator", max_message_bytes=2 * MiB
+        ) as bulk:
+            channel = await connection.channel()
+            replies = await channel.get_exchange(topology.replies_exchange)
+
+            def silo_sender(instance: str) -> BulkSender:
+                return BulkSender(
+                    replies,
+                    sender="north",
+                    max_message_bytes=2 * MiB,
+                    policy=connect_within(10),
+                    user_id="guest",
+                    instance=instance,
+                )
+
+            bulk.expect("corr-1", "north", "inv", instance="asked")
+            routing_key = topology.bulk_reply_routing_key("north")
+            deadline = time.time() + 60
+            blob = await silo_sender("other").send(
+                data,
+                routing_key=routing_key,
+                invocation_id="inv",
+                correlation_id="corr-1",
+                deadline=deadline,
+            )
+            with pytest.raises(TransferError):
+                await bulk.receive("north", blob, invocation_id="inv", timeout=2.0)
+            assert bulk.stats["rejected_instance"] == -(-len(data) // silo_sender("x").chunk_bytes)
+            blob = await silo_sender("asked").send(
+                data,
+                routing_key=routing_key,
+                invocation_id="inv",
+                correlation_id="corr-1",
+                deadline=deadline,
+            )
+            got = await bulk.receive("north", blob, invocation_id="inv", timeout=10.0)
+            assert bytes(got) == data
+    finally:
+        await connection.close()
+        delete_federation_entities(amqp_url, federation)
+
+
 # ------------------------------------------------ real silos, real transfers
 
 

@@ -55,6 +55,8 @@ _PREFETCH = 8
 class _Expected:
     silo: str
     invocation_id: str
+    # The silo process asked (None: any process of the silo, as a pool's).
+    instance: str | None = None
 
 
 class CoordinatorBulk:
@@ -85,6 +87,8 @@ class CoordinatorBulk:
         self.stats: dict[str, int] = {
             "received_bytes": 0,
             "rejected_chunks": 0,
+            # of them: chunks from another process of the silo than the one asked
+            "rejected_instance": 0,
             "stream_transfers": 0,
             "stream_bytes": 0,
         }
@@ -189,9 +193,12 @@ class CoordinatorBulk:
 
     # -------------------------------------------------------------- receiving
 
-    def expect(self, correlation_id: str, silo: str, invocation_id: str) -> None:
-        """Chunks for the batch `correlation_id` may come from `silo`."""
-        self._expected[correlation_id] = _Expected(silo, invocation_id)
+    def expect(
+        self, correlation_id: str, silo: str, invocation_id: str, instance: str | None = None
+    ) -> None:
+        """Chunks for the batch `correlation_id` may come from `silo` (from
+        its process `instance` only, when given)."""
+        self._expected[correlation_id] = _Expected(silo, invocation_id, instance)
 
     def forget_invocation(self, invocation_id: str) -> None:
         for corr in [c for c, e in self._expected.items() if e.invocation_id == invocation_id]:
@@ -224,6 +231,13 @@ class CoordinatorBulk:
         expected = self._expected.get(envelope.correlation_id)
         if expected is None or expected.silo != silo:
             return self._reject(silo, "no transfer expected from this silo for its correlation id")
+        if expected.instance and envelope.instance != expected.instance:
+            self.stats["rejected_instance"] += 1
+            return self._reject(
+                silo,
+                f"chunk from process instance {envelope.instance[:8] or '?'}, not the silo's "
+                f"process {expected.instance[:8]} that was asked",
+            )
         assert isinstance(envelope.body, p.Chunk)
         try:
             self._reassembler.add(

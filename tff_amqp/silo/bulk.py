@@ -49,6 +49,8 @@ class BulkSettings:
     silo: str
     # The silo's broker user: chunks carry it as the validated ``user_id``.
     user_id: str
+    # The process's instance id (the endpoint's), stamped on its chunks.
+    instance: str
     max_message_bytes: int
     declare_topology: bool
     connect_policy: RetryPolicy
@@ -56,7 +58,13 @@ class BulkSettings:
 
     @classmethod
     def of(
-        cls, config: EndpointConfig, topology: Topology, *, silo: str, user_id: str
+        cls,
+        config: EndpointConfig,
+        topology: Topology,
+        *,
+        silo: str,
+        user_id: str,
+        instance: str,
     ) -> BulkSettings:
         """The settings of `config`'s process for `silo`, connected as
         `user_id` (known once the control connection is up)."""
@@ -65,6 +73,7 @@ class BulkSettings:
             topology=topology,
             silo=silo,
             user_id=user_id,
+            instance=instance,
             max_message_bytes=config.max_message_bytes,
             declare_topology=config.declare_topology,
             connect_policy=connect_within(config.connect_timeout),
@@ -83,6 +92,7 @@ class SiloBulkConnection:
         self._url = settings.broker_url
         self._ssl_context = settings.ssl_context
         self._user_id = settings.user_id
+        self._instance = settings.instance
         self._max_message_bytes = settings.max_message_bytes
         self._declare = settings.declare_topology
         self._connect_policy = settings.connect_policy
@@ -128,6 +138,7 @@ class SiloBulkConnection:
                 max_message_bytes=self._max_message_bytes,
                 policy=SILO_PUBLISH,
                 user_id=self._user_id,
+                instance=self._instance,
             )
         except BaseException:
             await self.close()

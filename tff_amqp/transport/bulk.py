@@ -115,8 +115,12 @@ class BulkSender:
         max_message_bytes: int,
         policy: RetryPolicy,
         user_id: str | None = None,
+        instance: str = "",
     ) -> None:
         self._exchange = exchange
+        # The sending process's instance id (silo side), stamped on every
+        # chunk: the coordinator takes chunks only from the process it asked.
+        self._instance = instance
         self._sender = sender
         self._max_message_bytes = max_message_bytes
         self.chunk_bytes = chunk_bytes_for(max_message_bytes)
@@ -188,6 +192,7 @@ class BulkSender:
             invocation_id=invocation_id,
             correlation_id=correlation_id,
             deadline=deadline,
+            instance=self._instance,
         )
         payload = p.encode(envelope, max_bytes=self._max_message_bytes)
         ttl = envelope.ttl_seconds()

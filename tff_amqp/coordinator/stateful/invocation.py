@@ -58,7 +58,10 @@ class Invocation:
             publish=lambda silo, envelope, expect_reply: runtime.link.send(
                 silo, envelope, expect_reply=expect_reply
             ),
-            expect_chunks=lambda corr, silo, inv: runtime.bulk.expect(corr, silo, inv),
+            # Pinned like replies: chunks only from the process asked.
+            expect_chunks=lambda corr, silo, inv: runtime.bulk.expect(
+                corr, silo, inv, runtime.membership.instance_of(silo) or None
+            ),
             wait_for_reply=lambda silo, future: self.gather.wait_for_silo(silo, future),
             receive_blob=lambda silo, blob: self.shipping.receive_blob(silo, blob),
         )

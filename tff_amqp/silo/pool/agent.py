@@ -113,7 +113,11 @@ class PoolWorker(SiloServer):
         # Large broadcasts in, large accumulators out, on a connection of its own.
         self.bulk = PoolBulk(
             BulkSettings.of(
-                self.config, self.topology, silo=self.config.silo, user_id=self.endpoint.user_id
+                self.config,
+                self.topology,
+                silo=self.config.silo,
+                user_id=self.endpoint.user_id,
+                instance=self.endpoint.instance,
             ),
             stats=self.stats,
         )

@@ -144,7 +144,11 @@ class SiloAgent(SiloServer):
         # topology exists: it declares nothing the control side needs).
         self.bulk = SiloBulk(
             BulkSettings.of(
-                self.config, self.topology, silo=self.config.name, user_id=self.endpoint.user_id
+                self.config,
+                self.topology,
+                silo=self.config.name,
+                user_id=self.endpoint.user_id,
+                instance=self.endpoint.instance,
             ),
             max_pending_bytes=self.config.max_pending_transfer_bytes,
         )
