@@ -157,6 +157,31 @@ def test_strict_without_a_drop_returns_the_result(amqp_url, three_silos, native_
     np.testing.assert_allclose(result, _native_mean(native_context, three_silos, NAMES), rtol=1e-6)
 
 
+def test_by_default_a_lost_silo_fails_the_invocation_naming_it(amqp_url, three_silos):
+    """min_silos unset (the default): every cohort silo is required, so a
+    silo that goes silent fails the invocation naming it and saying how to
+    allow K of N, instead of returning a result over the others."""
+    frozen = three_silos.local.silos["cedar"].process
+    with _context(amqp_url, three_silos, heartbeat_timeout=2.0) as context:
+        _wait_live(context, NAMES)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PartialResultWarning)
+                with pytest.raises(QuorumError) as caught:
+                    run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        elapsed = time.monotonic() - started
+        report = context.last_invocation
+    assert not isinstance(caught.value, PartialResultError)
+    message = str(caught.value)
+    assert "'cedar'" in message and "min_silos unset" in message and "min_silos=K" in message
+    assert elapsed < 2.0 + 4.0, f"failed after {elapsed:.1f} s"
+    assert report is not None and sorted(report.cohort) == sorted(NAMES)
+
+
 def test_async_context_warns_and_reports_a_straggler_drop(amqp_url, three_silos, native_context):
     """The async context (awaited in the caller's event loop) warns and
     reports exactly like the sync one."""

@@ -18,7 +18,10 @@ class CoordinatorOptions:
 
     broker_url: str
     federation: str = "default"
-    min_silos: int = 1
+    # The cohort barrier waits for this many live silos, and K of N may drop
+    # silos down to it. None (default): the barrier needs one live silo and
+    # every cohort silo must answer (nothing is dropped; see quorum.quorum_of).
+    min_silos: int | None = None
     max_silos: int | None = None
     cohort_timeout: float = 60.0
     deadline: float = 600.0
@@ -46,14 +49,23 @@ class CoordinatorOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.min_silos < 1:
-            raise ValueError("min_silos must be at least 1")
-        if self.max_silos is not None and self.max_silos < self.min_silos:
+        if self.min_silos is not None and self.min_silos < 1:
+            raise ValueError("min_silos must be at least 1 (or None: every cohort silo)")
+        if self.max_silos is not None and self.max_silos < (self.min_silos or 1):
             raise ValueError("max_silos must be >= min_silos")
         if self.straggler_timeout is not None and not self.straggler_timeout > 0:
             raise ValueError("straggler_timeout must be a positive number of seconds or None")
         if self.quorum_grace is not None and not self.quorum_grace >= 0:
             raise ValueError("quorum_grace must be a non-negative number of seconds or None")
+        if self.min_silos is None and (
+            self.straggler_timeout is not None or self.quorum_grace is not None
+        ):
+            # Without min_silos every cohort silo is required: a cut-off could
+            # drop nobody, and a straggler would only run into the deadline.
+            raise ValueError(
+                "straggler_timeout and quorum_grace drop slow silos down to min_silos "
+                "(K of N): set min_silos=K too (K silos must answer each phase)"
+            )
         for name in ("cohort_timeout", "deadline", "heartbeat_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")

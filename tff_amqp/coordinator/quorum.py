@@ -6,6 +6,29 @@ from __future__ import annotations
 from tff_amqp.errors import SiloError, SiloRestartedError, SiloUnreachableError
 
 
+def cohort_floor(min_silos: int | None) -> int:
+    """How many live silos the cohort barrier waits for."""
+    return 1 if min_silos is None else min_silos
+
+
+def quorum_of(min_silos: int | None, cohort_size: int) -> int:
+    """How many of a cohort of `cohort_size` silos must answer each phase.
+
+    `min_silos` unset (the default) requires every silo of the cohort: a
+    silo that dies or straggles fails the invocation naming it, and nothing
+    is ever dropped. Setting `min_silos=K` opts in to K of N: the others may
+    be dropped (with a PartialResultWarning). With fewer silos than K in the
+    cohort (fewer clients than silos), every one of them is needed."""
+    return cohort_size if min_silos is None else min(min_silos, cohort_size)
+
+
+def describe_min_silos(min_silos: int | None) -> str:
+    """`min_silos` as error messages show it."""
+    if min_silos is None:
+        return "min_silos unset: every cohort silo is required; set min_silos=K for K of N"
+    return f"min_silos={min_silos}"
+
+
 def phase_cutoff(
     started: float,
     quorum_at: float | None,

@@ -84,12 +84,13 @@ class CohortWaitDisplay:
         """The line to show now, or None when nothing is being waited for."""
         options = self._options
         live = self._live()
-        if live is None or len(live) >= options.min_silos:
+        needed = options.min_silos or 1
+        if live is None or len(live) >= needed:
             return None
         names = ", ".join(live) + " live" if live else "none live yet"
-        plural = "silo" if options.min_silos == 1 else "silos"
+        plural = "silo" if needed == 1 else "silos"
         return (
-            f"[{invocation[:8]}] waiting for {options.min_silos} {plural}: {names}; "
+            f"[{invocation[:8]}] waiting for {needed} {plural}: {names}; "
             f"{waited:.0f} s of {options.cohort_timeout:.0f}"
         )
 

@@ -24,7 +24,7 @@ from tff_amqp import protocol as p
 from tff_amqp.coordinator.bulk import CoordinatorBulk
 from tff_amqp.coordinator.mapreduce.link import WorkLink
 from tff_amqp.coordinator.mapreduce.membership import PoolMembership
-from tff_amqp.coordinator.quorum import drop_reason, phase_cutoff
+from tff_amqp.coordinator.quorum import cohort_floor, drop_reason, phase_cutoff, quorum_of
 from tff_amqp.errors import CohortError, InvocationTimeoutError
 from tff_amqp.observe.events import InvocationEvents
 from tff_amqp.tff_worker import WorkerExecutor
@@ -79,7 +79,7 @@ class RoundReport:
 
 @dataclass(frozen=True)
 class RoundSettings:
-    min_silos: int
+    min_silos: int | None
     max_silos: int | None
     cohort_timeout: float
     straggler_timeout: float | None
@@ -124,7 +124,7 @@ class MapReduceRound:
         try:
             try:
                 cohort = await self._membership.wait_for_cohort(
-                    settings.min_silos, settings.max_silos, settings.cohort_timeout
+                    cohort_floor(settings.min_silos), settings.max_silos, settings.cohort_timeout
                 )
             except CohortError as e:
                 raise CohortError(
@@ -250,6 +250,7 @@ class MapReduceRound:
         min_silos; any other item error fails the round (it would fail on
         every worker)."""
         settings = self._settings
+        quorum = quorum_of(settings.min_silos, len(cohort))
         started = time.monotonic()
         quorum_at: float | None = None
         active = list(cohort)
@@ -260,7 +261,7 @@ class MapReduceRound:
             while True:
                 failed = self._failed_silos(active, items)
                 if failed:
-                    if len(active) - len(failed) < settings.min_silos:
+                    if len(active) - len(failed) < quorum:
                         raise next(iter(failed.values()))
                     for silo, error in failed.items():
                         self._drop([silo], items, drop_reason(error) or "lost")
@@ -274,7 +275,7 @@ class MapReduceRound:
                 if len(complete) == len(active):
                     break
                 now = time.monotonic()
-                if quorum_at is None and len(complete) >= settings.min_silos:
+                if quorum_at is None and len(complete) >= quorum:
                     quorum_at = now
                 incomplete = [s for s in active if s not in complete]
                 silent = [s for s in incomplete if not self._membership.is_live(s)]
@@ -283,7 +284,7 @@ class MapReduceRound:
                 )
                 straggling = cutoff is not None and now >= cutoff
                 drop = incomplete if straggling else silent
-                if drop and len(active) - len(drop) >= settings.min_silos:
+                if drop and len(active) - len(drop) >= quorum:
                     self._drop(drop, items, "straggler" if straggling else "lost")
                     active = [s for s in active if s not in drop]
                     continue

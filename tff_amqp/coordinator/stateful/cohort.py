@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tff_amqp.coordinator.quorum import cohort_floor, quorum_of
 from tff_amqp.coordinator.stateful.outbox import OutboxChannel, SiloOutbox
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Cohort:
         self._lock = asyncio.Lock()
         self.assignment = ClientAssignment(None)
         # Answers an aggregation phase needs (set with the cohort).
-        self.quorum = runtime.options.min_silos
+        self.quorum = cohort_floor(runtime.options.min_silos)
         self.outboxes: dict[str, SiloOutbox] = {}
         self.dropped: set[str] = set()
         # Why each dropped silo was dropped, in drop order (the invocation's
@@ -101,16 +102,14 @@ class Cohort:
                     silos = []
                 else:
                     silos = await self._runtime.membership.wait_for_cohort(
-                        options.min_silos, options.max_silos, timeout
+                        cohort_floor(options.min_silos), options.max_silos, timeout
                     )
                 if self._clients is not None:
                     # Explicit client lists: no silo gets an empty share.
                     silos = silos[: min(len(silos), self._clients)]
                     self.assignment = _split(self._clients, silos)
                 self._silos = silos
-                # K of N counts silos that can take part: with fewer clients than
-                # min_silos, every selected silo is needed, and no more.
-                self.quorum = min(options.min_silos, len(silos))
+                self.quorum = quorum_of(options.min_silos, len(silos))
                 for silo in silos:
                     self.outboxes[silo] = SiloOutbox(self._channel, silo, lambda: next(self._ids))
                 log.info(

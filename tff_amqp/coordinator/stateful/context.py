@@ -172,7 +172,7 @@ def create_sync_amqp_execution_context(
     broker_url: str,
     *,
     federation: str = "default",
-    min_silos: int = 1,
+    min_silos: int | None = None,
     max_silos: int | None = None,
     cohort_timeout: float = 60.0,
     deadline: float = 600.0,
@@ -186,7 +186,9 @@ def create_sync_amqp_execution_context(
       broker_url: `amqp://user:password@host:5672/vhost` (or `amqps://`).
       federation: namespace of queues and exchanges; silos must use the same.
       min_silos: an invocation waits (at most `cohort_timeout`) for this many
-        live silos and fails with `CohortError` otherwise.
+        live silos and fails with `CohortError` otherwise; K of N may drop
+        silos down to this many. None (default): one live silo starts the
+        cohort, and every cohort silo must answer (nothing is ever dropped).
       max_silos: at most this many silos take part (None: all live ones).
       cohort_timeout: seconds to wait for the cohort.
       deadline: hard limit in seconds for one invocation; requests expire with it.

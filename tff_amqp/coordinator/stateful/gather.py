@@ -13,7 +13,7 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.quorum import drop_reason, phase_cutoff
+from tff_amqp.coordinator.quorum import describe_min_silos, drop_reason, phase_cutoff
 from tff_amqp.errors import (
     InvocationTimeoutError,
     QuorumError,
@@ -151,7 +151,7 @@ class SiloGather:
                         f"invocation {self._scope.invocation_id[:8]} lost its quorum: "
                         f"{len(results)} silo(s) answered, {len(pending)} still pending, "
                         f"{cohort.quorum} needed "
-                        f"(min_silos={options.min_silos}, cohort of {cohort.size}); "
+                        f"({describe_min_silos(options.min_silos)}; cohort of {cohort.size}); "
                         + "; ".join(str(e) for e in lost.values())
                     )
         finally:
