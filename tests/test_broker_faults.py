@@ -31,10 +31,9 @@ from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 import tff_amqp
 from tests.support.broker import new_federation_name
 from tests.support.computations import ROW, ROWS_AT_CLIENTS
-from tests.support.federation import Federation, run_in, start_federation
+from tests.support.federation import Federation, native_over, run_in, start_federation, wait_live
 from tests.support.private_broker import PrivateBroker, rabbitmq_available
 from tff_amqp.local import LocalFederation
-from tff_amqp.silo.data import DataSource, SiloDataStore
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -87,12 +86,7 @@ def silos(broker: PrivateBroker, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture(scope="module")
 def expected(silos: Federation, native_context) -> float:
     """TFF native's result over every silo's clients."""
-    element_type = tff.to_type(ROW)
-    datasets = []
-    for silo in NAMES:
-        store = SiloDataStore(silo, [DataSource("readings", silos.silos[silo])])
-        datasets += store.client_datasets("readings", element_type)
-    return float(run_in(native_context, slow_mean, datasets))
+    return float(native_over(native_context, slow_mean, silos, NAMES))
 
 
 def _context(broker: PrivateBroker, silos: Federation, **options):
@@ -106,14 +100,6 @@ def _context(broker: PrivateBroker, silos: Federation, **options):
         deadline=120.0,
         **options,
     ).start()
-
-
-def _wait_live(context, timeout: float = 60.0) -> None:
-    membership = context.runtime.membership
-    until = time.monotonic() + timeout
-    while not all(membership.is_live(s) for s in NAMES):
-        assert time.monotonic() < until, f"silos {NAMES} not all live"
-        time.sleep(0.2)
 
 
 def _round_with_fault(context, inject: Callable[[], None], *, at: float = 0.8) -> object:
@@ -148,7 +134,7 @@ def test_connections_closed_mid_round_three_times_every_result_has_all_silos(
     broker, silos, expected
 ):
     with _context(broker, silos) as context:
-        _wait_live(context)
+        wait_live(context, NAMES, timeout=60.0)
         for _ in range(3):
             result = _round_with_fault(
                 context, lambda: broker.ctl("close_all_connections", "tff-amqp fault injection")
@@ -166,7 +152,7 @@ def test_stop_app_start_app_mid_round_three_times_every_result_has_all_silos(
         broker.ctl("await_startup")
 
     with _context(broker, silos) as context:
-        _wait_live(context)
+        wait_live(context, NAMES, timeout=60.0)
         for _ in range(3):
             _assert_all_silos(context, _round_with_fault(context, restart_app), expected)
 
@@ -177,7 +163,7 @@ def test_broker_killed_and_restarted_three_times_the_next_invocation_has_all_sil
     # The node's restart takes several seconds here: the heartbeat timeout
     # covers the outage, as the scenario requires.
     with _context(broker, silos, heartbeat_timeout=30.0) as context:
-        _wait_live(context)
+        wait_live(context, NAMES, timeout=60.0)
         for _ in range(3):
             broker.kill()
             broker.start()

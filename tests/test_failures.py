@@ -25,7 +25,14 @@ from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 import tff_amqp
 from tests.support.computations import ROW, mean_glucose
 from tests.support.data import read_column
-from tests.support.federation import Federation, local_federation, run_in, start_federation
+from tests.support.federation import (
+    Federation,
+    local_federation,
+    native_over,
+    run_in,
+    start_federation,
+    wait_live,
+)
 from tff_amqp import protocol as p
 from tff_amqp.errors import (
     CohortError,
@@ -33,7 +40,6 @@ from tff_amqp.errors import (
     QuorumError,
     SiloError,
 )
-from tff_amqp.silo.data import DataSource, SiloDataStore
 from tff_amqp.topology import Topology
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
@@ -62,24 +68,6 @@ def _direct_mean(federation: Federation, silos) -> float:
     return float(np.mean(np.asarray(values, np.float32).astype(np.float64)))
 
 
-def _native_mean(native_context, federation: Federation, silos) -> float:
-    """What TFF's native runtime gives over these silos' data."""
-    element_type = tff.to_type(ROW)
-    datasets = []
-    for s in silos:
-        store = SiloDataStore(s, [DataSource("readings", federation.silos[s])])
-        datasets += store.client_datasets("readings", element_type)
-    return float(run_in(native_context, mean_glucose, datasets))
-
-
-def _wait_live(context, silos, timeout: float = 30.0) -> None:
-    membership = context.runtime.membership
-    deadline = time.monotonic() + timeout
-    while not all(membership.is_live(s) for s in silos):
-        assert time.monotonic() < deadline, f"silos {silos} not live again"
-        time.sleep(0.2)
-
-
 def test_frozen_silo_is_dropped_after_the_straggler_timeout(amqp_url, four_silos, native_context):
     frozen = four_silos.local.silos["delta"].process
     others = [n for n in NAMES if n != "delta"]
@@ -101,7 +89,7 @@ def test_frozen_silo_is_dropped_after_the_straggler_timeout(amqp_url, four_silos
             os.kill(frozen.pid, signal.SIGCONT)
         assert elapsed < 1.0 + 2.0, f"round took {elapsed:.2f} s with straggler_timeout=1"
         np.testing.assert_allclose(
-            result, _native_mean(native_context, four_silos, others), rtol=1e-6
+            result, native_over(native_context, mean_glucose, four_silos, others), rtol=1e-6
         )
         np.testing.assert_allclose(result, _direct_mean(four_silos, others), rtol=1e-9)
 
@@ -126,7 +114,7 @@ def test_quorum_grace_ends_the_phase_soon_after_the_quorum_answered(amqp_url, fo
     with _context(
         amqp_url, four_silos, min_silos=3, quorum_grace=0.5, heartbeat_timeout=60.0
     ) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         os.kill(frozen.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -155,7 +143,7 @@ def slow_total(rows):
 def test_long_local_work_is_not_mistaken_for_a_dead_silo(amqp_url, four_silos):
     rows = sum(len(read_column(four_silos.silos[s], "glucose")) for s in NAMES)
     with _context(amqp_url, four_silos, min_silos=4, heartbeat_timeout=2.0) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         started = time.monotonic()
         total = run_in(context, slow_total, tff_amqp.silo_data("readings"))
         assert time.monotonic() - started > 4.0  # the work really took longer than 2 s
@@ -298,7 +286,7 @@ def test_expired_request_is_dead_lettered_back_and_never_run_late(amqp_url, four
         with _context(
             amqp_url, four_silos, min_silos=5, deadline=4.0, heartbeat_timeout=30.0
         ) as context:
-            _wait_live(context, [*NAMES, "echo"])
+            wait_live(context, [*NAMES, "echo"])
             started = time.monotonic()
             with pytest.raises((InvocationTimeoutError, SiloError)) as error:
                 run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
@@ -322,13 +310,13 @@ def test_killed_silo_is_dropped_when_the_quorum_holds(amqp_url, four_silos, nati
     victim = four_silos.local.silos["bravo"].process
     others = [n for n in NAMES if n != "bravo"]
     with _context(amqp_url, four_silos, min_silos=3, heartbeat_timeout=2.0) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         os.kill(victim.pid, signal.SIGKILL)
         started = time.monotonic()
         result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         assert time.monotonic() - started < 2.0 + 4.0
         np.testing.assert_allclose(
-            result, _native_mean(native_context, four_silos, others), rtol=1e-6
+            result, native_over(native_context, mean_glucose, four_silos, others), rtol=1e-6
         )
 
 
@@ -351,7 +339,7 @@ def test_quorum_lost_mid_round_is_a_clear_error_before_the_deadline(amqp_url, fo
     with _context(
         amqp_url, four_silos, min_silos=4, heartbeat_timeout=2.0, deadline=120.0
     ) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         link = context.runtime.link
         published_before = link.stats["published"]
         killed_at: list[float] = []

@@ -28,28 +28,15 @@ import aio_pika
 import grpc
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_amqp
-from tests.support.computations import F32_CLIENTS, fed_sum
+from tests.support.computations import checked_sum, fed_sum
 from tests.support.federation import Federation, run_in, started_context
 from tff_amqp import protocol as p
 from tff_amqp.errors import PartialResultWarning, SiloUnreachableError, SiloWorkerError
 from tff_amqp.local import LocalFederation
 from tff_amqp.topology import Topology
-
-
-@tff.tensorflow.computation(np.float32)
-def _fails_for_negative(v):
-    check = tf.debugging.assert_non_negative(v, message="negative client value")
-    with tf.control_dependencies([check]):
-        return tf.identity(v)
-
-
-@tff.federated_computation(F32_CLIENTS)
-def checked_sum(x):
-    return tff.federated_sum(tff.federated_map(_fails_for_negative, x))
 
 
 def _statuses_after(context: Any, silos: list[str], since: float) -> dict[str, int] | None:

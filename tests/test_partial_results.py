@@ -21,11 +21,17 @@ import pytest
 import tensorflow_federated as tff
 
 import tff_amqp
-from tests.support.computations import ROW, mean_glucose
-from tests.support.federation import Federation, local_federation, run_in, start_federation
+from tests.support.computations import mean_glucose
+from tests.support.federation import (
+    Federation,
+    local_federation,
+    native_over,
+    run_in,
+    start_federation,
+    wait_live,
+)
 from tff_amqp.errors import PartialResultError, PartialResultWarning, QuorumError
 from tff_amqp.observe.progress import ProgressDisplay
-from tff_amqp.silo.data import DataSource, SiloDataStore
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -49,24 +55,6 @@ def _context(amqp_url: str, federation: Federation, **options) -> tff_amqp.AmqpS
     ).start()
 
 
-def _native_mean(native_context, federation: Federation, silos) -> float:
-    """What TFF's native runtime gives over these silos' data."""
-    element_type = tff.to_type(ROW)
-    datasets = []
-    for s in silos:
-        store = SiloDataStore(s, [DataSource("readings", federation.silos[s])])
-        datasets += store.client_datasets("readings", element_type)
-    return float(run_in(native_context, mean_glucose, datasets))
-
-
-def _wait_live(context, silos, timeout: float = 30.0) -> None:
-    membership = context.runtime.membership
-    deadline = time.monotonic() + timeout
-    while not all(membership.is_live(s) for s in silos):
-        assert time.monotonic() < deadline, f"silos {silos} not live"
-        time.sleep(0.2)
-
-
 def _partial_warnings(caught: list[warnings.WarningMessage]) -> list[PartialResultWarning]:
     return [w.message for w in caught if isinstance(w.message, PartialResultWarning)]
 
@@ -84,7 +72,9 @@ def test_complete_invocation_gives_no_warning_and_lists_every_silo(
             result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         report = context.last_invocation
     assert _partial_warnings(caught) == []
-    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, NAMES), rtol=1e-6)
+    np.testing.assert_allclose(
+        result, native_over(native_context, mean_glucose, three_silos, NAMES), rtol=1e-6
+    )
     assert report is not None and not report.partial
     assert sorted(report.cohort) == sorted(NAMES)
     assert sorted(report.took_part) == sorted(NAMES)
@@ -112,7 +102,9 @@ def test_straggler_drop_warns_and_is_reported(amqp_url, three_silos, native_cont
     [warning] = _partial_warnings(caught.list)
     assert warning.dropped == {"cedar": "straggler"}
     assert sorted(warning.took_part) == sorted(others)
-    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, others), rtol=1e-6)
+    np.testing.assert_allclose(
+        result, native_over(native_context, mean_glucose, three_silos, others), rtol=1e-6
+    )
     assert report is not None and report.partial
     assert warning.invocation_id == report.invocation_id
     assert sorted(report.cohort) == sorted(NAMES)
@@ -132,7 +124,7 @@ def test_strict_turns_a_straggler_drop_into_an_error(amqp_url, three_silos):
         heartbeat_timeout=60.0,
         strict=True,
     ) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         os.kill(frozen.pid, signal.SIGSTOP)
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -151,10 +143,12 @@ def test_strict_turns_a_straggler_drop_into_an_error(amqp_url, three_silos):
 
 def test_strict_without_a_drop_returns_the_result(amqp_url, three_silos, native_context):
     with _context(amqp_url, three_silos, min_silos=3, strict=True) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         assert sorted(context.last_invocation.took_part) == sorted(NAMES)
-    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, NAMES), rtol=1e-6)
+    np.testing.assert_allclose(
+        result, native_over(native_context, mean_glucose, three_silos, NAMES), rtol=1e-6
+    )
 
 
 def test_by_default_a_lost_silo_fails_the_invocation_naming_it(amqp_url, three_silos):
@@ -163,7 +157,7 @@ def test_by_default_a_lost_silo_fails_the_invocation_naming_it(amqp_url, three_s
     allow K of N, instead of returning a result over the others."""
     frozen = three_silos.local.silos["cedar"].process
     with _context(amqp_url, three_silos, heartbeat_timeout=2.0) as context:
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         os.kill(frozen.pid, signal.SIGSTOP)
         started = time.monotonic()
         try:
@@ -218,7 +212,9 @@ def test_async_context_warns_and_reports_a_straggler_drop(amqp_url, three_silos,
         result, report = asyncio.run(run())
     [warning] = _partial_warnings(caught.list)
     assert warning.dropped == {"cedar": "straggler"}
-    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, others), rtol=1e-6)
+    np.testing.assert_allclose(
+        result, native_over(native_context, mean_glucose, three_silos, others), rtol=1e-6
+    )
     assert report is not None and report.dropped == {"cedar": "straggler"}
     assert sorted(report.took_part) == sorted(others)
     assert warning.invocation_id == report.invocation_id
@@ -230,12 +226,14 @@ def test_killed_silo_drop_warns_as_lost(amqp_url, three_silos, native_context):
     stream = io.StringIO()
     with _context(amqp_url, three_silos, min_silos=2, heartbeat_timeout=2.0) as context:
         context.runtime.events.add(ProgressDisplay(stream))
-        _wait_live(context, NAMES)
+        wait_live(context, NAMES)
         os.kill(victim.pid, signal.SIGKILL)
         with pytest.warns(PartialResultWarning, match=r"birch \(lost\)"):
             result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
         report = context.last_invocation
-    np.testing.assert_allclose(result, _native_mean(native_context, three_silos, others), rtol=1e-6)
+    np.testing.assert_allclose(
+        result, native_over(native_context, mean_glucose, three_silos, others), rtol=1e-6
+    )
     assert report is not None
     assert report.dropped == {"birch": "lost"}
     assert sorted(report.took_part) == sorted(others)

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.mapreduce import intrinsics as mr_intrinsics
 
-from tests.support.computations import F32_CLIENTS, fed_sum
+from tests.support.computations import F32_CLIENTS, checked_sum, fed_sum
 from tests.support.federation import assert_close, run_in
 from tff_amqp.errors import SiloError, SiloWorkerError
 
@@ -170,18 +170,6 @@ def test_secure_modular_sum(amqp_context, test_context):
     assert_close(actual, expected)
     total = sum(values)
     assert_close(actual, (total % 7, (total % 5, total % 1000)))
-
-
-@tff.tensorflow.computation(np.float32)
-def _fails_for_negative(v):
-    check = tf.debugging.assert_non_negative(v, message="negative client value")
-    with tf.control_dependencies([check]):
-        return tf.identity(v)
-
-
-@tff.federated_computation(F32_CLIENTS)
-def checked_sum(x):
-    return tff.federated_sum(tff.federated_map(_fails_for_negative, x))
 
 
 def test_worker_error_keeps_its_grpc_status(amqp_context, native_context):

@@ -32,6 +32,20 @@ def fed_mean(x: Any) -> Any:
     return tff.federated_mean(x)
 
 
+@tff.tensorflow.computation(np.float32)
+def _fails_for_negative(v: Any) -> Any:
+    check = tf.debugging.assert_non_negative(v, message="negative client value")
+    with tf.control_dependencies([check]):
+        return tf.identity(v)
+
+
+@tff.federated_computation(F32_CLIENTS)
+def checked_sum(x: Any) -> Any:
+    """The sum of client values; a negative one fails in TensorFlow (a
+    worker error, with the gRPC status native raises)."""
+    return tff.federated_sum(tff.federated_map(_fails_for_negative, x))
+
+
 @tff.tensorflow.computation(tff.SequenceType(ROW))
 def glucose_sum_and_count(rows: Any) -> Any:
     """One client's (sum of glucose, number of rows), in float64."""

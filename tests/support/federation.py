@@ -8,7 +8,8 @@ purpose start their own.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,31 @@ def _normalize(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_normalize(v) for v in value]
     return value
+
+
+def wait_live(context: Any, silos: Iterable[str], timeout: float = 30.0) -> None:
+    """Wait until the context's coordinator counts every one of `silos` live."""
+    silos = list(silos)
+    membership = context.runtime.membership
+    deadline = time.monotonic() + timeout
+    while not all(membership.is_live(s) for s in silos):
+        assert time.monotonic() < deadline, f"silos {silos} not live within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def native_over(
+    native_context: Any, comp: Any, federation: Federation, silos: Iterable[str]
+) -> Any:
+    """What TFF's native runtime gives for `comp` over the `readings` client
+    datasets of these silos of `federation` (read as the silos read them)."""
+    import tensorflow_federated as tff
+
+    from tests.support.computations import ROW
+    from tff_amqp.silo.data import DataSource, SiloDataStore
+
+    element_type = tff.to_type(ROW)
+    datasets = []
+    for silo in silos:
+        store = SiloDataStore(silo, [DataSource("readings", federation.silos[silo])])
+        datasets += store.client_datasets("readings", element_type)
+    return run_in(native_context, comp, datasets)
