@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -43,20 +44,66 @@ _HOW_TO_GET_A_BROKER = (
 )
 
 
+def broker_urls(url: str) -> list[str]:
+    """The addresses of a broker URL: one URL, or several comma-separated
+    (the nodes of one cluster: clients connect to any and fail over)."""
+    return [part.strip() for part in url.split(",") if part.strip()] or [url]
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    try:
-        parsed = yarl.URL(url)
-        return str(parsed.with_password("***")) if parsed.password else str(parsed)
-    except ValueError:
-        return "<unparsable URL>"
+    """The URL(s) without passwords, for logs and error messages."""
+    shown = []
+    for part in broker_urls(url):
+        try:
+            parsed = yarl.URL(part)
+            shown.append(str(parsed.with_password("***")) if parsed.password else str(parsed))
+        except ValueError:
+            shown.append("<unparsable URL>")
+    return ",".join(shown)
 
 
 def username_of(url: str) -> str:
+    """The user of the (first) broker URL; every address of a cluster names
+    the same user."""
     try:
-        return yarl.URL(url).user or "guest"
+        return yarl.URL(broker_urls(url)[0]).user or "guest"
     except ValueError:
         return "guest"
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over several broker addresses (the nodes of one
+    cluster): each connection attempt, the first and every reconnect, goes
+    to the next address in turn, so a dead node is skipped after one failed
+    attempt. With one address it is aio-pika's robust connection.
+
+    aio-pika starts each attempt by clearing `transport` (an established
+    connection that drops clears it first, so its reconnect does too); the
+    address moves on exactly then."""
+
+    def __init__(self, url: yarl.URL, *, addresses: list[yarl.URL], **kwargs: object) -> None:
+        self._addresses = addresses
+        self._address = -1
+        self._transport: object = None
+        super().__init__(url, **kwargs)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def transport(self) -> object:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: object) -> None:
+        # None over None: a new attempt (not a drop); `kwargs` is set once
+        # __init__ is done (its own clearing is not an attempt).
+        if value is None and self._transport is None and hasattr(self, "kwargs"):
+            self._address = (self._address + 1) % len(self._addresses)
+            self.url = self._addresses[self._address]
+        self._transport = value
+
+    @property
+    def address(self) -> str:
+        """The address in use (password redacted)."""
+        return redact_url(str(self.url))
 
 
 async def connect(
@@ -76,11 +123,15 @@ async def connect(
     made within the policy's total_timeout (default 5 s, see
     default_connect_timeout)."""
     policy = policy or connect_within(default_connect_timeout())
-    parsed = parse_broker_url(url)
-    if "heartbeat" not in parsed.query:
-        parsed = parsed.update_query(heartbeat=heartbeat)
-    if "reconnect_interval" not in parsed.query:
-        parsed = parsed.update_query(reconnect_interval=RECONNECT_INTERVAL)
+    addresses = []
+    for address in broker_urls(url):
+        parsed = parse_broker_url(address)
+        if "heartbeat" not in parsed.query:
+            parsed = parsed.update_query(heartbeat=heartbeat)
+        if "reconnect_interval" not in parsed.query:
+            parsed = parsed.update_query(reconnect_interval=RECONNECT_INTERVAL)
+        addresses.append(parsed)
+    parsed = addresses[0]
     kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
@@ -101,7 +152,17 @@ async def connect(
                 with attempt:
                     # Each attempt is bounded by what is left of the budget.
                     left = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
-                    return await aio_pika.connect_robust(parsed, timeout=left, **kwargs)
+                    # Each attempt starts at the next address.
+                    start = attempt.retry_state.attempt_number - 1
+                    ring = addresses[start % len(addresses) :] + addresses[: start % len(addresses)]
+                    connection = FailoverConnection(ring[0], addresses=ring, **kwargs)
+                    try:
+                        await connection.connect(timeout=left)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await connection.close()
+                        raise
+                    return connection
     except _AUTH_REFUSALS:
         raise BrokerAuthError(
             f"the broker at {redact_url(url)} refused user {username_of(url)!r}: wrong user "
