@@ -234,3 +234,16 @@ def test_status_of_an_unknown_federation_is_one_line_and_creates_nothing(amqp_ur
     assert result.returncode == 1
     assert result.stdout.startswith(f"no federation {name!r} on this broker")
     assert len(result.stdout.strip().splitlines()) == 1
+
+
+def test_broker_may_be_repeated_for_the_nodes_of_a_cluster():
+    import argparse
+
+    from tff_amqp.silo.options import add_broker_options
+
+    parser = argparse.ArgumentParser()
+    add_broker_options(parser, "amqp://default:5672/")
+    assert parser.parse_args([]).broker == "amqp://default:5672/"
+    assert parser.parse_args(["--broker", "amqp://a:1/"]).broker == "amqp://a:1/"
+    repeated = parser.parse_args(["--broker", "amqp://a:1/", "--broker", "amqp://b:2/"])
+    assert repeated.broker == "amqp://a:1/,amqp://b:2/"

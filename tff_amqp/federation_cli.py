@@ -29,6 +29,7 @@ from typing import Any
 import yarl
 
 from tff_amqp.topology import Topology
+from tff_amqp.transport.connection import broker_urls
 
 
 @dataclass
@@ -70,7 +71,7 @@ def user_federation(user: str) -> str | None:
 
 def management_url_for(broker_url: str) -> str:
     """http://user:password@host:15672/ from amqp[s]://user:password@host:port/vhost."""
-    parsed = yarl.URL(broker_url)
+    parsed = yarl.URL(broker_urls(broker_url)[0])
     scheme = "https" if parsed.scheme == "amqps" else "http"
     url = yarl.URL.build(
         scheme=scheme,
@@ -84,7 +85,7 @@ def management_url_for(broker_url: str) -> str:
 
 
 def vhost_of(broker_url: str) -> str:
-    path = yarl.URL(broker_url).path
+    path = yarl.URL(broker_urls(broker_url)[0]).path
     return path[1:] if len(path) > 1 else "/"
 
 

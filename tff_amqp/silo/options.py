@@ -38,12 +38,26 @@ def add_silo_command(
     return parser
 
 
+class _BrokerAddresses(argparse.Action):
+    """--broker given several times: the nodes of one cluster, kept as one
+    comma-separated value (what `connect` takes); the first replaces the
+    default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        seen = getattr(namespace, "_broker_given", False)
+        current = getattr(namespace, self.dest) if seen else ""
+        setattr(namespace, self.dest, f"{current},{values}" if current else values)
+        namespace._broker_given = True
+
+
 def add_broker_options(parser: argparse.ArgumentParser, broker_default: str) -> None:
     """--broker and --federation: which broker, which federation on it."""
     parser.add_argument(
         "--broker",
         default=broker_default,
-        help="broker URL, amqp[s]://user:pass@host:port/vhost "
+        action=_BrokerAddresses,
+        help="broker URL, amqp[s]://user:pass@host:port/vhost; the nodes of a cluster: repeat "
+        "--broker or separate URLs with commas (connects to any, fails over) "
         "(env TFF_AMQP_BROKER or AMQP_URL; default %(default)s)",
     )
     parser.add_argument(
