@@ -24,13 +24,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_federated as tff
-from tensorflow.python.data.experimental.ops import testing as tf_data_testing
 
 import tff_amqp
 from tests.support.broker import new_federation_name
-from tests.support.computations import ROW, ROWS_AT_CLIENTS
+from tests.support.computations import slow_mean
 from tests.support.federation import Federation, native_over, run_in, start_federation, wait_live
 from tests.support.private_broker import PrivateBroker, rabbitmq_available
 from tff_amqp.local import LocalFederation
@@ -39,29 +36,6 @@ from tff_amqp.local import LocalFederation
 pytestmark = pytest.mark.slow
 
 NAMES = ("alpha", "bravo", "charlie")
-# Each client's work sleeps this long inside TensorFlow: a round of ~2 s.
-ROUND_SLEEP_US = 1_800_000
-
-
-@tff.tensorflow.computation(tff.SequenceType(ROW))
-def _slow_sum_and_count(rows):
-    pause = tf.data.Dataset.range(1).apply(tf_data_testing.sleep(ROUND_SLEEP_US))
-    waited = pause.reduce(np.int64(0), lambda acc, x: acc + x)  # 0: only the time counts
-    return rows.reduce(
-        (tf.cast(waited, tf.float64), np.float64(0.0)),
-        lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
-    )
-
-
-@tff.tensorflow.computation(np.float64, np.float64)
-def _divide(total, count):
-    return total / count
-
-
-@tff.federated_computation(ROWS_AT_CLIENTS)
-def slow_mean(rows):
-    sums = tff.federated_sum(tff.federated_map(_slow_sum_and_count, rows))
-    return tff.federated_map(_divide, sums)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,16 @@ import time
 from collections.abc import Iterator
 
 import aio_pika
+import numpy as np
 import pytest
 
+import tff_amqp
+from tests.support.broker import new_federation_name
+from tests.support.federation import Federation, native_over, run_in, start_federation, wait_live
 from tests.support.private_broker import rabbitmq_available
 from tests.support.private_cluster import PrivateCluster
-from tff_amqp.errors import BrokerUnreachableError
+from tff_amqp.errors import BrokerUnreachableError, QueueTypeMismatchError
+from tff_amqp.local import LocalFederation
 from tff_amqp.retry import connect_within
 from tff_amqp.transport.connection import FailoverConnection, broker_urls, connect, redact_url
 
@@ -105,3 +110,121 @@ async def test_no_live_node_is_a_clear_error_naming_every_address() -> None:
     with pytest.raises(BrokerUnreachableError) as caught:
         await connect(unused, name="tff-amqp nobody", policy=connect_within(2))
     assert "127.0.0.1:1/" in str(caught.value) and "127.0.0.1:2/" in str(caught.value)
+
+
+# ------------------------------------------- a quorum federation on the cluster
+
+NAMES = ("alpha", "bravo", "charlie")
+QUORUM = ("--queue-type", "quorum")
+
+
+@pytest.fixture(scope="module")
+def quorum_federation(
+    cluster: PrivateCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Federation]:
+    """Three silos given every node's address, their queues quorum queues."""
+    root = tmp_path_factory.mktemp("quorum-silos")
+    with LocalFederation(cluster.broker_url, new_federation_name(), log_dir=root / "logs") as local:
+        yield start_federation(
+            local, root, names=NAMES, clients_per_silo=(2, 1, 3), extra_args=QUORUM
+        )
+
+
+def _quorum_context(cluster: PrivateCluster, federation: Federation, **options):
+    return tff_amqp.create_sync_amqp_execution_context(
+        cluster.broker_url,
+        federation=federation.name,
+        queue_type="quorum",
+        cohort_timeout=60.0,
+        deadline=120.0,
+        **options,
+    ).start()
+
+
+def test_a_quorum_federation_runs_on_the_cluster_and_equals_native(
+    cluster, quorum_federation, native_context
+):
+    from tests.support.computations import mean_glucose
+
+    with _quorum_context(cluster, quorum_federation) as context:
+        wait_live(context, NAMES, timeout=60.0)
+        result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+    expected = native_over(native_context, mean_glucose, quorum_federation, NAMES)
+    np.testing.assert_allclose(result, expected, rtol=1e-9)
+    listing = cluster.nodes[0].ctl("list_queues", "-q", "--no-table-headers", "name", "type")
+    types = dict(line.split()[:2] for line in listing.splitlines() if line.strip())
+    prefix = f"tff.{quorum_federation.name}"
+    for silo in NAMES:
+        assert types[f"{prefix}.req.{silo}"] == "quorum"
+        assert types[f"{prefix}.bulk.{silo}"] == "quorum"
+    assert types[f"{prefix}.coordinator"] == "quorum"
+
+
+def test_a_process_with_the_other_queue_type_is_refused_saying_how_to_migrate(
+    cluster, quorum_federation
+):
+    context = tff_amqp.create_sync_amqp_execution_context(
+        cluster.broker_url, federation=quorum_federation.name, queue_type="classic"
+    )
+    with pytest.raises(QueueTypeMismatchError) as caught:
+        context.start()
+    context.close()
+    message = str(caught.value)
+    assert "quorum queue" in message and "--queue-type quorum" in message
+    assert f"tff-amqp federation remove {quorum_federation.name}" in message
+
+
+def test_the_node_leading_most_queues_killed_mid_round_every_result_has_all_silos(
+    cluster, quorum_federation, native_context
+):
+    """kill -9 of the node that leads most of the federation's quorum
+    queues, 0.8 s into a ~2 s round: the round still covers every silo (no
+    min_silos: nothing may be dropped) and equals native; the next rounds
+    too, while the node restarts and rejoins."""
+    import threading
+
+    from tests.support.computations import slow_mean
+
+    expected = native_over(native_context, slow_mean, quorum_federation, NAMES)
+    prefix = f"tff.{quorum_federation.name}."
+    with _quorum_context(cluster, quorum_federation) as context:
+        wait_live(context, NAMES, timeout=60.0)
+        started = time.monotonic()
+        np.testing.assert_allclose(
+            run_in(context, slow_mean, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+        )
+        normal = time.monotonic() - started
+        leaders = cluster.leaders(prefix)
+        victim = cluster.node_named(max(leaders, key=lambda n: leaders[n]))
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                outcome.append(run_in(context, slow_mean, tff_amqp.silo_data("readings")))
+            except Exception as e:  # asserted below
+                outcome.append(e)
+
+        worker = threading.Thread(target=run)
+        started = time.monotonic()
+        worker.start()
+        time.sleep(0.8)
+        victim.kill()
+        worker.join(timeout=150)
+        with_kill = time.monotonic() - started
+        assert not worker.is_alive(), "the round hung after the node was killed"
+        try:
+            if isinstance(outcome[0], Exception):
+                raise AssertionError(f"round failed after the node died: {outcome[0]!r}")
+            np.testing.assert_allclose(outcome[0], expected, rtol=1e-9)
+            assert sorted(context.last_invocation.took_part) == sorted(NAMES)
+            # At most one heartbeat timeout (5 s) longer than a normal round.
+            assert with_kill < normal + 5.0, f"{with_kill:.1f} s vs {normal:.1f} s normally"
+            np.testing.assert_allclose(
+                run_in(context, slow_mean, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+            )
+        finally:
+            victim.start()
+            cluster.await_members(len(cluster.nodes))
+        np.testing.assert_allclose(
+            run_in(context, slow_mean, tff_amqp.silo_data("readings")), expected, rtol=1e-9
+        )

@@ -173,6 +173,24 @@ class UnsupportedIntrinsicError(TffAmqpError, NotImplementedError):
     """The computation uses an intrinsic this backend does not implement."""
 
 
+class QueueTypeMismatchError(TffAmqpError):
+    """A federation's queue exists with another type (classic or quorum) than
+    this process was started with; RabbitMQ refused the declaration."""
+
+    def __init__(self, queue: str, topology: object, broker: str) -> None:
+        wanted = getattr(topology, "queue_type", "?")
+        federation = getattr(topology, "federation", "?")
+        other = "classic" if wanted == "quorum" else "quorum"
+        super().__init__(
+            f"queue {queue} of federation {federation!r} exists as a {other} queue, but this "
+            f"process was started with queue type {wanted!r} ({' '.join(broker.split())[:160]}). "
+            f"Every process of a federation uses one queue type: start this one with "
+            f"--queue-type {other} (queue_type={other!r}). To change a federation's type, stop "
+            f"all its processes, remove it (`tff-amqp federation remove {federation}`: queued "
+            f"requests are dropped) and start everything with the new type."
+        )
+
+
 class SiloNameTakenError(TffAmqpError):
     """Another live process already serves this silo name (the broker
     refused this one the exclusive consumer on the silo's request queue)."""

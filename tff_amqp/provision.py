@@ -36,7 +36,7 @@ from typing import Any
 import yarl
 
 from tff_amqp.errors import TffAmqpError
-from tff_amqp.topology import Topology, check_silo_name
+from tff_amqp.topology import Topology, add_queue_type_option, check_silo_name
 
 
 class ProvisionError(TffAmqpError):
@@ -72,7 +72,9 @@ def silo_permissions(topology: Topology, silo: str) -> Permissions:
     fed = re.escape(topology.federation)
     name = re.escape(check_silo_name(silo))
     return Permissions(
-        configure="^$",
+        # Only its lock queue (a quorum federation's refusal of a second
+        # process under its name; docs/cluster.md).
+        configure=f"^{re.escape(topology.lock_queue(silo))}$",
         write=f"^{re.escape(topology.replies_exchange)}$",
         read=rf"^tff\.{fed}\.(req|bulk|work|broadcast)\.{name}$",
         topic_exchange=topology.replies_exchange,
@@ -166,9 +168,11 @@ def _q(name: str) -> str:
 class Provisioner:
     """Creates and removes the broker objects of one federation in one vhost."""
 
-    def __init__(self, api: ManagementApi, federation: str, vhost: str = "/") -> None:
+    def __init__(
+        self, api: ManagementApi, federation: str, vhost: str = "/", queue_type: str = "classic"
+    ) -> None:
         self.api = api
-        self.topology = Topology(federation)
+        self.topology = Topology(federation, queue_type)
         self.vhost = vhost
 
     # ------------------------------------------------------------ topology
@@ -306,6 +310,7 @@ def add_provision_parser(sub: Any, common: Any) -> None:
     shared.add_argument(
         "--user", default=None, help="broker user name (default silo.<F>.<NAME> / coordinator.<F>)"
     )
+    add_queue_type_option(shared)
     for action, what in (("add-silo", "create"), ("remove-silo", "remove")):
         cmd = actions.add_parser(
             action,
@@ -335,10 +340,10 @@ def run_provision(args: Any) -> int:
     import sys
 
     try:
-        topology = Topology(args.federation)
+        topology = Topology(args.federation, args.queue_type)
         api = ManagementApi(args.broker)
         base = args.amqp_url or f"amqp://{api.host}:5672/"
-        provisioner = Provisioner(api, topology.federation, vhost_of(base))
+        provisioner = Provisioner(api, topology.federation, vhost_of(base), topology.queue_type)
         cert_cn = getattr(args, "cert_cn", None)
         password = None if cert_cn else generate_password()
         if args.action in ("add-silo", "remove-silo"):

@@ -69,11 +69,19 @@ class QueueSpec:
     routing_key: str = ""
 
 
+QUEUE_TYPES = ("classic", "quorum")
+
+
 @dataclass(frozen=True)
 class Topology:
-    """Exchange, queue and routing-key names for one federation."""
+    """Exchange, queue and routing-key names for one federation, and the type
+    of its queues: "classic" (one node; the default) or "quorum" (replicated
+    by Raft over a cluster's nodes; see docs/cluster.md). Every process of a
+    federation must use the same type: RabbitMQ refuses a declaration that
+    differs (transport.schema turns that into QueueTypeMismatchError)."""
 
     federation: str
+    queue_type: str = "classic"
 
     def __post_init__(self) -> None:
         if not is_valid_name(self.federation):
@@ -81,6 +89,26 @@ class Topology:
                 f"invalid federation name {self.federation!r}: use 1-64 letters, digits, "
                 "'-' or '_' (it becomes part of queue names)"
             )
+        if self.queue_type not in QUEUE_TYPES:
+            raise ValueError(
+                f"invalid queue type {self.queue_type!r}: use one of {', '.join(QUEUE_TYPES)}"
+            )
+
+    @property
+    def quorum(self) -> bool:
+        return self.queue_type == "quorum"
+
+    def _typed(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """`arguments` of a durable queue, with the federation's queue type."""
+        if self.quorum:
+            return {"x-queue-type": "quorum", **arguments}
+        return arguments
+
+    def lock_queue(self, holder: str) -> str:
+        """An exclusive queue a process declares to hold a name ("coordinator"
+        or a silo's): quorum queues do not enforce exclusive consumers, so
+        in a quorum federation this lock is what refuses a second process."""
+        return f"{self.prefix}.lock.{holder}"
 
     @property
     def prefix(self) -> str:
@@ -171,10 +199,14 @@ class Topology:
 
     def request_queue_spec(self, silo: str) -> QueueSpec:
         # Expired requests dead-letter back to the coordinator, never run late.
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": self.dead_letter_exchange}
+        if self.quorum:
+            # Even a second consumer (the lock refuses it) never gets a message.
+            arguments["x-single-active-consumer"] = True
         return QueueSpec(
             self.request_queue(silo),
             durable=True,
-            arguments={"x-dead-letter-exchange": self.dead_letter_exchange},
+            arguments=self._typed(arguments),
             exchange=self.requests_exchange,
             routing_key=self.request_routing_key(silo),
         )
@@ -185,6 +217,7 @@ class Topology:
         return QueueSpec(
             self.bulk_queue(silo),
             durable=True,
+            arguments=self._typed({}),
             exchange=self.bulk_exchange,
             routing_key=self.request_routing_key(silo),
         )
@@ -193,7 +226,7 @@ class Topology:
         return QueueSpec(
             self.work_queue(silo),
             durable=True,
-            arguments={"x-dead-letter-exchange": self.dead_letter_exchange},
+            arguments=self._typed({"x-dead-letter-exchange": self.dead_letter_exchange}),
             exchange=self.work_exchange,
             routing_key=self.request_routing_key(silo),
         )
@@ -232,7 +265,7 @@ class Topology:
         return QueueSpec(
             self.coordinator_queue,
             durable=True,
-            arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
+            arguments=self._typed({"x-expires": COORDINATOR_QUEUE_EXPIRES_MS}),
             exchange=self.replies_exchange,
             routing_key=self.reply_binding_key(),
         )
@@ -241,7 +274,7 @@ class Topology:
         return QueueSpec(
             self.coordinator_bulk_queue,
             durable=True,
-            arguments={"x-expires": COORDINATOR_QUEUE_EXPIRES_MS},
+            arguments=self._typed({"x-expires": COORDINATOR_QUEUE_EXPIRES_MS}),
             exchange=self.replies_exchange,
             routing_key=self.bulk_reply_binding_key(),
         )
@@ -261,3 +294,18 @@ def check_silo_name(silo: str) -> str:
             "(it becomes part of a queue name and a routing key)"
         )
     return silo
+
+
+def add_queue_type_option(parser: Any) -> None:
+    """--queue-type, one definition for every command that declares or
+    provisions a federation's queues (env TFF_AMQP_QUEUE_TYPE)."""
+    import os
+
+    parser.add_argument(
+        "--queue-type",
+        choices=QUEUE_TYPES,
+        default=os.environ.get("TFF_AMQP_QUEUE_TYPE", "classic"),
+        help="type of the federation's durable queues: classic (one node) or quorum "
+        "(replicated over a cluster's nodes); every process of a federation must use the "
+        "same (default %(default)s)",
+    )

@@ -73,6 +73,30 @@ def mean_glucose(rows: Any) -> Any:
     return tff.federated_map(_divide, sums)
 
 
+# Each client's work in `slow_mean` sleeps this long inside TensorFlow (in
+# the silo's worker): a round of about 2 s, for faults injected mid-round.
+ROUND_SLEEP_US = 1_800_000
+
+
+@tff.tensorflow.computation(tff.SequenceType(ROW))
+def _slow_sum_and_count(rows: Any) -> Any:
+    from tensorflow.python.data.experimental.ops import testing as tf_data_testing
+
+    pause = tf.data.Dataset.range(1).apply(tf_data_testing.sleep(ROUND_SLEEP_US))
+    waited = pause.reduce(np.int64(0), lambda acc, x: acc + x)  # 0: only the time counts
+    return rows.reduce(
+        (tf.cast(waited, tf.float64), np.float64(0.0)),
+        lambda acc, row: (acc[0] + tf.cast(row["glucose"], tf.float64), acc[1] + 1.0),
+    )
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def slow_mean(rows: Any) -> Any:
+    """`mean_glucose`, with every client's work taking ~1.8 s."""
+    sums = tff.federated_sum(tff.federated_map(_slow_sum_and_count, rows))
+    return tff.federated_map(_divide, sums)
+
+
 def fedavg_round() -> tuple[Any, Any]:
     """(initialize, round): TFF's weighted FedAvg on a 1-feature linear Keras
     model; the round batches each client's CSV rows itself, so its client data

@@ -82,6 +82,26 @@ class PrivateCluster:
                 return [n for n in self._node_names() if n in done.stdout]
         return []
 
+    def leaders(self, prefix: str) -> dict[str, int]:
+        """How many quorum queues named `prefix`... each node leads (by node
+        name), as a live node reports them."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            done = node.ctl_run("list_queues", "-q", "--no-table-headers", "name", "leader")
+            if done.returncode != 0:
+                continue
+            counts = dict.fromkeys(self._node_names(), 0)
+            for line in done.stdout.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0].startswith(prefix) and parts[1] in counts:
+                    counts[parts[1]] += 1
+            return counts
+        return {}
+
+    def node_named(self, name: str) -> PrivateBroker:
+        return next(node for node in self.nodes if node.node == name)
+
     def _node_names(self) -> list[str]:
         return [node.node for node in self.nodes]
 

@@ -39,7 +39,7 @@ from tff_amqp.errors import SiloError, SiloRestartedError, TffAmqpError
 from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
 from tff_amqp.transport.connection import connect
-from tff_amqp.transport.schema import declare_exchange, declare_queue
+from tff_amqp.transport.schema import declare_exchange, declare_queue, hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,11 @@ async def consume_coordinator_queue(
     queue = await declare_queue(channel, topology, topology.coordinator_queue_spec())
     await queue.bind(await declare_exchange(channel, topology, topology.dead_letter_exchange))
     try:
+        if topology.quorum:
+            # Quorum queues do not enforce exclusive consumers: the lock does.
+            await hold_lock(channel, topology, "coordinator")
         await queue.consume(_acked_after(on_message), no_ack=False, exclusive=True)
-    except aiormq.exceptions.ChannelAccessRefused as e:
+    except (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelLockedResource) as e:
         raise TffAmqpError(
             f"another coordinator is already running for federation "
             f"{topology.federation!r} (it consumes {topology.coordinator_queue} "

@@ -18,6 +18,9 @@ class CoordinatorOptions:
 
     broker_url: str
     federation: str = "default"
+    # The federation's queue type: "classic" (default) or "quorum" (a
+    # cluster; every process of the federation uses the same, see Topology).
+    queue_type: str = "classic"
     # The cohort barrier waits for this many live silos, and K of N may drop
     # silos down to it. None (default): the barrier needs one live silo and
     # every cohort silo must answer (nothing is dropped; see quorum.quorum_of).
@@ -69,5 +72,5 @@ class CoordinatorOptions:
         for name in ("cohort_timeout", "deadline", "heartbeat_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
-        Topology(self.federation)  # validates the name
+        Topology(self.federation, self.queue_type)  # validates the name and type
         chunk_bytes_for(self.max_message_bytes)  # validates the limit

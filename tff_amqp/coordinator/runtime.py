@@ -35,7 +35,7 @@ class SharedRuntime(Generic[L, M]):
     loop_error = "an AMQP execution context is bound to the event loop it first ran on"
 
     def __init__(self, coordinator: CoordinatorOptions, membership: M) -> None:
-        self.topology = Topology(coordinator.federation)
+        self.topology = Topology(coordinator.federation, coordinator.queue_type)
         self.membership = membership
         # What invocations (stateful) and rounds (stateless) report: the
         # progress display and the metrics observe it.

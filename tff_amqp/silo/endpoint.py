@@ -62,6 +62,8 @@ class EndpointConfig:
     broker_url: str
     federation: str
     data: tuple[DataSource, ...] = ()
+    # The federation's queue type ("classic" or "quorum"; see Topology).
+    queue_type: str = "classic"
     heartbeat_interval: float = 1.0
     # Declare exchanges and the process's queue (needs configure permission).
     # Provisioned silos have them created by `tff-amqp provision` instead.
@@ -104,7 +106,7 @@ class SiloEndpoint:
         status: Callable[[], p.SiloStatus],
         stats: dict[str, int],
     ) -> None:
-        self.topology = Topology(config.federation)
+        self.topology = Topology(config.federation, config.queue_type)
         self.silo = silo
         self.role = role
         self.user_id = username_of(config.broker_url)

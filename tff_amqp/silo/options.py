@@ -18,6 +18,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tff_amqp.topology import add_queue_type_option
+
 if TYPE_CHECKING:
     from tff_amqp.silo.data import DataSource
     from tff_amqp.transport.tls import TlsFiles
@@ -65,6 +67,7 @@ def add_broker_options(parser: argparse.ArgumentParser, broker_default: str) -> 
         default=os.environ.get("TFF_AMQP_FEDERATION", "default"),
         help="federation name; namespaces queues and exchanges (default %(default)s)",
     )
+    add_queue_type_option(parser)
 
 
 def add_connect_timeout_option(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +141,7 @@ def endpoint_fields(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str,
     return dict(
         broker_url=args.broker,
         federation=args.federation,
+        queue_type=args.queue_type,
         heartbeat_interval=args.heartbeat_interval,
         declare_topology=not args.no_declare,
         connect_timeout=args.connect_timeout,
@@ -168,7 +172,7 @@ def checked_tls(args: argparse.Namespace, silo: str) -> TlsFiles | None:
     from tff_amqp.topology import Topology, check_silo_name
 
     check_silo_name(silo)
-    Topology(args.federation)
+    Topology(args.federation, args.queue_type)
     return tls_files(args)
 
 

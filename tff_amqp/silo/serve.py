@@ -25,6 +25,7 @@ from tff_amqp.silo.data import DataError, SiloDataStore
 from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
 from tff_amqp.tff_worker import WorkerBinary, WorkerClient
 from tff_amqp.topology import Topology
+from tff_amqp.transport.schema import hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class SiloServer(Service):
         worker: WorkerClient | None = None,
     ) -> None:
         self.silo = silo
-        self.topology = Topology(config.federation)
+        self.topology = Topology(config.federation, config.queue_type)
         self.data = SiloDataStore(silo, config.data)
         self.stats = stats
         self.endpoint = SiloEndpoint(
@@ -120,6 +121,15 @@ class SiloServer(Service):
         if not self.exclusive:
             await queue.consume(self._on_message, no_ack=False)
             return
+        if self.topology.quorum:
+            # Quorum queues do not enforce exclusive consumers: the lock does.
+            try:
+                await hold_lock(queue.channel, self.topology, self.silo)
+            except aiormq.exceptions.ChannelLockedResource as e:
+                lock = self.topology.lock_queue(self.silo)
+                raise SiloNameTakenError(
+                    await self._name_taken_message(f"{lock} (a lock queue)", e)
+                ) from e
         try:
             await queue.consume(self._on_message, no_ack=False, exclusive=True)
         except aiormq.exceptions.ChannelAccessRefused as e:

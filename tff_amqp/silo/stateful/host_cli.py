@@ -104,7 +104,7 @@ def run_silos(args: argparse.Namespace) -> int:
             names = list(args.names)
         for name in names:
             check_silo_name(name)
-        Topology(args.federation)
+        Topology(args.federation, args.queue_type)
     except ValueError as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
@@ -127,6 +127,7 @@ def run_silos(args: argparse.Namespace) -> int:
             SiloConfig(
                 broker_url=args.broker,
                 federation=args.federation,
+                queue_type=args.queue_type,
                 name=name,
                 data=tuple(DataSource.parse(flag.replace("{silo}", name)) for flag in args.data),
                 policy=policy,
