@@ -97,7 +97,16 @@ def test_silo_permission_regexes_grant_only_its_own_names() -> None:
     assert topic.match("reply.a_1") and topic.match("bulk.a_1")
     for other in ("reply.a_12", "reply.b", "reply.*", "reply.#", "bulk.b"):
         assert not topic.match(other), other
-    assert perms.configure == "^$" and not re.match(perms.configure, "tff.fed-1.req.a_1")
+    # Configure: only its own lock queue (quorum federations), nothing else.
+    configure = re.compile(perms.configure)
+    assert configure.match("tff.fed-1.lock.a_1")
+    for other in (
+        "tff.fed-1.req.a_1",
+        "tff.fed-1.lock.a_12",
+        "tff.fed-1.lock.b",
+        "tff.fed-1.lock.coordinator",
+    ):
+        assert not configure.match(other), other
 
 
 def test_definitions_import_into_rabbitmq(tmp_path: Path) -> None:
