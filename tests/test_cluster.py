@@ -228,3 +228,48 @@ def test_the_node_leading_most_queues_killed_mid_round_every_result_has_all_silo
         np.testing.assert_allclose(
             run_in(context, slow_mean, tff_amqp.silo_data("readings")), expected, rtol=1e-9
         )
+
+
+def test_a_rolling_restart_of_every_node_fails_no_invocation(
+    cluster, quorum_federation, native_context
+):
+    """Each node in turn stopped and started again (the way an upgrade
+    goes) while invocations keep running: none fails, each equals native
+    over every silo."""
+    import threading
+
+    from tests.support.computations import mean_glucose
+
+    expected = native_over(native_context, mean_glucose, quorum_federation, NAMES)
+    outcomes: list[object] = []
+    stop = threading.Event()
+    with _quorum_context(cluster, quorum_federation) as context:
+        wait_live(context, NAMES, timeout=60.0)
+
+        def keep_running() -> None:
+            while not stop.is_set():
+                try:
+                    result = run_in(context, mean_glucose, tff_amqp.silo_data("readings"))
+                    outcomes.append((result, sorted(context.last_invocation.took_part)))
+                except Exception as e:  # asserted below
+                    outcomes.append(e)
+
+        worker = threading.Thread(target=keep_running)
+        worker.start()
+        try:
+            for node in cluster.nodes:
+                node.stop()
+                time.sleep(2.0)  # invocations run on the other two meanwhile
+                node.start()
+                cluster.await_members(len(cluster.nodes))
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            worker.join(timeout=150)
+    assert not worker.is_alive(), "an invocation hung during the rolling restart"
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert not failures, f"{len(failures)} of {len(outcomes)} invocations failed: {failures[:3]!r}"
+    assert len(outcomes) >= 3
+    for result, took_part in outcomes:  # type: ignore[misc]
+        np.testing.assert_allclose(result, expected, rtol=1e-9)
+        assert took_part == sorted(NAMES)
