@@ -23,7 +23,7 @@ from tff_amqp.silo.options import (
 )
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.sources import DataSource
     from tff_amqp.silo.stateful.agent import SiloConfig
 
 log = logging.getLogger("tff_amqp.cli")
@@ -313,7 +313,6 @@ def _run_silo(args: argparse.Namespace) -> int:
         silo=args.name,
         build=build,
         serve=serve,
-        check_data_flags=True,
         probe_declare=True,
     )
 

@@ -40,7 +40,7 @@ from tff_amqp.transport.connection import (
 from tff_amqp.transport.schema import declare_exchange
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.sources import DataSource
     from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,244 @@
+"""Where a silo's data lives: the ``--data`` spec, the files (and sheets) that
+are its clients, and the checks a silo runs on them before TensorFlow loads.
+
+``--data KEY=PATH[#OPTION=VALUE&...]``. PATH is a file (one client) or a
+folder (one client per data file, in file-name order; a folder may mix
+formats). Options:
+
+- ``format=csv|tsv|xlsx|xls|ods|parquet|tfrecord``: the format of PATH (or of
+  every file of a folder), instead of the file-name extension;
+- ``sheet=NAME|INDEX|*``: which sheet of a workbook is the client (default:
+  the first; an INDEX counts from 0 and is used only if no sheet has that
+  name); ``*`` makes every sheet of every workbook its own client;
+- ``missing=error|drop-row|fill:VALUE``: what a blank cell means (default
+  ``error``, see `tff_amqp.silo.tables.MissingPolicy`).
+
+Nothing here imports TensorFlow: `tff-amqp silo` checks every source with
+`DataSource.problems` first, so a typo costs milliseconds, not the 13-24 s
+TensorFlow takes to import.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+from tff_amqp.silo.tables import FORMATS, MissingPolicy, TableError, format_of, open_client
+
+# Same rule as `tff_amqp.silo_data(KEY)`, so every valid flag can be referenced.
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_OPTIONS = ("format", "sheet", "missing")
+EVERY_SHEET = "*"
+
+
+class DataError(ValueError):
+    """Silo data could not be resolved; the message says where and what to do.
+
+    Raised from a silo it names the silo and the data key. `DataSource.parse`
+    runs before a silo exists, so its errors name the offending flag instead.
+    """
+
+    def __init__(self, problem: str, *, silo: str | None = None, key: str | None = None) -> None:
+        self.problem = problem
+        self.silo = silo
+        self.key = key
+        where = []
+        if silo is not None:
+            where.append(f"silo {silo!r}")
+        if key is not None:
+            where.append(f"data {key!r}")
+        super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
+
+    def at_silo(self, silo: str) -> DataError:
+        """The same error, attributed to `silo` (sources do not know their silo)."""
+        return DataError(self.problem, silo=silo, key=self.key)
+
+
+@dataclass(frozen=True)
+class ClientPart:
+    """One client's data: a file, and for a workbook the sheet (None: the
+    first sheet). `label` names it in errors and logs."""
+
+    path: pathlib.Path
+    format: str
+    sheet: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.sheet is None else f"{self.path}#sheet={self.sheet}"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One ``--data KEY=PATH[#options]`` flag."""
+
+    key: str
+    path: pathlib.Path
+    format: str | None = None
+    sheet: str | None = None
+    missing: MissingPolicy = field(default_factory=MissingPolicy)
+
+    def __post_init__(self) -> None:
+        if not _KEY.match(self.key):
+            raise DataError(
+                f"invalid data key {self.key!r}: use 1-128 letters, digits, '_', '.' or '-' "
+                "(the same KEY the coordinator passes to tff_amqp.silo_data(KEY))"
+            )
+        if self.format is not None and self.format not in FORMATS:
+            raise DataError(
+                f"unknown format={self.format!r}; use one of {', '.join(FORMATS)}", key=self.key
+            )
+
+    @classmethod
+    def parse(cls, flag: str) -> DataSource:
+        """Parses ``KEY=PATH[#options]`` and checks every client it names now
+        (exists, readable, header and sheet present), so a typo fails at
+        startup. Raises DataError naming the flag and the first problem."""
+        source = cls.parse_spec(flag)
+        problems = source.problems()
+        if problems:
+            raise DataError(f"--data {flag!r}: {problems[0]}")
+        return source
+
+    @classmethod
+    def parse_spec(cls, flag: str) -> DataSource:
+        """The flag's syntax only (nothing is read)."""
+        key, sep, spec = flag.partition("=")
+        if not sep:
+            raise DataError(
+                f"--data {flag!r}: expected KEY=PATH, e.g. --data patients=/srv/patients/ "
+                "(a data file, or a folder with one data file per client)"
+            )
+        raw_path, _, raw_options = spec.partition("#")
+        if not raw_path.strip():
+            raise DataError(f"--data {flag!r}: PATH is empty; give a data file or a folder")
+        options: dict[str, str] = {}
+        for item in filter(None, raw_options.split("&")):
+            name, eq, value = item.partition("=")
+            if not eq or name not in _OPTIONS:
+                raise DataError(
+                    f"--data {flag!r}: unknown option {item!r} after '#'; options are "
+                    "format=FORMAT, sheet=NAME|INDEX|*, missing=error|drop-row|fill:VALUE, "
+                    "joined by '&'"
+                )
+            if name in options:
+                raise DataError(f"--data {flag!r}: option {name}= given twice")
+            options[name] = value
+        try:
+            missing = MissingPolicy.parse(options.get("missing", "error"))
+        except ValueError as e:
+            raise DataError(f"--data {flag!r}: {e}") from None
+        if options.get("sheet") == "":
+            raise DataError(f"--data {flag!r}: sheet= is empty; give a name, an index or *")
+        try:
+            return cls(
+                key,
+                pathlib.Path(raw_path).expanduser(),
+                format=options.get("format"),
+                sheet=options.get("sheet"),
+                missing=missing,
+            )
+        except DataError as e:
+            raise DataError(f"--data {flag!r}: {e.problem}") from None
+
+    # ----------------------------------------------------------------- clients
+
+    def client_files(self) -> list[pathlib.Path]:
+        """The data file of each client (a file appears once per sheet with
+        ``sheet=*``), in the order clients are numbered."""
+        return [part.path for part in self.client_parts()]
+
+    def client_parts(self) -> list[ClientPart]:
+        """Each client's file and sheet, in the order clients are numbered. A
+        folder without data files is a silo with no clients under this key (a
+        ward with no patients yet): it takes part in invocations with 0
+        clients, and its aggregates are the zero."""
+        parts: list[ClientPart] = []
+        for path, fmt in self._files():
+            if fmt in ("xlsx", "xls", "ods") and self.sheet == EVERY_SHEET:
+                try:
+                    names = open_client(ClientPart(path, fmt)).sheet_names()
+                except TableError as e:
+                    raise DataError(str(e), key=self.key) from None
+                parts.extend(ClientPart(path, fmt, name) for name in names)
+            elif fmt in ("xlsx", "xls", "ods"):
+                parts.append(ClientPart(path, fmt, self.sheet))
+            else:
+                parts.append(ClientPart(path, fmt))
+        return parts
+
+    def problems(self) -> list[str]:
+        """Every problem with this source that reading its headers shows
+        (missing file, unreadable, no header, no such sheet): one line each,
+        empty if none. Reads headers only, never TensorFlow."""
+        try:
+            parts = self.client_parts()
+        except DataError as e:
+            return [e.problem]
+        problems = []
+        for part in parts:
+            try:
+                open_client(part).header()
+            except TableError as e:
+                problems.append(str(e))
+        return problems
+
+    def _files(self) -> list[tuple[pathlib.Path, str]]:
+        if self.path.is_dir():
+            found = []
+            for path in sorted(self.path.iterdir(), key=lambda p: p.name):
+                # Hidden files and Excel's "~$book.xlsx" lock files are not clients.
+                if path.name.startswith((".", "~$")) or not path.is_file():
+                    continue
+                fmt = self.format or format_of(path)
+                if fmt is not None:
+                    found.append((path, fmt))
+            return found
+        if self.path.is_file():
+            fmt = self.format or format_of(self.path)
+            if fmt is None:
+                raise DataError(
+                    f"{str(self.path)!r} is not a data file this silo reads (by its "
+                    f"extension: {_extensions()}); name the format with "
+                    f"#format=FORMAT or give a folder of data files",
+                    key=self.key,
+                )
+            return [(self.path, fmt)]
+        if self.path.exists():
+            raise DataError(
+                f"{str(self.path)!r} is neither a file nor a folder; give a data file or a "
+                "folder of data files",
+                key=self.key,
+            )
+        raise DataError(
+            f"{str(self.path)!r} does not exist; give a data file or a folder of data files",
+            key=self.key,
+        )
+
+
+def _extensions() -> str:
+    from tff_amqp.silo.tables import EXTENSIONS
+
+    return ", ".join(sorted(EXTENSIONS))
+
+
+def check_flags(flags: list[str]) -> list[str]:
+    """One line per problem with the given --data flags (empty: all good).
+    Reads only headers; imports no TensorFlow."""
+    problems = []
+    keys: dict[str, str] = {}
+    for flag in flags:
+        try:
+            source = DataSource.parse_spec(flag)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        if source.key in keys:
+            problems.append(
+                f"--data {flag!r}: key {source.key!r} already given by --data {keys[source.key]!r}"
+            )
+            continue
+        keys[source.key] = flag
+        problems.extend(f"--data {flag!r}: {problem}" for problem in source.problems())
+    return problems
