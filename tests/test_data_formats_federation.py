@@ -4,7 +4,9 @@ written, and TFF's native runtime given the same clients.
 
 Three silos each hold the same numbers under one data key per format (CSV,
 TSV, XLSX, ODS, Parquet, TFRecord), plus a folder mixing every format and a
-folder with blank cells read with ``#missing=drop-row``.
+folder with blank cells read with ``#missing=drop-row``. The silos advertise
+their columns: `tff-amqp status` shows them, and an invocation naming a column
+one silo lacks is refused before any work is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import tff_amqp
 from tests.support.computations import mean_glucose
 from tests.support.data import FORMAT_EXTENSIONS, silo_rows, write_silo_files, write_table
 from tests.support.federation import local_federation, run_in, started_context
+from tff_amqp.errors import MissingColumnError
+from tff_amqp.local import SiloOptions
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +83,21 @@ def format_federation(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -
             }
             data["mixed"] = _write_mixed(root, i)
             data["blanks"] = f"{_write_blanks(root, i)}#missing=drop-row"
-            local.start_silo(name, data=data)
+            # Under "partial", charlie's clients have no glucose column.
+            header, rows = silo_rows(i, 0)
+            keep = [c for c in header if c != "glucose" or name != "charlie"]
+            data["partial"] = write_table(
+                root / f"partial{i}.csv",
+                "csv",
+                keep,
+                [[row[header.index(c)] for c in keep] for row in rows],
+            )
+            # Only alpha advertises its row counts.
+            options = SiloOptions(extra_args=("--advertise-counts",) if name == "alpha" else ())
+            local.start_silo(name, data=data, options=options)
         local.wait_ready(timeout=240)
         with started_context(amqp_url, local.federation, len(SILOS)) as context:
+            context.federation = local.federation
             yield context
 
 
@@ -130,3 +146,44 @@ def test_blank_cells_dropped_at_the_silos_as_if_the_rows_were_absent(
     result = float(run_in(format_federation, mean_glucose, tff_amqp.silo_data("blanks")))
     np.testing.assert_allclose(result, _direct_mean(kept), rtol=1e-9)
     np.testing.assert_allclose(result, _native_mean(native_context, kept), rtol=1e-9)
+
+
+def test_a_column_a_cohort_silo_lacks_is_refused_before_any_work_is_sent(
+    format_federation: Any,
+) -> None:
+    link = format_federation.runtime.link
+    published = link.stats["published"]
+    with pytest.raises(MissingColumnError) as error:
+        run_in(format_federation, mean_glucose, tff_amqp.silo_data("partial"))
+    message = str(error.value)
+    assert "silo 'charlie' has no column 'glucose' under data key 'partial'" in message
+    assert "alpha" not in message and "bravo" not in message
+    assert link.stats["published"] == published  # not one request left the coordinator
+    # The federation keeps serving.
+    result = float(run_in(format_federation, mean_glucose, tff_amqp.silo_data("csv")))
+    np.testing.assert_allclose(result, _direct_mean(ALL_CLIENTS), rtol=1e-9)
+
+
+def test_status_shows_each_silos_columns_and_counts_only_where_advertised(
+    format_federation: Any, amqp_url: str
+) -> None:
+    import asyncio
+
+    from tff_amqp.status import format_table, observe
+
+    seen = asyncio.run(observe(amqp_url, format_federation.federation, window=2.5))
+    table = format_table(seen, format_federation.federation, 2.5)
+    alpha_rows = sum(len(rows) for rows in _clients(0))
+    for fmt in FORMATS:
+        # TFRecord features have no order: they are listed by name.
+        columns = (
+            "age int, glucose float, notes str, patient str"
+            if fmt == "tfrecord"
+            else "patient str, age int, glucose float, notes str"
+        )
+        assert f"alpha {fmt}: {columns} ({alpha_rows} rows)\n" in table, table
+        assert f"bravo {fmt}: {columns}\n" in table, table
+    assert "charlie partial: patient str, age int, notes str" in table
+    # Kinds and names only: no cell value reaches the status.
+    for value in (glucose for rows in _clients(0) for _, glucose in rows):
+        assert f"{value}" not in table

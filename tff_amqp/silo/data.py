@@ -31,6 +31,7 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
+from tff_amqp.protocol import DataSchema
 from tff_amqp.silo.sources import ClientPart, DataError, DataSource
 from tff_amqp.silo.tables import (
     SUPPORTED,
@@ -41,6 +42,7 @@ from tff_amqp.silo.tables import (
     _WrongWidth,
     dtype_name,
     is_supported,
+    merge_kinds,
     numpy_spelling,
     open_client,
 )
@@ -81,6 +83,37 @@ class SiloDataStore:
         if not self._sources:
             return 0
         return self.num_clients(next(iter(self._sources)))
+
+    def schemas(self, *, counts: bool = False) -> tuple[DataSchema, ...]:
+        """Per data key, the columns every client has and their kinds, for the
+        silo's hello: names and kinds only, the row count only with `counts`.
+        A key without clients, or whose files cannot be read now, is left out
+        (the coordinator then checks nothing for it; reading reports why)."""
+        schemas = []
+        for key, source in self._sources.items():
+            try:
+                parts = source.client_parts()
+                columns: dict[str, str] | None = None
+                rows = 0
+                for part in parts:
+                    kinds, part_rows = open_client(part).schema()
+                    found = dict(kinds)
+                    rows += part_rows
+                    if columns is None:
+                        columns = found
+                    else:
+                        columns = {
+                            name: merge_kinds(kind, found[name])
+                            for name, kind in columns.items()
+                            if name in found
+                        }
+            except (DataError, TableError) as e:
+                log.warning("data schema unavailable", extra={"key": key, "error": str(e)})
+                continue
+            if columns is None:
+                continue
+            schemas.append(DataSchema(key, tuple(columns.items()), rows if counts else None))
+        return tuple(schemas)
 
     def client_datasets(
         self, key: str, element_type: computation_types.Type

@@ -66,6 +66,9 @@ class EndpointConfig:
     connect_timeout: float = 30.0
     # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
     tls: TlsFiles | None = None
+    # Advertise each data key's row count in the hello (column names and
+    # kinds are always advertised; counts only on request).
+    advertise_counts: bool = False
 
 
 class ServingError(CodedError):

@@ -97,6 +97,12 @@ def add_endpoint_options(parser: argparse.ArgumentParser) -> None:
     """Every further option a silo-side process with its own broker
     connection takes (`tff-amqp silo`, `tff-amqp worker`)."""
     parser.add_argument("--data", action="append", default=[], metavar="KEY=PATH", help=DATA_HELP)
+    parser.add_argument(
+        "--advertise-counts",
+        action="store_true",
+        help="also advertise each data key's row count in the hello (column names and kinds "
+        "are always advertised, values never)",
+    )
     add_presence_options(parser)
     parser.add_argument(
         "--max-message-bytes",
@@ -131,6 +137,7 @@ def endpoint_fields(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str,
         declare_topology=not args.no_declare,
         connect_timeout=args.connect_timeout,
         tls=tls,
+        advertise_counts=args.advertise_counts,
         **message_size(args),
     )
 

@@ -12,6 +12,7 @@ the regime's business (`_on_message`, `_queue`, the hooks below).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Self
@@ -89,6 +90,8 @@ class SiloServer(Service):
         self._injected_worker = worker
         self._worker: WorkerBinary | None = None
         self._started_at = time.time()
+        self._advertise_counts = config.advertise_counts
+        self._schemas: tuple[p.DataSchema, ...] = ()
 
     async def _start(self) -> None:
         # The broker first: an unreachable broker should fail fast and cheap.
@@ -98,6 +101,8 @@ class SiloServer(Service):
             await self._worker.start()
         queue = await self._queue(channel)
         await self._before_consume()
+        # Read once, before the hello: what columns each data key has.
+        self._schemas = await asyncio.to_thread(self.data.schemas, counts=self._advertise_counts)
         await self._consume(queue)
         await self.endpoint.announce()
         self._serving()
@@ -221,4 +226,5 @@ class SiloServer(Service):
             started_at=self._started_at,
             host=self.endpoint.host,
             pid=self.endpoint.pid,
+            data_schemas=self._schemas,
         )

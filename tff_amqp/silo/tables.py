@@ -151,6 +151,15 @@ class ClientFile:
         """The named columns (None: the file's only column)."""
         raise NotImplementedError
 
+    def schema(self) -> tuple[list[tuple[str, str]], int]:
+        """Each column's name and kind (`column_kind`), read from the data,
+        and the number of rows."""
+        header = self.header()
+        unique = [name for name in dict.fromkeys(header) if name and header.count(name) == 1]
+        table = self.read(unique)
+        kinds = [(name, column_kind(array)) for name, array in zip(unique, table.columns)]
+        return kinds, table.num_rows
+
     def _pick(self, header: list[str], names: Sequence[str] | None) -> list[int]:
         """Indices of `names` in `header`, or of the one column for None."""
         if names is None:
@@ -389,6 +398,44 @@ class ParquetFile(ClientFile):
         )
 
 
+def column_kind(array: pa.Array) -> str:
+    """What a column holds, as a silo advertises it (no values): int, float,
+    bool, str, or empty (no value at all)."""
+    kind = array.type
+    if pa.types.is_integer(kind):
+        return "int"
+    if pa.types.is_floating(kind):
+        return "float"
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return "str" if pa.types.is_binary(kind) else "mixed"
+    cells = pc.utf8_trim_whitespace(array.drop_null())
+    cells = cells.filter(pc.not_equal(cells, ""))
+    if len(cells) == 0:
+        return "empty"
+    if pc.all(pc.match_substring_regex(cells, r"^[+-]?[0-9]+$")).as_py():
+        return "int"
+    number = pc.match_substring_regex(cells, _FLOAT)
+    special = pc.match_substring_regex(cells, r"^[+-]?(inf|infinity|nan)$", ignore_case=True)
+    if pc.all(pc.or_(number, special)).as_py():
+        return "float"
+    if pc.all(pc.is_in(pc.utf8_lower(cells), pa.array(["true", "false"]))).as_py():
+        return "bool"
+    return "str"
+
+
+def merge_kinds(a: str, b: str) -> str:
+    """The kind of a column whose clients hold kinds `a` and `b`."""
+    if a == b or b == "empty":
+        return a
+    if a == "empty":
+        return b
+    if {a, b} == {"int", "float"}:
+        return "float"
+    return "mixed"
+
+
 class TFRecordFile(ClientFile):
     """A TFRecord file of ``tf.train.Example``: each record a row, each
     feature (a one-value list) a column; an absent feature is a missing cell.
@@ -419,8 +466,15 @@ class TFRecordFile(ClientFile):
             raise TableError(f"{self.label}: not a TFRecord file of tf.train.Example: {e}") from e
         return rows
 
+    def schema(self) -> tuple[list[tuple[str, str]], int]:
+        table = self.read([])
+        kinds = [(name, column_kind(array)) for name, array in zip(table.names, table.columns)]
+        return kinds, table.num_rows
+
     def read(self, names: Sequence[str] | None) -> RawTable:
         rows = self._examples()
+        if names is not None and not names:
+            names = sorted({name for row in rows for name in row})
         header = sorted({name for row in rows for name in row})
         if names is None:
             indices = self._pick(header, None)
