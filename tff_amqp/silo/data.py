@@ -62,7 +62,7 @@ class SiloDataStore:
             if source.key in self._sources:
                 raise DataError(
                     f"--data {source.key}=... given twice "
-                    f"({self._sources[source.key].path} and {source.path}); use one path "
+                    f"({self._sources[source.key].where} and {source.where}); use one path "
                     "per key",
                     silo=silo,
                     key=source.key,

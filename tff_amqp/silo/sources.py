@@ -24,11 +24,14 @@ import pathlib
 import re
 from dataclasses import dataclass, field
 
+from tff_amqp.silo.remote import CACHE, FetchError, RemoteSource, Token, is_url
 from tff_amqp.silo.tables import FORMATS, MissingPolicy, TableError, format_of, open_client
 
 # Same rule as `tff_amqp.silo_data(KEY)`, so every valid flag can be referenced.
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _OPTIONS = ("format", "sheet", "missing")
+# Options of an https:// source only (tff_amqp.silo.remote).
+_URL_OPTIONS = ("token", "ca", "timeout", "max-bytes", "refresh", "gid")
 EVERY_SHEET = "*"
 
 
@@ -63,10 +66,13 @@ class ClientPart:
     path: pathlib.Path
     format: str
     sheet: str | None = None
+    # Where the file came from, if not from `path` itself (a URL).
+    origin: str | None = None
 
     @property
     def label(self) -> str:
-        return str(self.path) if self.sheet is None else f"{self.path}#sheet={self.sheet}"
+        where = self.origin or str(self.path)
+        return where if self.sheet is None else f"{where}#sheet={self.sheet}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,12 @@ class DataSource:
     format: str | None = None
     sheet: str | None = None
     missing: MissingPolicy = field(default_factory=MissingPolicy)
+    remote: RemoteSource | None = None
+
+    @property
+    def where(self) -> str:
+        """The path or URL, as the user gave it."""
+        return self.remote.url if self.remote is not None else str(self.path)
 
     def __post_init__(self) -> None:
         if not _KEY.match(self.key):
@@ -116,12 +128,15 @@ class DataSource:
         options: dict[str, str] = {}
         for item in filter(None, raw_options.split("&")):
             name, eq, value = item.partition("=")
-            if not eq or name not in _OPTIONS:
+            if not eq or name not in _OPTIONS + _URL_OPTIONS:
                 raise DataError(
                     f"--data {flag!r}: unknown option {item!r} after '#'; options are "
-                    "format=FORMAT, sheet=NAME|INDEX|*, missing=error|drop-row|fill:VALUE, "
-                    "joined by '&'"
+                    "format=FORMAT, sheet=NAME|INDEX|*, missing=error|drop-row|fill:VALUE "
+                    "(and for https:// sources token=env:NAME|file:PATH, ca=PATH, "
+                    "timeout=SECONDS, max-bytes=N, refresh=SECONDS, gid=N), joined by '&'"
                 )
+            if name in _URL_OPTIONS and not is_url(raw_path):
+                raise DataError(f"--data {flag!r}: option {name}= is only for https:// sources")
             if name in options:
                 raise DataError(f"--data {flag!r}: option {name}= given twice")
             options[name] = value
@@ -132,12 +147,19 @@ class DataSource:
         if options.get("sheet") == "":
             raise DataError(f"--data {flag!r}: sheet= is empty; give a name, an index or *")
         try:
+            remote = _remote(raw_path, options) if is_url(raw_path) else None
+        except ValueError as e:
+            raise DataError(f"--data {flag!r}: {e}") from None
+        if raw_path.startswith("http://"):
+            raise DataError(f"--data {flag!r}: only https:// URLs are read (never plain http)")
+        try:
             return cls(
                 key,
-                pathlib.Path(raw_path).expanduser(),
+                pathlib.Path() if remote else pathlib.Path(raw_path).expanduser(),
                 format=options.get("format"),
                 sheet=options.get("sheet"),
                 missing=missing,
+                remote=remote,
             )
         except DataError as e:
             raise DataError(f"--data {flag!r}: {e.problem}") from None
@@ -155,17 +177,18 @@ class DataSource:
         ward with no patients yet): it takes part in invocations with 0
         clients, and its aggregates are the zero."""
         parts: list[ClientPart] = []
+        origin = self.remote.url if self.remote is not None else None
         for path, fmt in self._files():
             if fmt in ("xlsx", "xls", "ods") and self.sheet == EVERY_SHEET:
                 try:
-                    names = open_client(ClientPart(path, fmt)).sheet_names()
+                    names = open_client(ClientPart(path, fmt, None, origin)).sheet_names()
                 except TableError as e:
                     raise DataError(str(e), key=self.key) from None
-                parts.extend(ClientPart(path, fmt, name) for name in names)
+                parts.extend(ClientPart(path, fmt, name, origin) for name in names)
             elif fmt in ("xlsx", "xls", "ods"):
-                parts.append(ClientPart(path, fmt, self.sheet))
+                parts.append(ClientPart(path, fmt, self.sheet, origin))
             else:
-                parts.append(ClientPart(path, fmt))
+                parts.append(ClientPart(path, fmt, None, origin))
         return parts
 
     def problems(self) -> list[str]:
@@ -185,6 +208,19 @@ class DataSource:
         return problems
 
     def _files(self) -> list[tuple[pathlib.Path, str]]:
+        if self.remote is not None:
+            suffix = self.remote.suffix(self.format)
+            fmt = self.format or format_of(pathlib.Path(f"x{suffix}"))
+            if fmt is None:
+                raise DataError(
+                    f"{self.remote.url}: the URL does not say its format; add #format=FORMAT "
+                    f"({', '.join(FORMATS)})",
+                    key=self.key,
+                )
+            try:
+                return [(CACHE.local_file(self.remote, f".{fmt}"), fmt)]
+            except FetchError as e:
+                raise DataError(str(e), key=self.key) from None
         if self.path.is_dir():
             found = []
             for path in sorted(self.path.iterdir(), key=lambda p: p.name):
@@ -215,6 +251,35 @@ class DataSource:
             f"{str(self.path)!r} does not exist; give a data file or a folder of data files",
             key=self.key,
         )
+
+
+def _remote(url: str, options: dict[str, str]) -> RemoteSource:
+    """An https:// source's fetch settings from its options (ValueError)."""
+
+    def number(name: str, default: float | None) -> float | None:
+        if name not in options:
+            return default
+        try:
+            value = float(options[name])
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"{name}={options[name]!r}: give a positive number of seconds")
+        return value
+
+    max_bytes = options.get("max-bytes", "")
+    if max_bytes and not max_bytes.isdigit():
+        raise ValueError(f"max-bytes={max_bytes!r}: give a whole number of bytes")
+    ca = options.get("ca")
+    return RemoteSource(
+        url,
+        token=Token.parse(options["token"]) if "token" in options else None,
+        ca=pathlib.Path(ca).expanduser() if ca else None,
+        timeout=number("timeout", RemoteSource.timeout) or RemoteSource.timeout,
+        max_bytes=int(max_bytes) if max_bytes else RemoteSource.max_bytes,
+        refresh=number("refresh", None),
+        gid=options.get("gid"),
+    )
 
 
 def _extensions() -> str:
