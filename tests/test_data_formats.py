@@ -287,3 +287,22 @@ def test_checking_sources_imports_no_tensorflow(tmp_path: Path) -> None:
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_demo_xlsx_workbooks_one_client_per_ward_sheet_same_numbers_as_csv(
+    tmp_path: Path,
+) -> None:
+    from tff_amqp.demo import CLINICS, _direct_mean, data_spec, write_sample_data
+
+    csv_data = write_sample_data(tmp_path / "csv", fmt="csv")
+    xlsx_data = write_sample_data(tmp_path / "xlsx", fmt="xlsx")
+    element = computation_types.to_type(
+        collections.OrderedDict(age=np.int32, systolic_bp=np.float32, glucose=np.float32)
+    )
+    for clinic, wards in CLINICS.items():
+        book = store(f"k={data_spec(xlsx_data[clinic])}")
+        assert book.num_clients("k") == wards
+        assert rows_of(book, element=element) == rows_of(
+            store(f"k={data_spec(csv_data[clinic])}"), element=element
+        )
+    assert _direct_mean(xlsx_data, "glucose") == _direct_mean(csv_data, "glucose")

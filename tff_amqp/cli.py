@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         "docker compose ones): use them instead of starting local silo processes",
     )
     demo.add_argument(
+        "--format",
+        choices=["csv", "xlsx"],
+        default="csv",
+        help="the clinics' spreadsheets: csv (a folder of one CSV per ward) or xlsx (one "
+        "Excel workbook per clinic, one sheet per ward) (default %(default)s)",
+    )
+    demo.add_argument(
         "--write-data",
         type=Path,
         default=None,
