@@ -7,14 +7,17 @@ Sheets URL maps to its export endpoint (Google itself cannot be reached here).
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import http.server
+import json
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +42,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
+
+    def do_POST(self) -> None:
+        # A stand-in for Google's token endpoint: a signed JWT assertion in,
+        # an access token out (the server does not verify the signature).
+        length = int(self.headers.get("Content-Length", "0"))
+        form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+        self.hits[self.path] += 1
+        assertion = form.get("assertion", [""])[0]
+        if self.path != "/token" or assertion.count(".") != 2:
+            self.send_error(400, "Bad Request")
+            return
+        claims = json.loads(base64.urlsafe_b64decode(assertion.split(".")[1] + "=="))
+        if "spreadsheets.readonly" not in claims.get("scope", ""):
+            self.send_error(403, "Forbidden")
+            return
+        body = json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
 
     def do_GET(self) -> None:
         self.hits[self.path] += 1
@@ -186,7 +210,7 @@ def test_a_5xx_answer_is_retried_under_the_policy(
 
 def test_token_comes_only_from_env_or_file_and_http_is_refused(server: tuple[str, Path]) -> None:
     base, _ = server
-    with pytest.raises(DataError, match="token=env:VARIABLE or token=file:PATH"):
+    with pytest.raises(DataError, match="token=env:VARIABLE, token=file:PATH or"):
         DataSource.parse_spec(f"w={base}/ward.csv#token={TOKEN}")
     with pytest.raises(DataError, match="only https://"):
         DataSource.parse_spec("w=http://example.org/ward.csv")
@@ -233,3 +257,40 @@ def test_silo_refuses_a_wrong_token_at_start_in_one_line(
     )  # fmt: skip
     assert result.returncode == 2
     assert "HTTP 401 Unauthorized" in result.stderr and TOKEN not in result.stderr
+
+
+def _service_account_key(tmp_path: Path, token_uri: str) -> Path:
+    key = tmp_path / "sa.pem"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+         "-out", str(key)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    info = {
+        "type": "service_account",
+        "project_id": "test",
+        "private_key_id": "k1",
+        "private_key": key.read_text(),
+        "client_email": "reader@test.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path = tmp_path / "service-account.json"
+    path.write_text(json.dumps(info))
+    return path
+
+
+def test_a_service_account_key_is_exchanged_for_a_token_with_google_auth(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    base, ca = server
+    key = _service_account_key(tmp_path, f"{base}/token")
+    hits = _Handler.hits["/token"]
+    source = DataSource.parse(f"w={base}/ward.csv?sa#token=service-account:{key}&ca={ca}")
+    assert rows_of(source) == [[(30, 4.5), (31, 5.25)]]
+    assert _Handler.hits["/token"] == hits + 1
+    # A token endpoint that refuses: a clear error naming the key file and the endpoint.
+    bad = _service_account_key(tmp_path, f"{base}/nope")
+    problems = check_flags([f"w={base}/ward.csv?sa2#token=service-account:{bad}&ca={ca}"])
+    assert len(problems) == 1 and f"the token endpoint {base}/nope refused" in problems[0]
+    assert "PRIVATE KEY" not in problems[0]

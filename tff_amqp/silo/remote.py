@@ -8,7 +8,9 @@ local cache, then read like a file.
   ``sheet=``), or as CSV of one sheet with ``gid=`` (what the browser's URL
   fragment ``#gid=N`` says).
 - ``token=env:NAME`` or ``token=file:PATH``: a bearer token, read from the
-  environment or a file, never from the command line, never logged.
+  environment or a file, never from the command line, never logged;
+  ``token=service-account:KEYFILE``: a Google service account's key file,
+  exchanged for an access token (google-auth) at each fetch.
 - ``ca=PATH``: a CA certificate to trust (else the system's).
 - ``timeout=SECONDS`` (default 30) bounds each attempt, ``max-bytes=N``
   (default 100 MiB) the body; connection failures, timeouts and 5xx answers
@@ -23,6 +25,7 @@ what to do. Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -61,24 +64,36 @@ def export_url(url: str, gid: str | None = None) -> tuple[str, str]:
     return f"{base}?format=xlsx", "xlsx"
 
 
+# What a service account asks Google for: read-only access to the sheets
+# (and Drive, through which the export endpoint serves them).
+SHEETS_SCOPES = (
+    "https://www.googleapis.com/auth/spreadsheets.readonly",
+    "https://www.googleapis.com/auth/drive.readonly",
+)
+
+
 @dataclass(frozen=True)
 class Token:
-    """Where a bearer token comes from: ``env:NAME`` or ``file:PATH``."""
+    """Where a bearer token comes from: ``env:NAME``, ``file:PATH``, or
+    ``service-account:PATH`` (a Google service-account key file, exchanged
+    for an access token with google-auth)."""
 
     spec: str
 
     @classmethod
     def parse(cls, spec: str) -> Token:
         kind, _, where = spec.partition(":")
-        if kind not in ("env", "file") or not where:
+        if kind not in ("env", "file", "service-account") or not where:
             raise ValueError(
-                f"token={spec!r}: give token=env:VARIABLE or token=file:PATH (a token is "
-                "never given on the command line)"
+                f"token={spec!r}: give token=env:VARIABLE, token=file:PATH or "
+                "token=service-account:KEYFILE (a token is never given on the command line)"
             )
         return cls(spec)
 
-    def value(self) -> str:
+    def value(self, ca: pathlib.Path | None = None, timeout: float = DEFAULT_TIMEOUT) -> str:
         kind, _, where = self.spec.partition(":")
+        if kind == "service-account":
+            return _service_account_token(pathlib.Path(where).expanduser(), ca, timeout)
         if kind == "env":
             token = os.environ.get(where, "")
             if not token:
@@ -94,6 +109,41 @@ class Token:
 
     def __repr__(self) -> str:  # The spec says where, never what.
         return f"Token({self.spec!r})"
+
+
+def _service_account_token(key_file: pathlib.Path, ca: pathlib.Path | None, timeout: float) -> str:
+    """An access token for a service account's key file (google-auth signs a
+    JWT and asks the key's token_uri); FetchError says what went wrong."""
+    import google.auth.exceptions
+    import google.auth.transport.requests
+    import requests
+    from google.oauth2 import service_account
+
+    where = f"token=service-account:{key_file}"
+    try:
+        info = json.loads(key_file.read_text())
+        credentials = service_account.Credentials.from_service_account_info(
+            info, scopes=list(SHEETS_SCOPES)
+        )
+    except (OSError, ValueError) as e:
+        # (json and google-auth errors name what is wrong, never the key itself)
+        raise FetchError(f"{where}: not a readable service-account key file: {e}") from None
+    session = requests.Session()
+    session.trust_env = False
+    if ca is not None:
+        session.verify = str(ca)
+    try:
+        credentials.refresh(google.auth.transport.requests.Request(session))
+    except google.auth.exceptions.GoogleAuthError as e:
+        # google-auth's messages carry the server's answer, never the key.
+        raise FetchError(
+            f"{where}: the token endpoint {info.get('token_uri')} refused: {e}"
+        ) from None
+    finally:
+        session.close()
+    if not credentials.token:
+        raise FetchError(f"{where}: the token endpoint returned no access token")
+    return str(credentials.token)
 
 
 @dataclass(frozen=True)
@@ -156,7 +206,7 @@ def fetch(source: RemoteSource, destination: pathlib.Path) -> None:
     url, _ = source.fetch_url()
     headers = {}
     if source.token is not None:
-        headers["Authorization"] = f"Bearer {source.token.value()}"
+        headers["Authorization"] = f"Bearer {source.token.value(source.ca, source.timeout)}"
     verify: ssl.SSLContext | bool = True
     if source.ca is not None:
         try:
