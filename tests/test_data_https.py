@@ -20,6 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ ROW = computation_types.to_type(collections.OrderedDict(age=np.int32, glucose=np
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     hits: dict[str, int] = collections.defaultdict(int)
+    switched_off = False
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
@@ -68,6 +70,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.hits[self.path] += 1
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             self.send_error(401, "Unauthorized")
+            return
+        if self.path == "/switch.csv" and _Handler.switched_off:
+            self.send_error(404, "Not Found")
             return
         if self.path == "/slow.csv":
             time.sleep(3)
@@ -102,6 +107,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         "/ward.xlsx": book.read_bytes(),
         "/slow.csv": csv_file.read_bytes(),
         "/flaky.csv": csv_file.read_bytes(),
+        "/switch.csv": csv_file.read_bytes(),
         "/truncated.csv": csv_file.read_bytes(),
         "/big.csv": b"age,glucose\n" + b"1,2.0\n" * 50_000,
     }
@@ -294,3 +300,48 @@ def test_a_service_account_key_is_exchanged_for_a_token_with_google_auth(
     problems = check_flags([f"w={base}/ward.csv?sa2#token=service-account:{bad}&ca={ca}"])
     assert len(problems) == 1 and f"the token endpoint {base}/nope refused" in problems[0]
     assert "PRIVATE KEY" not in problems[0]
+
+
+@pytest.mark.slow
+def test_a_silo_reports_a_failing_url_naming_it_and_keeps_serving(
+    server: tuple[str, Path], tmp_path: Path, local: Any, native_context: Any
+) -> None:
+    import tensorflow as tf
+
+    import tff_amqp
+    from tests.support.computations import mean_glucose
+    from tests.support.federation import run_in, started_context
+
+    base, ca = server
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    url = f"{base}/switch.csv"
+    _Handler.switched_off = False
+    local.start_silo(
+        "north",
+        data={
+            "remote": f"{url}#token=file:{token_file}&ca={ca}&refresh=0.1",
+            "local": write_table(tmp_path / "w.csv", "csv", ["age", "glucose"], [[1, 2.5]]),
+        },
+    )
+    local.wait_ready(timeout=240)
+    with started_context(local.broker_url, local.federation, 1) as context:
+        result = float(run_in(context, mean_glucose, tff_amqp.silo_data("remote")))
+        rows = collections.OrderedDict(
+            age=np.array([30, 31], np.int32), glucose=np.array([4.5, 5.25], np.float32)
+        )
+        native = run_in(native_context, mean_glucose, [tf.data.Dataset.from_tensor_slices(rows)])
+        np.testing.assert_allclose(result, float(native), rtol=1e-9)
+        _Handler.switched_off = True
+        try:
+            with pytest.raises(tff_amqp.SiloError) as error:
+                run_in(context, mean_glucose, tff_amqp.silo_data("remote"))
+        finally:
+            _Handler.switched_off = False
+        message = str(error.value)
+        assert error.value.silo == "north"
+        assert f"{url}: HTTP 404 Not Found" in message and TOKEN not in message
+        # The silo keeps serving.
+        assert float(run_in(context, mean_glucose, tff_amqp.silo_data("local"))) == 2.5
+    log = local.silos["north"].log_path.read_text()
+    assert url in log and TOKEN not in log  # the error is logged at the silo, not the token
