@@ -75,8 +75,9 @@ class SiloDataStore:
         return list(self._sources)
 
     def num_clients(self, key: str) -> int:
-        """How many clients this silo holds under `key` (files are listed, not read)."""
-        return len(self._client_parts(key))
+        """How many clients this silo holds under `key` (files are listed, not
+        read; a URL's cached copy is used as it is)."""
+        return len(self._client_parts(key, fresh=False))
 
     def default_num_clients(self) -> int:
         """Clients under the first data key, else 0 (what `status` shows)."""
@@ -196,9 +197,9 @@ class SiloDataStore:
                 f"--data {key}=PATH",
             ) from None
 
-    def _client_parts(self, key: str) -> list[ClientPart]:
+    def _client_parts(self, key: str, *, fresh: bool = True) -> list[ClientPart]:
         try:
-            return self._source(key).client_parts()
+            return self._source(key).client_parts(fresh=fresh)
         except DataError as e:
             if e.silo is None:
                 raise e.at_silo(self.silo) from None

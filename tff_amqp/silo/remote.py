@@ -180,14 +180,19 @@ class _Cache:
         self._fetched: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
-    def local_file(self, source: RemoteSource, suffix: str) -> pathlib.Path:
+    def local_file(self, source: RemoteSource, suffix: str, *, fresh: bool = True) -> pathlib.Path:
+        """The cached copy, fetched first if there is none, or if `fresh` and
+        it is older than the source's refresh interval. (`fresh=False` is for
+        status reports on the event loop: they never wait for a fetch.)"""
         url, _ = source.fetch_url()
         name = hashlib.sha256(url.encode()).hexdigest()[:24] + suffix
         path = self._root / name
         with self._lock:
             fetched = self._fetched.get((url, suffix))
             stale = fetched is None or (
-                source.refresh is not None and time.monotonic() - fetched >= source.refresh
+                fresh
+                and source.refresh is not None
+                and time.monotonic() - fetched >= source.refresh
             )
             if stale:
                 fetch(source, path)

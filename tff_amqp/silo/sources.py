@@ -171,14 +171,15 @@ class DataSource:
         ``sheet=*``), in the order clients are numbered."""
         return [part.path for part in self.client_parts()]
 
-    def client_parts(self) -> list[ClientPart]:
+    def client_parts(self, *, fresh: bool = True) -> list[ClientPart]:
         """Each client's file and sheet, in the order clients are numbered. A
         folder without data files is a silo with no clients under this key (a
         ward with no patients yet): it takes part in invocations with 0
-        clients, and its aggregates are the zero."""
+        clients, and its aggregates are the zero. `fresh=False`: a URL's
+        cached copy as it is, never re-fetched (for status reports)."""
         parts: list[ClientPart] = []
         origin = self.remote.url if self.remote is not None else None
-        for path, fmt in self._files():
+        for path, fmt in self._files(fresh):
             if fmt in ("xlsx", "xls", "ods") and self.sheet == EVERY_SHEET:
                 try:
                     names = open_client(ClientPart(path, fmt, None, origin)).sheet_names()
@@ -207,7 +208,7 @@ class DataSource:
                 problems.append(str(e))
         return problems
 
-    def _files(self) -> list[tuple[pathlib.Path, str]]:
+    def _files(self, fresh: bool = True) -> list[tuple[pathlib.Path, str]]:
         if self.remote is not None:
             suffix = self.remote.suffix(self.format)
             fmt = self.format or format_of(pathlib.Path(f"x{suffix}"))
@@ -218,7 +219,7 @@ class DataSource:
                     key=self.key,
                 )
             try:
-                return [(CACHE.local_file(self.remote, f".{fmt}"), fmt)]
+                return [(CACHE.local_file(self.remote, f".{fmt}", fresh=fresh), fmt)]
             except FetchError as e:
                 raise DataError(str(e), key=self.key) from None
         if self.path.is_dir():
