@@ -20,6 +20,7 @@ TensorFlow takes to import.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 from dataclasses import dataclass, field
@@ -182,9 +183,13 @@ class DataSource:
         for path, fmt in self._files(fresh):
             if fmt in ("xlsx", "xls", "ods") and self.sheet == EVERY_SHEET:
                 try:
-                    names = open_client(ClientPart(path, fmt, None, origin)).sheet_names()
+                    names = _sheet_names(path, fmt, origin)
                 except TableError as e:
                     raise DataError(str(e), key=self.key) from None
+                except OSError as e:
+                    raise DataError(
+                        f"{path}: cannot read: {e.strerror or e}", key=self.key
+                    ) from None
                 parts.extend(ClientPart(path, fmt, name, origin) for name in names)
             elif fmt in ("xlsx", "xls", "ods"):
                 parts.append(ClientPart(path, fmt, self.sheet, origin))
@@ -252,6 +257,21 @@ class DataSource:
             f"{str(self.path)!r} does not exist; give a data file or a folder of data files",
             key=self.key,
         )
+
+
+def _sheet_names(path: pathlib.Path, fmt: str, origin: str | None) -> list[str]:
+    """A workbook's sheet names, read again only when the file changed:
+    opening a large workbook takes a while, and status reports (every
+    heartbeat) count its sheets on the event loop."""
+    stat = path.stat()
+    return list(_sheet_names_of(path, fmt, origin, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _sheet_names_of(
+    path: pathlib.Path, fmt: str, origin: str | None, mtime_ns: int, size: int
+) -> tuple[str, ...]:
+    return tuple(open_client(ClientPart(path, fmt, None, origin)).sheet_names())
 
 
 def _remote(url: str, options: dict[str, str]) -> RemoteSource:
