@@ -306,3 +306,26 @@ def test_demo_xlsx_workbooks_one_client_per_ward_sheet_same_numbers_as_csv(
             store(f"k={data_spec(csv_data[clinic])}"), element=element
         )
     assert _direct_mean(xlsx_data, "glucose") == _direct_mean(csv_data, "glucose")
+
+
+async def test_advertised_columns_are_re_read_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tff_amqp.silo import serve
+
+    path = write_table(tmp_path / "w.csv", "csv", ["age"], [[1]])
+    server = serve.SiloServer.__new__(serve.SiloServer)
+    server.data = SiloDataStore(SILO, [DataSource.parse(f"k={path}")])
+    server._advertise_counts = False
+    server._schemas = server.data.schemas()
+    server._schemas_read_at = time.monotonic()
+    server._schemas_reading = None
+    assert [s.names() for s in server._current_schemas()] == [["age"]]
+
+    write_table(path, "csv", ["age", "glucose"], [[1, 2.0]])
+    monkeypatch.setattr(serve, "SCHEMA_REFRESH", 0.0)
+    assert [s.names() for s in server._current_schemas()] == [["age"]]  # never waits
+    await asyncio.wait_for(asyncio.shield(server._schemas_reading), 30)
+    assert [s.names() for s in server._current_schemas()] == [["age", "glucose"]]

@@ -93,7 +93,8 @@ class SiloDataStore:
         schemas = []
         for key, source in self._sources.items():
             try:
-                parts = source.client_parts()
+                # A URL's cached copy as it is: advertising never fetches.
+                parts = source.client_parts(fresh=False)
                 columns: dict[str, str] | None = None
                 rows = 0
                 for part in parts:

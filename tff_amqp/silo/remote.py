@@ -187,6 +187,8 @@ class _Cache:
         url, _ = source.fetch_url()
         name = hashlib.sha256(url.encode()).hexdigest()[:24] + suffix
         path = self._root / name
+        if not fresh and (url, suffix) in self._fetched:
+            return path  # Never waits on the lock a fetch in progress holds.
         with self._lock:
             fetched = self._fetched.get((url, suffix))
             stale = fetched is None or (
