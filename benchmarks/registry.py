@@ -72,6 +72,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "stateless work queues spread over many workers (from the stateless-scaling work)",
     ),
     Benchmark(
+        "data",
+        "Reading silo data",
+        "rows/s from a 1 million-row CSV and XLSX file into a client's typed columns: the "
+        "pyarrow CSV path and python-calamine against the previous Python csv path",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
         "stateless_bulk",
         "Stateless large broadcasts",
         "a 16 MB model broadcast to 2 silo pools of 4 work items each: once per round into the "

@@ -205,3 +205,24 @@ def test_batch_names_its_coordinator_instance_optionally():
     decoded = p.decode(p.encode(dataclasses.replace(envelope, body=stamped))).body
     assert isinstance(decoded, p.Batch)
     assert (decoded.coordinator_instance, decoded.coordinator_started) == ("c0ffee", 1234.5)
+
+
+def test_silo_status_carries_data_schemas_and_refuses_malformed_ones():
+    schema = p.DataSchema("readings", (("age", "int"), ("glucose", "float")), rows=12)
+    status = p.SiloStatus(silo="alpha", clients=2, data_keys=("readings",), data_schemas=(schema,))
+    decoded = p.SiloStatus.from_wire(msgpack.unpackb(msgpack.packb(status.to_wire())))
+    assert decoded == status
+    assert decoded.schema("readings").names() == ["age", "glucose"]
+    assert decoded.schema("other") is None
+    # Optional: a status without schemas (an older silo) still decodes.
+    assert p.SiloStatus.from_wire(p.SiloStatus(silo="a", clients=0).to_wire()).data_schemas == ()
+    for bad in (
+        {"key": "k", "columns": [["age", "complex"]]},
+        {"key": "k", "columns": [["", "int"]]},
+        {"key": "k", "columns": "age"},
+        {"key": "k", "columns": [["age", "int"]], "rows": -1},
+        {"columns": []},
+    ):
+        wire = {**status.to_wire(), "schemas": [bad]}
+        with pytest.raises(p.ProtocolError):
+            p.SiloStatus.from_wire(wire)

@@ -238,7 +238,7 @@ def test_empty_folder_is_a_silo_without_clients_and_non_csv_path_an_error(
     text.write_text("age\n1\n")
     with pytest.raises(DataError) as error:
         store_of(text).federated_value("readings", at_clients(ROW))
-    assert_data_error(error, "'readings'", "is not a .csv file")
+    assert_data_error(error, "'readings'", "is not a data file this silo reads")
 
 
 def test_plain_scalar_element_over_a_wide_file_asks_for_a_named_struct(ward_folder: Path) -> None:
@@ -298,7 +298,7 @@ def test_parse_accepts_a_file_or_a_folder(ward_folder: Path) -> None:
         ("bad key={folder}", "invalid data key 'bad key'"),
         ("readings=", "PATH is empty"),
         ("readings={folder}/missing", "does not exist"),
-        ("readings={folder}/README.txt", "is not a .csv file"),
+        ("readings={folder}/README.txt", "is not a data file this silo reads"),
     ],
 )
 def test_parse_rejects_bad_flags(

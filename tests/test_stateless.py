@@ -456,6 +456,24 @@ def test_worker_refuses_shards_below_its_client_floor(amqp_url, tmp_path, local)
     assert total == len(read_column(folder, "x"))
 
 
+def test_a_column_a_pool_lacks_is_refused_before_any_work_item(amqp_url, tmp_path, local):
+    from tests.support.data import write_table
+    from tff_amqp.errors import MissingColumnError
+
+    folder = tmp_path / "xz"
+    write_table(folder / "c0.csv", "csv", ["x", "z"], [[0.5, 1.0], [0.25, 2.0]])
+    worker = local.start_pool_worker("lacking", data={"xy": folder})
+    wait_ready(worker, timeout=180)
+    with tff_amqp.create_sync_amqp_mapreduce_context(
+        amqp_url, federation=local.federation, cohort_timeout=60.0, deadline=120.0
+    ) as context:
+        context.start()
+        published = context.link.stats["published"]
+        with pytest.raises(MissingColumnError, match="silo 'lacking' has no column 'y'"):
+            run_in(context, slow_round, np.int64(0), tff_amqp.silo_data("xy"))
+        assert context.link.stats["published"] == published
+
+
 def test_no_live_worker_is_a_clear_cohort_error_within_the_timeout(amqp_url, federation):
     with tff_amqp.create_sync_amqp_mapreduce_context(
         amqp_url, federation=federation, cohort_timeout=1.5

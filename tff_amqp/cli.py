@@ -23,7 +23,7 @@ from tff_amqp.silo.options import (
 )
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.sources import DataSource
     from tff_amqp.silo.stateful.agent import SiloConfig
 
 log = logging.getLogger("tff_amqp.cli")
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help="comma-separated names of silos already running in --federation (e.g. the "
         "docker compose ones): use them instead of starting local silo processes",
+    )
+    demo.add_argument(
+        "--format",
+        choices=["csv", "xlsx"],
+        default="csv",
+        help="the clinics' spreadsheets: csv (a folder of one CSV per ward) or xlsx (one "
+        "Excel workbook per clinic, one sheet per ward) (default %(default)s)",
     )
     demo.add_argument(
         "--write-data",
@@ -313,7 +320,6 @@ def _run_silo(args: argparse.Namespace) -> int:
         silo=args.name,
         build=build,
         serve=serve,
-        check_data_flags=True,
         probe_declare=True,
     )
 

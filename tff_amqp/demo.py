@@ -1,7 +1,8 @@
 """`tff-amqp demo`: a small federation on the local broker, end to end.
 
 Three clinics keep patient spreadsheets (CSV files, one per ward = one TFF
-client). The coordinator computes the federated mean of a column (the
+client; or with ``--format xlsx`` one Excel workbook per clinic, one sheet
+per ward = one client). The coordinator computes the federated mean of a column (the
 scenario this project started from) and trains a logistic regression with
 FedAvg, all without a single row leaving a clinic.
 """
@@ -27,44 +28,81 @@ CLINICS = {"clinic_north": 3, "clinic_south": 2, "clinic_east": 3}
 COLUMNS = ["patient_id", "age", "systolic_bp", "glucose", "diabetic", "notes"]
 
 
-def write_sample_data(root: Path, seed: int = 7) -> dict[str, Path]:
-    """One folder per clinic, one CSV per ward. Deterministic."""
+def write_sample_data(root: Path, seed: int = 7, fmt: str = "csv") -> dict[str, Path]:
+    """Each clinic's data, deterministic: with `fmt` "csv" a folder of one CSV
+    per ward, with "xlsx" one Excel workbook with one sheet per ward (read
+    with ``#sheet=*``: one client per sheet)."""
     rng = np.random.default_rng(seed)
-    folders = {}
+    written = {}
     for c, (clinic, wards) in enumerate(CLINICS.items()):
         folder = root / clinic
         folder.mkdir(parents=True, exist_ok=True)
+        sheets: dict[str, list[list[Any]]] = {}
         for w in range(wards):
             n = int(rng.integers(25, 60))
             diabetic = rng.random(n) < 0.3 + 0.1 * c
             age = rng.normal(52 + 6 * c, 12, n).clip(18, 95)
             bp = rng.normal(125 + 10 * diabetic + 0.3 * (age - 50), 12)
             glucose = rng.normal(5.3 + 2.2 * diabetic, 0.8)
-            with open(folder / f"ward_{w + 1}.csv", "w", newline="") as f:
+            sheets[f"ward_{w + 1}"] = [
+                [
+                    f"{clinic[7]}{w}{i:03d}",
+                    round(float(age[i])),
+                    round(float(bp[i]), 1),
+                    round(float(glucose[i]), 2),
+                    int(diabetic[i]),
+                    "private",
+                ]
+                for i in range(n)
+            ]
+        if fmt == "xlsx":
+            written[clinic] = _write_workbook(folder / "wards.xlsx", sheets)
+            continue
+        for ward, rows in sheets.items():
+            with open(folder / f"{ward}.csv", "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(COLUMNS)
-                for i in range(n):
-                    writer.writerow(
-                        [
-                            f"{clinic[7]}{w}{i:03d}",
-                            f"{age[i]:.0f}",
-                            f"{bp[i]:.1f}",
-                            f"{glucose[i]:.2f}",
-                            int(diabetic[i]),
-                            "private",
-                        ]
-                    )
-        folders[clinic] = folder
-    return folders
+                writer.writerows(rows)
+        written[clinic] = folder
+    return written
 
 
-def _direct_mean(folders: dict[str, Path], column: str) -> tuple[float, int]:
-    values = [
-        float(row[column])
-        for folder in folders.values()
-        for path in sorted(folder.glob("*.csv"))
-        for row in csv.DictReader(open(path, newline=""))
-    ]
+def _write_workbook(path: Path, sheets: dict[str, list[list[Any]]]) -> Path:
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.remove(book.active)
+    for name, rows in sheets.items():
+        sheet = book.create_sheet(name)
+        sheet.append(COLUMNS)
+        for row in rows:
+            sheet.append(row)
+    book.save(path)
+    return path
+
+
+def data_spec(path: Path) -> str:
+    """The --data PATH of a clinic's data as `write_sample_data` wrote it."""
+    return f"{path}#sheet=*" if path.suffix == ".xlsx" else str(path)
+
+
+def _direct_mean(written: dict[str, Path], column: str) -> tuple[float, int]:
+    """The column's mean read straight from the files (openpyxl for workbooks,
+    a separate reader from the silos' own), as a check of the federated one."""
+    values: list[float] = []
+    for path in written.values():
+        if path.suffix == ".xlsx":
+            import openpyxl
+
+            book = openpyxl.load_workbook(path, read_only=True)
+            for sheet in book.worksheets:
+                rows = list(sheet.iter_rows(values_only=True))
+                index = list(rows[0]).index(column)
+                values.extend(float(row[index]) for row in rows[1:])
+            continue
+        for csv_path in sorted(path.glob("*.csv")):
+            with open(csv_path, newline="") as f:
+                values.extend(float(row[column]) for row in csv.DictReader(f))
     return float(np.mean(np.asarray(values, np.float32).astype(np.float64))), len(values)
 
 
@@ -139,7 +177,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo (`tff-amqp demo`); returns a process exit code. Every
     process it starts is stopped, however it ends (Ctrl-C included)."""
     if args.write_data is not None:
-        folders = write_sample_data(args.write_data)
+        folders = write_sample_data(args.write_data, fmt=args.format)
         for clinic, folder in folders.items():
             print(f"{clinic}: {folder}")
         return 0
@@ -201,13 +239,14 @@ def _run_with_local_silos(args: argparse.Namespace, options: dict[str, Any], say
     federation = args.federation or f"demo-{uuid.uuid4().hex[:6]}"
     say(f"  federation {federation!r} (its queues and exchanges are named tff.{federation}.*)")
     try:
-        folders = write_sample_data(root)
-        say(f"  sample spreadsheets written under {root}")
+        folders = write_sample_data(root, fmt=args.format)
+        say(f"  sample spreadsheets ({args.format}) written under {root}")
         started = time.monotonic()
         with LocalFederation(args.broker, federation, log_dir=root / "logs") as local:
             for clinic, folder in folders.items():
-                local.start_silo(clinic, data={"patients": folder})
-                say(f"  started silo {clinic} ({len(list(folder.glob('*.csv')))} wards)")
+                spec = data_spec(folder)
+                local.start_silo(clinic, data={"patients": spec})
+                say(f"  started silo {clinic} ({CLINICS[clinic]} wards: --data patients={spec})")
             say("  loading TensorFlow Federated and building computations (each silo loads it too)")
             with _SiloWatcher(local, say, started):
                 comps = _computations()

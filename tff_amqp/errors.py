@@ -41,6 +41,25 @@ class QuorumError(CohortError):
     """Too few silos answered an aggregation phase (crashes, stragglers)."""
 
 
+class MissingColumnError(TffAmqpError, ValueError):
+    """A cohort silo's data lacks a column the computation's element type
+    names (from the columns the silo advertised): refused before any work
+    is sent. `lacking` maps each such silo to the columns it lacks."""
+
+    def __init__(self, key: str, lacking: dict[str, list[str]], has: dict[str, list[str]]) -> None:
+        parts = [
+            f"silo {silo!r} has no column {', '.join(repr(c) for c in columns)} under data "
+            f"key {key!r} (it has: {', '.join(has[silo]) or 'no columns'})"
+            for silo, columns in lacking.items()
+        ]
+        super().__init__(
+            "; ".join(parts) + ". Nothing was sent; name the element type's fields after "
+            "columns every silo has, or fix the silo's data"
+        )
+        self.key = key
+        self.lacking = dict(lacking)
+
+
 def _describe_drops(dropped: dict[str, str]) -> str:
     return ", ".join(f"{silo} ({reason})" for silo, reason in dropped.items())
 

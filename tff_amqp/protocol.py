@@ -525,6 +525,14 @@ class SiloStatus:
     # second process claiming the silo's name gets). Optional on the wire.
     host: str = ""
     pid: int = 0
+    # Per data key, the columns every client has, with their kinds (no values),
+    # and the row count only if the silo was started with --advertise-counts.
+    # Optional on the wire; the coordinator refuses an invocation whose
+    # element type names a column a cohort silo lacks, before any work is sent.
+    data_schemas: tuple[DataSchema, ...] = ()
+
+    def schema(self, key: str) -> DataSchema | None:
+        return next((s for s in self.data_schemas if s.key == key), None)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -539,6 +547,8 @@ class SiloStatus:
             wire["host"] = self.host
         if self.pid:
             wire["pid"] = self.pid
+        if self.data_schemas:
+            wire["schemas"] = [schema.to_wire() for schema in self.data_schemas]
         return wire
 
     @classmethod
@@ -558,7 +568,67 @@ class SiloStatus:
             started_at=_float(raw, "started_at"),
             host=_opt_str(raw, "host", max_len=_MAX_NAME_LEN) or "",
             pid=_opt_int(raw, "pid", minimum=0) or 0,
+            data_schemas=_schemas(raw.get("schemas", [])),
         )
+
+
+COLUMN_KINDS = frozenset({"int", "float", "bool", "str", "empty", "mixed"})
+_MAX_SCHEMA_KEYS = 256
+_MAX_COLUMNS = 4096
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """What a silo advertises about one data key: column names and kinds
+    (one of COLUMN_KINDS) present in every client, and optionally rows."""
+
+    key: str
+    columns: tuple[tuple[str, str], ...]
+    rows: int | None = None
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"key": self.key, "columns": [list(c) for c in self.columns]}
+        if self.rows is not None:
+            wire["rows"] = self.rows
+        return wire
+
+
+def _schemas(raw: object) -> tuple[DataSchema, ...]:
+    if not isinstance(raw, list) or len(raw) > _MAX_SCHEMA_KEYS:
+        raise ProtocolError(
+            ErrorCode.MALFORMED, f"'schemas' must be a list of at most {_MAX_SCHEMA_KEYS}"
+        )
+    schemas = []
+    for item in raw:
+        if not isinstance(item, Mapping):
+            raise ProtocolError(ErrorCode.MALFORMED, "a data schema must be a map")
+        key = _str(item, "key", max_len=128)
+        columns = item.get("columns")
+        if not isinstance(columns, list) or len(columns) > _MAX_COLUMNS:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"schema 'columns' must be a list of at most {_MAX_COLUMNS} [name, kind] pairs",
+            )
+        pairs = []
+        for column in columns:
+            if (
+                not isinstance(column, list)
+                or len(column) != 2
+                or not isinstance(column[0], str)
+                or not 0 < len(column[0]) <= 256
+                or column[1] not in COLUMN_KINDS
+            ):
+                raise ProtocolError(
+                    ErrorCode.MALFORMED,
+                    "a schema column must be [name (1-256 chars), kind "
+                    f"({', '.join(sorted(COLUMN_KINDS))})]",
+                )
+            pairs.append((column[0], column[1]))
+        schemas.append(DataSchema(key, tuple(pairs), _opt_int(item, "rows", minimum=0)))
+    return tuple(schemas)
 
 
 # --------------------------------------------------------------------------

@@ -32,6 +32,17 @@ class RetryPolicy:
             reraise=True,
         )
 
+    def retrying_blocking(self, should_retry: Callable[[BaseException], bool]) -> tenacity.Retrying:
+        """The same for blocking code (e.g. a silo reading data in a thread)."""
+        return tenacity.Retrying(
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=self.initial_delay, max=self.max_delay
+            ),
+            stop=tenacity.stop_after_delay(self.total_timeout),
+            retry=tenacity.retry_if_exception(should_retry),
+            reraise=True,
+        )
+
 
 # The policies in use, named here so every call site agrees.
 # Publishes ride out a reconnect of the robust connection, bounded; a silo's
@@ -39,6 +50,9 @@ class RetryPolicy:
 # deadline retries them anyway).
 COORDINATOR_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=30.0)
 SILO_PUBLISH = RetryPolicy(initial_delay=0.1, max_delay=2.0, total_timeout=60.0)
+# A silo fetching its data from an HTTPS URL: a server that is down or
+# answering 5xx gets a few more tries, not minutes of a silo's start-up.
+HTTP_FETCH = RetryPolicy(initial_delay=0.2, max_delay=2.0, total_timeout=10.0)
 
 
 # Seconds aio-pika's robust connection waits between reconnect attempts once

@@ -152,4 +152,18 @@ def format_table(seen: dict[str, SiloSeen], federation: str, window: float) -> s
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     live = sum(1 for e in seen.values() if e.kind is not p.Kind.GOODBYE)
-    return f"federation {federation!r}: {live} live silo(s)\n" + "\n".join(lines)
+    return f"federation {federation!r}: {live} live silo(s)\n" + "\n".join(
+        lines + _schema_lines(seen)
+    )
+
+
+def _schema_lines(seen: dict[str, SiloSeen]) -> list[str]:
+    """Per silo and data key, the columns it advertised (names and kinds;
+    row counts only from silos started with --advertise-counts)."""
+    lines = []
+    for name in sorted(seen):
+        for schema in seen[name].status.data_schemas:
+            columns = ", ".join(f"{column} {kind}" for column, kind in schema.columns) or "-"
+            rows = f" ({schema.rows} rows)" if schema.rows is not None else ""
+            lines.append(f"  {name} {schema.key}: {columns}{rows}")
+    return ["", "columns:", *lines] if lines else []

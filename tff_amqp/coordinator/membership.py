@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tff_amqp import protocol as p
-from tff_amqp.errors import CohortError
+from tff_amqp.errors import CohortError, MissingColumnError
 
 
 @dataclass
@@ -157,6 +157,25 @@ class Membership:
 
     def record(self, silo: str) -> SiloRecord | None:
         return self._silos.get(silo)
+
+    def check_columns(self, silos: list[str], key: str, columns: list[str]) -> None:
+        """Raise MissingColumnError if a silo advertised the columns of data
+        `key` and lacks one of `columns` (silos that advertised nothing for
+        the key, e.g. with no clients, are not judged)."""
+        lacking: dict[str, list[str]] = {}
+        has: dict[str, list[str]] = {}
+        for silo in silos:
+            record = self._silos.get(silo)
+            schema = record.status.schema(key) if record is not None else None
+            if schema is None:
+                continue
+            names = schema.names()
+            missing = [c for c in columns if c not in names]
+            if missing:
+                lacking[silo] = missing
+                has[silo] = names
+        if lacking:
+            raise MissingColumnError(key, lacking, has)
 
     def is_live(self, silo: str, now: float | None = None) -> bool:
         record = self._silos.get(silo)

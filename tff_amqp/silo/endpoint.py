@@ -40,7 +40,7 @@ from tff_amqp.transport.connection import (
 from tff_amqp.transport.schema import declare_exchange
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.sources import DataSource
     from tff_amqp.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class EndpointConfig:
     connect_timeout: float = 30.0
     # amqps:// settings: CA to verify the broker, client certificate (EXTERNAL auth).
     tls: TlsFiles | None = None
+    # Advertise each data key's row count in the hello (column names and
+    # kinds are always advertised; counts only on request).
+    advertise_counts: bool = False
 
 
 class ServingError(CodedError):

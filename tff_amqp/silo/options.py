@@ -14,14 +14,14 @@ import inspect
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tff_amqp.topology import add_queue_type_option
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
+    from tff_amqp.silo.sources import DataSource
     from tff_amqp.transport.tls import TlsFiles
 
 
@@ -102,8 +102,11 @@ def add_no_declare_option(parser: argparse.ArgumentParser) -> None:
 
 
 DATA_HELP = (
-    "local data: a CSV file (one client) or a folder of CSV files (one client per "
-    "file; an empty folder is a silo with no clients); repeatable"
+    "local data: a file (one client) or a folder (one client per file, in name order; "
+    "an empty folder is a silo with no clients) of CSV, TSV, Excel (.xlsx, .xls), "
+    "OpenDocument (.ods), Parquet or TFRecord files; options after '#': "
+    "format=FORMAT, sheet=NAME|INDEX|*, missing=error|drop-row|fill:VALUE, joined by '&' "
+    "(docs/data.md); repeatable"
 )
 
 
@@ -111,6 +114,12 @@ def add_endpoint_options(parser: argparse.ArgumentParser) -> None:
     """Every further option a silo-side process with its own broker
     connection takes (`tff-amqp silo`, `tff-amqp worker`)."""
     parser.add_argument("--data", action="append", default=[], metavar="KEY=PATH", help=DATA_HELP)
+    parser.add_argument(
+        "--advertise-counts",
+        action="store_true",
+        help="also advertise each data key's row count in the hello (column names and kinds "
+        "are always advertised, values never)",
+    )
     add_presence_options(parser)
     parser.add_argument(
         "--max-message-bytes",
@@ -146,6 +155,7 @@ def endpoint_fields(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str,
         declare_topology=not args.no_declare,
         connect_timeout=args.connect_timeout,
         tls=tls,
+        advertise_counts=args.advertise_counts,
         **message_size(args),
     )
 
@@ -205,21 +215,6 @@ async def probe_broker(
         await connection.close()
 
 
-def data_flag_problem(flags: Sequence[str]) -> str | None:
-    """What is wrong with a --data KEY=PATH flag that can be seen without
-    reading it (the full check is DataSource.parse, after TensorFlow loads)."""
-    for flag in flags:
-        key, sep, path = flag.partition("=")
-        if not sep or not key or not path:
-            return f"--data {flag!r}: expected KEY=PATH (e.g. patients=/data/wards/)"
-        if not Path(path).exists():
-            return (
-                f"--data {flag!r}: {path!r} does not exist; give a CSV file or a folder of "
-                "CSV files"
-            )
-    return None
-
-
 def stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM (where the loop can handle them)."""
     stop = asyncio.Event()
@@ -240,7 +235,6 @@ def run_silo_side(
     silo: str,
     build: Callable[[tuple[DataSource, ...], dict[str, Any]], C],
     serve: Callable[[C], Coroutine[Any, Any, int]],
-    check_data_flags: bool = False,
     probe_declare: bool = False,
 ) -> int:
     """The front door of a silo-side process (`tff-amqp silo`, `tff-amqp
@@ -260,20 +254,26 @@ def run_silo_side(
         tls = checked_tls(args, silo)
     except ValueError as e:
         return refuse(e)
-    if check_data_flags:
-        problem = data_flag_problem(args.data)
-        if problem is not None:
-            return refuse(problem)
+    # Every --data source too (exists, readable, header and sheet present):
+    # one line per problem, before the broker probe and TensorFlow.
+    from tff_amqp.silo.sources import check_flags
+
+    problems = check_flags(args.data)
+    if problems:
+        for problem in problems:
+            refuse(problem)
+        return 2
     # Likewise an unreachable broker or refused credentials: say so within
     # --connect-timeout, not after TensorFlow has loaded. With `probe_declare`
     # it also declares what the process will (a user who may not is told now).
     declare = (args.federation, silo) if probe_declare and not args.no_declare else None
     asyncio.run(probe_broker(args.broker, args.connect_timeout, tls, declare=declare))
     from tff_amqp.errors import TffAmqpError
-    from tff_amqp.silo.data import DataError, DataSource
+    from tff_amqp.silo.sources import DataError, DataSource
 
     try:
-        sources = tuple(DataSource.parse(flag) for flag in args.data)
+        # Checked above; the sources themselves are re-read at each invocation.
+        sources = tuple(DataSource.parse_spec(flag) for flag in args.data)
     except DataError as e:
         return refuse(e)
     try:

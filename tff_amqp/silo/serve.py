@@ -12,6 +12,7 @@ the regime's business (`_on_message`, `_queue`, the hooks below).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Self
@@ -28,6 +29,9 @@ from tff_amqp.topology import Topology
 from tff_amqp.transport.schema import hold_lock
 
 log = logging.getLogger(__name__)
+
+# Seconds between re-reads of the columns a silo advertises.
+SCHEMA_REFRESH = 60.0
 
 
 class Service:
@@ -90,6 +94,10 @@ class SiloServer(Service):
         self._injected_worker = worker
         self._worker: WorkerBinary | None = None
         self._started_at = time.time()
+        self._advertise_counts = config.advertise_counts
+        self._schemas: tuple[p.DataSchema, ...] = ()
+        self._schemas_read_at = 0.0
+        self._schemas_reading: asyncio.Future[tuple[p.DataSchema, ...]] | None = None
 
     async def _start(self) -> None:
         # The broker first: an unreachable broker should fail fast and cheap.
@@ -99,6 +107,9 @@ class SiloServer(Service):
             await self._worker.start()
         queue = await self._queue(channel)
         await self._before_consume()
+        # Read once, before the hello: what columns each data key has.
+        self._schemas = await asyncio.to_thread(self.data.schemas, counts=self._advertise_counts)
+        self._schemas_read_at = time.monotonic()
         await self._consume(queue)
         await self.endpoint.announce()
         self._serving()
@@ -231,4 +242,26 @@ class SiloServer(Service):
             started_at=self._started_at,
             host=self.endpoint.host,
             pid=self.endpoint.pid,
+            data_schemas=self._current_schemas(),
         )
+
+    def _current_schemas(self) -> tuple[p.DataSchema, ...]:
+        """The advertised columns, re-read in a thread at most every
+        SCHEMA_REFRESH seconds (files change while a silo runs); a status
+        never waits for the read, it carries the last one."""
+        reading = self._schemas_reading
+        if reading is not None and reading.done():
+            self._schemas_reading = None
+            if not reading.cancelled() and reading.exception() is None:
+                self._schemas = reading.result()
+        stale = time.monotonic() - self._schemas_read_at >= SCHEMA_REFRESH
+        if stale and self._schemas_read_at and self._schemas_reading is None:
+            self._schemas_read_at = time.monotonic()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return self._schemas
+            self._schemas_reading = loop.run_in_executor(
+                None, lambda: self.data.schemas(counts=self._advertise_counts)
+            )
+        return self._schemas

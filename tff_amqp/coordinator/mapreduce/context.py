@@ -116,6 +116,18 @@ def _wire(comp: computation_impl.ConcreteComputation) -> tuple[bytes, executor_p
     return value.SerializeToString(), value
 
 
+def _data_columns(form: forms.MapReduceForm) -> list[str]:
+    """The column names the round's client data element type reads (none
+    for a plain scalar element)."""
+    data_type = form.work.type_signature.parameter[0]
+    if not isinstance(data_type, computation_types.SequenceType):
+        return []
+    element = data_type.element
+    if not isinstance(element, computation_types.StructType):
+        return []
+    return [name for name, _ in structure.iter_elements(element) if name]
+
+
 def _names(type_spec: computation_types.Type) -> tuple[str | None, ...]:
     assert isinstance(type_spec, computation_types.StructType)
     return tuple(structure.name_list_with_nones(type_spec))
@@ -315,7 +327,7 @@ class AmqpAsyncMapReduceContext(RuntimeContext, context_base.AsyncContext):
             deadline=deadline,
         )
         try:
-            result = await round_.run(state_value, data.key)
+            result = await round_.run(state_value, data.key, _data_columns(form))
         finally:
             report = round_.report
             self.last_round = report

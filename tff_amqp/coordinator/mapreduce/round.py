@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tensorflow_federated.proto.v0 import executor_pb2
@@ -115,7 +116,9 @@ class MapReduceRound:
         # A round reports as an invocation does (progress display, metrics).
         self._events = events if events is not None else InvocationEvents()
 
-    async def run(self, state: executor_pb2.Value, data_key: str) -> executor_pb2.Value:
+    async def run(
+        self, state: executor_pb2.Value, data_key: str, columns: Sequence[str] = ()
+    ) -> executor_pb2.Value:
         started = time.monotonic()
         settings = self._settings
         round_id = self.report.round_id
@@ -133,6 +136,9 @@ class MapReduceRound:
                 ) from e
             self.report.cohort = cohort
             self._events.cohort_chosen(round_id, cohort, time.monotonic() - started)
+            # Before any work item: a column a pool's silo lacks is refused here.
+            if columns:
+                self._membership.check_columns(cohort, data_key, list(columns))
             state_ref = await self._value(state)
             broadcast_ref = await self._call(self._form.prepare, state_ref)
             broadcast = await self._executor.compute(broadcast_ref)

@@ -128,6 +128,11 @@ class Cohort:
             outbox.open(clients=self.assignment.size(silo), data_key=data_key)
         return outbox
 
+    def check_columns(self, key: str, columns: list[str]) -> None:
+        """MissingColumnError if a chosen silo advertised data `key` without one of `columns`."""
+        if columns:
+            self._runtime.membership.check_columns(self.active(), key, columns)
+
     def chosen(self) -> list[str]:
         """The silos chosen for the invocation (empty before the cohort)."""
         return list(self._silos or [])

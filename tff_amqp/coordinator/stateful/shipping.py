@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
     computation_types,
@@ -180,6 +181,9 @@ class Shipping:
                 f"where a CLIENTS-placed (not all-equal) value is expected, not {type_spec}"
             )
         silos = await self._scope.cohort.silos()
+        # Before anything is queued for a silo: a column a silo lacks is
+        # refused here, naming the silo and column, not at the silos.
+        self._scope.cohort.check_columns(key, _field_names(type_spec))
         type_bytes = type_serialization.serialize_type(type_spec).SerializeToString()
         ids = {}
         for silo in silos:
@@ -195,6 +199,17 @@ class Shipping:
 
     def release(self) -> None:
         self._pins.clear()
+
+
+def _field_names(type_spec: computation_types.FederatedType) -> list[str]:
+    """The column names a `{<a=..,b=..>*}@CLIENTS` type reads (none for others)."""
+    member = type_spec.member
+    if not isinstance(member, computation_types.SequenceType):
+        return []
+    element = member.element
+    if not isinstance(element, computation_types.StructType):
+        return []
+    return [name for name, _ in structure.iter_elements(element) if name]
 
 
 def _serialize(value: object, type_spec: computation_types.Type) -> bytes:

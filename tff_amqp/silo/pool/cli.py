@@ -24,8 +24,8 @@ from tff_amqp.silo.options import (
 )
 
 if TYPE_CHECKING:
-    from tff_amqp.silo.data import DataSource
     from tff_amqp.silo.pool.agent import PoolWorkerConfig
+    from tff_amqp.silo.sources import DataSource
 
 
 def add_worker_parser(sub: Any, common: argparse.ArgumentParser, broker_default: str) -> None:

@@ -108,12 +108,23 @@ def run_silos(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
+    from tff_amqp.silo.sources import check_flags
+
+    problems = [
+        problem
+        for name in names
+        for problem in check_flags([flag.replace("{silo}", name) for flag in args.data])
+    ]
+    for problem in problems:
+        print(f"tff-amqp silos: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     # An unreachable broker or refused credentials: say so before TensorFlow
     # loads (failures are explained by tff_amqp.cli.main).
     asyncio.run(probe_broker(args.broker, args.connect_timeout, None))
 
     from tff_amqp.errors import TffAmqpError
-    from tff_amqp.silo.data import DataError, DataSource
+    from tff_amqp.silo.sources import DataError, DataSource
     from tff_amqp.silo.stateful.agent import SiloConfig
     from tff_amqp.silo.stateful.host import SiloHost, WorkerMode
     from tff_amqp.silo.stateful.session import PrivacyPolicy
@@ -129,7 +140,9 @@ def run_silos(args: argparse.Namespace) -> int:
                 federation=args.federation,
                 queue_type=args.queue_type,
                 name=name,
-                data=tuple(DataSource.parse(flag.replace("{silo}", name)) for flag in args.data),
+                data=tuple(
+                    DataSource.parse_spec(flag.replace("{silo}", name)) for flag in args.data
+                ),
                 policy=policy,
                 default_clients=args.default_clients,
                 heartbeat_interval=args.heartbeat_interval,
