@@ -47,6 +47,7 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 MAX_TRANSFER_BYTES = 16 * 1024 * 1024 * 1024
 
 _STATUS_NAME = re.compile(r"[A-Z_]{1,40}")
+_METHOD_NAME = re.compile(r"[A-Za-z]{1,40}")
 _MAX_ID_LEN = 128
 _MAX_NAME_LEN = 200
 
@@ -525,6 +526,10 @@ class SiloStatus:
     # second process claiming the silo's name gets). Optional on the wire.
     host: str = ""
     pid: int = 0
+    # Calls this process made to its TFF worker since it started, by gRPC
+    # method ("CreateCall": n, ...): what invocations cost at the silo, for
+    # benchmarks and tests. Optional on the wire.
+    worker_calls: tuple[tuple[str, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -539,6 +544,8 @@ class SiloStatus:
             wire["host"] = self.host
         if self.pid:
             wire["pid"] = self.pid
+        if self.worker_calls:
+            wire["wc"] = dict(self.worker_calls)
         return wire
 
     @classmethod
@@ -558,7 +565,28 @@ class SiloStatus:
             started_at=_float(raw, "started_at"),
             host=_opt_str(raw, "host", max_len=_MAX_NAME_LEN) or "",
             pid=_opt_int(raw, "pid", minimum=0) or 0,
+            worker_calls=_worker_calls(raw.get("wc", {})),
         )
+
+
+_MAX_WORKER_METHODS = 32
+
+
+def _worker_calls(raw: object) -> tuple[tuple[str, int], ...]:
+    """A status's worker-call counts: a small map of method name to count."""
+    if not isinstance(raw, Mapping) or len(raw) > _MAX_WORKER_METHODS:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"'wc' must be a map of at most {_MAX_WORKER_METHODS} method names to counts",
+        )
+    calls = []
+    for method, count in raw.items():
+        if not isinstance(method, str) or not _METHOD_NAME.fullmatch(method):
+            raise ProtocolError(ErrorCode.MALFORMED, "'wc' keys must be method names")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ProtocolError(ErrorCode.MALFORMED, "'wc' counts must be non-negative integers")
+        calls.append((method, count))
+    return tuple(sorted(calls))
 
 
 # --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tff_amqp import protocol as p
 from tff_amqp.errors import SiloNameTakenError
 from tff_amqp.silo.data import DataError, SiloDataStore
 from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
-from tff_amqp.tff_worker import WorkerBinary, WorkerClient
+from tff_amqp.tff_worker import WorkerBinary, WorkerClient, WorkerError
 from tff_amqp.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -221,4 +221,16 @@ class SiloServer(Service):
             started_at=self._started_at,
             host=self.endpoint.host,
             pid=self.endpoint.pid,
+            worker_calls=self._worker_calls(),
         )
+
+    def _worker_calls(self) -> tuple[tuple[str, int], ...]:
+        """Calls this process made to its TFF worker so far (a simulation
+        host gives each silo its own client, so its own count)."""
+        client = self._injected_worker
+        if client is None and self._worker is not None:
+            try:
+                client = self._worker.client
+            except WorkerError:  # not started yet, or stopping
+                return ()
+        return tuple(sorted(client.calls.items())) if client is not None else ()
