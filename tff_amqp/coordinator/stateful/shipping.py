@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
     computation_types,
     placements,
@@ -18,6 +17,7 @@ from tensorflow_federated.python.core.impl.types import (
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.stateful import values
+from tff_amqp.coordinator.stateful.local import serialize_host
 from tff_amqp.errors import SiloError
 from tff_amqp.transport.bulk import TransferError
 
@@ -59,7 +59,7 @@ class Shipping:
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
         if isinstance(value, values.FunctionValue):
             _, serialized = self._scope.runtime.function_wire(value)
-        elif isinstance(value, values.LocalValue):
+        elif isinstance(value, values.LocalValue | values.HostValue):
             # Server values are computed and serialized once, then shipped.
             serialized = await self._local.serialized(value)
         else:
@@ -95,7 +95,9 @@ class Shipping:
             self._uploads[(key, silos)] = upload
         return await upload
 
-    async def ship_to(self, value: values.LocalValue, silos: Sequence[str]) -> dict[str, int]:
+    async def ship_to(
+        self, value: values.LocalValue | values.HostValue, silos: Sequence[str]
+    ) -> dict[str, int]:
         """Create a server value at just these silos (its id at each); if large,
         one transfer published once for all of them."""
         serialized = await self._local.serialized(value)
@@ -146,7 +148,7 @@ class Shipping:
         silos = await self._scope.cohort.silos()
         if type_spec.all_equal:
             # One value for every silo: serialized once, shipped once.
-            serialized = await asyncio.to_thread(_serialize, value, type_spec)
+            serialized = await serialize_host(value, type_spec)
             key = object()
             return {silo: await self._ship(key, serialized, silo) for silo in silos}
 
@@ -161,7 +163,7 @@ class Shipping:
                 raise ValueError("client lists need a known CLIENTS cardinality")
             start, stop = chunk[silo]
             part = list(value[start:stop])
-            return await asyncio.to_thread(_serialize, part, type_spec)
+            return await serialize_host(part, type_spec)
 
         parts = await asyncio.gather(*(part_for(silo) for silo in silos))
         ids: dict[str, int] = {}
@@ -195,8 +197,3 @@ class Shipping:
 
     def release(self) -> None:
         self._pins.clear()
-
-
-def _serialize(value: object, type_spec: computation_types.Type) -> bytes:
-    proto, _ = value_serialization.serialize_value(value, type_spec)
-    return proto.SerializeToString()
