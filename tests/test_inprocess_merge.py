@@ -60,8 +60,24 @@ def _leaf_dtypes(value):
     return [np.asarray(leaf).dtype for leaf in tree.flatten(_normalize(value))]
 
 
+@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+def zipped_aggregates_then_applied(x):
+    pair = tff.federated_zip(
+        collections.OrderedDict(total=tff.federated_sum(x), top=tff.federated_max(x))
+    )
+    return tff.federated_map(
+        tff.tensorflow.computation(lambda p: p["total"] * 2.0 - p["top"]), pair
+    ), pair
+
+
 @pytest.mark.parametrize(
-    "comp, arg", [(sum_min_max_mixed, MIXED), (int_sum_min_max, INTS)], ids=["mixed", "int32"]
+    "comp, arg",
+    [
+        (sum_min_max_mixed, MIXED),
+        (int_sum_min_max, INTS),
+        (zipped_aggregates_then_applied, VALUES),
+    ],
+    ids=["mixed", "int32", "zip"],
 )
 def test_folded_in_numpy_like_native(comp, arg, amqp_context, native_context):
     expected = run_in(native_context, comp, arg)

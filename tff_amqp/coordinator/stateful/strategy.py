@@ -134,6 +134,10 @@ class FederatingStrategy:
         return await self._at_server(intrinsic, arg)
 
     async def federated_zip_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # Values held in this process zip here: a struct of their members.
+        if isinstance(arg, StructValue) and all(isinstance(v, HostValue) for _, v in arg.elements):
+            zipped = structure.Struct([(name, v.value) for name, v in arg.elements])  # type: ignore[attr-defined]
+            return HostValue(self._invocation, zipped, intrinsic.type_signature.result)  # type: ignore[attr-defined]
         return await self._at_server(intrinsic, arg)
 
     async def federated_value_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
