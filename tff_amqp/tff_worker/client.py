@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
@@ -180,17 +180,24 @@ class WorkerExecutor:
         self._computations: dict[bytes, asyncio.Future[executor_pb2.ValueRef]] = {}
 
     async def create_computation(
-        self, serialized: bytes, value: executor_pb2.Value
+        self,
+        serialized: bytes,
+        value: executor_pb2.Value | Callable[[], executor_pb2.Value],
+        *,
+        digest: bytes | None = None,
     ) -> tuple[executor_pb2.ValueRef, bool]:
         """Embed a computation, reusing an identical one already embedded in
         this pinned executor (the same functions arrive every round). Returns
-        (ref, cached); the caller must not dispose a cached ref."""
-        key = hashlib.sha256(serialized).digest()
+        (ref, cached); the caller must not dispose a cached ref. `value` may
+        be a function that parses it, called only on a miss; `digest`, the
+        SHA-256 of `serialized` if the caller has it."""
+        key = digest or hashlib.sha256(serialized).digest()
         future = self._computations.get(key)
         if future is None:
+            parsed = value() if callable(value) else value
             if not self.pinned or len(self._computations) >= self.MAX_CACHED_COMPUTATIONS:
-                return await self.create_value(value), False
-            future = asyncio.ensure_future(self.create_value(value))
+                return await self.create_value(parsed), False
+            future = asyncio.ensure_future(self.create_value(parsed))
             self._computations[key] = future
         try:
             return await asyncio.shield(future), True

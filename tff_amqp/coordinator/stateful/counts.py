@@ -49,27 +49,35 @@ async def snapshot(
 ) -> WorkCounts:
     """Counts once earlier invocations have fully ended: the coordinator's
     background clean-up done, and from each silo in `silos` a status sent
-    after now with no active invocation (silos report counts in their
-    heartbeats, so this waits about one heartbeat interval)."""
+    after now that is idle (no active invocation) or, if the silo still holds
+    sessions someone else left open, whose counts stayed the same over two
+    statuses. Silos report counts in their heartbeats, so this waits one or
+    two heartbeat intervals."""
     await runtime.settle(timeout)
     since = time.monotonic()
     deadline = since + timeout
-    statuses = {}
+    statuses: dict[str, dict[str, int]] = {}
+    # The last fresh status seen per silo: (its time, its counts).
+    seen: dict[str, tuple[float, dict[str, int]]] = {}
     while True:
         for silo in silos:
             record = runtime.membership.record(silo)
-            if (
-                record is not None
-                and record.last_seen > since
-                and record.status.active_invocations == 0
+            if silo in statuses or record is None or record.last_seen <= since:
+                continue
+            calls = dict(record.status.worker_calls)
+            previous = seen.get(silo)
+            if record.status.active_invocations == 0 or (
+                previous is not None and previous[0] < record.last_seen and previous[1] == calls
             ):
-                statuses[silo] = dict(record.status.worker_calls)
+                statuses[silo] = calls
+            elif previous is None or previous[0] < record.last_seen:
+                seen[silo] = (record.last_seen, calls)
         missing = [s for s in silos if s not in statuses]
         if not missing:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"no idle status from silo(s) {', '.join(missing)} within {timeout:.0f} s"
+                f"no settled status from silo(s) {', '.join(missing)} within {timeout:.0f} s"
             )
         await asyncio.sleep(0.05)
     stats = runtime.link.stats
