@@ -3,6 +3,7 @@ clean-up, machine description and result files."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -56,6 +57,70 @@ def native_context() -> Iterator[Any]:
 
     with reaping_children("worker_binary"):
         yield tff.backends.native.create_sync_local_cpp_execution_context()
+
+
+_NATIVE_STUB_METHODS = {
+    "get_executor": "GetExecutor",
+    "create_value": "CreateValue",
+    "create_struct": "CreateStruct",
+    "create_call": "CreateCall",
+    "create_selection": "CreateSelection",
+    "compute": "Compute",
+    "dispose": "Dispose",
+}
+
+
+@contextlib.contextmanager
+def native_worker_calls() -> Iterator[collections.Counter[str]]:
+    """Counts the gRPC calls TFF's native runtime makes to its worker_binary
+    (benchmark instrumentation: wraps TFF's stub methods in this process
+    while open), by the same method names the silos report."""
+    from tensorflow_federated.python.core.impl.executors.remote_executor_grpc_stub import (
+        RemoteExecutorGrpcStub,
+    )
+
+    calls: collections.Counter[str] = collections.Counter()
+    originals = {name: getattr(RemoteExecutorGrpcStub, name) for name in _NATIVE_STUB_METHODS}
+
+    def counted(name: str) -> Callable[..., Any]:
+        def call(stub: Any, *args: Any, **kwargs: Any) -> Any:
+            calls[_NATIVE_STUB_METHODS[name]] += 1
+            return originals[name](stub, *args, **kwargs)
+
+        return call
+
+    for name in originals:
+        setattr(RemoteExecutorGrpcStub, name, counted(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(RemoteExecutorGrpcStub, name, original)
+
+
+def count_native(calls: collections.Counter[str], fn: Callable[[], Any]) -> dict[str, Any]:
+    """Worker calls of one native invocation of `fn`."""
+    before = dict(calls)
+    fn()
+    delta = {k: v - before.get(k, 0) for k, v in calls.items() if v - before.get(k, 0)}
+    return {"worker_calls": sum(delta.values()), "by_method": delta}
+
+
+def count_amqp(context: Any, silos: list[str], fn: Callable[[], Any]) -> dict[str, Any]:
+    """Worker calls (coordinator, each silo) and control messages of one
+    tff-amqp invocation of `fn` (sync context), its clean-up included."""
+    from tff_amqp.coordinator.stateful.counts import snapshot
+
+    before = context.run(snapshot(context.runtime, silos))
+    fn()
+    counts = context.run(snapshot(context.runtime, silos)).minus(before)
+    return {
+        "coordinator_worker_calls": counts.coordinator_total,
+        "coordinator_by_method": counts.coordinator,
+        "silo_worker_calls": {s: counts.silo_total(s) for s in silos},
+        "silo_by_method": counts.silos,
+        "broker_messages": counts.messages,
+    }
 
 
 def machine() -> dict[str, Any]:

@@ -4,8 +4,9 @@
 
 Runs a federated mean and one FedAvg round (a small Keras model) through
 tff-amqp with 3 local silo processes, and the same computations through TFF's
-native C++ runtime; prints medians and ratios, writes
-benchmarks/results/overhead.json. Targets (issue "core"): mean <= 3x native,
+native C++ runtime; prints medians and ratios, and per invocation the worker
+calls (native's; the coordinator's and each silo's) and broker messages;
+writes benchmarks/results/overhead.json. Targets (issue "core"): mean <= 3x native,
 FedAvg round <= 1.5x native.
 """
 
@@ -24,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks._common import (
+    count_amqp,
+    count_native,
     delete_federation,
     machine,
     native_context,
+    native_worker_calls,
     print_table,
     progress,
     stop_on_sigterm,
@@ -79,20 +83,26 @@ def build(clients: int = CLIENTS):
     return mean, values, process, datasets
 
 
-def measure(context, mean, values, process, datasets, repeats):
+def measure(context, mean, values, process, datasets, repeats, count):
+    """Timings of the mean and a round, then one of each counted with
+    `count(fn) -> counts` (worker calls, messages), and the mean's value."""
     import tensorflow_federated as tff
 
     with tff.framework.get_context_stack().install(context):
         state = process.initialize()
         mean_samples = timed(lambda: mean(values), repeats=repeats * 4, warmup=2)
         round_samples = timed(lambda: process.next(state, datasets), repeats=repeats, warmup=1)
+        counts = {
+            "federated_mean": count(lambda: mean(values)),
+            "fedavg_round": count(lambda: process.next(state, datasets)),
+        }
         result = float(mean(values))
-    return summary(mean_samples), summary(round_samples), result
+    return summary(mean_samples), summary(round_samples), result, counts
 
 
 def _run_amqp(
     broker: str, federation: str, silos: list[str], repeats: int, built: tuple[Any, ...]
-) -> tuple[dict[str, float], dict[str, float], float]:
+) -> tuple[dict[str, float], dict[str, float], float, dict[str, Any]]:
     import tff_amqp
     from tff_amqp.local import LocalFederation
 
@@ -105,7 +115,7 @@ def _run_amqp(
         with tff_amqp.create_sync_amqp_execution_context(
             broker, federation=federation, min_silos=len(silos), cohort_timeout=120
         ) as ctx:
-            return measure(ctx, *built, repeats)
+            return measure(ctx, *built, repeats, lambda fn: count_amqp(ctx, silos, fn))
 
 
 def main() -> int:
@@ -120,14 +130,15 @@ def main() -> int:
     progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}")
     mean, values, process, datasets = build()
     progress("  TFF native ...")
-    with native_context() as native:
-        native_mean, native_round, native_value = measure(
-            native, mean, values, process, datasets, args.repeats
-        )
+    with native_context() as native, native_worker_calls() as calls:
+        native_mean, native_round, native_value, native_counts = measure(
+            native, mean, values, process, datasets, args.repeats,
+            lambda fn: count_native(calls, fn),
+        )  # fmt: skip
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     silos = ["s1", "s2", "s3"]
     try:
-        amqp_mean, amqp_round, amqp_value = _run_amqp(
+        amqp_mean, amqp_round, amqp_value, amqp_counts = _run_amqp(
             args.broker, federation, silos, args.repeats, (mean, values, process, datasets)
         )
     finally:
@@ -152,6 +163,16 @@ def main() -> int:
     ]
     print()
     print_table(["computation", "native ms", "tff-amqp ms", "ratio", "target"], rows)
+    print()
+    print_table(
+        ["per invocation", "native worker calls", "coordinator worker calls",
+         "max silo worker calls", "broker messages"],
+        [
+            [name, native_counts[name]["worker_calls"], c["coordinator_worker_calls"],
+             max(c["silo_worker_calls"].values()), c["broker_messages"]]
+            for name, c in amqp_counts.items()
+        ],
+    )  # fmt: skip
     path = write_result(
         "overhead",
         {
@@ -161,6 +182,8 @@ def main() -> int:
             "native": {"federated_mean": native_mean, "fedavg_round": native_round},
             "tff_amqp": {"federated_mean": amqp_mean, "fedavg_round": amqp_round},
             "ratios": {r[0]: r[3] for r in rows},
+            # One invocation of each, counted after the timed runs (clean-up included).
+            "counts": {"native": native_counts, "tff_amqp": amqp_counts},
             "targets": {r[0]: r[4] for r in rows},
         },
     )

@@ -66,7 +66,25 @@ def _overhead(data: dict[str, Any]) -> str:
         f"{data['clients']} clients over {data['silos']} silo processes. Latency in ms: median "
         "(p10-p90, samples).\n\n"
         + table(["computation", "TFF native", "tff-amqp", "x native", "target"], rows)
+        + _overhead_counts(data.get("counts"))
     )
+
+
+def _overhead_counts(counts: dict[str, Any] | None) -> str:
+    """Round trips of one invocation of each (results written before the
+    counts existed have none)."""
+    if not counts:
+        return ""
+    rows = [
+        [name, counts["native"][name]["worker_calls"], c["coordinator_worker_calls"],
+         max(c["silo_worker_calls"].values()), c["broker_messages"]]
+        for name, c in counts["tff_amqp"].items()
+    ]  # fmt: skip
+    return "\n\nPer invocation (clean-up included):\n\n" + table(
+        ["computation", "native worker calls", "coordinator worker calls",
+         "worker calls per silo (max)", "broker messages"],
+        rows,
+    )  # fmt: skip
 
 
 def _stragglers(data: dict[str, Any]) -> str:
@@ -132,6 +150,23 @@ def _throughput(data: dict[str, Any]) -> str:
              "request bytes", "reply bytes"],
             rows,
         )
+        + _throughput_counts(data["levels"])
+    )  # fmt: skip
+
+
+def _throughput_counts(levels: list[dict[str, Any]]) -> str:
+    if not levels or "native_worker_calls_per_invocation" not in levels[0]:
+        return ""
+    rows = [
+        [r["concurrency"], r["native_worker_calls_per_invocation"],
+         r["coordinator_worker_calls_per_invocation"],
+         max(r["silo_worker_calls_per_invocation"].values()), r["messages_per_invocation"]]
+        for r in levels
+    ]  # fmt: skip
+    return "\n\nPer invocation (clean-up included):\n\n" + table(
+        ["in flight (C)", "native worker calls", "coordinator worker calls",
+         "worker calls per silo (max)", "broker messages"],
+        rows,
     )  # fmt: skip
 
 

@@ -13,6 +13,8 @@ execution context). Reported per C:
 - broker round trips/s of the coordinator (replies received per second) and
   the mean request and reply sizes;
 - TFF native's invocations/s at the same C (its async context);
+- per invocation: worker calls of native, of the coordinator and of each
+  silo (silos report theirs in their status), and control messages;
 - the broker's ceiling: raw aio-pika request/reply round trips with
   publisher confirms, at the coordinator's mean request and reply sizes and
   C x silos in flight (the coordinator keeps about one request per silo in
@@ -41,6 +43,7 @@ from benchmarks._common import (
     RESULTS,
     delete_federation_async,
     machine,
+    native_worker_calls,
     print_table,
     progress,
     stop_on_sigterm,
@@ -112,28 +115,35 @@ async def _native(comp: Any, values: list[float], levels: list[int], total: int)
 
     out = {}
     # TFF's launcher leaves its worker_binary running: ours to stop.
-    with reaping_children("worker_binary"):
+    with reaping_children("worker_binary"), native_worker_calls() as calls:
         context = tff.backends.native.create_async_local_cpp_execution_context()
         with tff.framework.get_context_stack().install(context):
             await comp(values)  # warm-up
             for c in levels:
+                calls_before = sum(calls.values())
                 seconds, results = await _pipelined(lambda: comp(values), c, total * c)
                 assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
-                out[c] = {"invocations_per_s": len(results) / seconds, "seconds": seconds}
+                out[c] = {
+                    "invocations_per_s": len(results) / seconds,
+                    "seconds": seconds,
+                    "worker_calls_per_invocation": (sum(calls.values()) - calls_before)
+                    / len(results),
+                }
                 progress(f"  native      C={c:3d}: {out[c]['invocations_per_s']:.1f} invocations/s")
     return out
 
 
 async def _tff_amqp(
-    broker: str, federation: str, silos: int, comp: Any, values: list[float], levels: list[int],
-    total: int,
+    broker: str, federation: str, silos: list[str], comp: Any, values: list[float],
+    levels: list[int], total: int,
 ) -> dict[int, Any]:  # fmt: skip
     import tensorflow_federated as tff
 
     import tff_amqp
+    from tff_amqp.coordinator.stateful.counts import snapshot
 
     context = tff_amqp.create_async_amqp_execution_context(
-        broker, federation=federation, min_silos=silos, cohort_timeout=300.0, deadline=600.0,
+        broker, federation=federation, min_silos=len(silos), cohort_timeout=300.0, deadline=600.0,
         heartbeat_timeout=30.0,
     )  # fmt: skip
     out = {}
@@ -142,19 +152,26 @@ async def _tff_amqp(
             await comp(values)  # warm-up
             link = context.runtime.link
             for c in levels:
+                counts_before = await snapshot(context.runtime, silos, timeout=60.0)
                 before = dict(link.stats)
                 ops_before = ops.count
                 seconds, results = await _pipelined(lambda: comp(values), c, total * c)
                 assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
                 delta = {k: link.stats[k] - before.get(k, 0) for k in link.stats}
+                # Clean-up included: counted once every invocation has ended.
+                counts = (await snapshot(context.runtime, silos, timeout=60.0)).minus(counts_before)
                 replies = max(delta["replies"], 1)
                 out[c] = {
                     "invocations_per_s": len(results) / seconds,
                     "executor_ops_per_s": (ops.count - ops_before) / seconds,
                     "executor_ops_per_invocation": (ops.count - ops_before) / len(results),
                     "broker_round_trips_per_s": delta["replies"] / seconds,
-                    "messages_per_invocation": (delta["published"] + delta["replies"])
+                    "messages_per_invocation": counts.messages / len(results),
+                    "coordinator_worker_calls_per_invocation": counts.coordinator_total
                     / len(results),
+                    "silo_worker_calls_per_invocation": {
+                        s: counts.silo_total(s) / len(results) for s in silos
+                    },
                     "request_bytes": delta["published_bytes"] / max(delta["published"], 1),
                     "reply_bytes": delta["received_bytes"] / replies,
                     "seconds": seconds,
@@ -243,7 +260,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"  starting {args.silos} silos in one host ...")
             await asyncio.to_thread(local.wait_ready, 600)
             amqp = await _tff_amqp(
-                args.broker, federation, args.silos, comp, values, levels, args.per_level
+                args.broker, federation, names, comp, values, levels, args.per_level
             )
     finally:
         await asyncio.wait_for(delete_federation_async(args.broker, federation, names), 30)
@@ -261,6 +278,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "concurrency": c,
                 "native_invocations_per_s": native[c]["invocations_per_s"],
+                "native_worker_calls_per_invocation": native[c]["worker_calls_per_invocation"],
                 **amqp[c],
                 "broker_ceiling_round_trips_per_s": ceiling,
                 "ratio_to_native": amqp[c]["invocations_per_s"] / native[c]["invocations_per_s"],
@@ -314,6 +332,18 @@ def main() -> int:
     )  # fmt: skip
     path = write_result("throughput", result)
     _plot(result["levels"])
+    print()
+    print_table(
+        ["C", "native worker calls/inv", "coordinator worker calls/inv",
+         "max silo worker calls/inv", "broker messages/inv"],
+        [
+            [r["concurrency"], r["native_worker_calls_per_invocation"],
+             r["coordinator_worker_calls_per_invocation"],
+             max(r["silo_worker_calls_per_invocation"].values()),
+             r["messages_per_invocation"]]
+            for r in result["levels"]
+        ],
+    )  # fmt: skip
     print(f"\nwrote {path} and {RESULTS / 'throughput.png'}")
     return 0
 

@@ -47,6 +47,7 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 MAX_TRANSFER_BYTES = 16 * 1024 * 1024 * 1024
 
 _STATUS_NAME = re.compile(r"[A-Z_]{1,40}")
+_METHOD_NAME = re.compile(r"[A-Za-z]{1,40}")
 _MAX_ID_LEN = 128
 _MAX_NAME_LEN = 200
 
@@ -533,6 +534,10 @@ class SiloStatus:
 
     def schema(self, key: str) -> DataSchema | None:
         return next((s for s in self.data_schemas if s.key == key), None)
+    # Calls this process made to its TFF worker since it started, by gRPC
+    # method ("CreateCall": n, ...): what invocations cost at the silo, for
+    # benchmarks and tests. Optional on the wire.
+    worker_calls: tuple[tuple[str, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -549,6 +554,8 @@ class SiloStatus:
             wire["pid"] = self.pid
         if self.data_schemas:
             wire["schemas"] = [schema.to_wire() for schema in self.data_schemas]
+        if self.worker_calls:
+            wire["wc"] = dict(self.worker_calls)
         return wire
 
     @classmethod
@@ -569,6 +576,7 @@ class SiloStatus:
             host=_opt_str(raw, "host", max_len=_MAX_NAME_LEN) or "",
             pid=_opt_int(raw, "pid", minimum=0) or 0,
             data_schemas=_schemas(raw.get("schemas", [])),
+            worker_calls=_worker_calls(raw.get("wc", {})),
         )
 
 
@@ -629,6 +637,26 @@ def _schemas(raw: object) -> tuple[DataSchema, ...]:
             pairs.append((column[0], column[1]))
         schemas.append(DataSchema(key, tuple(pairs), _opt_int(item, "rows", minimum=0)))
     return tuple(schemas)
+
+
+_MAX_WORKER_METHODS = 32
+
+
+def _worker_calls(raw: object) -> tuple[tuple[str, int], ...]:
+    """A status's worker-call counts: a small map of method name to count."""
+    if not isinstance(raw, Mapping) or len(raw) > _MAX_WORKER_METHODS:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"'wc' must be a map of at most {_MAX_WORKER_METHODS} method names to counts",
+        )
+    calls = []
+    for method, count in raw.items():
+        if not isinstance(method, str) or not _METHOD_NAME.fullmatch(method):
+            raise ProtocolError(ErrorCode.MALFORMED, "'wc' keys must be method names")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ProtocolError(ErrorCode.MALFORMED, "'wc' counts must be non-negative integers")
+        calls.append((method, count))
+    return tuple(sorted(calls))
 
 
 # --------------------------------------------------------------------------

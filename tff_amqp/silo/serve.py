@@ -24,7 +24,7 @@ from tff_amqp import protocol as p
 from tff_amqp.errors import SiloNameTakenError
 from tff_amqp.silo.data import DataError, SiloDataStore
 from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
-from tff_amqp.tff_worker import WorkerBinary, WorkerClient
+from tff_amqp.tff_worker import WorkerBinary, WorkerClient, WorkerError
 from tff_amqp.topology import Topology
 from tff_amqp.transport.schema import hold_lock
 
@@ -243,6 +243,7 @@ class SiloServer(Service):
             host=self.endpoint.host,
             pid=self.endpoint.pid,
             data_schemas=self._current_schemas(),
+            worker_calls=self._worker_calls(),
         )
 
     def _current_schemas(self) -> tuple[p.DataSchema, ...]:
@@ -265,3 +266,15 @@ class SiloServer(Service):
                 None, lambda: self.data.schemas(counts=self._advertise_counts)
             )
         return self._schemas
+
+
+    def _worker_calls(self) -> tuple[tuple[str, int], ...]:
+        """Calls this process made to its TFF worker so far (a simulation
+        host gives each silo its own client, so its own count)."""
+        client = self._injected_worker
+        if client is None and self._worker is not None:
+            try:
+                client = self._worker.client
+            except WorkerError:  # not started yet, or stopping
+                return ()
+        return tuple(sorted(client.calls.items())) if client is not None else ()

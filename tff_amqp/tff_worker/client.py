@@ -8,8 +8,9 @@ side.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
@@ -91,7 +92,11 @@ async def _call(operation: str, coro: object) -> object:
 
 
 class WorkerClient:
-    """Entry point: executors inside the worker, one per CLIENTS cardinality."""
+    """Entry point: executors inside the worker, one per CLIENTS cardinality.
+
+    `calls` counts the gRPC calls made through this client and its executors,
+    by method name (what an invocation costs in worker round trips; reported
+    by silos in their status and by the benchmarks)."""
 
     # Pinned executors keep TensorFlow's per-executor caches and our cached
     # computations warm across invocations; bounded so odd cardinalities
@@ -102,6 +107,7 @@ class WorkerClient:
         self._stub = executor_pb2_grpc.ExecutorGroupStub(channel)
         self._channel = channel
         self._pinned: dict[int | None, WorkerExecutor] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
 
     async def shared_executor(self, clients: int | None) -> WorkerExecutor:
         """The executor for this cardinality, kept alive for reuse. Callers
@@ -123,11 +129,13 @@ class WorkerClient:
         request = executor_pb2.GetExecutorRequest(
             cardinalities=value_serialization.serialize_cardinalities(cardinalities)
         )
+        self.calls["GetExecutor"] += 1
         response = await _call("GetExecutor", self._stub.GetExecutor(request))
         return WorkerExecutor(
             self._stub,
             response.executor,  # type: ignore[attr-defined]
             channel=self._channel,
+            calls=self.calls,
         )
 
 
@@ -142,8 +150,10 @@ class WorkerExecutor:
         executor: executor_pb2.ExecutorId,
         *,
         channel: grpc.aio.Channel | None = None,
+        calls: collections.Counter[str] | None = None,
     ) -> None:
         self._stub = stub
+        self.calls: collections.Counter[str] = calls if calls is not None else collections.Counter()
         # Raw calls (serialized values passed through) for large values:
         # parsing or serializing 200 MB of protobuf holds the GIL ~0.5 s.
         self._create_raw = (
@@ -170,17 +180,24 @@ class WorkerExecutor:
         self._computations: dict[bytes, asyncio.Future[executor_pb2.ValueRef]] = {}
 
     async def create_computation(
-        self, serialized: bytes, value: executor_pb2.Value
+        self,
+        serialized: bytes,
+        value: executor_pb2.Value | Callable[[], executor_pb2.Value],
+        *,
+        digest: bytes | None = None,
     ) -> tuple[executor_pb2.ValueRef, bool]:
         """Embed a computation, reusing an identical one already embedded in
         this pinned executor (the same functions arrive every round). Returns
-        (ref, cached); the caller must not dispose a cached ref."""
-        key = hashlib.sha256(serialized).digest()
+        (ref, cached); the caller must not dispose a cached ref. `value` may
+        be a function that parses it, called only on a miss; `digest`, the
+        SHA-256 of `serialized` if the caller has it."""
+        key = digest or hashlib.sha256(serialized).digest()
         future = self._computations.get(key)
         if future is None:
+            parsed = value() if callable(value) else value
             if not self.pinned or len(self._computations) >= self.MAX_CACHED_COMPUTATIONS:
-                return await self.create_value(value), False
-            future = asyncio.ensure_future(self.create_value(value))
+                return await self.create_value(parsed), False
+            future = asyncio.ensure_future(self.create_value(parsed))
             self._computations[key] = future
         try:
             return await asyncio.shield(future), True
@@ -190,6 +207,7 @@ class WorkerExecutor:
 
     async def create_value(self, value: executor_pb2.Value) -> executor_pb2.ValueRef:
         request = executor_pb2.CreateValueRequest(executor=self.executor, value=value)
+        self.calls["CreateValue"] += 1
         response = await _call("CreateValue", self._stub.CreateValue(request))
         return response.value_ref  # type: ignore[attr-defined]
 
@@ -203,6 +221,7 @@ class WorkerExecutor:
             return await self.create_value(parsed)
         head = executor_pb2.CreateValueRequest(executor=self.executor).SerializeToString()
         request = b"".join((head, bytes([_VALUE_FIELD_TAG]), _varint(len(value)), value))
+        self.calls["CreateValue"] += 1
         response = await _call("CreateValue", self._create_raw(request))
         return response.value_ref  # type: ignore[attr-defined]
 
@@ -211,6 +230,7 @@ class WorkerExecutor:
         if self._compute_raw is None:
             return (await self.compute(ref)).SerializeToString()
         request = executor_pb2.ComputeRequest(executor=self.executor, value_ref=ref)
+        self.calls["Compute"] += 1
         raw = await _call("Compute", self._compute_raw(request))
         try:
             return _value_of_response(raw)  # type: ignore[arg-type]
@@ -224,6 +244,7 @@ class WorkerExecutor:
         request = executor_pb2.CreateCallRequest(
             executor=self.executor, function_ref=fn, argument_ref=arg
         )
+        self.calls["CreateCall"] += 1
         response = await _call("CreateCall", self._stub.CreateCall(request))
         return response.value_ref  # type: ignore[attr-defined]
 
@@ -237,6 +258,7 @@ class WorkerExecutor:
                 for name, ref in elements
             ],
         )
+        self.calls["CreateStruct"] += 1
         response = await _call("CreateStruct", self._stub.CreateStruct(request))
         return response.value_ref  # type: ignore[attr-defined]
 
@@ -246,17 +268,20 @@ class WorkerExecutor:
         request = executor_pb2.CreateSelectionRequest(
             executor=self.executor, source_ref=source, index=index
         )
+        self.calls["CreateSelection"] += 1
         response = await _call("CreateSelection", self._stub.CreateSelection(request))
         return response.value_ref  # type: ignore[attr-defined]
 
     async def compute(self, ref: executor_pb2.ValueRef) -> executor_pb2.Value:
         request = executor_pb2.ComputeRequest(executor=self.executor, value_ref=ref)
+        self.calls["Compute"] += 1
         response = await _call("Compute", self._stub.Compute(request))
         return response.value  # type: ignore[attr-defined]
 
     async def dispose(self, refs: Sequence[executor_pb2.ValueRef]) -> None:
         if refs:
             request = executor_pb2.DisposeRequest(executor=self.executor, value_ref=list(refs))
+            self.calls["Dispose"] += 1
             await _call("Dispose", self._stub.Dispose(request))
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ from tff_amqp.coordinator.context import RuntimeContext, installing
 from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.partial import InvocationReport, check_partial
 from tff_amqp.coordinator.stateful.executor import AmqpExecutor
+from tff_amqp.coordinator.stateful.identity_cache import IdentityCache
 from tff_amqp.coordinator.stateful.invocation import Invocation
 from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
 from tff_amqp.coordinator.sync import SyncOverSharedLoop
@@ -57,6 +58,26 @@ class AmqpExecutorFactory(executor_factory.ExecutorFactory):
         pass
 
 
+class _IdentityCompileCache:
+    """TFF's compiler pipeline, its results found by the computation's
+    identity first (TFF's own cache hashes the whole serialized computation
+    on every lookup)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+        self._compiled: IdentityCache[object] = IdentityCache()
+
+    def has(self, comp: Any) -> bool:
+        return self._compiled.get(comp) is not None
+
+    def compile(self, comp: Any) -> object:
+        compiled = self._compiled.get(comp)
+        if compiled is None:
+            compiled = self._pipeline.compile(comp)
+            self._compiled.put(comp, compiled)
+        return compiled
+
+
 class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExecutionContext):
     """Asynchronous context: `await comp(args)` runs over the federation."""
 
@@ -70,6 +91,7 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
             transform_args=tensorflow_computation.transform_args,
             transform_result=tensorflow_computation.transform_result,
         )
+        self._compiler_pipeline = _IdentityCompileCache(self._compiler_pipeline)
 
     @property
     def options(self) -> CoordinatorOptions:
@@ -88,9 +110,10 @@ class AmqpAsyncExecutionContext(RuntimeContext, async_execution_context.AsyncExe
         """The result and who took part (None: no invocation ran); the sync
         context warns about a partial result in its caller's thread."""
         await self.runtime.ensure_started()
-        if self._compiler_pipeline is not None:
+        if not self._compiler_pipeline.has(comp):
             # Compile off the event loop (the pipeline caches the result), so
-            # heartbeats and broker traffic keep flowing during a long compile.
+            # heartbeats and broker traffic keep flowing during a long compile;
+            # a cache hit needs no thread.
             await asyncio.to_thread(self._compiler_pipeline.compile, comp)
         invocations: list[Invocation] = []
         token = _current_invocations.set(invocations)

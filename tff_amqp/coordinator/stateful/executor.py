@@ -20,12 +20,14 @@ from tensorflow_federated.python.core.impl.executors import executor_base, value
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
 from tff_amqp.coordinator.stateful.invocation import Invocation
+from tff_amqp.coordinator.stateful.local import INLINE_SERIALIZE_BYTES, host_nbytes
 from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE, Scope
 from tff_amqp.coordinator.stateful.strategy import FederatingStrategy
 from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
+    HostValue,
     LocalValue,
     StructValue,
 )
@@ -62,7 +64,7 @@ class AmqpExecutor(executor_base.Executor):
             if bb is None:
                 proto = computation_impl.ConcreteComputation.get_proto(value)
                 bb = building_blocks.ComputationBuildingBlock.from_proto(proto)
-                parsed[value] = bb
+                parsed.put(value, bb)
             return self.evaluate_functional(bb, EMPTY_SCOPE)
         if isinstance(value, computation_pb2.Computation):
             bb = building_blocks.ComputationBuildingBlock.from_proto(value)
@@ -87,9 +89,13 @@ class AmqpExecutor(executor_base.Executor):
             )
             names = structure.name_list_with_nones(type_spec)
             return StructValue(self.invocation, list(zip(names, created)))
-        proto, type_spec = await asyncio.to_thread(
-            value_serialization.serialize_value, value, type_spec
-        )
+        # Small arguments inline: a thread hop costs more than serializing them.
+        if host_nbytes(value) <= INLINE_SERIALIZE_BYTES:
+            proto, type_spec = value_serialization.serialize_value(value, type_spec)
+        else:
+            proto, type_spec = await asyncio.to_thread(
+                value_serialization.serialize_value, value, type_spec
+            )
         return await self.invocation.create_local(proto, type_spec)
 
     async def create_call(
@@ -176,9 +182,15 @@ class AmqpExecutor(executor_base.Executor):
         fn: CoordinatorValue,
         arg: CoordinatorValue | None,
         result_type: computation_types.Type,
-    ) -> LocalValue:
-        """Run a call on the coordinator's worker (unplaced / SERVER work)."""
+    ) -> LocalValue | HostValue:
+        """Run a call on the coordinator's worker (unplaced / SERVER work);
+        a small constant (a mean's weight 1.0, a sum's zero) is computed
+        here instead, and shipped as its value."""
         invocation = self.invocation
+        if arg is None:
+            is_constant, constant = invocation.runtime.host_constant(fn)
+            if is_constant:
+                return HostValue(invocation, constant, result_type)
         fn_ref = await invocation.to_local(fn)
         arg_ref = await invocation.to_local(arg) if arg is not None else None
         ref = await invocation.local_call(fn_ref, arg_ref)
@@ -195,6 +207,8 @@ class AmqpExecutor(executor_base.Executor):
         if isinstance(source, LocalValue):
             ref = await self.invocation.local_selection(source.ref, index)
             return LocalValue(self.invocation, ref, element_type)
+        if isinstance(source, HostValue):
+            return HostValue(self.invocation, source.value[index], element_type)  # type: ignore[index]
         if isinstance(source, ClientsValue):
             raise TypeError("selection from a CLIENTS-placed value is not expected here")
         raise TypeError(f"cannot select from {type(source).__name__}")

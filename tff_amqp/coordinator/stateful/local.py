@@ -20,6 +20,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Below this many bytes a value is serialized on the event loop: a thread hop
+# costs more than the work (measured ~0.1 ms inline against ~0.9 ms in a thread).
+INLINE_SERIALIZE_BYTES = 64 * 1024
+
+
+async def serialize_host(value: object, type_spec: Any) -> bytes:
+    """A host value serialized as a TFF `Value`: inline when small, in a
+    thread when large (the event loop keeps serving heartbeats)."""
+
+    def serialize() -> bytes:
+        proto, _ = value_serialization.serialize_value(value, type_spec)
+        return proto.SerializeToString()
+
+    if host_nbytes(value) <= INLINE_SERIALIZE_BYTES:
+        return serialize()
+    return await asyncio.to_thread(serialize)
+
+
+def host_nbytes(value: object) -> int:
+    """About how many bytes a Python value holds (its arrays' sizes; an
+    unknown object counts as large, so it is serialized in a thread)."""
+    import numpy as np
+    from tensorflow_federated.python.common_libs import structure
+
+    if isinstance(value, structure.Struct):
+        return sum(host_nbytes(v) for v in structure.flatten(value))
+    if isinstance(value, dict):
+        return sum(host_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(host_nbytes(v) for v in value)
+    if isinstance(value, np.ndarray | np.generic):
+        return int(value.nbytes)
+    if isinstance(value, bool | int | float | complex | str | bytes):
+        return 8 if not isinstance(value, str | bytes) else len(value)
+    return INLINE_SERIALIZE_BYTES + 1
+
 
 class LocalExecutor:
     """SERVER-placed and unplaced values of one invocation, in the
@@ -99,16 +135,21 @@ class LocalExecutor:
             proto, serialized = self._runtime.function_wire(value)
             ref, shared = await executor.create_computation(serialized, proto)
             return ref if shared else self._owned(ref)
+        if isinstance(value, values.HostValue):
+            return self._owned(await executor.create_value_serialized(await self.serialized(value)))
         raise TypeError(f"cannot materialize {type(value).__name__} locally")
 
-    async def serialized(self, value: values.LocalValue) -> bytes:
+    async def serialized(self, value: values.LocalValue | values.HostValue) -> bytes:
         """`value` serialized for shipping to silos (computed once)."""
         key = id(value)
         if key not in self._serialized:
+            self._pins.append(value)
             self._serialized[key] = asyncio.ensure_future(self._serialize(value))
         return await self._serialized[key]
 
-    async def _serialize(self, value: values.LocalValue) -> bytes:
+    async def _serialize(self, value: values.LocalValue | values.HostValue) -> bytes:
+        if isinstance(value, values.HostValue):
+            return await serialize_host(value.value, value.type_signature)
         key = id(value)
         if key in self._computed:  # already computed for the coordinator itself
             return (await self._computed[key]).SerializeToString()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -15,8 +14,10 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tff_amqp.coordinator.membership import Membership
 from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.runtime import SharedRuntime
+from tff_amqp.coordinator.stateful.identity_cache import IdentityCache
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
-from tff_amqp.coordinator.stateful.values import FunctionValue
+from tff_amqp.coordinator.stateful.numpy_ops import HostFn, constant_value, host_function
+from tff_amqp.coordinator.stateful.values import CoordinatorValue, FunctionValue
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
         self._function_wire: dict[int, tuple[object, executor_pb2.Value, bytes]] = {}
         # Parsed computations, per compiled computation object (the compiler
         # pipeline caches those, so repeated calls hit this cache).
-        self.parsed: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+        self.parsed: IdentityCache[object] = IdentityCache()
+        # id(building block) -> (building block, its NumPy version or None).
+        self._host_functions: dict[int, tuple[object, HostFn | None]] = {}
+        self._constants: dict[int, tuple[object, tuple[bool, object]]] = {}
 
     def function_wire(self, value: FunctionValue) -> tuple[executor_pb2.Value, bytes]:
         """A function's Value proto and its serialized bytes, built once per
@@ -59,6 +63,34 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
                 self._function_wire.pop(next(iter(self._function_wire)))
             self._function_wire[key] = entry
         return entry[1], entry[2]
+
+    def host_function(self, value: CoordinatorValue) -> HostFn | None:
+        """`value` as a NumPy function (see numpy_ops), or None if it must run
+        on the worker; decided once per building block."""
+        if not isinstance(value, FunctionValue):
+            return None
+        key = id(value.building_block)
+        entry = self._host_functions.get(key)
+        if entry is None or entry[0] is not value.building_block:
+            entry = (value.building_block, host_function(value.building_block))
+            if len(self._host_functions) >= 1024:
+                self._host_functions.pop(next(iter(self._host_functions)))
+            self._host_functions[key] = entry
+        return entry[1]
+
+    def host_constant(self, value: CoordinatorValue) -> tuple[bool, object]:
+        """(True, its value) if calling `value` with no argument gives a small
+        constant (see numpy_ops.constant_value); decided once per block."""
+        if not isinstance(value, FunctionValue):
+            return False, None
+        key = id(value.building_block)
+        entry = self._constants.get(key)
+        if entry is None or entry[0] is not value.building_block:
+            entry = (value.building_block, constant_value(value.building_block))
+            if len(self._constants) >= 1024:
+                self._constants.pop(next(iter(self._constants)))
+            self._constants[key] = entry
+        return entry[1]
 
     def in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run clean-up work without blocking the caller; awaited by close()."""

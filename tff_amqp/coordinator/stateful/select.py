@@ -38,6 +38,7 @@ from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
+    HostValue,
     LocalValue,
     StructValue,
 )
@@ -126,7 +127,8 @@ async def select_by_slices(
         raise TypeError("federated_select needs an argument")
     invocation = executor.invocation
     keys, max_key, server_val, select_fn = [await executor.select(arg, i) for i in range(4)]
-    if not isinstance(server_val, LocalValue) or not isinstance(max_key, LocalValue):
+    server_values = LocalValue | HostValue
+    if not isinstance(server_val, server_values) or not isinstance(max_key, server_values):
         return None
     keys_type = keys.type_signature
     slice_type = select_fn.type_signature.result  # type: ignore[attr-defined]

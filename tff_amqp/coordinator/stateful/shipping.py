@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tensorflow_federated.python.common_libs import structure
-from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
     computation_types,
     placements,
@@ -19,6 +18,7 @@ from tensorflow_federated.python.core.impl.types import (
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.stateful import values
+from tff_amqp.coordinator.stateful.local import serialize_host
 from tff_amqp.errors import SiloError
 from tff_amqp.transport.bulk import TransferError
 
@@ -60,7 +60,7 @@ class Shipping:
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
         if isinstance(value, values.FunctionValue):
             _, serialized = self._scope.runtime.function_wire(value)
-        elif isinstance(value, values.LocalValue):
+        elif isinstance(value, values.LocalValue | values.HostValue):
             # Server values are computed and serialized once, then shipped.
             serialized = await self._local.serialized(value)
         else:
@@ -96,7 +96,9 @@ class Shipping:
             self._uploads[(key, silos)] = upload
         return await upload
 
-    async def ship_to(self, value: values.LocalValue, silos: Sequence[str]) -> dict[str, int]:
+    async def ship_to(
+        self, value: values.LocalValue | values.HostValue, silos: Sequence[str]
+    ) -> dict[str, int]:
         """Create a server value at just these silos (its id at each); if large,
         one transfer published once for all of them."""
         serialized = await self._local.serialized(value)
@@ -147,7 +149,7 @@ class Shipping:
         silos = await self._scope.cohort.silos()
         if type_spec.all_equal:
             # One value for every silo: serialized once, shipped once.
-            serialized = await asyncio.to_thread(_serialize, value, type_spec)
+            serialized = await serialize_host(value, type_spec)
             key = object()
             return {silo: await self._ship(key, serialized, silo) for silo in silos}
 
@@ -162,7 +164,7 @@ class Shipping:
                 raise ValueError("client lists need a known CLIENTS cardinality")
             start, stop = chunk[silo]
             part = list(value[start:stop])
-            return await asyncio.to_thread(_serialize, part, type_spec)
+            return await serialize_host(part, type_spec)
 
         parts = await asyncio.gather(*(part_for(silo) for silo in silos))
         ids: dict[str, int] = {}
@@ -210,8 +212,3 @@ def _field_names(type_spec: computation_types.FederatedType) -> list[str]:
     if not isinstance(element, computation_types.StructType):
         return []
     return [name for name, _ in structure.iter_elements(element) if name]
-
-
-def _serialize(value: object, type_spec: computation_types.Type) -> bytes:
-    proto, _ = value_serialization.serialize_value(value, type_spec)
-    return proto.SerializeToString()

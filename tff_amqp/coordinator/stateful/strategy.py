@@ -21,14 +21,18 @@ from typing import TYPE_CHECKING
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
+from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
+from tff_amqp.coordinator.stateful import numpy_ops
 from tff_amqp.coordinator.stateful import select as _select
+from tff_amqp.coordinator.stateful.local import INLINE_SERIALIZE_BYTES
 from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE as _EMPTY
 from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
     CoordinatorValue,
     FunctionValue,
+    HostValue,
     LocalValue,
     StructValue,
 )
@@ -112,14 +116,28 @@ class FederatingStrategy:
 
     async def _at_server(
         self, intrinsic: building_blocks.Intrinsic, arg: CoordinatorValue | None
-    ) -> LocalValue:
+    ) -> LocalValue | HostValue:
         fn = FunctionValue(self._invocation, intrinsic, _EMPTY)
         return await self._executor.call_locally(fn, arg, intrinsic.type_signature.result)
 
     async def federated_apply(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # A mean's division of an aggregate folded in this process: in NumPy.
+        if isinstance(arg, StructValue) and isinstance(arg.elements[1][1], HostValue):
+            fn, value = arg.elements[0][1], arg.elements[1][1]
+            host_fn = self._invocation.runtime.host_function(fn)
+            if host_fn is not None:
+                return HostValue(
+                    self._invocation,
+                    host_fn(value.value),
+                    intrinsic.type_signature.result,  # type: ignore[attr-defined]
+                )
         return await self._at_server(intrinsic, arg)
 
     async def federated_zip_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
+        # Values held in this process zip here: a struct of their members.
+        if isinstance(arg, StructValue) and all(isinstance(v, HostValue) for _, v in arg.elements):
+            zipped = structure.Struct([(name, v.value) for name, v in arg.elements])  # type: ignore[attr-defined]
+            return HostValue(self._invocation, zipped, intrinsic.type_signature.result)  # type: ignore[attr-defined]
         return await self._at_server(intrinsic, arg)
 
     async def federated_value_at_server(self, intrinsic: Intrinsic, arg: Arg) -> CoordinatorValue:
@@ -217,7 +235,26 @@ class FederatingStrategy:
                 (None, FunctionValue(invocation, identity, _EMPTY)),
             ],
         )
-        partials = await self._partials(silo_intrinsic, silo_arg, accumulator_type)
+        protos = await self._partial_protos(silo_intrinsic, silo_arg)
+        runtime = invocation.runtime
+        merge_fn, report_fn = runtime.host_function(merge), runtime.host_function(report)
+        if protos and merge_fn is not None and report_fn is not None:
+            # Sums, means' parts, min / max: folded here in NumPy, in silo-name
+            # order, with no round trip to the coordinator's worker.
+            def folded() -> object:
+                partial_values = [
+                    value_serialization.deserialize_value(m, accumulator_type)[0] for m in protos
+                ]
+                return numpy_ops.fold(merge_fn, report_fn, partial_values)
+
+            # Small partials inline: a thread hop costs more than the work.
+            small = sum(m.ByteSize() for m in protos) <= INLINE_SERIALIZE_BYTES
+            value = folded() if small else await asyncio.to_thread(folded)
+            reported_type = intrinsic.type_signature.result  # type: ignore[attr-defined]
+            return HostValue(invocation, value, reported_type)
+        partials = list(
+            await asyncio.gather(*(invocation.create_local(m, accumulator_type) for m in protos))
+        )
         # No silo took part (no clients): the aggregate of nothing is the zero.
         total: CoordinatorValue = partials[0] if partials else zero
         for partial in partials[1:]:
@@ -360,21 +397,15 @@ class FederatingStrategy:
             members.append(federated.value[0])
         return members
 
-    async def _partials(
-        self,
-        silo_intrinsic: Intrinsic,
-        arg: CoordinatorValue,
-        accumulator_type: computation_types.Type,
-    ) -> list[LocalValue]:
-        protos = await self._partial_protos(silo_intrinsic, arg)
-        return list(
-            await asyncio.gather(
-                *(self._invocation.create_local(m, accumulator_type) for m in protos)
-            )
-        )
-
-    async def _place_at_server(self, value: CoordinatorValue) -> LocalValue:
+    async def _place_at_server(self, value: CoordinatorValue) -> CoordinatorValue:
         member_type = value.type_signature
+        if isinstance(value, HostValue):
+            # At SERVER in this process is the value itself (all-equal).
+            return HostValue(
+                self._invocation,
+                value.value,
+                computation_types.FederatedType(member_type, placements.SERVER),
+            )
         intrinsic = building_blocks.Intrinsic(
             intrinsic_defs.FEDERATED_VALUE_AT_SERVER.uri,
             computation_types.FunctionType(

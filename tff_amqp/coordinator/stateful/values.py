@@ -1,7 +1,8 @@
 """Executor values on the coordinator.
 
-A value lives in one of three places: the coordinator's local worker
-(unplaced and SERVER-placed values), the silos (CLIENTS-placed values: one
+A value lives in one of four places: the coordinator's local worker
+(unplaced and SERVER-placed values), this process (`HostValue`: aggregates
+folded in NumPy), the silos (CLIENTS-placed values: one
 handle per silo, the data never leaves), or nowhere yet (structs and functions
 are kept symbolic until something needs them materialized).
 """
@@ -61,6 +62,22 @@ class LocalValue(CoordinatorValue):
 
     async def compute(self) -> object:
         return await self._invocation.compute_local(self)
+
+
+class HostValue(CoordinatorValue):
+    """An unplaced or SERVER-placed value held in this process (NumPy leaves
+    in TFF structures, as TFF deserializes them): an aggregate folded here
+    (see numpy_ops). It enters the coordinator's worker only if a
+    computation there needs it, and is shipped to silos serialized here."""
+
+    def __init__(
+        self, invocation: Invocation, value: object, type_spec: computation_types.Type
+    ) -> None:
+        super().__init__(invocation, type_spec)
+        self.value = value
+
+    async def compute(self) -> object:
+        return self.value
 
 
 class ClientsValue(CoordinatorValue):

@@ -10,9 +10,12 @@ itself), unless the silo was started with ``--allow-raw-client-values``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
@@ -230,29 +233,35 @@ class InvocationSession:
     def _prepare_value(
         self, op: p.CreateValue, executor: WorkerExecutor
     ) -> Callable[[], Awaitable[object]]:
-        from tensorflow_federated.proto.v0 import executor_pb2
+        if serialized_is_computation(op.value):
+            # The same computations arrive in every batch: what the privacy
+            # gate needs of one (is it an aggregation?) is kept by its
+            # SHA-256, so a known one is neither parsed nor hashed twice.
+            digest = hashlib.sha256(op.value).digest()
+            aggregator = _AGGREGATORS.get(digest)
+            if aggregator is None:
+                comp = _parse_value(op).computation
+                aggregator = (
+                    comp.WhichOneof("computation") == "intrinsic"
+                    and comp.intrinsic.uri in AGGREGATION_URIS
+                )
+                _AGGREGATORS.put(digest, aggregator)
+            self._releasable.add(op.target)
+            if aggregator:
+                self._aggregators.add(op.target)
 
-        value = executor_pb2.Value()
-        try:
-            value.ParseFromString(op.value)
-        except Exception as e:
-            raise SessionError(
-                p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
-            ) from e
+            async def run() -> object:
+                ref, shared = await executor.create_computation(
+                    op.value, lambda: _parse_value(op), digest=digest
+                )
+                if shared:
+                    self._shared.add(op.target)
+                return ref
+
+            return run
+        value = _parse_value(op)
         self._releasable.add(op.target)
-        if value.WhichOneof("value") != "computation":
-            return lambda: executor.create_value(value)
-        comp = value.computation
-        if comp.WhichOneof("computation") == "intrinsic" and comp.intrinsic.uri in AGGREGATION_URIS:
-            self._aggregators.add(op.target)
-
-        async def run() -> object:
-            ref, shared = await executor.create_computation(op.value, value)
-            if shared:
-                self._shared.add(op.target)
-            return ref
-
-        return run
+        return lambda: executor.create_value(value)
 
     async def _create_blob_value(self, op: p.CreateBlobValue, executor: WorkerExecutor) -> object:
         from tensorflow_federated.proto.v0 import executor_pb2
@@ -403,6 +412,37 @@ class InvocationSession:
                 p.ErrorCode.BAD_REFERENCE,
                 f"silo {self.silo!r} has no value {value_id} in invocation {self.invocation_id}",
             ) from None
+
+
+class _DigestFlags:
+    """Bounded map of computation digest -> whether it is an aggregation."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._flags: OrderedDict[bytes, bool] = OrderedDict()
+
+    def get(self, digest: bytes) -> bool | None:
+        return self._flags.get(digest)
+
+    def put(self, digest: bytes, flag: bool) -> None:
+        self._flags[digest] = flag
+        while len(self._flags) > self.MAX:
+            self._flags.popitem(last=False)
+
+
+_AGGREGATORS = _DigestFlags()
+
+
+def _parse_value(op: p.CreateValue) -> Any:
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    value = executor_pb2.Value()
+    try:
+        value.ParseFromString(op.value)
+    except Exception as e:
+        raise SessionError(p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}") from e
+    return value
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

@@ -1,0 +1,60 @@
+"""What an invocation costs in worker round trips and broker messages, counted
+at the coordinator and at each silo (silos report their TFF worker calls in
+their status), for a federated mean over three real silo processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.computations import fed_mean
+from tests.support.federation import SILO_NAMES, assert_close, run_in
+from tff_amqp import protocol as p
+from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
+
+VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
+
+
+def _counted(context, comp, *args) -> tuple[object, WorkCounts]:
+    silos = list(SILO_NAMES)
+    before = context.run(snapshot(context.runtime, silos))
+    result = run_in(context, comp, *args)
+    after = context.run(snapshot(context.runtime, silos))
+    return result, after.minus(before)
+
+
+def test_federated_mean_worker_calls_at_each_silo(amqp_context, native_context):
+    run_in(amqp_context, fed_mean, VALUES)  # warm: computations cached at the silos
+    result, counts = _counted(amqp_context, fed_mean, VALUES)
+    assert_close(result, run_in(native_context, fed_mean, VALUES))
+    print(f"\nper federated mean: {counts}")
+    for silo in SILO_NAMES:
+        calls = counts.silos[silo]
+        # The silo computed its partial aggregate once and released it.
+        assert calls.get("Compute") == 1, calls
+        assert calls.get("CreateCall", 0) >= 1, calls
+        assert counts.silo_total(silo) <= SILO_CALLS_AT_MOST, calls
+    # One request and one reply per silo, plus the close.
+    assert counts.messages <= MESSAGES_AT_MOST, counts
+    assert counts.coordinator_total <= COORDINATOR_CALLS_AT_MOST, counts.coordinator
+    # The same invocation costs the same again (nothing left over, nothing cached late).
+    _, again = _counted(amqp_context, fed_mean, VALUES)
+    assert again == counts
+
+
+# Bounds of what the mean costs today (see benchmarks/RESULTS.md): a
+# regression past them fails here, not only in a benchmark. The coordinator
+# folds the partials and divides in NumPy and computes the constant weight
+# itself: its worker is not called at all.
+SILO_CALLS_AT_MOST = 16
+MESSAGES_AT_MOST = 3 * 3
+COORDINATOR_CALLS_AT_MOST = 0
+
+
+def test_status_carries_worker_calls_and_refuses_malformed_counts():
+    status = p.SiloStatus(silo="alpha", clients=1, worker_calls=(("Compute", 2), ("CreateCall", 5)))
+    assert p.SiloStatus.from_wire(status.to_wire()) == status
+    assert "wc" not in p.SiloStatus(silo="alpha", clients=1).to_wire()
+    for bad in ({"Compute": -1}, {"no spaces": 1}, ["Compute"], {"Compute": True}):
+        wire = {**p.SiloStatus(silo="alpha", clients=1).to_wire(), "wc": bad}
+        with pytest.raises(p.ProtocolError, match="'wc'"):
+            p.SiloStatus.from_wire(wire)
