@@ -534,6 +534,7 @@ class SiloStatus:
 
     def schema(self, key: str) -> DataSchema | None:
         return next((s for s in self.data_schemas if s.key == key), None)
+
     # Calls this process made to its TFF worker since it started, by gRPC
     # method ("CreateCall": n, ...): what invocations cost at the silo, for
     # benchmarks and tests. Optional on the wire.

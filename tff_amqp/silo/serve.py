@@ -267,7 +267,6 @@ class SiloServer(Service):
             )
         return self._schemas
 
-
     def _worker_calls(self) -> tuple[tuple[str, int], ...]:
         """Calls this process made to its TFF worker so far (a simulation
         host gives each silo its own client, so its own count)."""
