@@ -337,3 +337,19 @@ def test_the_provision_job_runs_real_provision_commands():
         for command in commands:
             args = parser.parse_args(command[1:])  # exits (SystemExit) on an unknown flag
             assert args.cert_cn, "certificate login: no password is printed to the Job's log"
+
+
+def test_silo_side_probes_watch_the_heartbeats_of_their_own_process():
+    """Every silo-side container is probed by `tff_amqp.observe.probe` on its
+    own --metrics-port, for its role (tests/test_probe.py runs the probe)."""
+    for overlay, argv, env, spec in silo_side_commands():
+        args = config.parse_args(build_parser(), argv, environ=env)
+        (container,) = spec["containers"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = container[kind]["exec"]["command"]
+            assert command[:3] == ["python", "-m", "tff_amqp.observe.probe"], overlay
+            probe = dict(zip(command[3::2], command[4::2]))
+            assert int(probe["--port"]) == args.metrics_port
+            assert probe["--role"] == argv[0]
+            # The probe must finish before the kubelet gives up on it.
+            assert float(probe["--within"]) < container[kind]["timeoutSeconds"]
