@@ -37,10 +37,13 @@ def mean_glucose(rows):
 
 
 def main() -> None:
+    min_silos = os.environ.get("MIN_SILOS")
     tff_amqp.set_sync_amqp_execution_context(
         os.environ["TFF_AMQP_BROKER"],
         federation=os.environ["FEDERATION"],
-        min_silos=int(os.environ.get("MIN_SILOS", "1")),
+        # Unset: every cohort silo must answer; K: K of N (docs/failures.md).
+        min_silos=int(min_silos) if min_silos else None,
+        queue_type=os.environ.get("TFF_AMQP_QUEUE_TYPE", "classic"),
         cohort_timeout=300.0,
         deadline=600.0,
     )
