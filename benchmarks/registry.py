@@ -85,6 +85,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "silos' streams, against inline in every work item; round time and bytes published",
         quick_args=("--repeats", "1"),
     ),
+    Benchmark(
+        "cluster",
+        "One node vs a 3-node cluster",
+        "a federated mean and one FedAvg round (as overhead) on one private RabbitMQ node with "
+        "classic queues vs a private 3-node cluster with quorum queues, same run; the time from "
+        "kill -9 of the node leading most queues to the next successful invocation",
+        quick_args=("--quick",),
+    ),
 )
 
 

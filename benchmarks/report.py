@@ -170,11 +170,34 @@ def _throughput_counts(levels: list[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
+def _cluster(data: dict[str, Any]) -> str:
+    single, cluster = data["single_node_classic"], data["cluster_3_nodes_quorum"]
+    rows = [
+        [key, _ms(single[key]), _ms(cluster[key]), data["ratios"][key], data["targets"][key]]
+        for key in ("federated_mean", "fedavg_round")
+    ]
+    losses = [
+        [i + 1, f"{r['victim_led_queues']} of {r['queues']}", r["recovery_s"],
+         r["failed_invocations"]]
+        for i, r in enumerate(data["recoveries"])
+    ]  # fmt: skip
+    return (
+        f"{data['clients']} clients over {data['silos']} silo processes, both on private nodes "
+        "in the same run. Latency in ms: median (p10-p90, samples).\n\n"
+        + table(["computation", "1 node, classic", "3 nodes, quorum", "ratio", "aim"], rows)
+        + "\n\nNode loss: `kill -9` of the node leading most of the federation's queues; "
+        "recovery = from the kill to the end of the next successful federated mean (failed "
+        "attempts retried at once).\n\n"
+        + table(["loss", "queues the node led", "recovery (s)", "failed invocations"], losses)
+    )
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": _overhead,
     "stragglers": _stragglers,
     "scale": _scale,
     "throughput": _throughput,
+    "cluster": _cluster,
 }
 
 

@@ -9,21 +9,27 @@ never touched.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
+import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import aio_pika
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import tff_amqp
 from tests.support.broker import new_federation_name
-from tests.support.federation import Federation, native_over, run_in, start_federation, wait_live
-from tests.support.private_broker import rabbitmq_available
+from tests.support.data import write_silo_csvs, write_xy_clients
+from tests.support.federation import Federation, assert_close, native_over, run_in, wait_live
+from tests.support.private_broker import free_port, rabbitmq_available
 from tests.support.private_cluster import PrivateCluster
 from tff_amqp.errors import BrokerUnreachableError, QueueTypeMismatchError
-from tff_amqp.local import LocalFederation
+from tff_amqp.local import LocalFederation, SiloOptions
 from tff_amqp.retry import connect_within
 from tff_amqp.transport.connection import FailoverConnection, broker_urls, connect, redact_url
 
@@ -116,18 +122,49 @@ async def test_no_live_node_is_a_clear_error_naming_every_address() -> None:
 
 NAMES = ("alpha", "bravo", "charlie")
 QUORUM = ("--queue-type", "quorum")
+# Awkward on purpose: one silo with a single client, one with three.
+CLIENTS_PER_SILO = (2, 1, 3)
+
+
+class QuorumFederation(Federation):
+    """The quorum federation, and what only its FedAvg test needs: each silo's
+    x/y client data (key `xy`) and Prometheus port (batch and duplicate
+    counts)."""
+
+    def __init__(
+        self,
+        local: LocalFederation,
+        silos: dict[str, Path],
+        xy: dict[str, Path],
+        metrics_ports: dict[str, int],
+    ) -> None:
+        super().__init__(local, silos)
+        self.xy = xy
+        self.metrics_ports = metrics_ports
 
 
 @pytest.fixture(scope="module")
 def quorum_federation(
     cluster: PrivateCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Federation]:
+) -> Iterator[QuorumFederation]:
     """Three silos given every node's address, their queues quorum queues."""
     root = tmp_path_factory.mktemp("quorum-silos")
     with LocalFederation(cluster.broker_url, new_federation_name(), log_dir=root / "logs") as local:
-        yield start_federation(
-            local, root, names=NAMES, clients_per_silo=(2, 1, 3), extra_args=QUORUM
-        )
+        readings: dict[str, Path] = {}
+        xy: dict[str, Path] = {}
+        ports: dict[str, int] = {}
+        for i, name in enumerate(NAMES):
+            clients = CLIENTS_PER_SILO[i]
+            readings[name] = write_silo_csvs(root, i, clients)
+            xy[name] = write_xy_clients(root, i, clients)
+            ports[name] = free_port()
+            local.start_silo(
+                name,
+                data={"readings": readings[name], "xy": xy[name]},
+                options=SiloOptions(metrics_port=ports[name], extra_args=QUORUM),
+            )
+        local.wait_ready(timeout=240)
+        yield QuorumFederation(local, readings, xy, ports)
 
 
 def _quorum_context(cluster: PrivateCluster, federation: Federation, **options):
@@ -228,6 +265,130 @@ def test_the_node_leading_most_queues_killed_mid_round_every_result_has_all_silo
         np.testing.assert_allclose(
             run_in(context, slow_mean, tff_amqp.silo_data("readings")), expected, rtol=1e-9
         )
+
+
+def _silo_stat(port: int, name: str) -> float:
+    """One counter of a silo's Prometheus endpoint (`tff_amqp_silo_<name>_total`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == f"tff_amqp_silo_{name}_total"
+    )
+
+
+def _silo_work(context, federation: QuorumFederation) -> dict[str, tuple[float, float, int]]:
+    """Per silo, once every earlier invocation has ended (its clean-up too):
+    (batches applied, duplicates dropped, TFF worker calls) so far."""
+    from tff_amqp.coordinator.stateful.counts import snapshot
+
+    counts = context.run(snapshot(context.runtime, list(NAMES), timeout=30.0))
+    return {
+        silo: (
+            _silo_stat(federation.metrics_ports[silo], "batches"),
+            _silo_stat(federation.metrics_ports[silo], "duplicates"),
+            counts.silo_total(silo),
+        )
+        for silo in NAMES
+    }
+
+
+def test_fedavg_five_rounds_with_the_leader_heavy_node_killed_in_round_three(
+    cluster, quorum_federation, native_context
+):
+    """FedAvg, 5 rounds, each compared with TFF native; in round 3 the node
+    leading most of the federation's quorum queues is killed (kill -9)
+    mid-round and restarted after it. Every round equals native; every
+    round applies at each silo exactly the batches and TFF worker calls of
+    an undisturbed round (a redelivered request is dropped as a duplicate,
+    never executed again); the round with the kill takes at most one
+    heartbeat timeout longer than the median of the others."""
+    import threading
+
+    import tensorflow_federated as tff
+
+    from tests.support.computations import XY_ROW, fedavg_round
+    from tff_amqp.silo.data import DataSource, SiloDataStore
+
+    initialize, fedavg = fedavg_round()
+    datasets = []
+    for silo in NAMES:
+        store = SiloDataStore(silo, [DataSource("xy", quorum_federation.xy[silo])])
+        datasets += store.client_datasets("xy", tff.to_type(XY_ROW))
+    native_state = run_in(native_context, initialize)
+    prefix = f"tff.{quorum_federation.name}."
+    with _quorum_context(cluster, quorum_federation) as context:
+        wait_live(context, NAMES, timeout=60.0)
+        heartbeat_timeout = context.runtime.options.heartbeat_timeout
+        stats = context.runtime.link.stats
+        state = run_in(context, initialize)
+        assert_close(state, native_state)
+        took: list[float] = []
+        work = [_silo_work(context, quorum_federation)]
+        victim = None
+        try:
+            for round_number in range(1, 6):
+                outcome: list[object] = []
+
+                def run(state=state, outcome=outcome) -> None:
+                    try:
+                        outcome.append(run_in(context, fedavg, state, tff_amqp.silo_data("xy")))
+                    except Exception as e:  # asserted below
+                        outcome.append(e)
+
+                if round_number == 3:
+                    leaders = cluster.leaders(prefix)
+                    victim = cluster.node_named(max(leaders, key=lambda n: leaders[n]))
+                worker = threading.Thread(target=run)
+                replies_before = stats["replies"]
+                started = time.monotonic()
+                worker.start()
+                if round_number == 3:
+                    # Mid-round: requests are out and the first reply is in.
+                    while stats["replies"] == replies_before and worker.is_alive():
+                        time.sleep(0.001)
+                    assert worker.is_alive(), "round 3 ended before the node could be killed"
+                    victim.kill()
+                worker.join(timeout=150)
+                took.append(time.monotonic() - started)
+                assert not worker.is_alive(), f"round {round_number} hung"
+                if isinstance(outcome[0], Exception):
+                    raise AssertionError(f"round {round_number} failed: {outcome[0]!r}")
+                native = run_in(native_context, fedavg, native_state, datasets)
+                assert_close(outcome[0].state, native.state)
+                assert_close(outcome[0].metrics, native.metrics)
+                assert sorted(context.last_invocation.took_part) == sorted(NAMES)
+                state, native_state = outcome[0].state, native.state
+                if victim is not None and victim.process is None:
+                    victim.start()
+                    cluster.await_members(len(cluster.nodes))
+                work.append(_silo_work(context, quorum_federation))
+        finally:
+            if victim is not None and victim.process is None:
+                victim.start()
+                cluster.await_members(len(cluster.nodes))
+    # Per round and silo: batches applied and worker calls made (not the
+    # duplicates, which a redelivery after the kill may legitimately add).
+    per_round = [
+        {s: (after[s][0] - before[s][0], after[s][2] - before[s][2]) for s in NAMES}
+        for before, after in itertools.pairwise(work)
+    ]
+    # Round 1 makes more worker calls: a silo creates a computation it has not
+    # seen once and reuses it after. From round 2 on every round is alike.
+    batches = {s: per_round[0][s][0] for s in NAMES}
+    for round_number, done in enumerate(per_round, start=1):
+        assert {s: b for s, (b, _) in done.items()} == batches, f"round {round_number}: {done}"
+        if round_number > 1:
+            assert done == per_round[1], f"round {round_number} did {done}, round 2 {per_round[1]}"
+    assert all(b > 0 and calls > 0 for b, calls in per_round[1].values())
+    others = took[:2] + took[3:]
+    assert took[2] <= statistics.median(others) + heartbeat_timeout, (
+        f"round 3 took {took[2]:.1f} s, the others {', '.join(f'{t:.1f}' for t in others)} s"
+    )
+    # The model learned (equal to native, and not a no-op).
+    assert np.abs(np.asarray(state.global_model_weights.trainable[0])).sum() > 0
 
 
 def test_a_rolling_restart_of_every_node_fails_no_invocation(
