@@ -113,6 +113,18 @@ class AmqpExecutor(executor_base.Executor):
     async def evaluate(
         self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
     ) -> CoordinatorValue:
+        # Entering and leaving are steps of this invocation: outboxes hold a
+        # batch while its branches still take them (see outbox.Activity).
+        activity = self.invocation.activity
+        activity.step()
+        try:
+            return await self._evaluate(bb, scope)
+        finally:
+            activity.step()
+
+    async def _evaluate(
+        self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
+    ) -> CoordinatorValue:
         if isinstance(bb, building_blocks.Reference):
             return await scope.lookup(bb.name)
         if isinstance(bb, building_blocks.Block):
