@@ -6,9 +6,15 @@ tests/test_payloads.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.stateful.outbox import OutboxChannel, SiloOutbox
+from tff_amqp.coordinator.stateful.outbox import (
+    MAX_HOLD_SECONDS,
+    Activity,
+    OutboxChannel,
+    SiloOutbox,
+)
 
 
 class RecordingChannel:
@@ -19,6 +25,8 @@ class RecordingChannel:
         self.batches: list[p.Envelope] = []
         self.expected: list[tuple[str, str, str]] = []
         self.max_message_bytes = max_message_bytes
+        # The invocation's progress, stepped by tests that play its branches.
+        self.activity = Activity()
 
     def channel(self) -> OutboxChannel:
         return OutboxChannel(
@@ -30,6 +38,7 @@ class RecordingChannel:
             expect_chunks=lambda corr, silo, inv: self.expected.append((corr, silo, inv)),
             wait_for_reply=self._wait,
             receive_blob=self._blob,
+            activity=self.activity,
         )
 
     async def _publish(
@@ -100,3 +109,56 @@ def test_inline_values_past_half_the_message_limit_flush_early() -> None:
     assert recording.operations(0) == [p.Open, p.CreateValue]
     assert recording.operations(1) == [p.CreateValue, p.Close]
     assert recording.expected == []  # no compute, no reply and no chunks expected
+
+
+def test_computes_reached_while_the_invocation_still_steps_ride_one_batch() -> None:
+    """FedAvg's shape: aggregations reach `compute` turns apart while the
+    coordinator still works them out (steps); they share one message."""
+
+    async def run() -> RecordingChannel:
+        recording = RecordingChannel()
+        outbox = _outbox(recording)
+        activity = recording.activity
+
+        async def branch(value: bytes, turns: int) -> bytes | bytearray:
+            for _ in range(turns):  # working out the aggregation, a step a turn
+                activity.step()
+                await asyncio.sleep(0)
+            return await outbox.compute(outbox.create_value(value))
+
+        await asyncio.gather(branch(b"a", 0), branch(b"b", 5), branch(b"c", 12))
+        await outbox.close()
+        return recording
+
+    recording = asyncio.run(run())
+    assert len(recording.batches) == 2  # the three computes, then the close
+    assert recording.operations(0).count(p.Compute) == 3
+
+
+def test_a_batch_goes_out_once_the_invocation_is_quiet_or_held_too_long() -> None:
+    async def run(busy: bool) -> tuple[RecordingChannel, float]:
+        recording = RecordingChannel()
+        outbox = _outbox(recording)
+        activity = recording.activity
+        stop = asyncio.Event()
+
+        async def spinning() -> None:  # a branch that never reaches a compute
+            while not stop.is_set():
+                activity.step()
+                await asyncio.sleep(0)
+
+        spinner = asyncio.create_task(spinning()) if busy else None
+        started = time.monotonic()
+        await outbox.compute(outbox.create_value(b"a"))
+        waited = time.monotonic() - started
+        stop.set()
+        if spinner is not None:
+            await spinner
+        await outbox.close()
+        return recording, waited
+
+    _, quiet = asyncio.run(run(busy=False))
+    assert quiet < MAX_HOLD_SECONDS  # nothing else steps: out after a few turns
+    recording, held = asyncio.run(run(busy=True))
+    assert MAX_HOLD_SECONDS <= held < MAX_HOLD_SECONDS + 1.0  # bounded
+    assert recording.operations(0) == [p.Open, p.CreateValue, p.Compute]

@@ -4,7 +4,10 @@ their status), for a federated mean over three real silo processes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
 
 from tests.support.computations import fed_mean
 from tests.support.federation import SILO_NAMES, assert_close, run_in
@@ -58,3 +61,55 @@ def test_status_carries_worker_calls_and_refuses_malformed_counts():
         wire = {**p.SiloStatus(silo="alpha", clients=1).to_wire(), "wc": bad}
         with pytest.raises(p.ProtocolError, match="'wc'"):
             p.SiloStatus.from_wire(wire)
+
+
+def _fedavg_process():
+    def model_fn():
+        keras_model = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(input_shape=(2,)),
+                tf.keras.layers.Dense(1, kernel_initializer="zeros"),
+            ]
+        )
+        return tff.learning.models.from_keras_model(
+            keras_model,
+            input_spec=FEDAVG_DATA[0].element_spec,
+            loss=tf.keras.losses.MeanSquaredError(),
+        )
+
+    return tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.1)
+    )
+
+
+def _xy_datasets(n: int) -> list[tf.data.Dataset]:
+    rng = np.random.default_rng(3)
+    datasets = []
+    for i in range(n):
+        x = rng.normal(size=(4 + i, 2)).astype(np.float32)
+        y = (x @ np.array([[1.5], [-2.0]], np.float32)).astype(np.float32)
+        datasets.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(3))
+    return datasets
+
+
+# Five clients over three silos: two silos hold two, one holds one.
+FEDAVG_DATA = _xy_datasets(5)
+
+
+def test_fedavg_round_is_one_message_per_silo(amqp_context, native_context):
+    process = _fedavg_process()
+    with tff.framework.get_context_stack().install(native_context):
+        state = process.initialize()
+        expected = process.next(state, FEDAVG_DATA)
+    run_in(amqp_context, process.next, state, FEDAVG_DATA)  # warm: compiled, cached at silos
+    output, counts = _counted(amqp_context, process.next, state, FEDAVG_DATA)
+    print(f"\nper FedAvg round: {counts}")
+    assert_close(
+        output.state.global_model_weights.trainable,
+        expected.state.global_model_weights.trainable,
+    )
+    assert_close(output.metrics["client_work"], expected.metrics["client_work"])
+    # One phase (broadcast, local training, three aggregations): per silo one
+    # request with the three computes, its reply, and the close (21 messages
+    # before the outbox held batches until the invocation went quiet).
+    assert counts.messages == 3 * len(SILO_NAMES), counts

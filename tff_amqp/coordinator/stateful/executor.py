@@ -20,7 +20,7 @@ from tensorflow_federated.python.core.impl.executors import executor_base, value
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
 from tff_amqp.coordinator.stateful.invocation import Invocation
-from tff_amqp.coordinator.stateful.local import INLINE_SERIALIZE_BYTES, host_nbytes
+from tff_amqp.coordinator.stateful.local import serialize_typed
 from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE, Scope
 from tff_amqp.coordinator.stateful.strategy import FederatingStrategy
 from tff_amqp.coordinator.stateful.values import (
@@ -29,6 +29,7 @@ from tff_amqp.coordinator.stateful.values import (
     FunctionValue,
     HostValue,
     LocalValue,
+    SerializedValue,
     StructValue,
 )
 from tff_amqp.data_reference import SiloDataReference
@@ -89,14 +90,11 @@ class AmqpExecutor(executor_base.Executor):
             )
             names = structure.name_list_with_nones(type_spec)
             return StructValue(self.invocation, list(zip(names, created)))
-        # Small arguments inline: a thread hop costs more than serializing them.
-        if host_nbytes(value) <= INLINE_SERIALIZE_BYTES:
-            proto, type_spec = value_serialization.serialize_value(value, type_spec)
-        else:
-            proto, type_spec = await asyncio.to_thread(
-                value_serialization.serialize_value, value, type_spec
-            )
-        return await self.invocation.create_local(proto, type_spec)
+        # Serialized once, here (inline when small), and kept as bytes: they
+        # are what silos receive, and the worker gets them only if it needs
+        # the value, so a large model is never computed back out of it.
+        serialized, type_spec = await serialize_typed(value, type_spec)
+        return SerializedValue(self.invocation, serialized, type_spec)
 
     async def create_call(
         self, comp: CoordinatorValue, arg: CoordinatorValue | None = None
@@ -113,6 +111,18 @@ class AmqpExecutor(executor_base.Executor):
     # ---------------------------------------------------- reference resolving
 
     async def evaluate(
+        self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
+    ) -> CoordinatorValue:
+        # Entering and leaving are steps of this invocation: outboxes hold a
+        # batch while its branches still take them (see outbox.Activity).
+        activity = self.invocation.activity
+        activity.step()
+        try:
+            return await self._evaluate(bb, scope)
+        finally:
+            activity.step()
+
+    async def _evaluate(
         self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
     ) -> CoordinatorValue:
         if isinstance(bb, building_blocks.Reference):
@@ -209,6 +219,11 @@ class AmqpExecutor(executor_base.Executor):
             return LocalValue(self.invocation, ref, element_type)
         if isinstance(source, HostValue):
             return HostValue(self.invocation, source.value[index], element_type)  # type: ignore[index]
+        if isinstance(source, SerializedValue):
+            ref = await self.invocation.local_selection(
+                await self.invocation.to_local(source), index
+            )
+            return LocalValue(self.invocation, ref, element_type)
         if isinstance(source, ClientsValue):
             raise TypeError("selection from a CLIENTS-placed value is not expected here")
         raise TypeError(f"cannot select from {type(source).__name__}")

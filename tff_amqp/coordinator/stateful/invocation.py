@@ -25,7 +25,7 @@ from tensorflow_federated.python.core.impl.types import computation_types
 from tff_amqp.coordinator.stateful.cohort import Cohort, InvocationClock, InvocationScope
 from tff_amqp.coordinator.stateful.gather import SiloGather
 from tff_amqp.coordinator.stateful.local import LocalExecutor
-from tff_amqp.coordinator.stateful.outbox import OutboxChannel, SiloOutbox
+from tff_amqp.coordinator.stateful.outbox import Activity, OutboxChannel, SiloOutbox
 from tff_amqp.coordinator.stateful.shipping import Shipping
 from tff_amqp.coordinator.stateful.values import (
     ClientsValue,
@@ -50,6 +50,7 @@ class Invocation:
         # Outboxes see only this channel. Everything in it is looked up when
         # used: the runtime owns the link and bulk, and gather and shipping
         # are built below (an outbox exists only once the cohort is chosen).
+        self.activity = Activity()
         channel = OutboxChannel(
             sender=runtime.options.coordinator_name,
             invocation_id=self.id,
@@ -64,6 +65,7 @@ class Invocation:
             ),
             wait_for_reply=lambda silo, future: self.gather.wait_for_silo(silo, future),
             receive_blob=lambda silo, blob: self.shipping.receive_blob(silo, blob),
+            activity=self.activity,
         )
         self.cohort = Cohort(runtime, self.id, self.clock, clients, channel)
         self.local = LocalExecutor(runtime)

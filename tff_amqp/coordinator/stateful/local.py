@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from tff_amqp.coordinator.stateful import values
+from tff_amqp.coordinator.stateful import value_wire, values
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
@@ -28,14 +28,25 @@ INLINE_SERIALIZE_BYTES = 64 * 1024
 async def serialize_host(value: object, type_spec: Any) -> bytes:
     """A host value serialized as a TFF `Value`: inline when small, in a
     thread when large (the event loop keeps serving heartbeats)."""
+    return (await serialize_typed(value, type_spec))[0]
 
-    def serialize() -> bytes:
-        proto, _ = value_serialization.serialize_value(value, type_spec)
-        return proto.SerializeToString()
+
+async def serialize_typed(value: object, type_spec: Any) -> tuple[bytes, Any]:
+    """`serialize_host`, with the type TFF serialized the value as."""
+
+    def serialize() -> tuple[bytes, Any]:
+        # Large tensors are copied once, straight into the bytes (value_wire).
+        return value_wire.serialize(value, type_spec)
 
     if host_nbytes(value) <= INLINE_SERIALIZE_BYTES:
         return serialize()
     return await asyncio.to_thread(serialize)
+
+
+def _deserialize(data: bytes, type_spec: Any) -> object:
+    proto = executor_pb2.Value()
+    proto.ParseFromString(memoryview(data))
+    return value_serialization.deserialize_value(proto, type_spec)[0]
 
 
 def host_nbytes(value: object) -> int:
@@ -100,6 +111,13 @@ class LocalExecutor:
         result, _ = value_serialization.deserialize_value(proto, value.type_signature)
         return result
 
+    async def compute_serialized_value(self, value: values.SerializedValue) -> object:
+        """A value held serialized, as TFF's runtime would return it (parsed
+        here: a worker round trip would only copy it twice more)."""
+        if len(value.serialized) <= INLINE_SERIALIZE_BYTES:
+            return _deserialize(value.serialized, value.type_signature)
+        return await asyncio.to_thread(_deserialize, value.serialized, value.type_signature)
+
     async def _proto(self, value: values.LocalValue) -> executor_pb2.Value:
         key = id(value)
         if key not in self._computed:
@@ -135,12 +153,16 @@ class LocalExecutor:
             proto, serialized = self._runtime.function_wire(value)
             ref, shared = await executor.create_computation(serialized, proto)
             return ref if shared else self._owned(ref)
-        if isinstance(value, values.HostValue):
+        if isinstance(value, values.HostValue | values.SerializedValue):
             return self._owned(await executor.create_value_serialized(await self.serialized(value)))
         raise TypeError(f"cannot materialize {type(value).__name__} locally")
 
-    async def serialized(self, value: values.LocalValue | values.HostValue) -> bytes:
+    async def serialized(
+        self, value: values.LocalValue | values.HostValue | values.SerializedValue
+    ) -> bytes:
         """`value` serialized for shipping to silos (computed once)."""
+        if isinstance(value, values.SerializedValue):
+            return value.serialized
         key = id(value)
         if key not in self._serialized:
             self._pins.append(value)

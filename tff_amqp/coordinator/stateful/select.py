@@ -40,6 +40,7 @@ from tff_amqp.coordinator.stateful.values import (
     FunctionValue,
     HostValue,
     LocalValue,
+    SerializedValue,
     StructValue,
 )
 from tff_amqp.errors import UnsupportedIntrinsicError
@@ -127,7 +128,7 @@ async def select_by_slices(
         raise TypeError("federated_select needs an argument")
     invocation = executor.invocation
     keys, max_key, server_val, select_fn = [await executor.select(arg, i) for i in range(4)]
-    server_values = LocalValue | HostValue
+    server_values = LocalValue | HostValue | SerializedValue
     if not isinstance(server_val, server_values) or not isinstance(max_key, server_values):
         return None
     keys_type = keys.type_signature

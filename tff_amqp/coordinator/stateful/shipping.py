@@ -60,7 +60,7 @@ class Shipping:
             return outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])
         if isinstance(value, values.FunctionValue):
             _, serialized = self._scope.runtime.function_wire(value)
-        elif isinstance(value, values.LocalValue | values.HostValue):
+        elif isinstance(value, values.LocalValue | values.HostValue | values.SerializedValue):
             # Server values are computed and serialized once, then shipped.
             serialized = await self._local.serialized(value)
         else:
@@ -97,7 +97,9 @@ class Shipping:
         return await upload
 
     async def ship_to(
-        self, value: values.LocalValue | values.HostValue, silos: Sequence[str]
+        self,
+        value: values.LocalValue | values.HostValue | values.SerializedValue,
+        silos: Sequence[str],
     ) -> dict[str, int]:
         """Create a server value at just these silos (its id at each); if large,
         one transfer published once for all of them."""

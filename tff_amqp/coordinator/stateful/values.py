@@ -2,7 +2,7 @@
 
 A value lives in one of four places: the coordinator's local worker
 (unplaced and SERVER-placed values), this process (`HostValue`: aggregates
-folded in NumPy), the silos (CLIENTS-placed values: one
+folded in NumPy; `SerializedValue`: arguments as serialized), the silos (CLIENTS-placed values: one
 handle per silo, the data never leaves), or nowhere yet (structs and functions
 are kept symbolic until something needs them materialized).
 """
@@ -78,6 +78,23 @@ class HostValue(CoordinatorValue):
 
     async def compute(self) -> object:
         return self.value
+
+
+class SerializedValue(CoordinatorValue):
+    """An unplaced or SERVER-placed argument held in this process as the
+    serialized TFF `Value` that `create_value` built: shipped to silos as
+    these bytes, and created in the coordinator's worker only if a
+    computation there needs it (a broadcast model never enters it, so the
+    coordinator holds one serialized copy of it, not three)."""
+
+    def __init__(
+        self, invocation: Invocation, serialized: bytes, type_spec: computation_types.Type
+    ) -> None:
+        super().__init__(invocation, type_spec)
+        self.serialized = serialized
+
+    async def compute(self) -> object:
+        return await self._invocation.local.compute_serialized_value(self)
 
 
 class ClientsValue(CoordinatorValue):
