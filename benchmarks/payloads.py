@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks._common import machine, print_table, write_result
+from benchmarks._common import delete_federation, machine, print_table, write_result
 
 MiB = 1024 * 1024
 SILOS = ("s1", "s2", "s3", "s4")
@@ -208,11 +208,15 @@ def main() -> int:
         native[size_mib] = asyncio.run(native_transfer(weights, len(SILOS)))
         del weights
     federation = f"bench-{uuid.uuid4().hex[:6]}"
-    with LocalFederation(args.broker, federation) as local:
-        for name in SILOS:
-            local.start_silo(name)
-        local.wait_ready(timeout=240)
-        rows = asyncio.run(measure_amqp(args.broker, federation, args.sizes_mib))
+    try:
+        with LocalFederation(args.broker, federation) as local:
+            for name in SILOS:
+                local.start_silo(name)
+            local.wait_ready(timeout=240)
+            rows = asyncio.run(measure_amqp(args.broker, federation, args.sizes_mib))
+    finally:
+        # Its queues and exchanges go, whether the run finished or failed.
+        delete_federation(args.broker, federation, list(SILOS))
     for row in rows:
         row["native_grpc_s"] = native[row["size_mib"]]
 
