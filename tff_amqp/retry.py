@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import tenacity
 
@@ -23,18 +24,15 @@ class RetryPolicy:
 
     def retrying(self, should_retry: Callable[[BaseException], bool]) -> tenacity.AsyncRetrying:
         """An async iterator of attempts; the last error is re-raised."""
-        return tenacity.AsyncRetrying(
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=self.initial_delay, max=self.max_delay
-            ),
-            stop=tenacity.stop_after_delay(self.total_timeout),
-            retry=tenacity.retry_if_exception(should_retry),
-            reraise=True,
-        )
+        return tenacity.AsyncRetrying(**self._schedule(should_retry))
 
     def retrying_blocking(self, should_retry: Callable[[BaseException], bool]) -> tenacity.Retrying:
         """The same for blocking code (e.g. a silo reading data in a thread)."""
-        return tenacity.Retrying(
+        return tenacity.Retrying(**self._schedule(should_retry))
+
+    def _schedule(self, should_retry: Callable[[BaseException], bool]) -> dict[str, Any]:
+        """The policy as tenacity's arguments, one definition for both kinds."""
+        return dict(
             wait=tenacity.wait_exponential_jitter(
                 multiplier=self.initial_delay, max=self.max_delay
             ),
