@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
+from tff_amqp.silo.stateful.plan import (
+    PLANNED_OPERATIONS,
+    Earlier,
+    Inline,
+    PlanCache,
+    PlannedBatch,
+)
 from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation
 from tff_amqp.transport.bulk import TransferError
@@ -43,6 +52,34 @@ AGGREGATION_URIS = frozenset(
 
 # Released values up to this size are copied into plain bytes.
 _INLINE_COPY = 1024 * 1024
+
+# Batches run as phase plans (one worker call for the whole batch) unless
+# this is "0": then op by op, as a dependency graph (for comparison and
+# debugging; both give the same results).
+PHASE_PLANS_ENV = "TFF_AMQP_PHASE_PLANS"
+
+# Plans are shared by every session of the process (they depend only on the
+# shape of a batch); the worker embeds each once per pinned executor.
+_PLANS = PlanCache()
+
+
+def phase_plans_enabled() -> bool:
+    return os.environ.get(PHASE_PLANS_ENV, "1") != "0"
+
+
+@dataclass
+class _PlanCall:
+    """One plan called at the worker: the handle of its result (a struct of
+    every value its batch created), the worker values it owns, and the
+    value ids still living in it."""
+
+    key: int
+    result: asyncio.Future[object]
+    live: set[int]
+    owned: list[object] = field(default_factory=list)
+
+
+_PLAN_KEYS = itertools.count()
 
 
 class SessionError(ServingError):
@@ -73,11 +110,15 @@ BlobFetcher = Callable[[p.BlobRef], Awaitable[bytearray]]
 class InvocationSession:
     """Per-invocation handles and provenance at one silo.
 
-    A batch is applied as a dataflow graph: every operation starts as soon as
-    the values it uses exist, so independent operations overlap in the worker
-    and a batch costs its dependency depth, not its length, in round trips.
-    Provenance (what may be released) is decided from the operations
-    themselves, before anything runs.
+    A batch runs as a phase plan (see plan.py): its value-creating operations
+    become one computation, called with one worker call; each value it
+    created is a member of that call's result, selected only when needed (to
+    release it, or by an operation that is not part of a plan). A batch a plan
+    cannot express (one that disposes of values midway, or has nothing to
+    fuse) is applied as a dataflow graph instead: every operation starts as
+    soon as the values it uses exist, so it costs its dependency depth in
+    worker round trips. Provenance (what may be released) is decided from the
+    operations themselves, before anything runs, either way.
     """
 
     def __init__(
@@ -91,6 +132,7 @@ class InvocationSession:
         count_clients: ClientCounter,
         deadline: float,
         fetch_blob: BlobFetcher | None = None,
+        phase_plans: bool | None = None,
     ) -> None:
         self.silo = silo
         self.invocation_id = invocation_id
@@ -100,9 +142,16 @@ class InvocationSession:
         self._resolve_data = resolve_data
         self._count_clients = count_clients
         self._fetch_blob = fetch_blob
+        self._phase_plans = phase_plans_enabled() if phase_plans is None else phase_plans
         self._executor: WorkerExecutor | None = None
         self._clients: int | None = None
         self._refs: dict[int, asyncio.Future[object]] = {}
+        # functions (CreateValue of a computation) by id: (digest, serialized);
+        # embedded at the worker only when an operation outside a plan uses one
+        self._functions: dict[int, tuple[bytes, bytes]] = {}
+        # values created by a plan: id -> (its plan call, index in the result)
+        self._members: dict[int, tuple[_PlanCall, int]] = {}
+        self._plan_calls: dict[int, _PlanCall] = {}
         # refs shared with other invocations (cached computations): never disposed here
         self._shared: set[int] = set()
         # ids of values that may leave the silo under the default policy
@@ -140,22 +189,12 @@ class InvocationSession:
         self._last_seq = batch.seq
         released: dict[int, bytes] = {}
         running: list[asyncio.Task[None]] = []
+        planned = self._plannable(batch.operations)
         try:
-            for op in batch.operations:
-                match op:
-                    case p.Open():
-                        await self._open(op)
-                    case p.Dispose():
-                        await _settle(running)
-                        await self._dispose(op.targets)
-                    case p.Close():
-                        await _settle(running)
-                        await self.close()
-                    case p.Compute():
-                        self._check_release(op.source)
-                        running.append(asyncio.create_task(self._compute(op, released)))
-                    case _:
-                        running.append(self._schedule(op))
+            if planned:
+                await self._apply_planned(batch.operations, planned, running, released)
+            else:
+                await self._apply_graph(batch.operations, running, released)
             await _settle(running)
         except SessionError as e:
             self.failed = e
@@ -168,17 +207,215 @@ class InvocationSession:
                 task.cancel()
         return released
 
+    def _plannable(self, operations: tuple[p.Operation, ...]) -> list[p.Operation]:
+        """The operations a plan runs, or [] to apply the batch op by op."""
+        if not self._phase_plans:
+            return []
+        planned: list[p.Operation] = []
+        fused = 0
+        for op in operations:
+            if isinstance(op, p.Dispose):
+                log.debug("silo.plan_skipped", extra={"reason": "the batch disposes of values"})
+                return []
+            if isinstance(op, PLANNED_OPERATIONS):
+                fused += 1
+                planned.append(op)
+            elif isinstance(op, p.CreateValue) and serialized_is_computation(op.value):
+                planned.append(op)
+        if fused < 2:
+            # One call or none: a plan would add a worker call, not save one.
+            return []
+        return planned
+
+    async def _apply_graph(
+        self,
+        operations: tuple[p.Operation, ...],
+        running: list[asyncio.Task[None]],
+        released: dict[int, bytes],
+    ) -> None:
+        for op in operations:
+            match op:
+                case p.Open():
+                    await self._open(op)
+                case p.Dispose():
+                    await _settle(running)
+                    await self._dispose(op.targets)
+                case p.Close():
+                    await _settle(running)
+                    await self.close()
+                case p.Compute():
+                    self._check_release(op.source)
+                    running.append(asyncio.create_task(self._compute(op, released)))
+                case _:
+                    running.append(self._schedule(op))
+
+    async def _apply_planned(
+        self,
+        operations: tuple[p.Operation, ...],
+        planned: list[p.Operation],
+        running: list[asyncio.Task[None]],
+        released: dict[int, bytes],
+    ) -> None:
+        # In batch order: every check, and the worker calls of argument
+        # values and client data (the plan's inputs), before the plan runs.
+        computes: list[p.Compute] = []
+        fused: set[int] = set()
+        for op in operations:
+            match op:
+                case p.Open():
+                    await self._open(op)
+                case p.Close():
+                    pass  # `apply` closes once everything has run
+                case p.Compute():
+                    self._check_release(op.source, fused)
+                    computes.append(op)
+                case p.CreateValue() if serialized_is_computation(op.value):
+                    self._claim(op.target, fused)
+                    self._note_function(op)
+                case p.CreateCall() | p.CreateStruct() | p.CreateSelection():
+                    self._claim(op.target, fused)
+                    self._note(op, fused)
+                    fused.add(op.target)
+                case _:
+                    running.append(self._schedule(op, fused))
+        plan = _PLANS.plan(planned, self._where, self._function_computation)
+        call = self._call_plan(plan, len(planned))
+        running.append(call.result)  # type: ignore[arg-type]
+        for target, index in plan.outputs.items():
+            self._members[target] = (call, index)
+        for op in computes:
+            running.append(asyncio.create_task(self._compute(op, released)))
+
+    # ------------------------------------------------------------- plans
+
+    def _where(self, value_id: int) -> Earlier | Inline:
+        """How a plan reaches a value that its batch did not create."""
+        function = self._functions.get(value_id)
+        if function is not None:
+            return Inline(function[0])
+        member = self._members.get(value_id)
+        if member is not None:
+            call, index = member
+            return Earlier(("plan", call.key), index)
+        self._ref(value_id)  # raises for an unknown id
+        return Earlier(value_id)
+
+    def _function_computation(self, digest: bytes) -> Any:
+        for known, serialized in self._functions.values():
+            if known == digest:
+                return _parse_serialized(serialized).computation
+        raise AssertionError("a plan names a function its session does not hold")
+
+    def _call_plan(self, plan: PlannedBatch, operations: int) -> _PlanCall:
+        executor = self._require_executor()
+        inputs: list[asyncio.Future[object]] = []
+        for source in plan.inputs:
+            if isinstance(source, tuple):
+                inputs.append(self._plan_calls[source[1]].result)
+            else:
+                inputs.append(self._ref(source))  # type: ignore[arg-type]
+        call = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(plan.outputs))  # type: ignore[arg-type]
+
+        async def run() -> object:
+            try:
+                fn, shared = await executor.create_computation(
+                    plan.serialized, lambda: _parse_serialized(plan.serialized), digest=plan.digest
+                )
+                if not shared:
+                    call.owned.append(fn)
+                args = [await future for future in inputs]
+                arg: object | None = None
+                if len(args) == 1:
+                    arg = args[0]
+                elif args:
+                    arg = await executor.create_struct([(None, a) for a in args])  # type: ignore[misc]
+                    call.owned.append(arg)
+                return await executor.create_call(fn, arg)  # type: ignore[arg-type]
+            except WorkerError as e:
+                raise SessionError.from_worker(
+                    e, f"silo {self.silo!r}, phase plan of {operations} operations: {e}"
+                ) from e
+
+        call.result = asyncio.ensure_future(run())
+        self._plan_calls[call.key] = call
+        log.debug(
+            "silo.plan",
+            extra={
+                "invocation": self.invocation_id,
+                "operations": operations,
+                "plans": _PLANS.built,
+            },
+        )
+        return call
+
     # ----------------------------------------------------------- scheduling
 
-    def _schedule(self, op: p.Operation) -> asyncio.Task[None]:
+    def _claim(self, target: int, fused: set[int] | None = None) -> None:
+        if self._defined(target) or (fused is not None and target in fused):
+            raise SessionError(p.ErrorCode.BAD_REFERENCE, f"value id {target} is already in use")
+
+    def _defined(self, value_id: int) -> bool:
+        return value_id in self._refs or value_id in self._members or value_id in self._functions
+
+    def _check_defined(self, value_id: int, fused: set[int]) -> None:
+        if value_id not in fused and not self._defined(value_id):
+            self._ref(value_id)  # raises BAD_REFERENCE
+
+    def _note(self, op: p.Operation, fused: set[int]) -> None:
+        """Provenance of a value-creating operation that runs in a plan."""
+        match op:
+            case p.CreateCall():
+                self._check_defined(op.fn, fused)
+                if op.arg is not None:
+                    self._check_defined(op.arg, fused)
+                self._note_call(op)
+            case p.CreateStruct():
+                for _, ref in op.elements:
+                    self._check_defined(ref, fused)
+                if all(ref in self._releasable for _, ref in op.elements):
+                    self._releasable.add(op.target)
+            case p.CreateSelection():
+                self._check_defined(op.source, fused)
+                if op.source in self._releasable:
+                    self._releasable.add(op.target)
+
+    def _note_function(self, op: p.CreateValue) -> bytes:
+        """Record a function's provenance (is it an aggregation?); return its digest."""
+        # The same computations arrive in every batch: what the privacy gate
+        # needs of one is kept by its SHA-256, so a known one is neither
+        # parsed nor hashed twice.
+        digest = hashlib.sha256(op.value).digest()
+        aggregator = _AGGREGATORS.get(digest)
+        if aggregator is None:
+            comp = _parse_value(op).computation
+            aggregator = (
+                comp.WhichOneof("computation") == "intrinsic"
+                and comp.intrinsic.uri in AGGREGATION_URIS
+            )
+            _AGGREGATORS.put(digest, aggregator)
+        self._releasable.add(op.target)
+        if aggregator:
+            self._aggregators.add(op.target)
+        self._functions[op.target] = (digest, op.value)
+        return digest
+
+    def _note_call(self, op: p.CreateCall) -> None:
+        if op.fn in self._aggregators:
+            # An aggregate over no client at all is the zero: no client data.
+            if 0 < (self._clients or 0) < self._policy.min_clients_per_aggregate:
+                raise SessionError(
+                    p.ErrorCode.PRIVACY,
+                    f"silo {self.silo!r} refuses to aggregate over {self._clients} client(s): "
+                    f"its policy requires at least {self._policy.min_clients_per_aggregate}",
+                )
+            self._releasable.add(op.target)
+
+    def _schedule(self, op: p.Operation, fused: set[int] | None = None) -> asyncio.Task[None]:
         """Bind the op's target to a future and start it. Provenance and
         reference checks happen here, synchronously, in batch order."""
         executor = self._require_executor()
         target: int = op.target  # type: ignore[attr-defined]
-        if target in self._refs:
-            raise SessionError(p.ErrorCode.BAD_REFERENCE, f"value id {target} is already in use")
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._refs[target] = future
+        self._claim(target, fused)
         run: Callable[[], Awaitable[object]]
         match op:
             case p.CreateValue():
@@ -210,6 +447,8 @@ class InvocationSession:
 
             case _:
                 raise SessionError(p.ErrorCode.UNKNOWN_OPERATION, f"unsupported operation {op!r}")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._refs[target] = future
         return asyncio.create_task(self._resolve(op, future, run))
 
     async def _resolve(
@@ -234,21 +473,9 @@ class InvocationSession:
         self, op: p.CreateValue, executor: WorkerExecutor
     ) -> Callable[[], Awaitable[object]]:
         if serialized_is_computation(op.value):
-            # The same computations arrive in every batch: what the privacy
-            # gate needs of one (is it an aggregation?) is kept by its
-            # SHA-256, so a known one is neither parsed nor hashed twice.
-            digest = hashlib.sha256(op.value).digest()
-            aggregator = _AGGREGATORS.get(digest)
-            if aggregator is None:
-                comp = _parse_value(op).computation
-                aggregator = (
-                    comp.WhichOneof("computation") == "intrinsic"
-                    and comp.intrinsic.uri in AGGREGATION_URIS
-                )
-                _AGGREGATORS.put(digest, aggregator)
-            self._releasable.add(op.target)
-            if aggregator:
-                self._aggregators.add(op.target)
+            # Op by op, the function is embedded now (not lazily); a later
+            # plan still inlines it rather than taking it as an input.
+            digest = self._note_function(op)
 
             async def run() -> object:
                 ref, shared = await executor.create_computation(
@@ -296,15 +523,7 @@ class InvocationSession:
     ) -> Callable[[], Awaitable[object]]:
         fn = self._ref(op.fn)
         arg = self._ref(op.arg) if op.arg is not None else None
-        if op.fn in self._aggregators:
-            # An aggregate over no client at all is the zero: no client data.
-            if 0 < (self._clients or 0) < self._policy.min_clients_per_aggregate:
-                raise SessionError(
-                    p.ErrorCode.PRIVACY,
-                    f"silo {self.silo!r} refuses to aggregate over {self._clients} client(s): "
-                    f"its policy requires at least {self._policy.min_clients_per_aggregate}",
-                )
-            self._releasable.add(op.target)
+        self._note_call(op)
 
         async def run() -> object:
             return await executor.create_call(await fn, await arg if arg is not None else None)
@@ -346,8 +565,8 @@ class InvocationSession:
         # Client data never becomes releasable by itself.
         return await executor.create_value(executor_pb2.Value.FromString(serialized))
 
-    def _check_release(self, source: int) -> None:
-        self._ref(source)
+    def _check_release(self, source: int, fused: set[int] | None = None) -> None:
+        self._check_defined(source, fused or set())
         if source not in self._releasable and not self._policy.allow_raw_client_values:
             raise SessionError(
                 p.ErrorCode.PRIVACY,
@@ -370,18 +589,33 @@ class InvocationSession:
         # (sent as chunks without another copy of the whole value).
         released[op.source] = bytes(value) if len(value) <= _INLINE_COPY else value  # type: ignore[assignment]
 
-    async def _dispose(self, targets: tuple[int, ...]) -> None:
-        refs = []
+    async def _dispose(self, targets: tuple[int, ...], *, every_plan_call: bool = False) -> None:
+        refs: list[object] = []
         for target in targets:
             future = self._refs.pop(target, None)
             self._releasable.discard(target)
             self._aggregators.discard(target)
+            self._functions.pop(target, None)
             shared = target in self._shared
             self._shared.discard(target)
-            if future is not None and not shared and future.done() and future.exception() is None:
-                refs.append(future.result())
+            if future is not None and not shared:
+                refs.extend(_settled(future))
+            member = self._members.pop(target, None)
+            if member is not None:
+                call = member[0]
+                call.live.discard(target)
+                if not call.live:
+                    # Nothing of the plan's result is used any more.
+                    refs.extend(self._release_plan_call(call))
+        if every_plan_call:
+            for call in list(self._plan_calls.values()):
+                refs.extend(self._release_plan_call(call))
         if refs and self._executor is not None:
             await self._executor.dispose(refs)  # type: ignore[arg-type]
+
+    def _release_plan_call(self, call: _PlanCall) -> list[object]:
+        self._plan_calls.pop(call.key, None)
+        return [*_settled(call.result), *call.owned]
 
     async def close(self) -> None:
         """Free every value of this invocation; idempotent, never raises."""
@@ -389,10 +623,13 @@ class InvocationSession:
             return
         self.closed = True
         try:
-            await self._dispose(tuple(self._refs))
+            # One Dispose call for everything (values, and plan results left).
+            await self._dispose(tuple(self._refs), every_plan_call=True)
         except Exception:  # the worker may already be gone
             log.debug("silo.dispose_failed", exc_info=True)
         self._refs.clear()
+        self._members.clear()
+        self._functions.clear()
         self._executor = None
 
     def _require_executor(self) -> WorkerExecutor:
@@ -405,13 +642,53 @@ class InvocationSession:
         return self._executor
 
     def _ref(self, value_id: int) -> asyncio.Future[object]:
-        try:
-            return self._refs[value_id]
-        except KeyError:
+        """The worker value of an id; a plan's member or a function is made a
+        worker value of its own only here, when something needs it as one."""
+        future = self._refs.get(value_id)
+        if future is not None:
+            return future
+        executor = self._require_executor()
+        member = self._members.get(value_id)
+        function = self._functions.get(value_id)
+        if member is not None:
+            call, index = member
+
+            async def select() -> object:
+                return await executor.create_selection(await call.result, index)  # type: ignore[arg-type]
+
+            future = asyncio.ensure_future(select())
+        elif function is not None:
+            digest, serialized = function
+
+            async def embed() -> object:
+                ref, shared = await executor.create_computation(
+                    serialized, lambda: _parse_serialized(serialized), digest=digest
+                )
+                if shared:
+                    self._shared.add(value_id)
+                return ref
+
+            future = asyncio.ensure_future(embed())
+        else:
             raise SessionError(
                 p.ErrorCode.BAD_REFERENCE,
                 f"silo {self.silo!r} has no value {value_id} in invocation {self.invocation_id}",
-            ) from None
+            )
+        future.add_done_callback(_retrieve)
+        self._refs[value_id] = future
+        return future
+
+
+def _settled(future: asyncio.Future[object]) -> list[object]:
+    """The worker value a future holds, if it holds one."""
+    if future.done() and not future.cancelled() and future.exception() is None:
+        return [future.result()]
+    return []
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: whoever awaits it reports it
 
 
 class _DigestFlags:
@@ -432,6 +709,12 @@ class _DigestFlags:
 
 
 _AGGREGATORS = _DigestFlags()
+
+
+def _parse_serialized(serialized: bytes) -> Any:
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    return executor_pb2.Value.FromString(serialized)
 
 
 def _parse_value(op: p.CreateValue) -> Any:

@@ -1,0 +1,237 @@
+"""Phase plans: a batch's client-side work as one TFF computation.
+
+A batch is the silo's part of one phase of an invocation, written as a dataflow
+graph of worker operations (embed this function, call it on that value, build
+a struct, select a member). Applied one operation at a time it costs its
+dependency depth in worker round trips, one after another: 11 for a federated
+mean. A plan is the same graph as one computation,
+
+    (inputs) -> let v0 = <function>, v1 = v0(inputs[0]), ... in <v1, v3, ...>
+
+which the worker evaluates with a single `CreateCall`; every value the batch
+created is then a member of that call's result. Functions are inlined in the
+plan (each is the coordinator's own computation, verbatim); values that exist
+before the plan runs (argument values, client data, values of earlier phases)
+are its inputs.
+
+A plan depends only on the batch's shape: which operations, on which
+functions (by SHA-256), in what order, on which inputs. The same phase of the
+same computation has the same shape every round, so plans are cached by it
+and the worker embeds each plan once (by its digest, like any computation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tff_amqp import protocol as p
+
+# What a plan can express: the value-creating operations of a batch.
+PLANNED_OPERATIONS = (p.CreateCall, p.CreateStruct, p.CreateSelection)
+
+_PARAMETER = "plan_inputs"
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A value that exists before the plan runs: one of the plan's inputs.
+
+    `source` identifies the worker value to pass (a value id, or a key naming
+    an earlier plan's result); `index`, when set, selects a member of it
+    inside the plan, so a value produced by an earlier plan is used without a
+    worker call to select it first."""
+
+    source: Hashable
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Inline:
+    """A function known by its digest, inlined in the plan."""
+
+    digest: bytes
+
+
+# How the session names what an id outside the batch's own operations is.
+Resolver = Callable[[int], Earlier | Inline]
+# The parsed `Computation` proto of a function, by digest.
+ComputationOf = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch as a plan: what to call, with what, and where each value is."""
+
+    digest: bytes
+    serialized: bytes
+    # Worker values to pass, in parameter order (the keys of `Earlier.source`).
+    inputs: tuple[Hashable, ...]
+    # Value id -> index of the member of the plan's result that holds it.
+    outputs: dict[int, int]
+
+
+@dataclass(frozen=True)
+class _Built:
+    digest: bytes
+    serialized: bytes
+
+
+class PlanCache:
+    """Plans by batch shape, bounded (least recently used goes first)."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
+        self.built = 0
+
+    def plan(
+        self,
+        operations: Sequence[p.Operation],
+        resolve: Resolver,
+        computation_of: ComputationOf,
+    ) -> PlannedBatch:
+        """The plan of `operations` (value-creating operations in batch
+        order; CreateValue ops are functions, given by `resolve` as Inline)."""
+        shape, inputs, outputs, nodes = _shape(operations, resolve)
+        built = self._plans.get(shape)
+        if built is None:
+            built = _build(nodes, len(inputs), computation_of)
+            self.built += 1
+            self._plans[shape] = built
+            while len(self._plans) > self.MAX:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(shape)
+        return PlannedBatch(
+            digest=built.digest,
+            serialized=built.serialized,
+            inputs=inputs,
+            outputs={target: i for i, target in enumerate(outputs)},
+        )
+
+
+# A node of the plan: ("fn", digest) | ("in", input position, index | None)
+# | ("call", fn node, arg node | None) | ("struct", ((name, node), ...))
+# | ("select", node, index); nodes refer to earlier nodes by position.
+_Node = tuple[Any, ...]
+
+
+def _shape(
+    operations: Sequence[p.Operation], resolve: Resolver
+) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
+    nodes: list[_Node] = []
+    local: dict[int, int] = {}
+    interned: dict[Hashable, int] = {}
+    inputs: list[Hashable] = []
+    positions: dict[Hashable, int] = {}
+    outputs: list[int] = []
+
+    def intern(node: _Node) -> int:
+        known = interned.get(node)
+        if known is None:
+            known = interned[node] = len(nodes)
+            nodes.append(node)
+        return known
+
+    def node_of(value_id: int) -> int:
+        found = local.get(value_id)
+        if found is not None:
+            return found
+        where = resolve(value_id)
+        if isinstance(where, Inline):
+            return intern(("fn", where.digest))
+        position = positions.get(where.source)
+        if position is None:
+            position = positions[where.source] = len(inputs)
+            inputs.append(where.source)
+        return intern(("in", position, where.index))
+
+    for op in operations:
+        match op:
+            case p.CreateValue():
+                # A function: inlined where it is used.
+                local[op.target] = node_of(op.target)
+                continue
+            case p.CreateCall():
+                node: _Node = (
+                    "call",
+                    node_of(op.fn),
+                    node_of(op.arg) if op.arg is not None else None,
+                )
+            case p.CreateStruct():
+                node = ("struct", tuple((name, node_of(ref)) for name, ref in op.elements))
+            case p.CreateSelection():
+                node = ("select", node_of(op.source), op.index)
+            case _:
+                raise TypeError(f"a plan cannot express {op.op!r}")
+        # Every value the batch creates is kept as its own node (the same
+        # struct built twice is two values, as op by op).
+        local[op.target] = len(nodes)
+        nodes.append(node)
+        outputs.append(op.target)
+    result = tuple(local[target] for target in outputs)
+    shape = (tuple(nodes), len(inputs), result)
+    return shape, tuple(inputs), outputs, [*nodes, ("result", result)]
+
+
+def _build(nodes: list[_Node], inputs: int, computation_of: ComputationOf) -> _Built:
+    from tensorflow_federated.proto.v0 import computation_pb2 as pb
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    def ref(position: int) -> Any:
+        return pb.Computation(reference=pb.Reference(name=f"v{position}"))
+
+    parameter = pb.Computation(reference=pb.Reference(name=_PARAMETER))
+    locals_ = []
+    for position, node in enumerate(nodes[:-1]):
+        match node:
+            case ("fn", digest):
+                value = computation_of(digest)
+            case ("in", index, member):
+                # One input is passed as itself, several as a struct.
+                value = (
+                    parameter
+                    if inputs == 1
+                    else pb.Computation(selection=pb.Selection(source=parameter, index=index))
+                )
+                if member is not None:
+                    value = pb.Computation(selection=pb.Selection(source=value, index=member))
+            case ("call", fn, arg):
+                call = pb.Call(function=ref(fn))
+                if arg is not None:
+                    call.argument.CopyFrom(ref(arg))
+                value = pb.Computation(call=call)
+            case ("struct", elements):
+                value = pb.Computation(
+                    struct=pb.Struct(
+                        element=[
+                            pb.Struct.Element(name=name or "", value=ref(element))
+                            for name, element in elements
+                        ]
+                    )
+                )
+            case ("select", source, index):
+                value = pb.Computation(selection=pb.Selection(source=ref(source), index=index))
+            case _:
+                raise AssertionError(node)
+        locals_.append(pb.Block.Local(name=f"v{position}", value=value))
+    _, result = nodes[-1]
+    body = pb.Computation(
+        block=pb.Block(
+            local=locals_,
+            result=pb.Computation(
+                struct=pb.Struct(element=[pb.Struct.Element(value=ref(i)) for i in result])
+            ),
+        )
+    )
+    lambda_ = pb.Lambda(result=body)
+    if inputs:
+        lambda_.parameter_name = _PARAMETER
+    computation = pb.Computation(**{"lambda": lambda_})
+    serialized = executor_pb2.Value(computation=computation).SerializeToString()
+    return _Built(digest=hashlib.sha256(serialized).digest(), serialized=serialized)
