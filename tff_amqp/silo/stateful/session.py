@@ -69,8 +69,9 @@ def phase_plans_enabled() -> bool:
 
 @dataclass
 class _PlanCall:
-    """One plan called at the worker: the handle of its result (a struct of
-    every value its batch created), the worker values it owns, and the
+    """A worker value whose members are values of the session: a plan's
+    result (every value its batch created) or a batch's argument values
+    sent as one struct. Holds the handle, the worker values it owns, and the
     value ids still living in it."""
 
     key: int
@@ -258,8 +259,13 @@ class InvocationSession:
     ) -> None:
         # In batch order: every check, and the worker calls of argument
         # values and client data (the plan's inputs), before the plan runs.
+        from tensorflow_federated.proto.v0 import executor_pb2
+
         computes: list[p.Compute] = []
         fused: set[int] = set()
+        # The batch's argument values, sent to the worker as one struct.
+        arguments = executor_pb2.Value()
+        argument_ids: list[int] = []
         for op in operations:
             match op:
                 case p.Open():
@@ -272,12 +278,25 @@ class InvocationSession:
                 case p.CreateValue() if serialized_is_computation(op.value):
                     self._claim(op.target, fused)
                     self._note_function(op)
+                case p.CreateValue():
+                    self._claim(op.target, fused)
+                    try:
+                        arguments.struct.element.add().value.ParseFromString(op.value)
+                    except Exception as e:
+                        raise SessionError(
+                            p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
+                        ) from e
+                    self._releasable.add(op.target)  # the coordinator sent it
+                    argument_ids.append(op.target)
+                    fused.add(op.target)
                 case p.CreateCall() | p.CreateStruct() | p.CreateSelection():
                     self._claim(op.target, fused)
                     self._note(op, fused)
                     fused.add(op.target)
                 case _:
                     running.append(self._schedule(op, fused))
+        if argument_ids:
+            running.append(self._create_arguments(arguments, argument_ids).result)  # type: ignore[arg-type]
         plan = _PLANS.plan(planned, self._where, self._function_computation)
         call = self._call_plan(plan, len(planned))
         running.append(call.result)  # type: ignore[arg-type]
@@ -305,6 +324,26 @@ class InvocationSession:
             if known == digest:
                 return _parse_serialized(serialized).computation
         raise AssertionError("a plan names a function its session does not hold")
+
+    def _create_arguments(self, arguments: Any, ids: list[int]) -> _PlanCall:
+        """One CreateValue for all of a batch's argument values; each is a
+        member of it, as a plan's values are of the plan's result."""
+        executor = self._require_executor()
+        holder = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(ids))  # type: ignore[arg-type]
+
+        async def run() -> object:
+            try:
+                return await executor.create_value(arguments)
+            except WorkerError as e:
+                raise SessionError.from_worker(
+                    e, f"silo {self.silo!r}, argument values {ids}: {e}"
+                ) from e
+
+        holder.result = asyncio.ensure_future(run())
+        self._plan_calls[holder.key] = holder
+        for index, target in enumerate(ids):
+            self._members[target] = (holder, index)
+        return holder
 
     def _call_plan(self, plan: PlannedBatch, operations: int) -> _PlanCall:
         executor = self._require_executor()
