@@ -266,6 +266,9 @@ class SiloOptions:
     allow_raw_client_values: bool = False
     # Anything else, appended as given (e.g. `--log-level info`).
     extra_args: tuple[str, ...] = ()
+    # Environment variables set for the process (added to ours), e.g.
+    # {"TFF_AMQP_PHASE_PLANS": "0"}.
+    env: Mapping[str, str] | None = None
 
     def args(self) -> list[str]:
         valued = {
@@ -368,7 +371,7 @@ class LocalFederation(ProcessGroup):
         command += options.args()
         # '#' of a worker's name would be awkward in a file name.
         process_name = f"{command_name}-{name}".replace("#", "-")
-        process = self.start(process_name, command, ready_event=ready_event)
+        process = self.start(process_name, command, env=options.env, ready_event=ready_event)
         self.silos[name] = process
         return process
 

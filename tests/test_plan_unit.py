@@ -1,0 +1,318 @@
+"""Phase plans (tff_amqp/silo/stateful/plan.py) without a broker.
+
+The cache tests build plans from hand-written batches; the last test runs a
+built plan on a real worker_binary and compares it with the same operations
+applied one by one."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+from tff_amqp import protocol as p
+from tff_amqp.silo.stateful.plan import Earlier, Inline, PlanCache, PlannedBatch
+
+MAP = b"M" * 32  # digests of the functions of the hand-written batches
+SQUARE = b"S" * 32
+CUBE = b"C" * 32
+
+
+def _computation_of(digest: bytes) -> Any:
+    """A stand-in function body per digest (distinct, so digests differ)."""
+    from tensorflow_federated.proto.v0 import computation_pb2 as pb
+
+    return pb.Computation(intrinsic=pb.Intrinsic(uri=f"stand_in_{digest.hex()[:8]}"))
+
+
+def _resolver(functions: dict[int, bytes], earlier: dict[int, Earlier] | None = None) -> Any:
+    """Ids of functions resolve to Inline, ids in `earlier` to that, any
+    other id to an input of its own."""
+
+    def resolve(value_id: int) -> Earlier | Inline:
+        if value_id in functions:
+            return Inline(functions[value_id])
+        if earlier and value_id in earlier:
+            return earlier[value_id]
+        return Earlier(value_id)
+
+    return resolve
+
+
+def _map_batch(base: int, data: int, fn_digest: bytes = SQUARE) -> tuple[list[p.Operation], Any]:
+    """map(fn, data) as the coordinator sends it: two functions, a struct of
+    (fn, data), a call; ids start at `base`."""
+    ops: list[p.Operation] = [
+        p.CreateValue(target=base, value=b"map"),
+        p.CreateValue(target=base + 1, value=b"fn"),
+        p.CreateStruct(target=base + 2, elements=((None, base + 1), (None, data))),
+        p.CreateCall(target=base + 3, fn=base, arg=base + 2),
+    ]
+    return ops, _resolver({base: MAP, base + 1: fn_digest})
+
+
+def _plan(cache: PlanCache, ops: Sequence[p.Operation], resolve: Any) -> PlannedBatch:
+    return cache.plan(ops, resolve, _computation_of)
+
+
+def _locals(plan: PlannedBatch) -> list[Any]:
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    value = executor_pb2.Value.FromString(plan.serialized)
+    return list(getattr(value.computation, "lambda").result.block.local)
+
+
+def test_same_shape_with_other_ids_is_the_same_plan() -> None:
+    cache = PlanCache()
+    first = _plan(cache, *_map_batch(10, data=1))
+    second = _plan(cache, *_map_batch(500, data=77))
+    assert cache.built == 1
+    assert second.digest == first.digest and second.serialized == first.serialized
+    assert first.inputs == (1,) and second.inputs == (77,)
+    # The same members hold the values, under the batch's own ids.
+    assert first.outputs == {12: 0, 13: 1}
+    assert second.outputs == {502: 0, 503: 1}
+
+
+def test_another_function_or_structure_is_another_plan() -> None:
+    cache = PlanCache()
+    base = _plan(cache, *_map_batch(10, data=1))
+    other_function = _plan(cache, *_map_batch(10, data=1, fn_digest=CUBE))
+    ops, resolve = _map_batch(10, data=1)
+    # The same operations plus one selection of the result.
+    longer = _plan(cache, [*ops, p.CreateSelection(target=14, source=13, index=0)], resolve)
+    # The struct's elements the other way round.
+    swapped = [
+        *ops[:2],
+        p.CreateStruct(target=12, elements=((None, 1), (None, 11))),
+        ops[3],
+    ]
+    reordered = _plan(cache, swapped, resolve)
+    digests = {base.digest, other_function.digest, longer.digest, reordered.digest}
+    assert len(digests) == 4
+    assert cache.built == 4
+    assert longer.outputs == {12: 0, 13: 1, 14: 2}
+
+
+def test_inputs_are_ordered_by_first_use() -> None:
+    cache = PlanCache()
+    ops: list[p.Operation] = [
+        p.CreateValue(target=20, value=b"fn"),
+        p.CreateStruct(target=21, elements=((None, 9), (None, 3))),
+        p.CreateCall(target=22, fn=20, arg=21),
+        p.CreateStruct(target=23, elements=((None, 5), (None, 3), (None, 22))),
+        p.CreateStruct(target=24, elements=((None, 23), (None, 9))),
+    ]
+    plan = _plan(cache, ops, _resolver({20: SQUARE}))
+    assert plan.inputs == (9, 3, 5)
+    # Each input is that position of the plan's parameter, once.
+    selections = [
+        (local.value.selection.source.reference.name, local.value.selection.index)
+        for local in _locals(plan)
+        if local.value.WhichOneof("computation") == "selection"
+    ]
+    assert selections == [("plan_inputs", 0), ("plan_inputs", 1), ("plan_inputs", 2)]
+    # Ids in the other order of first use: the other order of inputs, and
+    # another plan (the parameter's positions differ).
+    swapped = [
+        ops[0],
+        p.CreateStruct(target=21, elements=((None, 3), (None, 9))),
+        *ops[2:],
+    ]
+    other = _plan(cache, swapped, _resolver({20: SQUARE}))
+    assert other.inputs == (3, 9, 5)
+    assert other.digest != plan.digest
+
+
+def test_an_earlier_plans_member_is_an_input_with_its_member_index() -> None:
+    cache = PlanCache()
+    first_ops, resolve = _map_batch(10, data=1)
+    first = _plan(cache, first_ops, resolve)
+    # The next batch uses value 13 (member 1 of the first plan's result) and
+    # value 12 (member 0), both through the one result handle, and data 1.
+    handle: Hashable = ("plan", 0)
+    earlier = {13: Earlier(handle, first.outputs[13]), 12: Earlier(handle, first.outputs[12])}
+    ops: list[p.Operation] = [
+        p.CreateValue(target=30, value=b"fn"),
+        p.CreateStruct(target=31, elements=((None, 13), (None, 1), (None, 12))),
+        p.CreateCall(target=32, fn=30, arg=31),
+    ]
+    second = _plan(cache, ops, _resolver({30: CUBE}, earlier))
+    assert second.inputs == (handle, 1)
+    members = [
+        (
+            local.value.selection.source.selection.index,
+            local.value.selection.index,
+        )
+        for local in _locals(second)
+        if local.value.WhichOneof("computation") == "selection"
+        and local.value.selection.source.WhichOneof("computation") == "selection"
+    ]
+    # Input 0 (the handle) selected at member 1 and at member 0.
+    assert members == [(0, 1), (0, 0)]
+
+
+def test_the_cache_is_bounded_least_recently_used_first() -> None:
+    cache = PlanCache()
+    cache.MAX = 3
+    shapes = [_map_batch(10, data=1, fn_digest=bytes([i]) * 32) for i in range(4)]
+    for ops, resolve in shapes:
+        _plan(cache, ops, resolve)
+    assert cache.built == 4
+    # Shape 0 went first; 1, 2, 3 are kept.
+    _plan(cache, *shapes[1])
+    assert cache.built == 4
+    _plan(cache, *shapes[0])
+    assert cache.built == 5
+    # Shape 1 was used last-but-one, so 2 went when 0 came back.
+    _plan(cache, *shapes[1])
+    assert cache.built == 5
+    _plan(cache, *shapes[2])
+    assert cache.built == 6
+
+
+# ------------------------------------------------- a plan on a worker_binary
+
+
+def _function_values() -> dict[str, bytes]:
+    """Serialized `Value`s of the functions of `sum(map(square, x))` as our
+    coordinator sends them: the map and aggregate intrinsics, the
+    TensorFlow computation, a TensorFlow add and an identity report."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+    from tensorflow_federated.proto.v0 import executor_pb2
+    from tensorflow_federated.python.core.environments.tensorflow_backend import (
+        tensorflow_computation_factory as factory,
+    )
+    from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+    from tensorflow_federated.python.core.impl.types import computation_types, placements
+
+    f32 = computation_types.TensorType(np.float32)
+    at_clients = computation_types.FederatedType(f32, placements.CLIENTS)
+
+    @tff.tensorflow.computation(np.float32)
+    def square(x: Any) -> Any:
+        return x * x
+
+    square_value, _ = value_serialization.serialize_value(square, square.type_signature)
+    add_proto, add_type = factory.create_binary_operator(tf.add, f32, f32)
+    identity = building_blocks.Lambda(
+        "accumulator", f32, building_blocks.Reference("accumulator", f32)
+    )
+    fn_type = computation_types.FunctionType(f32, f32)
+    map_ = building_blocks.Intrinsic(
+        intrinsic_defs.FEDERATED_MAP.uri,
+        computation_types.FunctionType([fn_type, at_clients], at_clients),
+    )
+    aggregate = building_blocks.Intrinsic(
+        intrinsic_defs.FEDERATED_AGGREGATE.uri,
+        computation_types.FunctionType(
+            [at_clients, f32, add_type, add_type, identity.type_signature],
+            computation_types.FederatedType(f32, placements.SERVER),
+        ),
+    )
+
+    def computation(proto: Any) -> bytes:
+        return executor_pb2.Value(computation=proto).SerializeToString()
+
+    return {
+        "map": computation(map_.proto),
+        "square": square_value.SerializeToString(),
+        "aggregate": computation(aggregate.proto),
+        "add": computation(add_proto),
+        "identity": computation(identity.proto),
+    }
+
+
+def _sum_of_squares_batch(functions: dict[str, bytes]) -> list[p.Operation]:
+    """Ids 1 (client values) and 2 (the zero) exist before the batch."""
+    return [
+        p.CreateValue(target=10, value=functions["map"]),
+        p.CreateValue(target=11, value=functions["square"]),
+        p.CreateStruct(target=12, elements=((None, 11), (None, 1))),
+        p.CreateCall(target=13, fn=10, arg=12),
+        p.CreateValue(target=14, value=functions["aggregate"]),
+        p.CreateValue(target=15, value=functions["add"]),
+        p.CreateValue(target=16, value=functions["identity"]),
+        p.CreateStruct(
+            target=17,
+            elements=((None, 13), (None, 2), (None, 15), (None, 15), (None, 16)),
+        ),
+        p.CreateCall(target=18, fn=14, arg=17),
+    ]
+
+
+async def test_a_plan_runs_on_worker_binary_like_its_operations_one_by_one() -> None:
+    import hashlib
+
+    import tensorflow_federated as tff
+    from tensorflow_federated.proto.v0 import executor_pb2
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+
+    from tff_amqp.tff_worker.process import WorkerBinary
+
+    values = [1.5, -2.0, 3.0]
+    functions = _function_values()
+    ops = _sum_of_squares_batch(functions)
+    by_digest = {hashlib.sha256(v).digest(): v for v in functions.values()}
+    digest_of = {
+        op.target: hashlib.sha256(op.value).digest() for op in ops if isinstance(op, p.CreateValue)
+    }
+    cache = PlanCache()
+    plan = cache.plan(
+        ops,
+        _resolver(digest_of),
+        lambda digest: executor_pb2.Value.FromString(by_digest[digest]).computation,
+    )
+    assert plan.inputs == (1, 2)
+    data, _ = value_serialization.serialize_value(
+        values, tff.FederatedType(np.float32, tff.CLIENTS)
+    )
+    zero, _ = value_serialization.serialize_value(np.float32(0.0), tff.TensorType(np.float32))
+
+    async with WorkerBinary() as worker:
+        executor = await worker.client.get_executor(len(values))
+        try:
+            existing = {1: await executor.create_value(data), 2: await executor.create_value(zero)}
+
+            # One by one, as the silo's op-by-op path applies them.
+            refs = dict(existing)
+            for op in ops:
+                match op:
+                    case p.CreateValue():
+                        refs[op.target] = await executor.create_value(
+                            executor_pb2.Value.FromString(op.value)
+                        )
+                    case p.CreateStruct():
+                        refs[op.target] = await executor.create_struct(
+                            [(name, refs[ref]) for name, ref in op.elements]
+                        )
+                    case p.CreateCall():
+                        refs[op.target] = await executor.create_call(refs[op.fn], refs[op.arg])
+            one_by_one = await executor.compute(refs[18])
+
+            # The plan: one CreateCall, then the aggregate's member selected.
+            calls_before = executor.calls["CreateCall"]
+            fn = await executor.create_value(executor_pb2.Value.FromString(plan.serialized))
+            arg = await executor.create_struct([(None, existing[i]) for i in plan.inputs])  # type: ignore[index]
+            result = await executor.create_call(fn, arg)
+            assert executor.calls["CreateCall"] - calls_before == 1
+            member = await executor.create_selection(result, plan.outputs[18])
+            planned = await executor.compute(member)
+            # A member that is a CLIENTS value is there too: the squares.
+            squares = await executor.compute(
+                await executor.create_selection(result, plan.outputs[13])
+            )
+        finally:
+            await executor.close()
+
+    planned_value, planned_type = value_serialization.deserialize_value(planned)
+    one_by_one_value, one_by_one_type = value_serialization.deserialize_value(one_by_one)
+    assert str(planned_type) == str(one_by_one_type) == "float32@SERVER"
+    expected = float(np.sum(np.square(np.asarray(values, np.float32))))
+    np.testing.assert_allclose(planned_value, one_by_one_value, rtol=0)
+    np.testing.assert_allclose(planned_value, expected, rtol=1e-6)
+    squares_value, _ = value_serialization.deserialize_value(squares)
+    np.testing.assert_allclose(squares_value, np.square(values), rtol=1e-6)
