@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,14 @@ def start_federation(
     names: tuple[str, ...] = SILO_NAMES,
     clients_per_silo: tuple[int, ...] = (2, 3, 2),
     extra_args: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Federation:
-    """Write each silo's CSV folder, start the silos, wait until ready."""
+    """Write each silo's CSV folder, start the silos (with `env` added to
+    their environment), wait until ready."""
     folders: dict[str, Path] = {}
     for i, name in enumerate(names):
         folders[name] = write_silo_csvs(root, i, clients_per_silo[i % len(clients_per_silo)])
-        options = SiloOptions(extra_args=extra_args)
+        options = SiloOptions(extra_args=extra_args, env=env)
         local.start_silo(name, data={"readings": folders[name]}, options=options)
     local.wait_ready(timeout=240)
     return Federation(local, folders)

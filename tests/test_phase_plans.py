@@ -1,0 +1,245 @@
+"""Phase plans at real silo processes: each batch of a silo's worker
+operations runs as one computation (tff_amqp/silo/stateful/plan.py), and
+results equal TFF's native runtime, the op-by-op path
+(TFF_AMQP_PHASE_PLANS=0 in the silos) and each other.
+
+The computations keep state at the silos between phases: the CLIENTS values
+of one phase (a plan's members) feed the plans of the later phases, after
+an aggregation the coordinator had to wait for. Unit tests of the plans
+themselves are in test_plan_unit.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tff_amqp
+from tests.support.computations import F32_CLIENTS, ROW, ROWS_AT_CLIENTS, fed_mean, mean_glucose
+from tests.support.federation import (
+    SILO_NAMES,
+    Federation,
+    assert_close,
+    local_federation,
+    native_over,
+    run_in,
+    start_federation,
+    started_context,
+    wait_live,
+)
+from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
+from tff_amqp.local import LocalFederation
+from tff_amqp.silo.stateful.session import PHASE_PLANS_ENV
+
+VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
+PHASES = 3
+
+
+@tff.tensorflow.computation(np.float32, np.float32)
+def squared_deviation(x: Any, mean: Any) -> Any:
+    return tf.square(x - mean)
+
+
+@tff.tensorflow.computation(np.float32, np.float32, np.float32, np.float32)
+def standardized(x: Any, mean: Any, deviation: Any, variance: Any) -> Any:
+    # Uses the client's value, its deviation from phase 2 and both earlier
+    # aggregates: positive terms only, so sums are exact enough for 1e-5.
+    return deviation / (variance + 1.0) + tf.abs(x - mean)
+
+
+def _three_phases(x: Any) -> Any:
+    """mean; then the variance around it; then statistics of each client's
+    value, deviation and both aggregates (three aggregation phases)."""
+    mean = tff.federated_mean(x)
+    mean_at_clients = tff.federated_broadcast(mean)
+    deviation = tff.federated_map(squared_deviation, tff.federated_zip((x, mean_at_clients)))
+    variance = tff.federated_mean(deviation)
+    variance_at_clients = tff.federated_broadcast(variance)
+    z = tff.federated_map(
+        standardized, tff.federated_zip((x, mean_at_clients, deviation, variance_at_clients))
+    )
+    return mean, variance, tff.federated_sum(z), tff.federated_max(z)
+
+
+@tff.federated_computation(F32_CLIENTS)
+def three_phases(x: Any) -> Any:
+    return _three_phases(x)
+
+
+@tff.tensorflow.computation(tff.SequenceType(ROW))
+def client_mean_glucose(rows: Any) -> Any:
+    total, count = rows.reduce(
+        (np.float32(0.0), np.float32(0.0)),
+        lambda acc, row: (acc[0] + row["glucose"], acc[1] + 1.0),
+    )
+    return total / count
+
+
+@tff.federated_computation(ROWS_AT_CLIENTS)
+def three_phases_over_data(rows: Any) -> Any:
+    """The same over each client's mean glucose, computed from the silo's
+    own data in phase 1 and kept there."""
+    return _three_phases(tff.federated_map(client_mean_glucose, rows))
+
+
+# ------------------------------------------------- the session's federation
+
+
+@pytest.mark.slow
+def test_three_phases_with_client_state_equal_native(amqp_context, native_context):
+    expected = run_in(native_context, three_phases, VALUES)
+    assert_close(run_in(amqp_context, three_phases, VALUES), expected)
+    # Again: every phase's plan now comes from the silos' caches.
+    assert_close(run_in(amqp_context, three_phases, VALUES), expected)
+
+
+@pytest.mark.slow
+def test_three_phases_over_silo_data_equal_native(amqp_context, native_context, silo_federation):
+    actual = run_in(amqp_context, three_phases_over_data, tff_amqp.silo_data("readings"))
+    expected = native_over(native_context, three_phases_over_data, silo_federation, SILO_NAMES)
+    assert_close(actual, expected)
+
+
+# Cohorts of other sizes and client distributions over the three silos, in
+# one test so they run one after another against the same warm silos (the
+# plans of one shape must not be reused for another).
+DISTRIBUTIONS = [
+    VALUES,
+    [2.5],  # fewer clients than silos
+    [1.0, -4.0],  # a silo without clients
+    [1.0, 2.0, 3.0, 4.0],  # one silo with two, the others one
+    [float(i) / 3 for i in range(11)],
+    [],  # no client at all
+    VALUES[::-1],  # the first cohort again, other values
+]
+
+
+@pytest.mark.slow
+def test_three_phases_over_other_cohorts_equal_native(amqp_context, native_context):
+    for values in DISTRIBUTIONS:
+        expected = run_in(native_context, three_phases, values)
+        actual = run_in(amqp_context, three_phases, values)
+        assert_close(actual, expected)
+
+
+# ------------------------------------------------------- a restarted silo
+
+
+@pytest.mark.slow
+def test_a_restarted_silo_builds_its_plans_again(
+    amqp_url, local: LocalFederation, native_context, tmp_path
+):
+    names = ("alpha", "bravo")
+    federation = start_federation(local, tmp_path, names=names, clients_per_silo=(2, 3))
+    with started_context(amqp_url, local.federation, len(names)) as context:
+        expected = run_in(native_context, three_phases, VALUES)
+        assert_close(run_in(context, three_phases, VALUES), expected)
+        old = local.silos["bravo"]
+        old.stop()
+        assert not old.running
+        restarted = local.start_silo("bravo", data={"readings": federation.silos["bravo"]})
+        local.wait_ready(timeout=240, processes=[restarted])
+        wait_live(context, names, timeout=60)
+        # The restarted silo's plan cache is empty: it builds and embeds the
+        # plans again; the other silo uses its cached ones.
+        result, counts = _counted(context, names, three_phases, VALUES)
+        assert_close(result, expected)
+        print(f"\nafter bravo restarted: {counts}")
+        for silo in names:
+            assert counts.silos[silo].get("CreateCall") == PHASES, counts.silos[silo]
+        assert counts.silos["bravo"].get("CreateValue", 0) > counts.silos["alpha"].get(
+            "CreateValue", 0
+        ), counts
+        data_result = run_in(context, three_phases_over_data, tff_amqp.silo_data("readings"))
+        assert_close(
+            data_result, native_over(native_context, three_phases_over_data, federation, names)
+        )
+
+
+# ------------------------------------------------------ plans off against on
+
+
+@pytest.fixture(scope="module")
+def plans_off(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """Three silos like the session's (the same client data), applying every
+    batch op by op."""
+    root = tmp_path_factory.mktemp("plans_off")
+    with local_federation(amqp_url, root / "logs") as local:
+        yield start_federation(local, root, env={PHASE_PLANS_ENV: "0"})
+
+
+@pytest.fixture(scope="module")
+def plans_off_context(amqp_url: str, plans_off: Federation) -> Iterator[Any]:
+    with started_context(amqp_url, plans_off.name, len(plans_off.silos)) as context:
+        yield context
+
+
+@pytest.mark.slow
+def test_plans_off_and_on_give_identical_results(
+    amqp_context, plans_off_context, plans_off, silo_federation, native_context
+):
+    cases: list[tuple[Any, list[Any], Any]] = [
+        (three_phases, [VALUES], run_in(native_context, three_phases, VALUES)),
+        (three_phases, [[1.0, -4.0]], run_in(native_context, three_phases, [1.0, -4.0])),
+        (fed_mean, [VALUES], run_in(native_context, fed_mean, VALUES)),
+        (
+            three_phases_over_data,
+            [tff_amqp.silo_data("readings")],
+            native_over(native_context, three_phases_over_data, silo_federation, SILO_NAMES),
+        ),
+        (
+            mean_glucose,
+            [tff_amqp.silo_data("readings")],
+            native_over(native_context, mean_glucose, plans_off, SILO_NAMES),
+        ),
+    ]
+    for comp, args, expected in cases:
+        on = run_in(amqp_context, comp, *args)
+        off = run_in(plans_off_context, comp, *args)
+        assert_close(on, expected)
+        assert_close(off, expected)
+        # The same worker operations either way: bit for bit the same.
+        assert_close(on, off, rtol=0.0, atol=0.0)
+
+
+# ------------------------------------------------------------ worker calls
+
+
+def _counted(context: Any, silos: Any, comp: Any, *args: Any) -> tuple[Any, WorkCounts]:
+    before = context.run(snapshot(context.runtime, list(silos)))
+    result = run_in(context, comp, *args)
+    after = context.run(snapshot(context.runtime, list(silos)))
+    return result, after.minus(before)
+
+
+@pytest.mark.slow
+def test_one_worker_call_and_one_compute_per_silo_per_phase(
+    amqp_context, plans_off_context, native_context
+):
+    # Per silo one plan call per phase and one Compute per aggregate it
+    # releases (the third phase of `three_phases` releases two: sum and max).
+    for name, comp, phases, aggregates in (
+        ("mean", fed_mean, 1, 1),
+        ("three phases", three_phases, PHASES, PHASES + 1),
+    ):
+        expected = run_in(native_context, comp, VALUES)
+        counts: dict[str, WorkCounts] = {}
+        for label, context in (("plans", amqp_context), ("op by op", plans_off_context)):
+            run_in(context, comp, VALUES)  # warm: computations and plans cached
+            result, counts[label] = _counted(context, SILO_NAMES, comp, VALUES)
+            assert_close(result, expected)
+            print(f"\n{name}, {label}:")
+            for silo in SILO_NAMES:
+                print(f"  {silo}: {dict(sorted(counts[label].silos[silo].items()))}")
+        for silo in SILO_NAMES:
+            planned = counts["plans"].silos[silo]
+            op_by_op = counts["op by op"].silos[silo]
+            assert planned.get("CreateCall") == phases, planned
+            assert planned.get("Compute") == aggregates, planned
+            assert op_by_op.get("Compute") == aggregates, op_by_op
+            assert op_by_op.get("CreateCall", 0) > planned["CreateCall"], (planned, op_by_op)
+            assert counts["plans"].silo_total(silo) < counts["op by op"].silo_total(silo)
