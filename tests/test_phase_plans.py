@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -32,6 +33,7 @@ from tests.support.federation import (
     wait_live,
 )
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
+from tff_amqp.errors import SiloWorkerError
 from tff_amqp.local import LocalFederation
 from tff_amqp.silo.stateful.session import PHASE_PLANS_ENV
 
@@ -133,11 +135,15 @@ def test_three_phases_over_other_cohorts_equal_native(amqp_context, native_conte
 def test_a_restarted_silo_builds_its_plans_again(
     amqp_url, local: LocalFederation, native_context, tmp_path
 ):
-    names = ("alpha", "bravo")
-    federation = start_federation(local, tmp_path, names=names, clients_per_silo=(2, 3))
+    # charlie holds no client data: with silo data it takes part with none.
+    names = ("alpha", "bravo", "charlie")
+    federation = start_federation(local, tmp_path, names=names, clients_per_silo=(2, 3, 0))
+    expected_over_data = native_over(native_context, three_phases_over_data, federation, names)
     with started_context(amqp_url, local.federation, len(names)) as context:
         expected = run_in(native_context, three_phases, VALUES)
         assert_close(run_in(context, three_phases, VALUES), expected)
+        data_result = run_in(context, three_phases_over_data, tff_amqp.silo_data("readings"))
+        assert_close(data_result, expected_over_data)
         old = local.silos["bravo"]
         old.stop()
         assert not old.running
@@ -151,13 +157,13 @@ def test_a_restarted_silo_builds_its_plans_again(
         print(f"\nafter bravo restarted: {counts}")
         for silo in names:
             assert counts.silos[silo].get("CreateCall") == PHASES, counts.silos[silo]
-        assert counts.silos["bravo"].get("CreateValue", 0) > counts.silos["alpha"].get(
-            "CreateValue", 0
-        ), counts
+        # ...so it embeds each of the three plans once more (their functions
+        # are inlined, nothing else is new to it).
+        embedded = {s: counts.silos[s].get("CreateValue", 0) for s in names}
+        assert embedded["bravo"] - embedded["alpha"] == PHASES, embedded
+        assert embedded["charlie"] == embedded["alpha"], embedded
         data_result = run_in(context, three_phases_over_data, tff_amqp.silo_data("readings"))
-        assert_close(
-            data_result, native_over(native_context, three_phases_over_data, federation, names)
-        )
+        assert_close(data_result, expected_over_data)
 
 
 # ------------------------------------------------------ plans off against on
@@ -243,3 +249,44 @@ def test_one_worker_call_and_one_compute_per_silo_per_phase(
             assert op_by_op.get("Compute") == aggregates, op_by_op
             assert op_by_op.get("CreateCall", 0) > planned["CreateCall"], (planned, op_by_op)
             assert counts["plans"].silo_total(silo) < counts["op by op"].silo_total(silo)
+
+
+# ------------------------------------------------ a worker error in a plan
+
+
+@tff.tensorflow.computation(np.float32, np.float32)
+def checked_deviation(x: Any, mean: Any) -> Any:
+    check = tf.debugging.assert_less(
+        tf.abs(x - mean), np.float32(100.0), message="client far from the mean"
+    )
+    with tf.control_dependencies([check]):
+        return tf.square(x - mean)
+
+
+@tff.federated_computation(F32_CLIENTS)
+def checked_two_phases(x: Any) -> Any:
+    """Fails in the second phase's plan, on state the first one left."""
+    mean = tff.federated_mean(x)
+    deviation = tff.federated_map(
+        checked_deviation, tff.federated_zip((x, tff.federated_broadcast(mean)))
+    )
+    return mean, tff.federated_mean(deviation)
+
+
+@pytest.mark.slow
+def test_a_failing_plan_fails_like_op_by_op_and_native_and_the_next_invocation_succeeds(
+    amqp_context, plans_off_context, native_context
+):
+    failing = [1.0, 2.0, 1000.0, 3.0, 4.0, 5.0]
+    with pytest.raises(grpc.RpcError) as native_error:
+        run_in(native_context, checked_two_phases, failing)
+    for context in (amqp_context, plans_off_context):
+        with pytest.raises(SiloWorkerError) as ours:
+            run_in(context, checked_two_phases, failing)
+        assert ours.value.worker_status == native_error.value.code()
+        assert "client far from the mean" in str(ours.value)
+    # The failed plans leave nothing behind: the same computation, same
+    # cohort, then with values that pass.
+    expected = run_in(native_context, checked_two_phases, VALUES)
+    for context in (amqp_context, plans_off_context):
+        assert_close(run_in(context, checked_two_phases, VALUES), expected)
