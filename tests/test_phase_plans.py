@@ -10,6 +10,7 @@ themselves are in test_plan_unit.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,6 @@ from tests.support.federation import (
 )
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
 from tff_amqp.errors import SiloWorkerError
-from tff_amqp.local import LocalFederation
 from tff_amqp.silo.stateful.session import PHASE_PLANS_ENV
 
 VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
@@ -128,18 +128,60 @@ def test_three_phases_over_other_cohorts_equal_native(amqp_context, native_conte
         assert_close(actual, expected)
 
 
-# ------------------------------------------------------- a restarted silo
+# ------------------------- a federation of this module: concurrency, restart
+
+OWN = ("alpha", "bravo", "charlie")
+
+
+@pytest.fixture(scope="module")
+def own_silos(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """Three silos of this module alone (the restart test stops one); charlie
+    holds no client data, so with silo data it takes part with none."""
+    root = tmp_path_factory.mktemp("own")
+    with local_federation(amqp_url, root / "logs") as local:
+        yield start_federation(local, root, names=OWN, clients_per_silo=(2, 3, 0))
 
 
 @pytest.mark.slow
-def test_a_restarted_silo_builds_its_plans_again(
-    amqp_url, local: LocalFederation, native_context, tmp_path
-):
-    # charlie holds no client data: with silo data it takes part with none.
-    names = ("alpha", "bravo", "charlie")
-    federation = start_federation(local, tmp_path, names=names, clients_per_silo=(2, 3, 0))
-    expected_over_data = native_over(native_context, three_phases_over_data, federation, names)
-    with started_context(amqp_url, local.federation, len(names)) as context:
+def test_concurrent_invocations_of_several_shapes_equal_native(amqp_url, own_silos, native_context):
+    """Sessions of one silo run side by side and share its plan cache: the
+    same shapes, and others, at once."""
+    cohorts = [VALUES, VALUES[::-1], [1.0, 2.0, 3.0, 4.0], [2.5], [i / 3 for i in range(9)]]
+    expected = [run_in(native_context, three_phases, values) for values in cohorts]
+    expected.append(native_over(native_context, three_phases_over_data, own_silos, OWN))
+    expected.append(run_in(native_context, fed_mean, VALUES))
+
+    async def run() -> list[Any]:
+        context = tff_amqp.create_async_amqp_execution_context(
+            amqp_url,
+            federation=own_silos.name,
+            min_silos=len(OWN),
+            cohort_timeout=120.0,
+            deadline=300.0,
+            progress=False,
+        )
+        await context.start()
+        try:
+            with tff.framework.get_context_stack().install(context):
+                calls = [three_phases(values) for values in cohorts]
+                calls.append(three_phases_over_data(tff_amqp.silo_data("readings")))
+                calls.append(fed_mean(VALUES))
+                return list(await asyncio.gather(*calls))
+        finally:
+            await context.close()
+
+    results = asyncio.run(run())
+    assert len(results) == len(expected)
+    for actual, wanted in zip(results, expected, strict=True):
+        assert_close(actual, wanted)
+
+
+@pytest.mark.slow
+def test_a_restarted_silo_builds_its_plans_again(amqp_url, own_silos, native_context):
+    """Runs after the other tests of `own_silos`: it restarts bravo."""
+    local = own_silos.local
+    expected_over_data = native_over(native_context, three_phases_over_data, own_silos, OWN)
+    with started_context(amqp_url, own_silos.name, len(OWN)) as context:
         expected = run_in(native_context, three_phases, VALUES)
         assert_close(run_in(context, three_phases, VALUES), expected)
         data_result = run_in(context, three_phases_over_data, tff_amqp.silo_data("readings"))
@@ -147,19 +189,19 @@ def test_a_restarted_silo_builds_its_plans_again(
         old = local.silos["bravo"]
         old.stop()
         assert not old.running
-        restarted = local.start_silo("bravo", data={"readings": federation.silos["bravo"]})
+        restarted = local.start_silo("bravo", data={"readings": own_silos.silos["bravo"]})
         local.wait_ready(timeout=240, processes=[restarted])
-        wait_live(context, names, timeout=60)
+        wait_live(context, OWN, timeout=60)
         # The restarted silo's plan cache is empty: it builds and embeds the
-        # plans again; the other silo uses its cached ones.
-        result, counts = _counted(context, names, three_phases, VALUES)
+        # plans again; the other silos use their cached ones.
+        result, counts = _counted(context, OWN, three_phases, VALUES)
         assert_close(result, expected)
         print(f"\nafter bravo restarted: {counts}")
-        for silo in names:
+        for silo in OWN:
             assert counts.silos[silo].get("CreateCall") == PHASES, counts.silos[silo]
         # ...so it embeds each of the three plans once more (their functions
         # are inlined, nothing else is new to it).
-        embedded = {s: counts.silos[s].get("CreateValue", 0) for s in names}
+        embedded = {s: counts.silos[s].get("CreateValue", 0) for s in OWN}
         assert embedded["bravo"] - embedded["alpha"] == PHASES, embedded
         assert embedded["charlie"] == embedded["alpha"], embedded
         data_result = run_in(context, three_phases_over_data, tff_amqp.silo_data("readings"))
