@@ -5,13 +5,19 @@ results equal TFF's native runtime, the op-by-op path
 
 The computations keep state at the silos between phases: the CLIENTS values
 of one phase (a plan's members) feed the plans of the later phases, after
-an aggregation the coordinator had to wait for. Unit tests of the plans
-themselves are in test_plan_unit.py."""
+an aggregation the coordinator had to wait for. Covered: the session's
+federation (values, silo data, cohorts of other sizes, no client at all);
+a federation of this module with a silo that holds no data (concurrent
+invocations, then one silo restarted with an empty plan cache); silos with
+TFF_AMQP_PHASE_PLANS=0 (bit-identical results, more worker calls, the same
+worker errors); silos sharing one process and worker. Unit tests of the
+plans themselves are in test_plan_unit.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +28,7 @@ import tensorflow_federated as tff
 
 import tff_amqp
 from tests.support.computations import F32_CLIENTS, ROW, ROWS_AT_CLIENTS, fed_mean, mean_glucose
+from tests.support.data import write_silo_csvs
 from tests.support.federation import (
     SILO_NAMES,
     Federation,
@@ -35,6 +42,7 @@ from tests.support.federation import (
 )
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
 from tff_amqp.errors import SiloWorkerError
+from tff_amqp.local import LocalFederation
 from tff_amqp.silo.stateful.session import PHASE_PLANS_ENV
 
 VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
@@ -332,3 +340,35 @@ def test_a_failing_plan_fails_like_op_by_op_and_native_and_the_next_invocation_s
     expected = run_in(native_context, checked_two_phases, VALUES)
     for context in (amqp_context, plans_off_context):
         assert_close(run_in(context, checked_two_phases, VALUES), expected)
+
+
+# ------------------------------------------ silos sharing a process and worker
+
+
+@pytest.mark.slow
+def test_silos_of_one_host_sharing_a_worker_share_plans_and_equal_native(
+    local: LocalFederation, amqp_url: str, native_context: Any, tmp_path: Path
+) -> None:
+    """Simulation mode, one worker_binary for three silos: one process-wide
+    plan cache, and silos with as many clients share an executor (values of
+    two silos' plans side by side in it)."""
+    names = ("h0", "h1", "h2")
+    folders = {}
+    for i, name in enumerate(names):
+        folders[name] = write_silo_csvs(tmp_path, i, clients=2).rename(tmp_path / name)
+    host = local.start_silo_host(
+        "host", names, worker_mode="shared", data={"readings": f"{tmp_path}/{{silo}}"}
+    )
+    local.wait_ready(timeout=240, processes=[host])
+    federation = Federation(local, folders)
+    # 7 values over 3 silos: 3, 2, 2 clients; 6 values: 2 each.
+    cohorts = [VALUES, VALUES[:6], [2.5], []]
+    with started_context(amqp_url, local.federation, len(names)) as context:
+        for values in cohorts:
+            assert_close(
+                run_in(context, three_phases, values), run_in(native_context, three_phases, values)
+            )
+        assert_close(
+            run_in(context, three_phases_over_data, tff_amqp.silo_data("readings")),
+            native_over(native_context, three_phases_over_data, federation, names),
+        )
