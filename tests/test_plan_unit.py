@@ -316,3 +316,95 @@ async def test_a_plan_runs_on_worker_binary_like_its_operations_one_by_one() -> 
     np.testing.assert_allclose(planned_value, expected, rtol=1e-6)
     squares_value, _ = value_serialization.deserialize_value(squares)
     np.testing.assert_allclose(squares_value, np.square(values), rtol=1e-6)
+
+
+async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> None:
+    """An InvocationSession on a real worker_binary, batches as a coordinator
+    sends them: a plan; a batch with a Dispose (op by op) that uses a member
+    of the plan and its functions; a plan that uses a member of the first
+    plan again. Released values equal a session applying everything op by
+    op, and the numbers."""
+    import time
+
+    import tensorflow_federated as tff
+    from tensorflow_federated.proto.v0 import executor_pb2
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+
+    from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
+    from tff_amqp.tff_worker.process import WorkerBinary
+
+    values = [1.5, -2.0, 3.0]
+    functions = _function_values()
+    data, _ = value_serialization.serialize_value(
+        values, tff.FederatedType(np.float32, tff.CLIENTS)
+    )
+    zero, _ = value_serialization.serialize_value(np.float32(0.0), tff.TensorType(np.float32))
+    aggregate = ((None, 2), (None, 15), (None, 15), (None, 16))  # zero, add, add, report
+    batches = [
+        p.Batch(
+            seq=0,
+            operations=(
+                p.Open(clients=len(values)),
+                p.CreateValue(target=1, value=data.SerializeToString()),
+                p.CreateValue(target=2, value=zero.SerializeToString()),
+                *_sum_of_squares_batch(functions),
+                p.Compute(source=18),
+            ),
+        ),
+        p.Batch(
+            seq=1,
+            operations=(
+                p.Dispose(targets=(12, 17)),
+                p.CreateStruct(target=30, elements=((None, 13), *aggregate)),
+                p.CreateCall(target=31, fn=14, arg=30),
+                p.Compute(source=31),
+            ),
+        ),
+        p.Batch(
+            seq=2,
+            operations=(
+                p.CreateStruct(target=40, elements=((None, 11), (None, 13))),
+                p.CreateCall(target=41, fn=10, arg=40),
+                p.CreateStruct(target=42, elements=((None, 41), *aggregate)),
+                p.CreateCall(target=43, fn=14, arg=42),
+                p.Compute(source=43),
+                p.Close(),
+            ),
+        ),
+    ]
+
+    async def released(worker: WorkerBinary, phase_plans: bool) -> tuple[dict[int, Any], int]:
+        client = worker.new_client()
+        session = InvocationSession(
+            silo="unit",
+            invocation_id=f"plans-{phase_plans}",
+            worker=client,
+            policy=PrivacyPolicy(),
+            resolve_data=lambda key, type_spec: (0, b""),
+            count_clients=lambda key: len(values),
+            deadline=time.time() + 60,
+            phase_plans=phase_plans,
+        )
+        out: dict[int, Any] = {}
+        for batch in batches:
+            for target, value in (await session.apply(batch)).items():
+                out[target] = value_serialization.deserialize_value(
+                    executor_pb2.Value.FromString(value)
+                )[0]
+        assert session.closed
+        return out, client.calls["CreateCall"]
+
+    async with WorkerBinary() as worker:
+        planned, planned_calls = await released(worker, True)
+        op_by_op, op_by_op_calls = await released(worker, False)
+
+    assert sorted(planned) == sorted(op_by_op) == [18, 31, 43]
+    for target in planned:
+        np.testing.assert_allclose(planned[target], op_by_op[target], rtol=0)
+    x = np.asarray(values, np.float32)
+    np.testing.assert_allclose(planned[18], np.sum(x**2), rtol=1e-6)
+    np.testing.assert_allclose(planned[31], np.sum(x**2), rtol=1e-6)
+    np.testing.assert_allclose(planned[43], np.sum(x**4), rtol=1e-6)
+    # Plans: one call per planned batch, plus the op-by-op batch's one.
+    assert planned_calls == 3, planned_calls
+    assert op_by_op_calls == 5, op_by_op_calls
