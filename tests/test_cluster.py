@@ -281,7 +281,11 @@ def _silo_stat(port: int, name: str) -> float:
 
 def _silo_work(context, federation: QuorumFederation) -> dict[str, tuple[float, float, int]]:
     """Per silo, once every earlier invocation has ended (its clean-up too):
-    (batches applied, duplicates dropped, TFF worker calls) so far."""
+    (batches applied, duplicates dropped, TFF worker calls that run
+    something) so far. Embeddings (CreateValue) are left out: a silo embeds a
+    phase plan the first time it sees its shape, which a round whose
+    aggregations the coordinator happened to batch differently may do once
+    more; a batch applied twice would show in its calls and computes."""
     from tff_amqp.coordinator.stateful.counts import snapshot
 
     counts = context.run(snapshot(context.runtime, list(NAMES), timeout=30.0))
@@ -289,7 +293,7 @@ def _silo_work(context, federation: QuorumFederation) -> dict[str, tuple[float, 
         silo: (
             _silo_stat(federation.metrics_ports[silo], "batches"),
             _silo_stat(federation.metrics_ports[silo], "duplicates"),
-            counts.silo_total(silo),
+            counts.silo_total(silo) - counts.silos.get(silo, {}).get("CreateValue", 0),
         )
         for silo in NAMES
     }

@@ -95,7 +95,7 @@ def test_another_function_or_structure_is_another_plan() -> None:
     assert longer.outputs == {12: 0, 13: 1, 14: 2}
 
 
-def test_inputs_are_ordered_by_first_use() -> None:
+def test_each_input_is_one_parameter_position() -> None:
     cache = PlanCache()
     ops: list[p.Operation] = [
         p.CreateValue(target=20, value=b"fn"),
@@ -105,24 +105,27 @@ def test_inputs_are_ordered_by_first_use() -> None:
         p.CreateStruct(target=24, elements=((None, 23), (None, 9))),
     ]
     plan = _plan(cache, ops, _resolver({20: SQUARE}))
-    assert plan.inputs == (9, 3, 5)
-    # Each input is that position of the plan's parameter, once.
-    selections = [
+    # Inputs are ordered by how they are used (canonical), each once.
+    assert sorted(plan.inputs) == [3, 5, 9]  # type: ignore[type-var]
+    selections = sorted(
         (local.value.selection.source.reference.name, local.value.selection.index)
         for local in _locals(plan)
         if local.value.WhichOneof("computation") == "selection"
-    ]
+    )
     assert selections == [("plan_inputs", 0), ("plan_inputs", 1), ("plan_inputs", 2)]
-    # Ids in the other order of first use: the other order of inputs, and
-    # another plan (the parameter's positions differ).
+    # The first struct's inputs swapped: another computation, another plan.
     swapped = [
         ops[0],
         p.CreateStruct(target=21, elements=((None, 3), (None, 9))),
         *ops[2:],
     ]
     other = _plan(cache, swapped, _resolver({20: SQUARE}))
-    assert other.inputs == (3, 9, 5)
+    assert sorted(other.inputs) == [3, 5, 9]  # type: ignore[type-var]
     assert other.digest != plan.digest
+    # The same batch again: the same plan, the same inputs in the same order.
+    again = _plan(cache, ops, _resolver({20: SQUARE}))
+    assert (again.digest, again.inputs) == (plan.digest, plan.inputs)
+    assert cache.built == 2
 
 
 def test_an_earlier_plans_member_is_an_input_with_its_member_index() -> None:
@@ -139,18 +142,55 @@ def test_an_earlier_plans_member_is_an_input_with_its_member_index() -> None:
         p.CreateCall(target=32, fn=30, arg=31),
     ]
     second = _plan(cache, ops, _resolver({30: CUBE}, earlier))
-    assert second.inputs == (handle, 1)
-    members = [
-        (
+    assert sorted(second.inputs, key=repr) == sorted([handle, 1], key=repr)
+    at = second.inputs.index(handle)
+    members = {
+        local.name: (
             local.value.selection.source.selection.index,
             local.value.selection.index,
         )
         for local in _locals(second)
         if local.value.WhichOneof("computation") == "selection"
         and local.value.selection.source.WhichOneof("computation") == "selection"
+    }
+    # The handle's input selected at both members ...
+    assert sorted(members.values()) == [(at, 0), (at, 1)]
+    # ... and the struct takes them where the batch put them (nodes are in
+    # the plan's canonical order, not necessarily the batch's).
+    (struct,) = [
+        local.value.struct
+        for local in _locals(second)
+        if local.value.WhichOneof("computation") == "struct"
     ]
-    # Input 0 (the handle) selected at member 1 and at member 0.
-    assert members == [(0, 1), (0, 0)]
+    used = [element.value.reference.name for element in struct.element]
+    assert members[used[0]] == (at, first.outputs[13])
+    assert members[used[2]] == (at, first.outputs[12])
+    assert used[1] not in members  # the data, input 1
+
+
+def test_independent_operations_in_another_order_reuse_the_plan() -> None:
+    """The coordinator evaluates independent parts concurrently, so one phase
+    may arrive with its operations in another order: same plan, and each
+    value id is the same member of its result."""
+    cache = PlanCache()
+    first = [
+        p.CreateValue(target=20, value=b"map"),
+        p.CreateValue(target=21, value=b"fn"),
+        p.CreateStruct(target=22, elements=((None, 21), (None, 1))),
+        p.CreateCall(target=23, fn=20, arg=22),
+        p.CreateValue(target=24, value=b"cube"),
+        p.CreateStruct(target=25, elements=((None, 24), (None, 2))),
+        p.CreateCall(target=26, fn=20, arg=25),
+        p.CreateStruct(target=27, elements=((None, 23), (None, 26))),
+    ]
+    # The second map's operations first; then the first's.
+    second = [first[0], first[4], first[5], first[6], first[1], first[2], first[3], first[7]]
+    resolve = _resolver({20: MAP, 21: SQUARE, 24: CUBE})
+    a, b = _plan(cache, first, resolve), _plan(cache, second, resolve)
+    assert cache.built == 1
+    assert a.digest == b.digest
+    assert a.outputs == b.outputs
+    assert a.inputs == b.inputs
 
 
 def test_the_cache_is_bounded_least_recently_used_first() -> None:

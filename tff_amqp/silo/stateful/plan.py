@@ -124,18 +124,25 @@ _Node = tuple[Any, ...]
 def _shape(
     operations: Sequence[p.Operation], resolve: Resolver
 ) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
-    nodes: list[_Node] = []
+    """The batch as plan nodes in a canonical order, its inputs and the
+    value ids of the plan's result members (in order).
+
+    The coordinator evaluates independent parts of a computation
+    concurrently, so the same phase can arrive with its operations in
+    another order; nodes are therefore ordered by depth, then by a hash of
+    their structure, so that such a batch has the same shape (and reuses
+    the same plan) as before."""
+    # 1. The graph in batch order: ("in", source, index) for inputs.
+    raw: list[_Node] = []
     local: dict[int, int] = {}
     interned: dict[Hashable, int] = {}
-    inputs: list[Hashable] = []
-    positions: dict[Hashable, int] = {}
-    outputs: list[int] = []
+    targets: dict[int, int] = {}  # raw node -> the value id it creates
 
     def intern(node: _Node) -> int:
         known = interned.get(node)
         if known is None:
-            known = interned[node] = len(nodes)
-            nodes.append(node)
+            known = interned[node] = len(raw)
+            raw.append(node)
         return known
 
     def node_of(value_id: int) -> int:
@@ -145,11 +152,7 @@ def _shape(
         where = resolve(value_id)
         if isinstance(where, Inline):
             return intern(("fn", where.digest))
-        position = positions.get(where.source)
-        if position is None:
-            position = positions[where.source] = len(inputs)
-            inputs.append(where.source)
-        return intern(("in", position, where.index))
+        return intern(("in", where.source, where.index))
 
     for op in operations:
         match op:
@@ -171,12 +174,92 @@ def _shape(
                 raise TypeError(f"a plan cannot express {op.op!r}")
         # Every value the batch creates is kept as its own node (the same
         # struct built twice is two values, as op by op).
-        local[op.target] = len(nodes)
-        nodes.append(node)
-        outputs.append(op.target)
-    result = tuple(local[target] for target in outputs)
+        local[op.target] = len(raw)
+        targets[len(raw)] = op.target
+        raw.append(node)
+
+    # 2. Depth and structural hash of each node (children come first). An
+    # input is told apart from another by how it is used, so inputs that
+    # arrive in another order are still numbered alike.
+    depth = _depths(raw)
+    signature = _signatures(raw, lambda i, index: _hash(("in", index)))
+    uses: dict[int, list[tuple[int, int]]] = {}
+    for i, node in enumerate(raw):
+        for slot, child in enumerate(_children(node)):
+            uses.setdefault(child, []).append((signature[i], slot))
+    signature = _signatures(
+        raw, lambda i, index: _hash(("in", index, tuple(sorted(uses.get(i, ())))))
+    )
+    order = sorted(range(len(raw)), key=lambda i: (depth[i], signature[i], i))
+    position = {old: new for new, old in enumerate(order)}
+
+    # 3. Renumbered: children by canonical position, inputs by first use.
+    nodes: list[_Node] = []
+    inputs: list[Hashable] = []
+    input_position: dict[Hashable, int] = {}
+    for old in order:
+        match raw[old]:
+            case ("in", source, index):
+                if source not in input_position:
+                    input_position[source] = len(inputs)
+                    inputs.append(source)
+                nodes.append(("in", input_position[source], index))
+            case ("call", fn, arg):
+                nodes.append(("call", position[fn], None if arg is None else position[arg]))
+            case ("struct", elements):
+                nodes.append(("struct", tuple((n, position[c]) for n, c in elements)))
+            case ("select", source, index):
+                nodes.append(("select", position[source], index))
+            case node:
+                nodes.append(node)
+    members = [old for old in order if old in targets]
+    outputs = [targets[old] for old in members]
+    result = tuple(position[old] for old in members)
     shape = (tuple(nodes), len(inputs), result)
     return shape, tuple(inputs), outputs, [*nodes, ("result", result)]
+
+
+def _children(node: _Node) -> list[int]:
+    match node:
+        case ("call", fn, arg):
+            return [fn] if arg is None else [fn, arg]
+        case ("struct", elements):
+            return [child for _, child in elements]
+        case ("select", source, _):
+            return [source]
+    return []
+
+
+def _depths(raw: list[_Node]) -> list[int]:
+    depth: list[int] = []
+    for node in raw:
+        depth.append(1 + max((depth[c] for c in _children(node)), default=-1))
+    return depth
+
+
+def _signatures(raw: list[_Node], of_input: Callable[[int, int | None], int]) -> list[int]:
+    signature: list[int] = []
+    for i, node in enumerate(raw):
+        match node:
+            case ("fn", digest):
+                signature.append(_hash(("fn", digest)))
+            case ("in", _, index):
+                signature.append(of_input(i, index))
+            case ("call", fn, arg):
+                signature.append(
+                    _hash(("call", signature[fn], None if arg is None else signature[arg]))
+                )
+            case ("struct", elements):
+                signature.append(_hash(("struct", tuple((n, signature[c]) for n, c in elements))))
+            case ("select", source, index):
+                signature.append(_hash(("select", signature[source], index)))
+    return signature
+
+
+def _hash(node: tuple[Any, ...]) -> int:
+    """A structural hash that is the same in every process (Python's own
+    hash of str and bytes is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(node).encode(), digest_size=8).digest(), "big")
 
 
 def _build(nodes: list[_Node], inputs: int, computation_of: ComputationOf) -> _Built:
