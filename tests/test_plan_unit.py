@@ -168,6 +168,21 @@ def test_an_earlier_plans_member_is_an_input_with_its_member_index() -> None:
     assert used[1] not in members  # the data, input 1
 
 
+def test_the_cache_is_bounded_in_bytes_too() -> None:
+    cache = PlanCache()
+    shapes = [_map_batch(10, data=1, fn_digest=bytes([i]) * 32) for i in range(3)]
+    size = len(_plan(cache, *shapes[0]).serialized)
+    cache.MAX_BYTES = 2 * size + size // 2  # room for two plans of this size
+    _plan(cache, *shapes[1])
+    _plan(cache, *shapes[2])  # evicts shape 0
+    assert cache.built == 3
+    _plan(cache, *shapes[2])
+    _plan(cache, *shapes[1])
+    assert cache.built == 3
+    _plan(cache, *shapes[0])  # built again
+    assert cache.built == 4
+
+
 def test_independent_operations_in_another_order_reuse_the_plan() -> None:
     """The coordinator evaluates independent parts concurrently, so one phase
     may arrive with its operations in another order: same plan, and each

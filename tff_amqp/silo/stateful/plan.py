@@ -81,12 +81,16 @@ class _Built:
 
 
 class PlanCache:
-    """Plans by batch shape, bounded (least recently used goes first)."""
+    """Plans by batch shape, bounded in number and in bytes (a plan holds
+    its functions' graphs; least recently used goes first). An evicted plan
+    is built again from the next batch of its shape."""
 
     MAX = 256
+    MAX_BYTES = 64 * 1024 * 1024
 
     def __init__(self) -> None:
         self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
+        self._bytes = 0
         self.built = 0
 
     def plan(
@@ -103,8 +107,12 @@ class PlanCache:
             built = _build(nodes, len(inputs), computation_of)
             self.built += 1
             self._plans[shape] = built
-            while len(self._plans) > self.MAX:
-                self._plans.popitem(last=False)
+            self._bytes += len(built.serialized)
+            while len(self._plans) > 1 and (
+                len(self._plans) > self.MAX or self._bytes > self.MAX_BYTES
+            ):
+                _, evicted = self._plans.popitem(last=False)
+                self._bytes -= len(evicted.serialized)
         else:
             self._plans.move_to_end(shape)
         return PlannedBatch(
