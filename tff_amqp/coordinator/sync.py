@@ -3,10 +3,11 @@ either regime's asynchronous context."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Coroutine
 from typing import Any, Generic, Protocol, Self, TypeVar
 
-from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base
 
 from tff_amqp.coordinator.partial import InvocationReport, check_partial
@@ -14,17 +15,35 @@ from tff_amqp.coordinator.partial import InvocationReport, check_partial
 _O = TypeVar("_O", covariant=True)
 _A = TypeVar("_A", bound="_AsyncContext[Any]")
 
-_shared_runner: async_utils.AsyncThreadRunner | None = None
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread; coroutines are run
+    on it from other threads. Like TFF's `AsyncThreadRunner`, without the
+    tracing task factory that one installs on every task (measured ~4 % of
+    the coordinator's CPU per federated mean; we do not use TFF's tracing)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tff-amqp-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run_coro_and_return_result(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+_shared_runner: LoopThread | None = None
 _shared_runner_lock = threading.Lock()
 
 
-def _runner() -> async_utils.AsyncThreadRunner:
+def _runner() -> LoopThread:
     """One event-loop thread for every sync context of the process: grpc.aio
     supports a single event loop per process."""
     global _shared_runner
     with _shared_runner_lock:
         if _shared_runner is None:
-            _shared_runner = async_utils.AsyncThreadRunner()
+            _shared_runner = LoopThread()
         return _shared_runner
 
 
