@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,31 @@ class Inline:
 Resolver = Callable[[int], Earlier | Inline]
 # The parsed `Computation` proto of a function, by digest.
 ComputationOf = Callable[[bytes], Any]
+
+
+def resolver(
+    functions: Mapping[int, tuple[bytes, Any]],
+    members: Mapping[int, tuple[Any, int]],
+    check: Callable[[int], object],
+) -> Resolver:
+    """How a plan reaches a value its own operations do not create: a
+    function (id -> (digest, ...)) is inlined; a member of an earlier plan's
+    result (id -> (its call, with a `key`; index)) is that result's member;
+    any other value, after `check` (which raises for an unknown id), is an
+    input as itself."""
+
+    def where(value_id: int) -> Earlier | Inline:
+        function = functions.get(value_id)
+        if function is not None:
+            return Inline(function[0])
+        member = members.get(value_id)
+        if member is not None:
+            call, index = member
+            return Earlier(("plan", call.key), index)
+        check(value_id)
+        return Earlier(value_id)
+
+    return where
 
 
 @dataclass(frozen=True)

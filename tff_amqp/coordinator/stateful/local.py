@@ -25,7 +25,7 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.stateful import value_wire, values
 from tff_amqp.tff_worker import WorkerError
-from tff_amqp.tff_worker.plan import Earlier, Inline, PlanCache, PlannedBatch, call_plan
+from tff_amqp.tff_worker.plan import PlanCache, PlannedBatch, call_plan, resolver
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.runtime import CoordinatorRuntime
@@ -216,7 +216,11 @@ class LocalExecutor:
                 future.add_done_callback(_retrieve)
                 self._refs[op.target] = future  # type: ignore[attr-defined]
             return
-        plan = _PLANS.plan(operations, self._where, self._computation_of)
+        plan = _PLANS.plan(
+            operations,
+            resolver(self._functions, self._members, self._ref),
+            self._computation_of,
+        )
         inputs = [
             self._plan_calls[source[1]].result if isinstance(source, tuple) else self._ref(source)  # type: ignore[arg-type]
             for source in plan.inputs
@@ -229,18 +233,6 @@ class LocalExecutor:
         for target, index in plan.outputs.items():
             self._members[target] = (call, index)
         log.debug("coordinator.plan", extra={"operations": len(operations), "plans": _PLANS.built})
-
-    def _where(self, value_id: int) -> Earlier | Inline:
-        """How a plan reaches a value it does not create."""
-        function = self._functions.get(value_id)
-        if function is not None:
-            return Inline(function[0])
-        member = self._members.get(value_id)
-        if member is not None:
-            call, index = member
-            return Earlier(("plan", call.key), index)
-        self._ref(value_id)  # raises for an unknown id
-        return Earlier(value_id)
 
     def _computation_of(self, digest: bytes) -> Any:
         return self._function_protos[digest].computation

@@ -25,12 +25,11 @@ from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation
 from tff_amqp.tff_worker.plan import (
     PLANNED_OPERATIONS,
-    Earlier,
-    Inline,
     PlanCache,
     PlannedBatch,
     call_plan,
     parse_value,
+    resolver,
 )
 from tff_amqp.transport.bulk import TransferError
 
@@ -299,7 +298,11 @@ class InvocationSession:
                     running.append(self._schedule(op, fused))
         if argument_ids:
             running.append(self._create_arguments(arguments, argument_ids).result)  # type: ignore[arg-type]
-        plan = _PLANS.plan(planned, self._where, self._function_computation)
+        plan = _PLANS.plan(
+            planned,
+            resolver(self._functions, self._members, self._ref),
+            self._function_computation,
+        )
         call = self._call_plan(plan, len(planned))
         running.append(call.result)  # type: ignore[arg-type]
         for target, index in plan.outputs.items():
@@ -308,18 +311,6 @@ class InvocationSession:
             running.append(asyncio.create_task(self._compute(op, released)))
 
     # ------------------------------------------------------------- plans
-
-    def _where(self, value_id: int) -> Earlier | Inline:
-        """How a plan reaches a value that its batch did not create."""
-        function = self._functions.get(value_id)
-        if function is not None:
-            return Inline(function[0])
-        member = self._members.get(value_id)
-        if member is not None:
-            call, index = member
-            return Earlier(("plan", call.key), index)
-        self._ref(value_id)  # raises for an unknown id
-        return Earlier(value_id)
 
     def _function_computation(self, digest: bytes) -> Any:
         for known, serialized in self._functions.values():
