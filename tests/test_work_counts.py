@@ -139,7 +139,7 @@ def test_fedavg_round_server_part_runs_as_coordinator_plans(amqp_context, native
 
 
 # Measured (2026-12-05): 15 calls per round, of which 2 CreateCall (the
-# SERVER part runs as two phase plans); op by op it was 60 (each
+# SERVER part runs as two phase plans, of 20 and 32 operations); op by op it was 60 (each
 # federated_apply, zip and value_at_server a CreateStruct + CreateCall of
 # its own).
 FEDAVG_COORDINATOR_CALLS_AT_MOST = 15

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +153,9 @@ class LocalExecutor:
 
     async def create_selection(self, source: int, index: int) -> int:
         return self._record(p.CreateSelection(target=next(self._ids), source=source, index=index))
+
+    async def create_struct(self, elements: Sequence[tuple[str | None, int]]) -> int:
+        return self._record(p.CreateStruct(target=next(self._ids), elements=tuple(elements)))
 
     def _record(self, op: p.CreateCall | p.CreateStruct | p.CreateSelection) -> int:
         self._pending.append(op)
@@ -323,8 +327,9 @@ class LocalExecutor:
     async def _materialize(self, value: values.CoordinatorValue) -> int:
         if isinstance(value, values.StructValue):
             ids = await asyncio.gather(*(self.to_local(v) for _, v in value.elements))
-            elements = tuple((name, i) for (name, _), i in zip(value.elements, ids))
-            return self._record(p.CreateStruct(target=next(self._ids), elements=elements))
+            return await self.create_struct(
+                [(name, i) for (name, _), i in zip(value.elements, ids)]
+            )
         if isinstance(value, values.FunctionValue):
             return self._function(value)
         if isinstance(value, values.HostValue | values.SerializedValue):
