@@ -1,5 +1,5 @@
 """Phase plans at real silo processes: each batch of a silo's worker
-operations runs as one computation (tff_amqp/silo/stateful/plan.py), and
+operations runs as one computation (tff_amqp/tff_worker/plan.py), and
 results equal TFF's native runtime, the op-by-op path
 (TFF_AMQP_PHASE_PLANS=0 in the silos) and each other.
 

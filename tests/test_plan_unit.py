@@ -1,4 +1,4 @@
-"""Phase plans (tff_amqp/silo/stateful/plan.py) without a broker.
+"""Phase plans (tff_amqp/tff_worker/plan.py) without a broker.
 
 The cache tests build plans from hand-written batches; the last test runs a
 built plan on a real worker_binary and compares it with the same operations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tff_amqp import protocol as p
-from tff_amqp.silo.stateful.plan import Earlier, Inline, PlanCache, PlannedBatch
+from tff_amqp.tff_worker.plan import Earlier, Inline, PlanCache, PlannedBatch
 
 MAP = b"M" * 32  # digests of the functions of the hand-written batches
 SQUARE = b"S" * 32

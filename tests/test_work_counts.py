@@ -118,3 +118,29 @@ def test_fedavg_round_is_one_message_per_silo(amqp_context, native_context):
     # request with the three computes, its reply, and the close (21 messages
     # before the outbox held batches until the invocation went quiet).
     assert counts.messages == 3 * len(SILO_NAMES), counts
+
+
+def test_fedavg_round_server_part_runs_as_coordinator_plans(amqp_context, native_context):
+    process = _fedavg_process()
+    with tff.framework.get_context_stack().install(native_context):
+        state = process.initialize()
+        expected = process.next(state, FEDAVG_DATA)
+    run_in(amqp_context, process.next, state, FEDAVG_DATA)  # warm: plans built and embedded
+    output, counts = _counted(amqp_context, process.next, state, FEDAVG_DATA)
+    print(f"\ncoordinator worker calls per FedAvg round: {counts.coordinator}")
+    assert_close(output.state, expected.state)
+    assert_close(output.metrics, expected.metrics)
+    assert counts.coordinator_total <= FEDAVG_COORDINATOR_CALLS_AT_MOST, counts.coordinator
+    # Each phase plan is one CreateCall; op by op the round made 16
+    # federated_apply and 7 zips' calls alone.
+    assert counts.coordinator.get("CreateCall", 0) <= FEDAVG_COORDINATOR_PLAN_CALLS_AT_MOST, (
+        counts.coordinator
+    )
+
+
+# Measured (2026-12-05): 15 calls per round, of which 2 CreateCall (the
+# SERVER part runs as two phase plans, of 20 and 32 operations); op by op it was 60 (each
+# federated_apply, zip and value_at_server a CreateStruct + CreateCall of
+# its own).
+FEDAVG_COORDINATOR_CALLS_AT_MOST = 15
+FEDAVG_COORDINATOR_PLAN_CALLS_AT_MOST = 2

@@ -21,15 +21,16 @@ from typing import Any
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
-from tff_amqp.silo.stateful.plan import (
-    PLANNED_OPERATIONS,
-    Earlier,
-    Inline,
-    PlanCache,
-    PlannedBatch,
-)
 from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation
+from tff_amqp.tff_worker.plan import (
+    PLANNED_OPERATIONS,
+    PlanCache,
+    PlannedBatch,
+    call_plan,
+    parse_value,
+    resolver,
+)
 from tff_amqp.transport.bulk import TransferError
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,11 @@ class InvocationSession:
                     running.append(self._schedule(op, fused))
         if argument_ids:
             running.append(self._create_arguments(arguments, argument_ids).result)  # type: ignore[arg-type]
-        plan = _PLANS.plan(planned, self._where, self._function_computation)
+        plan = _PLANS.plan(
+            planned,
+            resolver(self._functions, self._members, self._ref),
+            self._function_computation,
+        )
         call = self._call_plan(plan, len(planned))
         running.append(call.result)  # type: ignore[arg-type]
         for target, index in plan.outputs.items():
@@ -307,22 +312,10 @@ class InvocationSession:
 
     # ------------------------------------------------------------- plans
 
-    def _where(self, value_id: int) -> Earlier | Inline:
-        """How a plan reaches a value that its batch did not create."""
-        function = self._functions.get(value_id)
-        if function is not None:
-            return Inline(function[0])
-        member = self._members.get(value_id)
-        if member is not None:
-            call, index = member
-            return Earlier(("plan", call.key), index)
-        self._ref(value_id)  # raises for an unknown id
-        return Earlier(value_id)
-
     def _function_computation(self, digest: bytes) -> Any:
         for known, serialized in self._functions.values():
             if known == digest:
-                return _parse_serialized(serialized).computation
+                return parse_value(serialized).computation
         raise AssertionError("a plan names a function its session does not hold")
 
     def _create_arguments(self, arguments: Any, ids: list[int]) -> _PlanCall:
@@ -357,19 +350,7 @@ class InvocationSession:
 
         async def run() -> object:
             try:
-                fn, shared = await executor.create_computation(
-                    plan.serialized, lambda: _parse_serialized(plan.serialized), digest=plan.digest
-                )
-                if not shared:
-                    call.owned.append(fn)
-                args = [await future for future in inputs]
-                arg: object | None = None
-                if len(args) == 1:
-                    arg = args[0]
-                elif args:
-                    arg = await executor.create_struct([(None, a) for a in args])  # type: ignore[misc]
-                    call.owned.append(arg)
-                return await executor.create_call(fn, arg)  # type: ignore[arg-type]
+                return await call_plan(executor, plan, inputs, call.owned)
             except WorkerError as e:
                 raise SessionError.from_worker(
                     e, f"silo {self.silo!r}, phase plan of {operations} operations: {e}"
@@ -701,7 +682,7 @@ class InvocationSession:
 
             async def embed() -> object:
                 ref, shared = await executor.create_computation(
-                    serialized, lambda: _parse_serialized(serialized), digest=digest
+                    serialized, lambda: parse_value(serialized), digest=digest
                 )
                 if shared:
                     self._shared.add(value_id)
@@ -748,12 +729,6 @@ class _DigestFlags:
 
 
 _AGGREGATORS = _DigestFlags()
-
-
-def _parse_serialized(serialized: bytes) -> Any:
-    from tensorflow_federated.proto.v0 import executor_pb2
-
-    return executor_pb2.Value.FromString(serialized)
 
 
 def _parse_value(op: p.CreateValue) -> Any:

@@ -1,5 +1,8 @@
 """Phase plans: a batch's client-side work as one TFF computation.
 
+Used by silos (a batch of the coordinator's operations) and by the
+coordinator itself (the SERVER part of a phase, recorded in its LocalExecutor).
+
 A batch is the silo's part of one phase of an invocation, written as a dataflow
 graph of worker operations (embed this function, call it on that value, build
 a struct, select a member). Applied one operation at a time it costs its
@@ -24,11 +27,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tff_amqp import protocol as p
+
+if TYPE_CHECKING:
+    from tff_amqp.tff_worker.client import WorkerExecutor
 
 # What a plan can express: the value-creating operations of a batch.
 PLANNED_OPERATIONS = (p.CreateCall, p.CreateStruct, p.CreateSelection)
@@ -60,6 +66,31 @@ class Inline:
 Resolver = Callable[[int], Earlier | Inline]
 # The parsed `Computation` proto of a function, by digest.
 ComputationOf = Callable[[bytes], Any]
+
+
+def resolver(
+    functions: Mapping[int, tuple[bytes, Any]],
+    members: Mapping[int, tuple[Any, int]],
+    check: Callable[[int], object],
+) -> Resolver:
+    """How a plan reaches a value its own operations do not create: a
+    function (id -> (digest, ...)) is inlined; a member of an earlier plan's
+    result (id -> (its call, with a `key`; index)) is that result's member;
+    any other value, after `check` (which raises for an unknown id), is an
+    input as itself."""
+
+    def where(value_id: int) -> Earlier | Inline:
+        function = functions.get(value_id)
+        if function is not None:
+            return Inline(function[0])
+        member = members.get(value_id)
+        if member is not None:
+            call, index = member
+            return Earlier(("plan", call.key), index)
+        check(value_id)
+        return Earlier(value_id)
+
+    return where
 
 
 @dataclass(frozen=True)
@@ -326,3 +357,37 @@ def _build(nodes: list[_Node], inputs: int, computation_of: ComputationOf) -> _B
     computation = pb.Computation(**{"lambda": lambda_})
     serialized = executor_pb2.Value(computation=computation).SerializeToString()
     return _Built(digest=hashlib.sha256(serialized).digest(), serialized=serialized)
+
+
+def parse_value(serialized: bytes) -> Any:
+    """A serialized TFF `Value`, parsed."""
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    return executor_pb2.Value.FromString(serialized)
+
+
+async def call_plan(
+    executor: WorkerExecutor,
+    plan: PlannedBatch,
+    inputs: Sequence[Awaitable[Any]],
+    owned: list[Any],
+) -> Any:
+    """Run `plan` with one worker call: the plan is embedded once per
+    executor (by its digest), its inputs passed as one value (one input as
+    itself, several as a struct of them). Worker values made for the call
+    (an uncached plan, the inputs' struct) are appended to `owned` as they
+    are made; the result (every value the plan created, as a struct) is
+    returned, and belongs to the caller."""
+    fn, shared = await executor.create_computation(
+        plan.serialized, lambda: parse_value(plan.serialized), digest=plan.digest
+    )
+    if not shared:
+        owned.append(fn)
+    args = [await future for future in inputs]
+    arg: Any | None = None
+    if len(args) == 1:
+        arg = args[0]
+    elif args:
+        arg = await executor.create_struct([(None, a) for a in args])
+        owned.append(arg)
+    return await executor.create_call(fn, arg)
