@@ -305,8 +305,6 @@ class InvocationSession:
         )
         call = self._call_plan(plan, len(planned))
         running.append(call.result)  # type: ignore[arg-type]
-        for target, index in plan.outputs.items():
-            self._members[target] = (call, index)
         for op in computes:
             running.append(asyncio.create_task(self._compute(op, released)))
 
@@ -322,19 +320,31 @@ class InvocationSession:
         """One CreateValue for all of a batch's argument values; each is a
         member of it, as a plan's values are of the plan's result."""
         executor = self._require_executor()
-        holder = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(ids))  # type: ignore[arg-type]
+        return self._hold(
+            dict(zip(ids, range(len(ids)))),
+            lambda _: executor.create_value(arguments),
+            f"argument values {ids}",
+        )
+
+    def _hold(
+        self,
+        members: dict[int, int],
+        work: Callable[[_PlanCall], Awaitable[object]],
+        what: str,
+    ) -> _PlanCall:
+        """Start `work`, the one worker call whose result holds `members`
+        (value id -> index), and make those ids members of it."""
+        holder = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(members))  # type: ignore[arg-type]
 
         async def run() -> object:
             try:
-                return await executor.create_value(arguments)
+                return await work(holder)
             except WorkerError as e:
-                raise SessionError.from_worker(
-                    e, f"silo {self.silo!r}, argument values {ids}: {e}"
-                ) from e
+                raise SessionError.from_worker(e, f"silo {self.silo!r}, {what}: {e}") from e
 
         holder.result = asyncio.ensure_future(run())
         self._plan_calls[holder.key] = holder
-        for index, target in enumerate(ids):
+        for target, index in members.items():
             self._members[target] = (holder, index)
         return holder
 
@@ -346,18 +356,11 @@ class InvocationSession:
                 inputs.append(self._plan_calls[source[1]].result)
             else:
                 inputs.append(self._ref(source))  # type: ignore[arg-type]
-        call = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(plan.outputs))  # type: ignore[arg-type]
-
-        async def run() -> object:
-            try:
-                return await call_plan(executor, plan, inputs, call.owned)
-            except WorkerError as e:
-                raise SessionError.from_worker(
-                    e, f"silo {self.silo!r}, phase plan of {operations} operations: {e}"
-                ) from e
-
-        call.result = asyncio.ensure_future(run())
-        self._plan_calls[call.key] = call
+        call = self._hold(
+            plan.outputs,
+            lambda holder: call_plan(executor, plan, inputs, holder.owned),
+            f"phase plan of {operations} operations",
+        )
         log.debug(
             "silo.plan",
             extra={
