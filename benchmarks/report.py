@@ -80,7 +80,13 @@ def _overhead_counts(counts: dict[str, Any] | None) -> str:
          max(c["silo_worker_calls"].values()), c["broker_messages"]]
         for name, c in counts["tff_amqp"].items()
     ]  # fmt: skip
-    return "\n\nPer invocation (clean-up included):\n\n" + table(
+    runs = next(iter(counts["tff_amqp"].values())).get("invocations", 1)
+    caption = (
+        f"Per invocation, averaged over {runs} back to back (clean-up included)"
+        if runs > 1
+        else "Per invocation (clean-up included)"
+    )
+    return f"\n\n{caption}:\n\n" + table(
         ["computation", "native worker calls", "coordinator worker calls",
          "worker calls per silo (max)", "broker messages"],
         rows,

@@ -149,6 +149,65 @@ def test_batch_without_deadline_is_refused_and_pins_nothing(
     assert active == {silo: 0}, active
 
 
+def _wait_active(
+    context: Any, silo: str, since: float, expected: int, timeout: float = 5.0
+) -> int | None:
+    """The silo's active invocations once a status after `since` reports
+    `expected`, else the last reported (None: no report at all)."""
+    last: int | None = None
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        found = _statuses_after(context, [silo], since)
+        if found is not None:
+            last = found[silo]
+            if last == expected:
+                return last
+        time.sleep(0.05)
+    return last
+
+
+def test_a_close_riding_another_invocations_batch_frees_only_the_senders_session(
+    amqp_url: str, amqp_context, silo_federation: Federation
+) -> None:
+    """A finished invocation's close rides the next batch to the silo
+    (`Batch.closes`): the silo frees that session, and only when the batch
+    comes from the coordinator that opened it."""
+    silo = sorted(silo_federation.silos)[0]
+    topology = Topology(silo_federation.name)
+    owner, kept = "coordinator-owner", uuid.uuid4().hex
+
+    def batch(sender: str, invocation: str, ops: list[p.Operation], closes=()) -> p.Envelope:
+        envelope = p.batch_envelope(
+            sender=sender,
+            invocation_id=invocation,
+            correlation_id="",
+            deadline=time.time() + 60,
+            operations=ops,
+            seq=0,
+        )
+        body = dataclasses.replace(envelope.body, closes=tuple(closes))
+        return dataclasses.replace(envelope, body=body)
+
+    def send(envelope: p.Envelope) -> float:
+        sent_at = time.monotonic()
+        asyncio.run(_publish_batch(amqp_url, topology, silo, envelope))
+        return sent_at
+
+    opened = send(batch(owner, kept, [p.Open(clients=1), p.CreateValue(1, _f32_value(2.0))]))
+    try:
+        assert _wait_active(amqp_context, silo, opened, 1) == 1
+        # Another sender's batch naming it frees nothing (its own invocation
+        # opens and closes in the same batch).
+        foreign = send(batch("intruder", uuid.uuid4().hex, [p.Open(clients=1), p.Close()], [kept]))
+        time.sleep(1.5)  # a status or two after it
+        assert _wait_active(amqp_context, silo, foreign, 1) == 1
+        # The owner's next batch (of another invocation) carries the close.
+        carried = send(batch(owner, uuid.uuid4().hex, [p.Open(clients=1), p.Close()], [kept]))
+        assert _wait_active(amqp_context, silo, carried, 0) == 0
+    finally:
+        send(batch(owner, kept, [p.Close()]))
+
+
 def _f32_value(x: float) -> bytes:
     from tensorflow_federated.python.core.impl.executors import value_serialization
 

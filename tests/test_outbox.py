@@ -27,8 +27,11 @@ class RecordingChannel:
         self.max_message_bytes = max_message_bytes
         # The invocation's progress, stepped by tests that play its branches.
         self.activity = Activity()
+        # Closes handed to the link to ride a later batch: (silo, seq, batches
+        # published by then).
+        self.deferred: list[tuple[str, int, int]] = []
 
-    def channel(self) -> OutboxChannel:
+    def channel(self, *, defer_closes: bool = False) -> OutboxChannel:
         return OutboxChannel(
             sender="coordinator",
             invocation_id="inv",
@@ -39,7 +42,12 @@ class RecordingChannel:
             wait_for_reply=self._wait,
             receive_blob=self._blob,
             activity=self.activity,
+            defer_close=self._defer if defer_closes else None,
         )
+
+    def _defer(self, silo: str, seq: int) -> None:
+        # Published batches before it: the close must follow every one.
+        self.deferred.append((silo, seq, len(self.batches)))
 
     async def _publish(
         self, silo: str, envelope: p.Envelope, expect_reply: bool
@@ -162,3 +170,31 @@ def test_a_batch_goes_out_once_the_invocation_is_quiet_or_held_too_long() -> Non
     recording, held = asyncio.run(run(busy=True))
     assert MAX_HOLD_SECONDS <= held < MAX_HOLD_SECONDS + 1.0  # bounded
     assert recording.operations(0) == [p.Open, p.CreateValue, p.Compute]
+
+
+def test_a_close_with_nothing_pending_is_deferred_after_every_batch() -> None:
+    """With a link that lets closes ride later batches, an outbox with no
+    operations pending sends no close of its own: it hands the next batch
+    number to the link once all of its batches are published. With
+    operations pending, the close rides them as before."""
+
+    async def run(pending: bool) -> RecordingChannel:
+        recording = RecordingChannel()
+        ids = iter(range(1, 1000))
+        outbox = SiloOutbox(recording.channel(defer_closes=True), "north", lambda: next(ids))
+        outbox.open(clients=None)
+        a = outbox.create_value(b"a")
+        await outbox.compute(a)
+        if pending:
+            outbox.create_value(b"b")
+        await outbox.close()
+        return recording
+
+    deferred = asyncio.run(run(pending=False))
+    assert len(deferred.batches) == 1
+    assert deferred.deferred == [("north", 1, 1)]
+    assert not any(isinstance(op, p.Close) for op in deferred.batches[0].body.operations)  # type: ignore[union-attr]
+
+    with_pending = asyncio.run(run(pending=True))
+    assert with_pending.deferred == []
+    assert with_pending.operations(1) == [p.CreateValue, p.Close]

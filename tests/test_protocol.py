@@ -207,6 +207,23 @@ def test_batch_names_its_coordinator_instance_optionally():
     assert (decoded.coordinator_instance, decoded.coordinator_started) == ("c0ffee", 1234.5)
 
 
+def test_batch_carries_other_invocations_closes_optionally():
+    """Closes of finished invocations ride a batch ("cl"); absent when there
+    are none, so a batch without them encodes as before."""
+    envelope = _batch()
+    assert isinstance(envelope.body, p.Batch)
+    assert "cl" not in envelope.body.to_wire()
+    carrying = dataclasses.replace(envelope.body, closes=("inv-a", "inv-b"))
+    decoded = p.decode(p.encode(dataclasses.replace(envelope, body=carrying))).body
+    assert isinstance(decoded, p.Batch)
+    assert decoded.closes == ("inv-a", "inv-b")
+    for bad in ("inv-a", ["inv-a", 3], [""], ["x" * 200]):
+        wire = {**envelope.body.to_wire(), "cl": bad}
+        with pytest.raises(p.ProtocolError, match="'cl'") as error:
+            p.Batch.from_wire(wire)
+        assert error.value.code is p.ErrorCode.MALFORMED
+
+
 def test_silo_status_carries_data_schemas_and_refuses_malformed_ones():
     schema = p.DataSchema("readings", (("age", "int"), ("glucose", "float")), rows=12)
     status = p.SiloStatus(silo="alpha", clients=2, data_keys=("readings",), data_schemas=(schema,))

@@ -39,12 +39,33 @@ def test_federated_mean_worker_calls_at_each_silo(amqp_context, native_context):
         assert calls.get("CreateCall") == 1, calls
         assert calls.get("CreateValue") == 1, calls
         assert counts.silo_total(silo) <= SILO_CALLS_AT_MOST, calls
-    # One request and one reply per silo, plus the close.
+    # One request and one reply per silo, plus the close (alone here: no
+    # invocation follows within the close's linger).
     assert counts.messages <= MESSAGES_AT_MOST, counts
     assert counts.coordinator_total <= COORDINATOR_CALLS_AT_MOST, counts.coordinator
     # The same invocation costs the same again (nothing left over, nothing cached late).
     _, again = _counted(amqp_context, fed_mean, VALUES)
     assert again == counts
+
+
+def test_back_to_back_invocations_carry_each_others_closes(amqp_context, native_context):
+    """In a stream of invocations each one's close rides the next one's
+    batch to the silo: a request and a reply per silo per mean, and one
+    close per silo for the whole stream (the last, sent alone once nothing
+    follows). Every session is freed: the silos end idle."""
+    run_in(amqp_context, fed_mean, VALUES)  # warm
+    silos = list(SILO_NAMES)
+    expected = run_in(native_context, fed_mean, VALUES)
+    before = amqp_context.run(snapshot(amqp_context.runtime, silos))
+    means = 5
+    for _ in range(means):
+        assert_close(run_in(amqp_context, fed_mean, VALUES), expected)
+    counts = amqp_context.run(snapshot(amqp_context.runtime, silos)).minus(before)
+    assert counts.messages == means * 2 * len(silos) + len(silos), counts
+    for silo in silos:
+        # Each session freed (one Dispose per invocation), none left active
+        # (the snapshot waits for idle silos).
+        assert counts.silos[silo].get("Dispose") == means, counts.silos[silo]
 
 
 # Bounds of what the mean costs today (see benchmarks/RESULTS.md): a

@@ -358,12 +358,20 @@ class Batch:
     # same coordinator sends its first batch.
     coordinator_instance: str = ""
     coordinator_started: float = 0.0
+    # Other invocations of the same coordinator that are over at this silo:
+    # their `close` rides this batch instead of a message of its own (freed
+    # after their earlier batches, which the silo's queue delivered first).
+    # Optional ("cl", omitted when empty): a version 1 peer without it
+    # sends every close as a batch of its own.
+    closes: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"seq": self.seq, "ops": [op.to_wire() for op in self.operations]}
         if self.coordinator_instance:
             wire["ci"] = self.coordinator_instance
             wire["cs"] = float(self.coordinator_started)
+        if self.closes:
+            wire["cl"] = list(self.closes)
         return wire
 
     @classmethod
@@ -394,7 +402,25 @@ class Batch:
             seq=_int(raw, "seq", minimum=0),
             coordinator_instance=instance,
             coordinator_started=started,
+            closes=_closes(raw.get("cl", [])),
         )
+
+
+_MAX_CLOSES = 100_000
+
+
+def _closes(raw: object) -> tuple[str, ...]:
+    if (
+        not isinstance(raw, list)
+        or len(raw) > _MAX_CLOSES
+        or not all(isinstance(i, str) and 0 < len(i) <= _MAX_ID_LEN for i in raw)
+    ):
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"batch 'cl' must be a list of at most {_MAX_CLOSES} invocation ids "
+            f"(non-empty strings of at most {_MAX_ID_LEN} characters)",
+        )
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class Invocation:
             wait_for_reply=lambda silo, future: self.gather.wait_for_silo(silo, future),
             receive_blob=lambda silo, blob: self.shipping.receive_blob(silo, blob),
             activity=self.activity,
+            defer_close=lambda silo, seq: runtime.link.defer_close(
+                silo, self.id, seq, self.clock.deadline_epoch
+            ),
         )
         self.cohort = Cohort(runtime, self.id, self.clock, clients, channel)
         self.local = LocalExecutor(runtime)

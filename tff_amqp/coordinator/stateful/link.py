@@ -25,6 +25,19 @@ from tff_amqp.transport.schema import declare_exchange
 
 log = logging.getLogger(__name__)
 
+# A finished invocation's `close` waits this long for a batch to the same
+# silo to ride on (the next invocation's, when they come back to back),
+# before it goes as a message of its own. The silo frees the session that
+# much later at most.
+CLOSE_LINGER_SECONDS = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeferredClose:
+    invocation_id: str
+    seq: int
+    deadline: float
+
 
 class CoordinatorLink(ReplyIntake[p.Result]):
     """Publishing batches and matching their replies for one federation."""
@@ -40,6 +53,10 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         # this one's first batch arrives.
         self.instance_id = uuid.uuid4().hex
         self.instance_started = time.time()
+        # Closes not yet sent, per silo, with the timer that sends them alone.
+        self._closes: dict[str, list[_DeferredClose]] = {}
+        self._close_timers: dict[str, asyncio.TimerHandle] = {}
+        self._close_sends: set[asyncio.Task[None]] = set()
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         self._requests = await declare_exchange(
@@ -55,13 +72,15 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         its result. Error replies fail the future with SiloError."""
         if self._requests is None:
             raise RuntimeError("coordinator link is not started")
-        if isinstance(envelope.body, p.Batch) and not envelope.body.coordinator_instance:
+        if isinstance(envelope.body, p.Batch):
+            closes = envelope.body.closes + self._take_closes(silo, envelope.invocation_id)
             envelope = dataclasses.replace(
                 envelope,
                 body=dataclasses.replace(
                     envelope.body,
-                    coordinator_instance=self.instance_id,
-                    coordinator_started=self.instance_started,
+                    coordinator_instance=envelope.body.coordinator_instance or self.instance_id,
+                    coordinator_started=envelope.body.coordinator_started or self.instance_started,
+                    closes=closes,
                 ),
             )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
@@ -92,6 +111,79 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         else:
             self._count_published(payload)
         return future if expect_reply else None
+
+    # ---------------------------------------------------------------- closing
+
+    def defer_close(self, silo: str, invocation_id: str, seq: int, deadline: float) -> None:
+        """Free `invocation_id` at `silo` with the next batch sent there, or
+        on its own after CLOSE_LINGER_SECONDS: three of a federated mean's
+        nine messages were closes. The invocation's batches to `silo` must
+        all be published already (the silo's queue keeps their order)."""
+        self._closes.setdefault(silo, []).append(_DeferredClose(invocation_id, seq, deadline))
+        if silo not in self._close_timers:
+            self._close_timers[silo] = asyncio.get_running_loop().call_later(
+                CLOSE_LINGER_SECONDS, self._send_closes_soon, silo
+            )
+
+    def _take_closes(self, silo: str, carrier: str) -> tuple[str, ...]:
+        if silo not in self._closes:
+            return ()
+        closes = self._closes.pop(silo)
+        timer = self._close_timers.pop(silo, None)
+        if timer is not None:
+            timer.cancel()
+        return tuple(c.invocation_id for c in closes if c.invocation_id != carrier)
+
+    def _send_closes_soon(self, silo: str) -> None:
+        self._close_timers.pop(silo, None)
+        task = asyncio.get_running_loop().create_task(self._send_closes(silo))
+        self._close_sends.add(task)
+        task.add_done_callback(self._close_sends.discard)
+
+    async def _send_closes(self, silo: str) -> None:
+        """The deferred closes of `silo` as one message: the first
+        invocation's `close` batch, carrying the others."""
+        closes = self._closes.pop(silo, [])
+        if not closes:
+            return
+        first = closes[0]
+        envelope = p.batch_envelope(
+            sender=self.sender,
+            invocation_id=first.invocation_id,
+            correlation_id="",
+            deadline=first.deadline,
+            operations=[p.Close()],
+            seq=first.seq,
+        )
+        envelope = dataclasses.replace(
+            envelope,
+            body=dataclasses.replace(
+                envelope.body, closes=tuple(c.invocation_id for c in closes[1:])
+            ),
+        )
+        try:
+            await self.send(silo, envelope, expect_reply=False)
+        except Exception as e:
+            # The silo frees them at their deadline plus its grace instead.
+            log.info(
+                "coordinator.close_not_sent",
+                extra={"silo": silo, "invocations": len(closes), "error": str(e)},
+            )
+
+    async def flush_closes(self) -> None:
+        """Send every deferred close now (bounded by the publish policy)."""
+        for timer in self._close_timers.values():
+            timer.cancel()
+        self._close_timers.clear()
+        for silo in list(self._closes):
+            self._send_closes_soon(silo)
+        if self._close_sends:
+            await asyncio.gather(*self._close_sends, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._requests is not None:
+            await self.flush_closes()
+        await super().close()
 
     def _unroutable(self, silo: str, invocation_id: str) -> None:
         """Fail every reply this invocation awaits from `silo` (including the

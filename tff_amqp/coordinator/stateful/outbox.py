@@ -61,6 +61,9 @@ class OutboxChannel:
     receive_blob: Callable[[str, p.BlobRef], Awaitable[bytearray]]
     # The invocation's progress, read (never changed) to time flushes.
     activity: Activity = field(default_factory=Activity)
+    # Hand the invocation's close at a silo (its next batch number) to the
+    # link, to ride a later batch to the silo; None: send it at once.
+    defer_close: Callable[[str, int], None] | None = None
 
 
 class SiloOutbox:
@@ -133,13 +136,20 @@ class SiloOutbox:
         return result.values[source]
 
     async def close(self) -> None:
-        """Tell the silo to free the invocation; waits only for the publish."""
+        """Tell the silo to free the invocation (with pending operations, or
+        deferred to ride a later batch); waits only for the publish."""
         if self.closed:
             return
         self.closed = True
         if self.opened:
-            self._ops.append(p.Close())
-            self._flush_now()
+            if self._ops or self._channel.defer_close is None:
+                self._ops.append(p.Close())
+                self._flush_now()
+            else:
+                # Once every earlier batch is published (the lock is taken in
+                # order), the close may ride whatever goes to the silo next.
+                async with self._publish_lock:
+                    self._channel.defer_close(self.silo, next(self._seq))
         if self._sends:
             await asyncio.gather(*self._sends, return_exceptions=True)
 

@@ -103,6 +103,8 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
         `close` messages, so counters read afterwards cover only new work."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
+        if self._link is not None:
+            await self._link.flush_closes()
 
     async def _connect(self) -> CoordinatorLink:
         link = CoordinatorLink(

@@ -67,16 +67,23 @@ class _InvocationRunner:
         # (sender, instance id) of the coordinator process that opened it.
         self.coordinator = coordinator
         self._agent = agent
-        self._queue: asyncio.Queue[p.Envelope] = asyncio.Queue()
+        # Batches to apply; None: the invocation is over (its close rode
+        # another invocation's batch), once the batches before it are applied.
+        self._queue: asyncio.Queue[p.Envelope | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"invocation-{session.invocation_id}")
 
     def submit(self, envelope: p.Envelope) -> None:
         self._queue.put_nowait(envelope)
 
+    def finish(self) -> None:
+        self._queue.put_nowait(None)
+
     async def _run(self) -> None:
         try:
             while not self.session.closed:
                 envelope = await self._queue.get()
+                if envelope is None:
+                    break
                 await self._agent._process_batch(self.session, envelope)
         finally:
             await self.session.close()
@@ -190,6 +197,7 @@ class SiloAgent(SiloServer):
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
             return
         self._remember(envelope.message_id)
+        self._finish_closed(envelope)
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
@@ -228,6 +236,16 @@ class SiloAgent(SiloServer):
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         runner.submit(envelope)
+
+    def _finish_closed(self, envelope: p.Envelope) -> None:
+        """Free the invocations whose close rides this batch (whatever becomes
+        of the batch itself): only the sending coordinator's own."""
+        if not isinstance(envelope.body, p.Batch):
+            return
+        for invocation_id in envelope.body.closes:
+            runner = self._runners.get(invocation_id)
+            if runner is not None and runner.coordinator[0] == envelope.sender:
+                runner.finish()
 
     def _refusal(self, envelope: p.Envelope) -> tuple[p.ErrorCode, str] | None:
         """Why a request is answered with an error before any session sees
