@@ -57,7 +57,7 @@ def _ms(stats: dict[str, Any]) -> str:
 
 def _overhead(data: dict[str, Any]) -> str:
     rows = []
-    for key in ("federated_mean", "fedavg_round"):
+    for key in data["ratios"]:
         rows.append(
             [key, _ms(data["native"][key]), _ms(data["tff_amqp"][key]), data["ratios"][key],
              data["targets"][key]]
