@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -195,29 +196,7 @@ class FederatingStrategy:
         value, zero, accumulate, merge, report = [
             await self._executor.select(arg, i) for i in range(5)
         ]
-        # The silo-side aggregate is typed as this intrinsic declares its
-        # parameters, not as the arguments happen to be: a value may be
-        # all-equal at CLIENTS (a broadcast), a zero may have a static shape
-        # where the accumulator's is dynamic.
-        declared = intrinsic.type_signature.parameter  # type: ignore[union-attr]
-        value_type, accumulator_type, accumulate_type, merge_type, _ = [
-            declared[i]  # type: ignore[index]
-            for i in range(5)
-        ]
-        identity = _identity(accumulator_type)
-        silo_intrinsic = building_blocks.Intrinsic(
-            intrinsic_defs.FEDERATED_AGGREGATE.uri,
-            computation_types.FunctionType(
-                [
-                    value_type,
-                    accumulator_type,
-                    accumulate_type,
-                    merge_type,
-                    identity.type_signature,
-                ],
-                computation_types.FederatedType(accumulator_type, placements.SERVER),
-            ),
-        )
+        accumulator_type, identity, silo_intrinsic = _silo_aggregate(intrinsic.type_signature)
         invocation = self._invocation
         silo_zero: CoordinatorValue = zero
         if isinstance(zero, LocalValue) and zero.producer is not None:
@@ -469,6 +448,33 @@ def _tf_binary_operator(
     )
 
     return factory.create_binary_operator(operator, first, second)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _silo_aggregate(
+    signature: computation_types.Type,
+) -> tuple[computation_types.Type, building_blocks.Lambda, building_blocks.Intrinsic]:
+    """For a `federated_aggregate` of `signature`: its accumulator type, and
+    the identity report and aggregate intrinsic each silo runs to produce its
+    partial. The same objects for the same signature, so they are serialized
+    once (`CoordinatorRuntime.function_wire` caches by building block), not
+    per invocation.
+
+    The silo-side aggregate is typed as the intrinsic declares its
+    parameters, not as the arguments happen to be: a value may be all-equal
+    at CLIENTS (a broadcast), a zero may have a static shape where the
+    accumulator's is dynamic."""
+    declared = signature.parameter  # type: ignore[attr-defined]
+    value_type, accumulator_type, accumulate_type, merge_type, _ = [declared[i] for i in range(5)]
+    identity = _identity(accumulator_type)
+    silo_intrinsic = building_blocks.Intrinsic(
+        intrinsic_defs.FEDERATED_AGGREGATE.uri,
+        computation_types.FunctionType(
+            [value_type, accumulator_type, accumulate_type, merge_type, identity.type_signature],
+            computation_types.FederatedType(accumulator_type, placements.SERVER),
+        ),
+    )
+    return accumulator_type, identity, silo_intrinsic
 
 
 def _identity(type_spec: computation_types.Type) -> building_blocks.Lambda:

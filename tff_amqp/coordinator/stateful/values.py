@@ -118,11 +118,19 @@ class StructValue(CoordinatorValue):
         invocation: Invocation,
         elements: Sequence[tuple[str | None, CoordinatorValue]],
     ) -> None:
-        type_spec = computation_types.StructType(
-            [(name, v.type_signature) if name else v.type_signature for name, v in elements]
-        )
-        super().__init__(invocation, type_spec)
+        self._invocation = invocation
+        self._type_signature: computation_types.Type | None = None
         self.elements = list(elements)
+
+    @property
+    def type_signature(self) -> computation_types.Type:
+        # Built when first read: most structs are only taken apart again,
+        # and building a TFF type costs more than the rest of the struct.
+        if self._type_signature is None:
+            self._type_signature = computation_types.StructType(
+                [(n, v.type_signature) if n else v.type_signature for n, v in self.elements]
+            )
+        return self._type_signature
 
     async def compute(self) -> object:
         import asyncio
