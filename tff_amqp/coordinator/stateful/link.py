@@ -170,19 +170,22 @@ class CoordinatorLink(ReplyIntake[p.Result]):
                 extra={"silo": silo, "invocations": len(closes), "error": str(e)},
             )
 
-    async def flush_closes(self) -> None:
-        """Send every deferred close now (bounded by the publish policy)."""
+    async def flush_closes(self, timeout: float = 10.0) -> None:
+        """Send every deferred close now; waits at most `timeout` seconds (a
+        close not sent by then is freed at the silo's sweep)."""
         for timer in self._close_timers.values():
             timer.cancel()
         self._close_timers.clear()
         for silo in list(self._closes):
             self._send_closes_soon(silo)
         if self._close_sends:
-            await asyncio.gather(*self._close_sends, return_exceptions=True)
+            await asyncio.wait(set(self._close_sends), timeout=timeout)
 
     async def close(self) -> None:
         if self._requests is not None:
-            await self.flush_closes()
+            await self.flush_closes(timeout=5.0)
+        for task in self._close_sends:
+            task.cancel()
         await super().close()
 
     def _unroutable(self, silo: str, invocation_id: str) -> None:

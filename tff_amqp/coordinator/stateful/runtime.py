@@ -104,7 +104,7 @@ class CoordinatorRuntime(SharedRuntime[CoordinatorLink, Membership]):
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
         if self._link is not None:
-            await self._link.flush_closes()
+            await self._link.flush_closes(timeout)
 
     async def _connect(self) -> CoordinatorLink:
         link = CoordinatorLink(
