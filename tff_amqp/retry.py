@@ -3,8 +3,9 @@ in a policy object, not sprinkled through call sites)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tenacity
@@ -25,6 +26,17 @@ class RetryPolicy:
     def retrying(self, should_retry: Callable[[BaseException], bool]) -> tenacity.AsyncRetrying:
         """An async iterator of attempts; the last error is re-raised."""
         return tenacity.AsyncRetrying(**self._schedule(should_retry))
+
+    def retrying_since(
+        self, should_retry: Callable[[BaseException], bool], started: float
+    ) -> tenacity.AsyncRetrying:
+        """`retrying`, for an operation whose first attempt ran outside it
+        (from `started`, a `time.monotonic()`): the time already spent counts
+        against `total_timeout`. The caller re-raises that attempt's error in
+        the first attempt, so the waits are those of attempts 2, 3, ..."""
+        elapsed = time.monotonic() - started
+        remaining = replace(self, total_timeout=max(self.total_timeout - elapsed, 0.0))
+        return remaining.retrying(should_retry)
 
     def retrying_blocking(self, should_retry: Callable[[BaseException], bool]) -> tenacity.Retrying:
         """The same for blocking code (e.g. a silo reading data in a thread)."""

@@ -9,11 +9,11 @@ import time
 from typing import TYPE_CHECKING
 
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.quorum import describe_min_silos, drop_reason, phase_cutoff
+from tff_amqp.coordinator.stateful import value_wire
 from tff_amqp.errors import (
     InvocationTimeoutError,
     QuorumError,
@@ -184,7 +184,7 @@ class SiloGather:
         for silo in ids:
             if silo not in parts:
                 continue
-            result, _ = value_serialization.deserialize_value(parts[silo], type_spec)
+            result = value_wire.deserialize(parts[silo], type_spec)
             if type_spec.all_equal:
                 return result
             members.extend(result)  # type: ignore[arg-type]

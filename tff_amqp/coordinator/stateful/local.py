@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.core.impl.executors import value_serialization
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.stateful import value_wire, values
@@ -64,7 +63,7 @@ async def serialize_typed(value: object, type_spec: Any) -> tuple[bytes, Any]:
 def _deserialize(data: bytes, type_spec: Any) -> object:
     proto = executor_pb2.Value()
     proto.ParseFromString(memoryview(data))
-    return value_serialization.deserialize_value(proto, type_spec)[0]
+    return value_wire.deserialize(proto, type_spec)
 
 
 def host_nbytes(value: object) -> int:
@@ -287,8 +286,7 @@ class LocalExecutor:
 
     async def compute(self, value: values.LocalValue) -> object:
         proto = await self._proto(value)
-        result, _ = value_serialization.deserialize_value(proto, value.type_signature)
-        return result
+        return value_wire.deserialize(proto, value.type_signature)
 
     async def compute_serialized_value(self, value: values.SerializedValue) -> object:
         """A value held serialized, as TFF's runtime would return it (parsed

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -204,7 +203,7 @@ class SiloOutbox:
         envelope = p.batch_envelope(
             sender=channel.sender,
             invocation_id=channel.invocation_id,
-            correlation_id=uuid.uuid4().hex,
+            correlation_id=p.new_id(),
             deadline=channel.deadline_epoch,
             operations=ops,
             seq=seq,

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
-from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
-from tff_amqp.coordinator.stateful import numpy_ops
+from tff_amqp.coordinator.stateful import numpy_ops, value_wire
 from tff_amqp.coordinator.stateful import select as _select
 from tff_amqp.coordinator.stateful.local import INLINE_SERIALIZE_BYTES
 from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE as _EMPTY
@@ -221,9 +220,8 @@ class FederatingStrategy:
             # Sums, means' parts, min / max: folded here in NumPy, in silo-name
             # order, with no round trip to the coordinator's worker.
             def folded() -> object:
-                partial_values = [
-                    value_serialization.deserialize_value(m, accumulator_type)[0] for m in protos
-                ]
+                # value_wire: TFF's values without its per-node tracing.
+                partial_values = [value_wire.deserialize(m, accumulator_type) for m in protos]
                 return numpy_ops.fold(merge_fn, report_fn, partial_values)
 
             # Small partials inline: a thread hop costs more than the work.

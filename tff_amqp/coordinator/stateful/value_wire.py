@@ -1,13 +1,23 @@
-"""Arguments with large tensors serialized straight into a TFF `Value`'s bytes.
+"""TFF `Value` protos built and read without TFF's per-call tracing, and
+arguments with large tensors serialized straight into a `Value`'s bytes.
 
-TFF's `serialize_value` copies a tensor's content four times on the way (its
-`tobytes`, the `Array` proto, the `Value` wrapping it, the serialization), so
-a 256 MiB model briefly cost the coordinator ~1.25 GiB. Here a dense NumPy
-leaf of at least `DIRECT_BYTES` is written once, from the array's own buffer,
-in protobuf's encoding of the same messages; the small parts (dtype, shape, a
-federated type) are serialized by protobuf itself, and a value without such a
-leaf, or of any other kind (sequences, computations), goes through TFF's
-serializer unchanged. The result parses to the proto TFF would build (tested).
+TFF's `serialize_value` / `deserialize_value` and each of their recursive
+helpers are wrapped in `tracing.trace`, which costs two
+`asyncio.current_task()` calls and a generator per node: on the event loop it
+was ~8-10 % of its busy time in a small federated mean. `serialize_value` and
+`deserialize` here walk tensors (of numeric or bool dtypes), structs and
+federated values themselves, with the same untraced building blocks TFF
+uses (`array.to_proto`, `array.from_proto`, ...); any other node (strings,
+sequences, computations, a value TFF would refuse) is handed to TFF's own
+function, so results and errors are TFF's. Tests compare both, byte for byte.
+
+TFF's `serialize_value` also copies a tensor's content four times on the way
+(its `tobytes`, the `Array` proto, the `Value` wrapping it, the
+serialization), so a 256 MiB model briefly cost the coordinator ~1.25 GiB.
+Here a dense NumPy leaf of at least `DIRECT_BYTES` is written once, from the
+array's own buffer, in protobuf's encoding of the same messages; the small
+parts (dtype, shape, a federated type, small leaves) are serialized by
+protobuf itself. The result parses to the proto TFF would build (tested).
 """
 
 from __future__ import annotations
@@ -15,13 +25,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from tensorflow_federated.proto.v0 import array_pb2, executor_pb2
+from tensorflow_federated.proto.v0 import array_pb2, computation_pb2, executor_pb2
 from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.impl.compiler import array
+from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import (
     array_shape,
     computation_types,
     dtype_utils,
+    placements,
     type_serialization,
 )
 
@@ -51,14 +64,161 @@ def serialize(value: object, type_spec: computation_types.Type) -> tuple[bytes, 
     serialized as (what `value_serialization.serialize_value` returns)."""
     pieces = _encode(value, type_spec)
     if pieces is None:
-        proto, serialized_type = value_serialization.serialize_value(value, type_spec)
+        proto, serialized_type = serialize_value(value, type_spec)
         return proto.SerializeToString(), serialized_type
     return b"".join(pieces), type_spec
 
 
+# Leaves written here: NumPy values of these kinds (bool, integers, floats,
+# complex) and Python scalars; strings, bfloat16, objects go to TFF.
+_NUMERIC_KINDS = frozenset("biufc")
+_PYTHON_SCALARS = frozenset([bool, int, float, complex])
+# TFF serializes these as computations whatever the type says.
+_COMPUTATIONS = (computation_pb2.Computation, computation_impl.ConcreteComputation)
+
+
+def serialize_value(
+    value: object, type_spec: computation_types.Type | None
+) -> tuple[executor_pb2.Value, Any]:
+    """What `value_serialization.serialize_value(value, type_spec)` returns,
+    without its tracing for tensors, structs and federated values."""
+    proto = executor_pb2.Value()
+    if _write_node(proto, value, type_spec):
+        return proto, type_spec
+    return value_serialization.serialize_value(value, type_spec)
+
+
+def _write(proto: executor_pb2.Value, value: object, type_spec: Any) -> None:
+    """Fills the empty `proto` with `value` as TFF's `serialize_value` would
+    (a node not written here is TFF's, with its errors)."""
+    if not _write_node(proto, value, type_spec):
+        tff_proto, _ = value_serialization.serialize_value(value, type_spec)
+        proto.CopyFrom(tff_proto)
+
+
+def _write_node(proto: executor_pb2.Value, value: object, type_spec: Any) -> bool:
+    """Writes `value` into `proto` and returns True, or returns False, having
+    left `proto` untouched, when TFF must serialize this node."""
+    if isinstance(type_spec, computation_types.TensorType):
+        return _write_tensor(proto, value, type_spec)
+    if isinstance(value, _COMPUTATIONS):
+        return False
+    if isinstance(type_spec, computation_types.StructType):
+        try:
+            elements = structure.to_elements(structure.from_container(value))
+        except TypeError:
+            return False
+        if len(elements) != len(type_spec):
+            return False
+        struct = proto.struct
+        struct.SetInParent()  # an empty struct is still a struct
+        for (name, element_type), (_, element) in zip(structure.iter_elements(type_spec), elements):
+            entry = struct.element.add()
+            if name:
+                entry.name = name
+            _write(entry.value, element, element_type)
+        return True
+    if isinstance(type_spec, computation_types.FederatedType):
+        members = [value] if type_spec.all_equal else value
+        if not isinstance(members, list):
+            return False
+        member_type = type_spec.member
+        federated = proto.federated
+        for member in members:
+            entry = federated.value.add()
+            if not _write_node(entry, member, member_type):
+                tff_proto, tff_type = value_serialization.serialize_value(member, member_type)
+                member_type.check_assignable_from(tff_type)  # as TFF checks its members
+                entry.CopyFrom(tff_proto)
+        federated.type.CopyFrom(type_serialization.serialize_type(type_spec).federated)
+        return True
+    return False
+
+
+def _write_tensor(
+    proto: executor_pb2.Value, value: object, type_spec: computation_types.TensorType
+) -> bool:
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind not in _NUMERIC_KINDS:
+            return False
+    elif type(value) not in _PYTHON_SCALARS:
+        # Lists and tuples (TFF converts them), strings, anything else.
+        return False
+    dtype = type_spec.dtype
+    if dtype.kind not in _NUMERIC_KINDS:
+        return False
+    # What TFF would refuse, TFF refuses (with its message).
+    if not array.is_compatible_shape(value, type_spec.shape):  # type: ignore[arg-type]
+        return False
+    if not array.is_compatible_dtype(value, dtype.type):  # type: ignore[arg-type]
+        return False
+    # TFF's two encodings: repeated fields for scalars, raw content otherwise.
+    if array_shape.is_shape_scalar(type_spec.shape):
+        array_pb = array.to_proto(value, dtype_hint=dtype.type)  # type: ignore[arg-type]
+    else:
+        array_pb = array.to_proto_content(value, dtype_hint=dtype.type)  # type: ignore[arg-type]
+    proto.array.CopyFrom(array_pb)
+    return True
+
+
+def deserialize(proto: executor_pb2.Value, type_hint: computation_types.Type | None) -> object:
+    """The value `value_serialization.deserialize_value(proto, type_hint)`
+    returns (not its type), without its tracing for tensors, structs and
+    federated values."""
+    return _read(proto, type_hint)[0]
+
+
+def _read(proto: executor_pb2.Value, type_hint: Any) -> tuple[object, object]:
+    """The value TFF deserializes, and a key equal for two nodes whenever the
+    types TFF would deduce for them are equal (TFF checks that a federated
+    value's members have compatible types)."""
+    read = _read_node(proto, type_hint) if isinstance(proto, executor_pb2.Value) else None
+    if read is None:
+        value, value_type = value_serialization.deserialize_value(proto, type_hint)
+        return value, value_type
+    return read
+
+
+def _read_node(proto: executor_pb2.Value, type_hint: Any) -> tuple[object, object] | None:
+    """None when TFF must deserialize this node (whatever it holds or raises)."""
+    which = proto.WhichOneof("value")
+    if which == "array" and isinstance(type_hint, computation_types.TensorType):
+        if type_hint.dtype.kind not in _NUMERIC_KINDS:
+            return None
+        # The hint, not the proto, picks the encoding (as in TFF).
+        if array_shape.is_shape_scalar(type_hint.shape):
+            return array.from_proto(proto.array), type_hint
+        return array.from_proto_content(proto.array), type_hint
+    if which == "struct" and isinstance(type_hint, computation_types.StructType):
+        values: list[tuple[str | None, object]] = []
+        keys: list[tuple[str | None, object]] = []
+        # zip: TFF reads as many elements as both the proto and the hint have.
+        for element, element_type in zip(proto.struct.element, type_hint):
+            name = element.name or None
+            value, key = _read(element.value, element_type)
+            values.append((name, value))
+            keys.append((name, key))
+        return structure.Struct(values), tuple(keys)
+    if which == "federated" and isinstance(type_hint, computation_types.FederatedType):
+        members = proto.federated.value
+        if not members:
+            return None  # TFF refuses it
+        all_equal = type_hint.all_equal
+        # All equal: TFF reads the first member only.
+        read = [_read(m, type_hint.member) for m in (members[:1] if all_equal else members)]
+        if any(key != read[0][1] for _, key in read[1:]):
+            return None  # members of different types: TFF decides (it may refuse)
+        uri = proto.federated.type.placement.value.uri
+        placements.uri_to_placement_literal(uri)  # raises as TFF does on an unknown one
+        values_read = [value for value, _ in read]
+        key = ("federated", read[0][1], uri, all_equal)
+        return (values_read[0] if all_equal else values_read), key
+    return None
+
+
 def _encode(value: object, type_spec: computation_types.Type) -> Pieces | None:
     """The `Value`'s wire pieces, or None when no large dense leaf is inside
-    (TFF serializes the whole value then, with its own checks and errors)."""
+    (`serialize_value` builds the whole proto then)."""
     if isinstance(type_spec, computation_types.TensorType):
         return _tensor(value, type_spec)
     if isinstance(type_spec, computation_types.StructType):
@@ -117,12 +277,16 @@ def _federated(value: object, type_spec: computation_types.FederatedType) -> Pie
     federated_type = type_serialization.serialize_type(type_spec).federated
     body = _field(_FEDERATED_TYPE, [federated_type.SerializeToString()])
     for member, pieces in zip(members, encoded):
-        body += _field(_FEDERATED_VALUE, pieces or [_tff_bytes(member, type_spec.member)])
+        if pieces is None:
+            proto, member_type = serialize_value(member, type_spec.member)
+            type_spec.member.check_assignable_from(member_type)  # as TFF checks its members
+            pieces = [proto.SerializeToString()]
+        body += _field(_FEDERATED_VALUE, pieces)
     return _field(_VALUE_FEDERATED, body)
 
 
 def _tff_bytes(value: object, type_spec: computation_types.Type) -> bytes:
-    proto, _ = value_serialization.serialize_value(value, type_spec)
+    proto, _ = serialize_value(value, type_spec)
     return proto.SerializeToString()
 
 
