@@ -36,7 +36,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "overhead",
         "Overhead against TFF native",
-        "a federated mean and one FedAvg round (small Keras model, 9 clients) over 3 silo "
+        "a federated mean, two aggregation phases with a broadcast between (the mean, then the "
+        "variance around it) and one FedAvg round (small Keras model), 9 clients over 3 silo "
         "processes, against TFF's native runtime in the same process",
         quick_args=("--repeats", "2"),
     ),
