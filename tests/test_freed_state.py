@@ -177,16 +177,15 @@ def test_a_close_riding_another_invocations_batch_frees_only_the_senders_session
     owner, kept = "coordinator-owner", uuid.uuid4().hex
 
     def batch(sender: str, invocation: str, ops: list[p.Operation], closes=()) -> p.Envelope:
-        envelope = p.batch_envelope(
+        return p.batch_envelope(
             sender=sender,
             invocation_id=invocation,
             correlation_id="",
             deadline=time.time() + 60,
             operations=ops,
             seq=0,
+            closes=closes,
         )
-        body = dataclasses.replace(envelope.body, closes=tuple(closes))
-        return dataclasses.replace(envelope, body=body)
 
     def send(envelope: p.Envelope) -> float:
         sent_at = time.monotonic()

@@ -1049,11 +1049,12 @@ def batch_envelope(
     deadline: float,
     operations: Sequence[Operation],
     seq: int,
+    closes: Sequence[str] = (),
 ) -> Envelope:
     """Convenience constructor used by the coordinator."""
     return Envelope(
         kind=Kind.BATCH,
-        body=Batch(operations=tuple(operations), seq=seq),
+        body=Batch(operations=tuple(operations), seq=seq, closes=tuple(closes)),
         sender=sender,
         invocation_id=invocation_id,
         correlation_id=correlation_id,

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,10 +86,6 @@ def inline_limit_for(max_message_bytes: int) -> int:
     return min(INLINE_LIMIT, chunk_bytes_for(max_message_bytes) // 2)
 
 
-def new_transfer_id() -> str:
-    return uuid.uuid4().hex
-
-
 async def checksum(data: bytes | bytearray | memoryview) -> bytes:
     """SHA-256 in a thread (hashlib releases the GIL on large buffers), so the
     event loop keeps serving heartbeats while hundreds of MB are hashed."""
@@ -144,7 +139,7 @@ class BulkSender:
         chunk is confirmed by the broker."""
         view = memoryview(data).cast("B")
         blob = p.BlobRef(
-            transfer=transfer or new_transfer_id(), size=len(view), sha256=await checksum(view)
+            transfer=transfer or p.new_id(), size=len(view), sha256=await checksum(view)
         )
         count = max(1, -(-len(view) // self.chunk_bytes))
         window = asyncio.Semaphore(_PUBLISH_WINDOW)

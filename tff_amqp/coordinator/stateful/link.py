@@ -154,12 +154,7 @@ class CoordinatorLink(ReplyIntake[p.Result]):
             deadline=first.deadline,
             operations=[p.Close()],
             seq=first.seq,
-        )
-        envelope = dataclasses.replace(
-            envelope,
-            body=dataclasses.replace(
-                envelope.body, closes=tuple(c.invocation_id for c in closes[1:])
-            ),
+            closes=[c.invocation_id for c in closes[1:]],
         )
         try:
             await self.send(silo, envelope, expect_reply=False)
