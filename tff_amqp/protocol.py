@@ -85,6 +85,9 @@ class Kind(enum.StrEnum):
     WORK = "work"  # coordinator -> a silo's stateless worker pool: one work item
     WORK_RESULT = "work_result"  # stateless worker -> coordinator: a shard's accumulator
     CHUNK = "chunk"  # either way, bulk connection: one piece of a large value
+    # Either way: several encoded messages for one destination in one AMQP
+    # message (sent only to a peer that said it accepts them).
+    BUNDLE = "bundle"
 
 
 # --------------------------------------------------------------------------
@@ -364,6 +367,9 @@ class Batch:
     # Optional ("cl", omitted when empty): a version 1 peer without it
     # sends every close as a batch of its own.
     closes: tuple[str, ...] = ()
+    # The coordinator takes replies in bundles. Optional ("ab", omitted when
+    # false): a silo bundles replies only for a coordinator that says so.
+    accepts_bundles: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"seq": self.seq, "ops": [op.to_wire() for op in self.operations]}
@@ -372,6 +378,8 @@ class Batch:
             wire["cs"] = float(self.coordinator_started)
         if self.closes:
             wire["cl"] = list(self.closes)
+        if self.accepts_bundles:
+            wire["ab"] = True
         return wire
 
     @classmethod
@@ -403,6 +411,7 @@ class Batch:
             coordinator_instance=instance,
             coordinator_started=started,
             closes=_closes(raw.get("cl", [])),
+            accepts_bundles=_flag(raw, "ab"),
         )
 
 
@@ -565,6 +574,9 @@ class SiloStatus:
     # method ("CreateCall": n, ...): what invocations cost at the silo, for
     # benchmarks and tests. Optional on the wire.
     worker_calls: tuple[tuple[str, int], ...] = ()
+    # The silo takes requests in bundles. Optional ("ab", omitted when false):
+    # the coordinator bundles requests only for a silo that says so.
+    accepts_bundles: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -583,6 +595,8 @@ class SiloStatus:
             wire["schemas"] = [schema.to_wire() for schema in self.data_schemas]
         if self.worker_calls:
             wire["wc"] = dict(self.worker_calls)
+        if self.accepts_bundles:
+            wire["ab"] = True
         return wire
 
     @classmethod
@@ -604,6 +618,7 @@ class SiloStatus:
             pid=_opt_int(raw, "pid", minimum=0) or 0,
             data_schemas=_schemas(raw.get("schemas", [])),
             worker_calls=_worker_calls(raw.get("wc", {})),
+            accepts_bundles=_flag(raw, "ab"),
         )
 
 
@@ -808,7 +823,42 @@ class WorkResult:
         )
 
 
-Body = Batch | Result | ErrorReport | SiloStatus | WorkItem | WorkResult | Chunk
+# At most this many messages ride in one bundle.
+MAX_BUNDLED = 1024
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Several encoded messages for one destination, in one AMQP message.
+
+    Concurrent invocations each send a batch to a silo (and get a result
+    back) at about the same time; carried together they cost the broker, the
+    sender and the receiver one message instead of one each. Each member is
+    a complete encoded envelope, decoded and validated on its own (`members`),
+    so a bundle changes nothing about what a message may say; a bundle never
+    holds a bundle."""
+
+    messages: tuple[bytes, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"m": list(self.messages)}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> Bundle:
+        messages = raw.get("m")
+        if (
+            not isinstance(messages, list)
+            or not 0 < len(messages) <= MAX_BUNDLED
+            or not all(isinstance(m, bytes) for m in messages)
+        ):
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"bundle 'm' must be a list of 1 to {MAX_BUNDLED} encoded messages",
+            )
+        return cls(messages=tuple(messages))
+
+
+Body = Batch | Result | ErrorReport | SiloStatus | WorkItem | WorkResult | Chunk | Bundle
 
 _BODY_TYPES: dict[Kind, type] = {
     Kind.BATCH: Batch,
@@ -820,6 +870,7 @@ _BODY_TYPES: dict[Kind, type] = {
     Kind.WORK: WorkItem,
     Kind.WORK_RESULT: WorkResult,
     Kind.CHUNK: Chunk,
+    Kind.BUNDLE: Bundle,
 }
 
 
@@ -933,6 +984,53 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Env
     )
 
 
+# Bytes a bundle adds around its members: the envelope, and per member the
+# msgpack bin header (at most 5 bytes).
+BUNDLE_OVERHEAD = 512
+BUNDLE_MEMBER_OVERHEAD = 5
+
+
+def bundle_envelope(sender: str, members: Sequence[tuple[Envelope, bytes]]) -> Envelope:
+    """One envelope carrying `members` (envelopes with their encoding), to
+    one destination. Its deadline is the latest of theirs (0 if any has
+    none), so the broker expires it only once every member is late; each
+    member keeps its own deadline for the receiver to check."""
+    deadlines = [envelope.deadline for envelope, _ in members]
+    return Envelope(
+        kind=Kind.BUNDLE,
+        body=Bundle(messages=tuple(payload for _, payload in members)),
+        sender=sender,
+        deadline=0.0 if not all(deadlines) else max(deadlines),
+    )
+
+
+def members(
+    bundle: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[Envelope | tuple[bytes, ProtocolError]]:
+    """The envelopes a bundle carries, in order. A member that does not decode
+    is given as (its bytes, the error), so the receiver refuses that one and
+    serves the rest; a member from another sender than the bundle's, or a
+    bundle inside a bundle, is malformed."""
+    if not isinstance(bundle.body, Bundle):
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a bundle: {bundle.kind!r}")
+    out: list[Envelope | tuple[bytes, ProtocolError]] = []
+    for payload in bundle.body.messages:
+        try:
+            envelope = decode(payload, max_bytes=max_bytes)
+            if envelope.kind is Kind.BUNDLE:
+                raise ProtocolError(ErrorCode.MALFORMED, "a bundle must not hold a bundle")
+            if envelope.sender != bundle.sender:
+                raise ProtocolError(
+                    ErrorCode.MALFORMED,
+                    f"bundle from {bundle.sender!r} holds a message from {envelope.sender!r}",
+                )
+        except ProtocolError as e:
+            out.append((payload, e))
+            continue
+        out.append(envelope)
+    return out
+
+
 def peek_ids(payload: bytes) -> tuple[str, str]:
     """Best-effort (invocation id, correlation id) of a message that failed to
     decode, so the error reply can still be routed. Never raises."""
@@ -1025,6 +1123,13 @@ def _transfer_id(raw: Mapping[str, Any], key: str) -> str:
     value = _str(raw, key, max_len=_MAX_ID_LEN)
     if not value.isascii() or not all(c.isalnum() or c in "-_." for c in value):
         raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} is not a valid transfer id")
+    return value
+
+
+def _flag(raw: Mapping[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be a boolean")
     return value
 
 

@@ -105,6 +105,9 @@ def _acked_after(
     return on_message
 
 
+_STATUS_KINDS = (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE)
+
+
 class ReplyIntake(Generic[R]):
     """The coordinator's broker connection and reply intake (see the module
     docstring); subclasses add publishing and reply semantics."""
@@ -130,6 +133,10 @@ class ReplyIntake(Generic[R]):
         self.stats: dict[str, int] = {
             "published": 0,
             "published_bytes": 0,
+            # Broker messages carrying requests out / replies in (a bundle is
+            # one message for several requests or replies).
+            "request_messages": 0,
+            "reply_messages": 0,
             "received_bytes": 0,
             "unknown_replies": 0,
             "rejected_replies": 0,
@@ -210,31 +217,57 @@ class ReplyIntake(Generic[R]):
         if "x-death" in (message.headers or {}):
             self._on_dead_letter(message)
             return
-        try:
-            envelope = p.decode(message.body, max_bytes=self.max_message_bytes)
-        except p.ProtocolError as e:
-            self.stats["malformed"] += 1
-            log.warning(
-                f"{self.role}.malformed_reply",
-                extra={"routing_key": message.routing_key, "error": str(e)},
-            )
+        envelope = self._decode_reply(message.body, message.routing_key)
+        if envelope is None:
             return
-        silo = self.topology.silo_from_reply_key(message.routing_key or "")
+        if envelope.kind is not p.Kind.BUNDLE:
+            if envelope.kind not in _STATUS_KINDS:
+                self.stats["reply_messages"] += 1
+            await self._on_envelope(envelope, message.routing_key, message.user_id)
+            return
+        self.stats["reply_messages"] += 1
+        for member in p.members(envelope, max_bytes=self.max_message_bytes):
+            if isinstance(member, tuple):
+                self._malformed(message.routing_key, member[1])
+            else:
+                await self._on_envelope(member, message.routing_key, message.user_id)
+
+    def _decode_reply(self, payload: bytes, routing_key: str | None) -> p.Envelope | None:
+        try:
+            return p.decode(payload, max_bytes=self.max_message_bytes)
+        except p.ProtocolError as e:
+            self._malformed(routing_key, e)
+            return None
+
+    def _malformed(self, routing_key: str | None, error: p.ProtocolError) -> None:
+        self.stats["malformed"] += 1
+        log.warning(
+            f"{self.role}.malformed_reply",
+            extra={"routing_key": routing_key, "error": str(error)},
+        )
+
+    async def _on_envelope(
+        self, envelope: p.Envelope, routing_key: str | None, user_id: str | None
+    ) -> None:
+        """One message from a silo (alone, or a member of a bundle): accepted
+        only from the silo its routing key names, with that silo's user."""
+        silo = self.topology.silo_from_reply_key(routing_key or "")
         if silo is None or envelope.sender != silo:
             self._reject(
-                routing_key=message.routing_key,
+                routing_key=routing_key,
                 sender=envelope.sender,
                 reason="sender does not match routing key",
             )
             return
-        if envelope.kind in (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE):
+        if envelope.kind in _STATUS_KINDS:
             assert isinstance(envelope.body, p.SiloStatus)
             if envelope.body.silo != silo:
                 self.stats["rejected_replies"] += 1
                 return
-            await self.membership.observe(
-                envelope.kind, envelope.body, message.user_id, envelope.instance
-            )
+            await self.membership.observe(envelope.kind, envelope.body, user_id, envelope.instance)
+            return
+        if envelope.kind is p.Kind.BUNDLE:
+            self._reject(silo=silo, reason="a bundle inside a bundle")
             return
         record = self.membership.record(silo)
         if record is not None and record.instance in ("", envelope.instance):
@@ -248,10 +281,10 @@ class ReplyIntake(Generic[R]):
         if pending.silo != silo:
             self._reject(silo=silo, expected=pending.silo, reason="wrong silo")
             return
-        user_problem = self.membership.reply_user_problem(silo, message.user_id)
+        user_problem = self.membership.reply_user_problem(silo, user_id)
         if user_problem is not None:
             self.stats["rejected_user_id"] += 1
-            self._reject(silo=silo, user_id=message.user_id, reason=user_problem)
+            self._reject(silo=silo, user_id=user_id, reason=user_problem)
             return
         if pending.instance is not None and envelope.instance != pending.instance:
             # Another process of the silo (an impostor, or a restart): its
@@ -309,27 +342,39 @@ class ReplyIntake(Generic[R]):
 
     def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
         self.stats["dead_lettered"] += 1
-        corr = message.correlation_id or ""
         reason, queue = "expired", "?"
         deaths = (message.headers or {}).get("x-death")
         if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
             reason = str(deaths[0].get("reason", reason))
             queue = str(deaths[0].get("queue", queue))
-        log.warning(
-            f"{self.role}.dead_letter", extra={"corr": corr, "reason": reason, "queue": queue}
-        )
-        pending = self._pending.get(corr)
-        if pending is not None and not pending.future.done():
-            pending.future.set_exception(
-                SiloError(
-                    pending.silo,
-                    str(p.ErrorCode.EXPIRED),
-                    self._dead_letter_message(pending.silo, queue, reason),
-                )
+        for corr in self._dead_correlations(message):
+            log.warning(
+                f"{self.role}.dead_letter", extra={"corr": corr, "reason": reason, "queue": queue}
             )
-            # Retrieved, so asyncio does not warn when nobody awaits it.
-            pending.future.exception()
-            self._after_dead_letter(corr)
+            pending = self._pending.get(corr)
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(
+                    SiloError(
+                        pending.silo,
+                        str(p.ErrorCode.EXPIRED),
+                        self._dead_letter_message(pending.silo, queue, reason),
+                    )
+                )
+                # Retrieved, so asyncio does not warn when nobody awaits it.
+                pending.future.exception()
+                self._after_dead_letter(corr)
+
+    def _dead_correlations(self, message: AbstractIncomingMessage) -> list[str]:
+        """The requests a dead-lettered message carried: its own correlation
+        id, or for a bundle (our own message, returned) each member's."""
+        if message.type != str(p.Kind.BUNDLE):
+            return [message.correlation_id or ""]
+        try:
+            bundle = p.decode(message.body, max_bytes=self.max_message_bytes)
+            members = p.members(bundle, max_bytes=self.max_message_bytes)
+        except p.ProtocolError:
+            return []
+        return [m.correlation_id for m in members if isinstance(m, p.Envelope)]
 
     def _dead_letter_message(self, silo: str, queue: str, reason: str) -> str:
         return (

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -31,6 +32,7 @@ from tff_amqp import protocol as p
 from tff_amqp.errors import CodedError
 from tff_amqp.retry import SILO_PUBLISH, connect_within
 from tff_amqp.topology import Topology
+from tff_amqp.transport.bundling import BundlingPublisher
 from tff_amqp.transport.connection import (
     connect,
     envelope_message,
@@ -133,6 +135,12 @@ class SiloEndpoint:
         self._connection: AbstractRobustConnection | None = None
         self._replies: AbstractExchange | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Results and errors of concurrent requests ride together to a
+        # coordinator that takes bundles (its batches say so).
+        self.bundle_replies = False
+        self._publisher = BundlingPublisher(
+            silo, self._publish, self._message_of, max_message_bytes=config.max_message_bytes
+        )
 
     async def connect(self, *, prefetch: int) -> AbstractChannel:
         """Connect (bounded by the connect timeout) and open the channel the
@@ -211,6 +219,7 @@ class SiloEndpoint:
                 await self._heartbeat_task
             self._heartbeat_task = None
         if self._connection is not None and not self._connection.is_closed:
+            await self._publisher.close(timeout=2.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._publish_status(p.Kind.GOODBYE), 2.0)
             with contextlib.suppress(Exception):
@@ -278,6 +287,16 @@ class SiloEndpoint:
                 f"{self.role} {self.silo!r}: {e}",
             )
             return
+        status = envelope.kind in STATUS_KINDS
+        await self._publisher.publish(
+            self.topology.reply_routing_key(self.silo),
+            envelope,
+            payload,
+            bundle=self.bundle_replies and not status,
+        )
+        self.stats["published_bytes"] += len(payload)
+
+    def _message_of(self, envelope: p.Envelope, payload: bytes) -> aio_pika.Message:
         # Replies carry no expiration: the coordinator decides what is late.
         # Status messages do: one older than a few heartbeats, left in the
         # coordinator's durable queue, must not make a later coordinator
@@ -285,7 +304,7 @@ class SiloEndpoint:
         # Results and errors are persistent: one queued for the coordinator
         # when the broker restarts is kept (its queue is durable).
         status = envelope.kind in STATUS_KINDS
-        message = envelope_message(
+        return envelope_message(
             envelope,
             payload,
             user_id=self.user_id,
@@ -293,12 +312,12 @@ class SiloEndpoint:
             ttl=self.status_ttl if status else None,
             persistent=not status,
         )
+
+    async def _publish(self, routing_key: str, message: aio_pika.Message) -> bool:
+        assert self._replies is not None
         # Not mandatory (publish_with_retry's default), unlike the coordinator's
         # requests: RabbitMQ 3.x would otherwise return every reply, and a
         # reply nobody can route to (no coordinator running) has nobody to
         # tell; the coordinator's own deadline covers a lost one. Retried
         # across reconnects; the coordinator drops duplicate replies.
-        await publish_with_retry(
-            self._replies, message, self.topology.reply_routing_key(self.silo), SILO_PUBLISH
-        )
-        self.stats["published_bytes"] += len(payload)
+        return await publish_with_retry(self._replies, message, routing_key, SILO_PUBLISH)

@@ -83,6 +83,8 @@ class SiloServer(Service):
     # Whether this process must be the only consumer of its queue (a
     # stateful silo: one process per name; pool workers of a silo share one).
     exclusive = False
+    # Whether this process takes bundles of requests (said in its status).
+    accepts_bundles = False
 
     def __init__(
         self,
@@ -255,6 +257,7 @@ class SiloServer(Service):
             pid=self.endpoint.pid,
             data_schemas=self._current_schemas(),
             worker_calls=self._worker_calls(),
+            accepts_bundles=self.accepts_bundles,
         )
 
     def _current_schemas(self) -> tuple[p.DataSchema, ...]:

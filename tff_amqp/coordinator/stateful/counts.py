@@ -26,7 +26,8 @@ class WorkCounts:
     coordinator: dict[str, int]
     # Calls each silo made to its TFF worker, by gRPC method (from its status).
     silos: dict[str, dict[str, int]]
-    # Control messages: requests published plus replies accepted.
+    # Broker messages: requests published plus replies received (a bundle of
+    # several counts once).
     messages: int
 
     def minus(self, earlier: WorkCounts) -> WorkCounts:
@@ -84,5 +85,5 @@ async def snapshot(
     return WorkCounts(
         coordinator=dict(runtime.worker.client.calls),
         silos=statuses,
-        messages=stats["published"] + stats["replies"],
+        messages=stats["request_messages"] + stats["reply_messages"],
     )

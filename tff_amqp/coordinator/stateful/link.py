@@ -15,11 +15,13 @@ import logging
 import time
 import uuid
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.errors import SiloUnreachableError
+from tff_amqp.transport.bundling import BundlingPublisher
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
 
@@ -57,11 +59,34 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         self._closes: dict[str, list[_DeferredClose]] = {}
         self._close_timers: dict[str, asyncio.TimerHandle] = {}
         self._close_sends: set[asyncio.Task[None]] = set()
+        self._publisher = BundlingPublisher(
+            self.sender, self._publish, self._message_of, max_message_bytes=self.max_message_bytes
+        )
 
     async def _declare_outbound(self, channel: AbstractChannel) -> None:
         self._requests = await declare_exchange(
             channel, self.topology, self.topology.requests_exchange
         )
+
+    @staticmethod
+    def _message_of(envelope: p.Envelope, payload: bytes) -> aio_pika.Message:
+        # Expired requests are dead-lettered back to us, never run late (a
+        # bundle expires at its latest member's deadline; the silo checks
+        # each member's). Persistent: a request still queued when the broker
+        # restarts is kept (its queue is durable); a confirm lost to a
+        # dropped connection makes publish_with_retry send it again, and the
+        # silo drops the duplicate by message id.
+        return envelope_message(envelope, payload, persistent=True)
+
+    async def _publish(self, routing_key: str, message: aio_pika.Message) -> bool:
+        assert self._requests is not None
+        # Mandatory: a request to a silo without a queue comes back at once
+        # instead of vanishing while the invocation waits its deadline.
+        routed = await publish_with_retry(
+            self._requests, message, routing_key, self.publish_policy, mandatory=True
+        )
+        self.stats["request_messages"] += 1
+        return routed
 
     # --------------------------------------------------------------- sending
 
@@ -81,6 +106,7 @@ class CoordinatorLink(ReplyIntake[p.Result]):
                     coordinator_instance=envelope.body.coordinator_instance or self.instance_id,
                     coordinator_started=envelope.body.coordinator_started or self.instance_started,
                     closes=closes,
+                    accepts_bundles=True,
                 ),
             )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
@@ -91,20 +117,14 @@ class CoordinatorLink(ReplyIntake[p.Result]):
             self._pending[envelope.correlation_id] = Pending(
                 silo, envelope.invocation_id, future, self.membership.instance_of(silo) or None
             )
-        # Expired requests are dead-lettered back to us, never run late.
-        # Persistent: a request still queued when the broker restarts is
-        # kept (its queue is durable); a confirm lost to a dropped connection
-        # makes publish_with_retry send it again, and the silo drops the
-        # duplicate by message id.
-        message = envelope_message(envelope, payload, persistent=True)
-        # Mandatory: a request to a silo without a queue comes back at once
-        # instead of vanishing while the invocation waits its deadline.
-        routed = await publish_with_retry(
-            self._requests,
-            message,
+        # Batches of concurrent invocations to one silo ride in one message
+        # when the silo takes bundles (it says so in its hello / heartbeat).
+        record = self.membership.record(silo)
+        routed = await self._publisher.publish(
             self.topology.request_routing_key(silo),
-            self.publish_policy,
-            mandatory=True,
+            envelope,
+            payload,
+            bundle=record is not None and record.status.accepts_bundles,
         )
         if not routed:
             self._unroutable(silo, envelope.invocation_id)
@@ -179,6 +199,7 @@ class CoordinatorLink(ReplyIntake[p.Result]):
     async def close(self) -> None:
         if self._requests is not None:
             await self.flush_closes(timeout=5.0)
+            await self._publisher.close(timeout=5.0)
         for task in self._close_sends:
             task.cancel()
         await super().close()

@@ -110,6 +110,8 @@ class SiloAgent(SiloServer):
     # One process per silo name: a second is refused at start (exclusive
     # consumer on the request queue), so no two processes serve one silo.
     exclusive = True
+    # Concurrent invocations' batches arrive together in one message.
+    accepts_bundles = True
 
     def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
@@ -123,6 +125,7 @@ class SiloAgent(SiloServer):
             "received_bytes": 0,
             "published_bytes": 0,
             "reconnects": 0,
+            "bundles": 0,
         }
         super().__init__(
             config, silo=config.name, prefetch=config.prefetch, stats=stats, worker=worker
@@ -192,6 +195,22 @@ class SiloAgent(SiloServer):
         envelope = await self._decode(message)
         if envelope is None:
             return
+        if envelope.kind is not p.Kind.BUNDLE:
+            await self._on_envelope(envelope)
+            return
+        self.stats["bundles"] += 1
+        for member in p.members(envelope, max_bytes=self.endpoint.max_message_bytes):
+            if isinstance(member, tuple):
+                payload, error = member
+                self.stats["malformed"] += 1
+                log.warning("silo.malformed", extra={"code": str(error.code), "error": str(error)})
+                inv, corr = p.peek_ids(payload)
+                await self._refuse_malformed(message, inv, corr, error)
+            else:
+                await self._on_envelope(member)
+
+    async def _on_envelope(self, envelope: p.Envelope) -> None:
+        """One request (alone, or a member of a bundle)."""
         if envelope.message_id in self._seen_ids:
             self.stats["duplicates"] += 1
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
@@ -214,6 +233,9 @@ class SiloAgent(SiloServer):
             )
             return
         await self._note_coordinator(envelope)
+        assert isinstance(envelope.body, p.Batch)
+        # As the latest coordinator says (one coordinator per federation).
+        self.endpoint.bundle_replies = envelope.body.accepts_bundles
         runner = self._runners.get(envelope.invocation_id)
         if runner is None:
             if not envelope.invocation_id:

@@ -1,0 +1,263 @@
+"""Concurrent invocations' requests (and their silos' replies) ride together:
+one broker message per destination while an earlier one waits for its
+confirm (transport/bundling.py, protocol.Bundle).
+
+Unit tests drive the publisher with a fake broker whose confirms the test
+releases; the real-broker test runs concurrent federated means through the
+session's silo processes and compares each with TFF's native runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+
+import pytest
+
+from tests.support.computations import fed_mean
+from tests.support.federation import SILO_NAMES, assert_close, run_in
+from tff_amqp import protocol as p
+from tff_amqp.coordinator.intake import Pending
+from tff_amqp.coordinator.membership import Membership
+from tff_amqp.coordinator.stateful.link import CoordinatorLink
+from tff_amqp.errors import SiloError
+from tff_amqp.topology import Topology
+from tff_amqp.transport.bundling import BundlingPublisher
+
+
+def _batch(n: int, *, sender: str = "coordinator", deadline: float = 0.0) -> p.Envelope:
+    return p.batch_envelope(
+        sender=sender,
+        invocation_id=f"inv-{n}",
+        correlation_id=f"corr-{n}",
+        deadline=deadline or time.time() + 60,
+        operations=[p.Compute(source=n)],
+        seq=0,
+    )
+
+
+class _Broker:
+    """Records publishes; each waits for its confirm until the test releases it."""
+
+    def __init__(self, *, routed: bool = True, fail: Exception | None = None) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.confirms: list[asyncio.Future[None]] = []
+        self.routed = routed
+        self.fail = fail
+
+    async def send(self, routing_key: str, message) -> bool:
+        self.sent.append((routing_key, message.body))
+        confirm = asyncio.get_running_loop().create_future()
+        self.confirms.append(confirm)
+        await confirm
+        if self.fail is not None:
+            raise self.fail
+        return self.routed
+
+    def release(self) -> None:
+        for confirm in self.confirms:
+            if not confirm.done():
+                confirm.set_result(None)
+
+    def envelopes(self, index: int) -> list[p.Envelope]:
+        """What the `index`th message carried (its members for a bundle)."""
+        envelope = p.decode(self.sent[index][1])
+        if envelope.kind is not p.Kind.BUNDLE:
+            return [envelope]
+        members = p.members(envelope)
+        assert all(isinstance(m, p.Envelope) for m in members)
+        return members  # type: ignore[return-value]
+
+
+def _publisher(broker: _Broker, max_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES) -> BundlingPublisher:
+    from tff_amqp.transport.connection import envelope_message
+
+    return BundlingPublisher(
+        "coordinator", broker.send, envelope_message, max_message_bytes=max_bytes
+    )
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_publish_goes_at_once_and_what_queues_behind_it_rides_together() -> None:
+    broker = _Broker()
+    publisher = _publisher(broker)
+    envelopes = [_batch(n) for n in range(5)]
+    tasks = [asyncio.create_task(publisher.publish("silo-a", e, p.encode(e))) for e in envelopes]
+    await _settle()
+    # The first went alone without waiting; the others wait for its confirm.
+    assert len(broker.sent) == 1
+    assert [e.message_id for e in broker.envelopes(0)] == [envelopes[0].message_id]
+    broker.release()
+    await _settle()
+    # Then the four that queued go as one bundle, in publish order.
+    assert len(broker.sent) == 2
+    assert [e.message_id for e in broker.envelopes(1)] == [e.message_id for e in envelopes[1:]]
+    bundle = p.decode(broker.sent[1][1])
+    assert bundle.kind is p.Kind.BUNDLE
+    # It expires only when its latest member is late.
+    assert bundle.deadline == max(e.deadline for e in envelopes[1:])
+    broker.release()
+    assert await asyncio.gather(*tasks) == [True] * 5
+    assert publisher.stats == {"messages": 2, "bundles": 1, "bundled": 4}
+
+
+async def test_destinations_do_not_wait_for_each_other_and_bundle_false_goes_alone() -> None:
+    broker = _Broker()
+    publisher = _publisher(broker)
+    a, b, c = _batch(1), _batch(2), _batch(3)
+    tasks = [
+        asyncio.create_task(publisher.publish("silo-a", a, p.encode(a))),
+        asyncio.create_task(publisher.publish("silo-b", b, p.encode(b))),
+        # A receiver that does not take bundles: never held back.
+        asyncio.create_task(publisher.publish("silo-a", c, p.encode(c), bundle=False)),
+    ]
+    await _settle()
+    assert [key for key, _ in broker.sent] == ["silo-a", "silo-b", "silo-a"]
+    assert all(p.decode(body).kind is p.Kind.BATCH for _, body in broker.sent)
+    broker.release()
+    assert await asyncio.gather(*tasks) == [True, True, True]
+
+
+async def test_a_bundle_never_exceeds_the_message_size_limit() -> None:
+    broker = _Broker()
+    payloads = [(e, p.encode(e)) for e in (_batch(n) for n in range(7))]
+    limit = p.BUNDLE_OVERHEAD + 3 * (len(payloads[1][1]) + p.BUNDLE_MEMBER_OVERHEAD)
+    publisher = _publisher(broker, max_bytes=limit)
+    tasks = [asyncio.create_task(publisher.publish("s", e, b)) for e, b in payloads]
+    for _ in range(4):
+        await _settle()
+        broker.release()
+    await asyncio.gather(*tasks)
+    sizes = [len(broker.envelopes(i)) for i in range(len(broker.sent))]
+    # 1 alone, then bundles of at most 3 that fit the limit, nothing lost or reordered.
+    assert sizes == [1, 3, 3]
+    assert all(len(body) <= limit for _, body in broker.sent)
+    carried = [e.message_id for i in range(len(sizes)) for e in broker.envelopes(i)]
+    assert carried == [e.message_id for e, _ in payloads]
+
+
+async def test_unroutable_and_failed_bundles_reach_every_member() -> None:
+    broker = _Broker(routed=False)
+    publisher = _publisher(broker)
+    envelopes = [_batch(n) for n in range(3)]
+    tasks = [asyncio.create_task(publisher.publish("s", e, p.encode(e))) for e in envelopes]
+    await _settle()
+    broker.release()
+    await _settle()
+    broker.release()
+    assert await asyncio.gather(*tasks) == [False, False, False]
+
+    broker = _Broker(fail=ConnectionError("channel closed"))
+    publisher = _publisher(broker)
+    tasks = [asyncio.create_task(publisher.publish("s", e, p.encode(e))) for e in envelopes]
+    await _settle()
+    broker.release()
+    await _settle()
+    broker.release()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results), results
+    assert len(broker.sent) == 2  # the lone first, then the bundle of two
+
+
+def test_bundle_members_are_validated_one_by_one() -> None:
+    good = _batch(1)
+    nested = p.bundle_envelope("coordinator", [(good, p.encode(good))])
+    foreign = _batch(2, sender="mallory")
+    bundle = p.bundle_envelope(
+        "coordinator",
+        [
+            (good, p.encode(good)),
+            (nested, p.encode(nested)),
+            (foreign, p.encode(foreign)),
+        ],
+    )
+    bundle = p.decode(p.encode(bundle))
+    members = p.members(bundle)
+    assert isinstance(members[0], p.Envelope) and members[0].message_id == good.message_id
+    assert isinstance(members[1], tuple) and "bundle" in str(members[1][1])
+    assert isinstance(members[2], tuple) and "mallory" in str(members[2][1])
+    # A member without a deadline makes the bundle's deadline none.
+    none = p.Envelope(kind=p.Kind.RESULT, body=p.Result(values={}), sender="coordinator")
+    assert p.bundle_envelope("coordinator", [(good, b""), (none, b"")]).deadline == 0.0
+
+
+@pytest.mark.parametrize("messages", [[], "x", [b"ok", "not bytes"], [b""] * (p.MAX_BUNDLED + 1)])
+def test_malformed_bundles_are_refused(messages) -> None:
+    wire = p.encode(
+        p.Envelope(kind=p.Kind.BUNDLE, body=p.Bundle(messages=(b"x",)), sender="coordinator")
+    )
+    import msgpack
+
+    raw = msgpack.unpackb(wire, raw=False)
+    raw["body"]["m"] = messages
+    with pytest.raises(p.ProtocolError, match="bundle 'm'"):
+        p.decode(msgpack.packb(raw, use_bin_type=True))
+
+
+def test_bundle_capability_flags_round_trip_and_are_checked() -> None:
+    status = p.SiloStatus(silo="alpha", clients=1, accepts_bundles=True)
+    assert p.SiloStatus.from_wire(status.to_wire()).accepts_bundles
+    assert "ab" not in p.SiloStatus(silo="alpha", clients=1).to_wire()
+    batch = p.Batch(operations=(), seq=0, accepts_bundles=True)
+    assert p.Batch.from_wire(batch.to_wire()).accepts_bundles
+    with pytest.raises(p.ProtocolError, match="'ab' must be a boolean"):
+        p.Batch.from_wire({**batch.to_wire(), "ab": "yes"})
+
+
+async def test_a_dead_lettered_bundle_fails_each_request_it_carried() -> None:
+    link = CoordinatorLink("amqp://unused/", Topology("fed"), Membership())
+    loop = asyncio.get_running_loop()
+    envelopes = [_batch(n) for n in range(3)]
+    for e in envelopes:
+        link._pending[e.correlation_id] = Pending("alpha", e.invocation_id, loop.create_future())
+    bundle = p.bundle_envelope("coordinator", [(e, p.encode(e)) for e in envelopes[:2]])
+    message = types.SimpleNamespace(
+        type=str(p.Kind.BUNDLE),
+        body=p.encode(bundle),
+        correlation_id=None,
+        headers={"x-death": [{"reason": "expired", "queue": "fed.requests.alpha"}]},
+    )
+    link._on_dead_letter(message)  # type: ignore[arg-type]
+    for e in envelopes[:2]:
+        error = link._pending[e.correlation_id].future.exception()
+        assert isinstance(error, SiloError) and "dead-lettered" in str(error)
+    # The request that was not in the bundle still waits.
+    assert not link._pending[envelopes[2].correlation_id].future.done()
+
+
+def test_concurrent_means_ride_in_bundles_and_equal_native(amqp_context, native_context):
+    """Real broker, real silo processes: 16 federated means in flight at once
+    share request messages to each silo and reply messages back, and each
+    result equals TFF native's."""
+    values = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
+    expected = run_in(native_context, fed_mean, values)
+    run_in(amqp_context, fed_mean, values)  # warm
+    link = amqp_context.runtime.link
+    before = dict(link.stats)
+    bundles_before = link._publisher.stats["bundles"]
+    async_context = amqp_context._async_context
+
+    async def many() -> list[object]:
+        import tensorflow_federated as tff
+
+        with tff.framework.get_context_stack().install(async_context):
+            return await asyncio.gather(*(fed_mean(values) for _ in range(16)))
+
+    results = amqp_context.run(many())
+    for result in results:
+        assert_close(result, expected)
+    requests = link.stats["published"] - before["published"]
+    messages = link.stats["request_messages"] - before["request_messages"]
+    assert requests >= 16 * len(SILO_NAMES)
+    # Some requests shared a message: fewer broker messages than requests.
+    assert link._publisher.stats["bundles"] > bundles_before
+    assert messages < requests, (messages, requests)
+    replies = link.stats["replies"] - before["replies"]
+    reply_messages = link.stats["reply_messages"] - before["reply_messages"]
+    print(f"\n{requests} requests in {messages} messages, {replies} replies in {reply_messages}")
+    # The silos' results of concurrent batches went back together too.
+    assert reply_messages < replies, (reply_messages, replies)
