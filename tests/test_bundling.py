@@ -19,6 +19,7 @@ from tests.support.federation import SILO_NAMES, assert_close, run_in
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending
 from tff_amqp.coordinator.membership import Membership
+from tff_amqp.coordinator.stateful.counts import snapshot
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
 from tff_amqp.errors import SiloError
 from tff_amqp.topology import Topology
@@ -237,6 +238,7 @@ def test_concurrent_means_ride_in_bundles_and_equal_native(amqp_context, native_
     expected = run_in(native_context, fed_mean, values)
     run_in(amqp_context, fed_mean, values)  # warm
     link = amqp_context.runtime.link
+    counts_before = amqp_context.run(snapshot(amqp_context.runtime, list(SILO_NAMES)))
     before = dict(link.stats)
     bundles_before = link._publisher.stats["bundles"]
     async_context = amqp_context._async_context
@@ -261,3 +263,9 @@ def test_concurrent_means_ride_in_bundles_and_equal_native(amqp_context, native_
     print(f"\n{requests} requests in {messages} messages, {replies} replies in {reply_messages}")
     # The silos' results of concurrent batches went back together too.
     assert reply_messages < replies, (reply_messages, replies)
+    # Every session was freed (the snapshot waits for idle silos), the
+    # sessions that ended together with fewer worker calls than one each.
+    counts = amqp_context.run(snapshot(amqp_context.runtime, list(SILO_NAMES)))
+    counts = counts.minus(counts_before)
+    for silo in SILO_NAMES:
+        assert 1 <= counts.silos[silo].get("Dispose", 0) < 16, counts.silos[silo]

@@ -73,6 +73,8 @@ def undecodable_messages() -> list[bytes]:
         _pack(_envelope_wire("result", {"values": [[1, "not bytes"]]})),
         _pack(_envelope_wire("heartbeat", {"silo": "../../etc", "clients": 1})),
         _pack(_envelope_wire("batch", batch, deadline=float("nan"))),
+        _pack(_envelope_wire("bundle", {"m": []})),
+        _pack(_envelope_wire("bundle", {"m": ["not an encoded message"]})),
     ]
     for message in messages:
         try:

@@ -178,6 +178,12 @@ class WorkerExecutor:
         self.closed = False
         self.pinned = False
         self._computations: dict[bytes, asyncio.Future[executor_pb2.ValueRef]] = {}
+        # Disposals requested while one is in flight wait for it, then go
+        # together in one call (the sessions of concurrent invocations end
+        # together: their closes ride one batch).
+        self._disposing = False
+        self._disposals: list[tuple[list[executor_pb2.ValueRef], asyncio.Future[None]]] = []
+        self._dispose_tasks: set[asyncio.Task[None]] = set()
 
     async def create_computation(
         self,
@@ -279,10 +285,64 @@ class WorkerExecutor:
         return response.value  # type: ignore[attr-defined]
 
     async def dispose(self, refs: Sequence[executor_pb2.ValueRef]) -> None:
-        if refs:
-            request = executor_pb2.DisposeRequest(executor=self.executor, value_ref=list(refs))
-            self.calls["Dispose"] += 1
-            await _call("Dispose", self._stub.Dispose(request))
+        """Free `refs` in the worker. While another disposal is in flight this
+        waits for it and then goes in one call with the others that waited."""
+        if not refs:
+            return
+        if self._disposing:
+            done = asyncio.get_running_loop().create_future()
+            self._disposals.append((list(refs), done))
+            await done
+            return
+        self._disposing = True
+        try:
+            await self._dispose_now(list(refs))
+        finally:
+            self._next_disposal()
+
+    async def _dispose_now(self, refs: list[executor_pb2.ValueRef]) -> None:
+        request = executor_pb2.DisposeRequest(executor=self.executor, value_ref=refs)
+        self.calls["Dispose"] += 1
+        await _call("Dispose", self._stub.Dispose(request))
+
+    def _next_disposal(self) -> None:
+        if not self._disposals:
+            self._disposing = False
+            return
+        groups, self._disposals = self._disposals, []
+        task = asyncio.get_running_loop().create_task(self._dispose_groups(groups))
+        self._dispose_tasks.add(task)
+        task.add_done_callback(self._dispose_tasks.discard)
+
+    async def _dispose_groups(
+        self, groups: list[tuple[list[executor_pb2.ValueRef], asyncio.Future[None]]]
+    ) -> None:
+        errors: list[Exception | None] = [None] * len(groups)
+        try:
+            try:
+                await self._dispose_now([ref for refs, _ in groups for ref in refs])
+            except WorkerError:
+                # One group's bad ref must neither keep the others' values
+                # alive nor fail their callers: each group alone.
+                for i, (refs, _) in enumerate(groups):
+                    try:
+                        await self._dispose_now(refs)
+                    except WorkerError as e:
+                        errors[i] = e
+        except BaseException:
+            for _, done in groups:
+                done.cancel()
+            raise
+        finally:
+            self._next_disposal()
+        for (_, done), error in zip(groups, errors, strict=True):
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+                done.exception()  # retrieved: its caller may be gone
 
     async def close(self) -> None:
         """Dispose of the executor; idempotent, never raises."""
