@@ -208,6 +208,41 @@ def test_independent_operations_in_another_order_reuse_the_plan() -> None:
     assert a.inputs == b.inputs
 
 
+def test_a_remembered_batch_order_gives_what_ordering_anew_gives() -> None:
+    """A batch order seen before skips the canonical ordering: its inputs and
+    members, for other ids and other input sources, equal a fresh cache's."""
+    ops = [
+        p.CreateValue(target=20, value=b"fn"),
+        p.CreateStruct(target=21, elements=((None, 9), (None, 3))),
+        p.CreateCall(target=22, fn=20, arg=21),
+        p.CreateStruct(target=23, elements=((None, 5), (None, 3), (None, 22))),
+    ]
+    warm = PlanCache()
+    _plan(warm, ops, _resolver({20: SQUARE}))
+    shifted = [
+        p.CreateValue(target=120, value=b"fn"),
+        p.CreateStruct(target=121, elements=((None, 40), (None, 30))),
+        p.CreateCall(target=122, fn=120, arg=121),
+        p.CreateStruct(target=123, elements=((None, 50), (None, 30), (None, 122))),
+    ]
+    remembered = _plan(warm, shifted, _resolver({120: SQUARE}))
+    fresh = _plan(PlanCache(), shifted, _resolver({120: SQUARE}))
+    assert remembered == fresh
+    assert sorted(remembered.inputs) == [30, 40, 50]  # type: ignore[type-var]
+    assert warm.built == 1
+    # Inputs used the other way round (40 twice): another order, another plan.
+    crossed = [
+        shifted[0],
+        shifted[1],
+        shifted[2],
+        p.CreateStruct(target=123, elements=((None, 40), (None, 30), (None, 122))),
+    ]
+    assert _plan(warm, crossed, _resolver({120: SQUARE})) == _plan(
+        PlanCache(), crossed, _resolver({120: SQUARE})
+    )
+    assert warm.built == 2
+
+
 def test_the_cache_is_bounded_least_recently_used_first() -> None:
     cache = PlanCache()
     cache.MAX = 3

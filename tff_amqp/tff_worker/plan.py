@@ -111,6 +111,16 @@ class _Built:
     serialized: bytes
 
 
+@dataclass(frozen=True)
+class _Canonical:
+    """A batch order's canonical shape: its plan inputs as first-appearance
+    numbers of the batch's sources, its result members as batch nodes."""
+
+    shape: Hashable
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
 class PlanCache:
     """Plans by batch shape, bounded in number and in bytes (a plan holds
     its functions' graphs; least recently used goes first). An evicted plan
@@ -118,9 +128,12 @@ class PlanCache:
 
     MAX = 256
     MAX_BYTES = 64 * 1024 * 1024
+    # Batch orders remembered (a shape can arrive in a few orders).
+    MAX_ORDERS = 1024
 
     def __init__(self) -> None:
         self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
+        self._canonical: OrderedDict[Hashable, _Canonical] = OrderedDict()
         self._bytes = 0
         self.built = 0
 
@@ -132,9 +145,37 @@ class PlanCache:
     ) -> PlannedBatch:
         """The plan of `operations` (value-creating operations in batch
         order; CreateValue ops are functions, given by `resolve` as Inline)."""
-        shape, inputs, outputs, nodes = _shape(operations, resolve)
+        raw, targets = _raw_graph(operations, resolve)
+        # Batches of a phase arrive in the same order nearly every time: the
+        # batch-order graph (inputs numbered by first appearance) finds the
+        # canonical shape without ordering and hashing the nodes again.
+        sources: dict[Hashable, int] = {}
+        key = tuple(
+            ("in", sources.setdefault(n[1], len(sources)), n[2]) if n[0] == "in" else n for n in raw
+        )
+        known = self._canonical.get(key)
+        nodes: list[_Node] | None = None
+        if known is None:
+            shape, inputs, outputs, nodes = _canonical(raw, targets)
+            where = {value_id: i for i, value_id in targets.items()}
+            known = _Canonical(
+                shape,
+                tuple(sources[source] for source in inputs),
+                tuple(where[value_id] for value_id in outputs),
+            )
+            self._canonical[key] = known
+            if len(self._canonical) > self.MAX_ORDERS:
+                self._canonical.popitem(last=False)
+        else:
+            self._canonical.move_to_end(key)
+            by_number = list(sources)
+            inputs = tuple(by_number[i] for i in known.inputs)
+            outputs = [targets[i] for i in known.outputs]
+        shape = known.shape
         built = self._plans.get(shape)
         if built is None:
+            if nodes is None:
+                _, _, _, nodes = _canonical(raw, targets)
             built = _build(nodes, len(inputs), computation_of)
             self.built += 1
             self._plans[shape] = built
@@ -164,14 +205,15 @@ def _shape(
     operations: Sequence[p.Operation], resolve: Resolver
 ) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
     """The batch as plan nodes in a canonical order, its inputs and the
-    value ids of the plan's result members (in order).
+    value ids of the plan's result members (in order)."""
+    return _canonical(*_raw_graph(operations, resolve))
 
-    The coordinator evaluates independent parts of a computation
-    concurrently, so the same phase can arrive with its operations in
-    another order; nodes are therefore ordered by depth, then by a hash of
-    their structure, so that such a batch has the same shape (and reuses
-    the same plan) as before."""
-    # 1. The graph in batch order: ("in", source, index) for inputs.
+
+def _raw_graph(
+    operations: Sequence[p.Operation], resolve: Resolver
+) -> tuple[list[_Node], dict[int, int]]:
+    """The batch's graph in batch order, ("in", source, index) for inputs,
+    and which nodes create which value ids."""
     raw: list[_Node] = []
     local: dict[int, int] = {}
     interned: dict[Hashable, int] = {}
@@ -216,8 +258,18 @@ def _shape(
         local[op.target] = len(raw)
         targets[len(raw)] = op.target
         raw.append(node)
+    return raw, targets
 
-    # 2. Depth and structural hash of each node (children come first). An
+
+def _canonical(
+    raw: list[_Node], targets: dict[int, int]
+) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
+    """The nodes in a canonical order: the coordinator evaluates independent
+    parts of a computation concurrently, so the same phase can arrive with
+    its operations in another order; nodes are therefore ordered by depth,
+    then by a hash of their structure, so that such a batch has the same
+    shape (and reuses the same plan) as before."""
+    # Depth and structural hash of each node (children come first). An
     # input is told apart from another by how it is used, so inputs that
     # arrive in another order are still numbered alike.
     depth = _depths(raw)
@@ -232,7 +284,7 @@ def _shape(
     order = sorted(range(len(raw)), key=lambda i: (depth[i], signature[i], i))
     position = {old: new for new, old in enumerate(order)}
 
-    # 3. Renumbered: children by canonical position, inputs by first use.
+    # Renumbered: children by canonical position, inputs by first use.
     nodes: list[_Node] = []
     inputs: list[Hashable] = []
     input_position: dict[Hashable, int] = {}
