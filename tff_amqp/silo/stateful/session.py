@@ -21,6 +21,7 @@ from typing import Any
 
 from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
+from tff_amqp.silo.stateful.fusion import PlanFuser, SharedValues
 from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation
 from tff_amqp.tff_worker.plan import (
@@ -62,6 +63,8 @@ PHASE_PLANS_ENV = "TFF_AMQP_PHASE_PLANS"
 # Plans are shared by every session of the process (they depend only on the
 # shape of a batch); the worker embeds each once per pinned executor.
 _PLANS = PlanCache()
+# The same plan of concurrent invocations runs in one worker call.
+_FUSER = PlanFuser()
 
 
 def phase_plans_enabled() -> bool:
@@ -76,9 +79,20 @@ class _PlanCall:
     value ids still living in it."""
 
     key: int
-    result: asyncio.Future[object]
     live: set[int]
     owned: list[object] = field(default_factory=list)
+    result: asyncio.Future[object] | None = None
+    # Makes `result` when it is first needed (its worker call not started
+    # yet, or a member of a fused call's result, selected on demand).
+    lazy: Callable[[], Awaitable[object]] | None = None
+
+    def handle(self) -> asyncio.Future[object]:
+        if self.result is None:
+            if self.lazy is None:
+                raise AssertionError("a plan call was used before it ran")
+            self.result = asyncio.ensure_future(self.lazy())
+            self.result.add_done_callback(_retrieve)
+        return self.result
 
 
 _PLAN_KEYS = itertools.count()
@@ -154,6 +168,8 @@ class InvocationSession:
         # values created by a plan: id -> (its plan call, index in the result)
         self._members: dict[int, tuple[_PlanCall, int]] = {}
         self._plan_calls: dict[int, _PlanCall] = {}
+        # worker values this session shares with others (fused plan calls)
+        self._shares: list[SharedValues] = []
         # refs shared with other invocations (cached computations): never disposed here
         self._shared: set[int] = set()
         # ids of values that may leave the silo under the default policy
@@ -296,17 +312,86 @@ class InvocationSession:
                     fused.add(op.target)
                 case _:
                     running.append(self._schedule(op, fused))
-        if argument_ids:
-            running.append(self._create_arguments(arguments, argument_ids).result)  # type: ignore[arg-type]
+        holder = self._create_arguments(arguments, argument_ids) if argument_ids else None
         plan = _PLANS.plan(
             planned,
             resolver(self._functions, self._members, self._ref),
             self._function_computation,
         )
         call = self._call_plan(plan, len(planned))
-        running.append(call.result)  # type: ignore[arg-type]
+        release = self._fusable(plan, holder, computes, running)
+        if holder is None or release is None:
+            if holder is not None:
+                running.append(holder.handle())  # type: ignore[arg-type]
+            running.append(call.handle())  # type: ignore[arg-type]
+            for op in computes:
+                running.append(asyncio.create_task(self._compute(op, released)))
+            return
+        running.append(
+            asyncio.ensure_future(
+                self._run_fusable(plan, arguments, holder, call, computes, release, released)
+            )
+        )
+
+    @staticmethod
+    def _fusable(
+        plan: PlannedBatch,
+        holder: _PlanCall | None,
+        computes: list[p.Compute],
+        running: list[asyncio.Task[None]],
+    ) -> tuple[int, ...] | None:
+        """The plan members a batch releases, if its plan may run together with
+        the same plan of other invocations: its only input is its own argument
+        values, it releases only members of the plan's result, and nothing else
+        of the batch runs beside it."""
+        if holder is None or running or not computes or plan.inputs != (("plan", holder.key),):
+            return None
+        if any(op.source not in plan.outputs for op in computes):
+            return None
+        return tuple(sorted({plan.outputs[op.source] for op in computes}))
+
+    async def _run_fusable(
+        self,
+        plan: PlannedBatch,
+        arguments: Any,
+        holder: _PlanCall,
+        call: _PlanCall,
+        computes: list[p.Compute],
+        release: tuple[int, ...],
+        released: dict[int, bytes],
+    ) -> None:
+        async def alone() -> None:
+            tasks = [holder.handle(), call.handle()]
+            tasks += [asyncio.create_task(self._compute(op, released)) for op in computes]
+            try:
+                await _settle(tasks)  # type: ignore[arg-type]
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        executor = self._require_executor()
+        try:
+            outcome = await _FUSER.run(executor, plan, arguments, release, alone)
+        except WorkerError as e:
+            raise SessionError.from_worker(e, f"silo {self.silo!r}, phase plan: {e}") from e
+        if outcome is None:
+            return  # it ran alone
+        self._shares.append(outcome.shared)
+        holder.lazy = self._wrapped(outcome.arguments, "argument values")
+        call.lazy = self._wrapped(outcome.result, "phase plan result")
         for op in computes:
-            running.append(asyncio.create_task(self._compute(op, released)))
+            released[op.source] = outcome.released[plan.outputs[op.source]]
+
+    def _wrapped(
+        self, work: Callable[[], Awaitable[object]], what: str
+    ) -> Callable[[], Awaitable[object]]:
+        async def run() -> object:
+            try:
+                return await work()
+            except WorkerError as e:
+                raise SessionError.from_worker(e, f"silo {self.silo!r}, {what}: {e}") from e
+
+        return run
 
     # ------------------------------------------------------------- plans
 
@@ -332,17 +417,11 @@ class InvocationSession:
         work: Callable[[_PlanCall], Awaitable[object]],
         what: str,
     ) -> _PlanCall:
-        """Start `work`, the one worker call whose result holds `members`
-        (value id -> index), and make those ids members of it."""
-        holder = _PlanCall(key=next(_PLAN_KEYS), result=None, live=set(members))  # type: ignore[arg-type]
-
-        async def run() -> object:
-            try:
-                return await work(holder)
-            except WorkerError as e:
-                raise SessionError.from_worker(e, f"silo {self.silo!r}, {what}: {e}") from e
-
-        holder.result = asyncio.ensure_future(run())
+        """Make `members` (value id -> index) members of the result of `work`,
+        the one worker call that makes them, started when first needed."""
+        holder = _PlanCall(key=next(_PLAN_KEYS), live=set(members))
+        # Started when first needed (a fused batch never starts it).
+        holder.lazy = self._wrapped(lambda: work(holder), what)
         self._plan_calls[holder.key] = holder
         for target, index in members.items():
             self._members[target] = (holder, index)
@@ -350,15 +429,20 @@ class InvocationSession:
 
     def _call_plan(self, plan: PlannedBatch, operations: int) -> _PlanCall:
         executor = self._require_executor()
-        inputs: list[asyncio.Future[object]] = []
-        for source in plan.inputs:
-            if isinstance(source, tuple):
-                inputs.append(self._plan_calls[source[1]].result)
-            else:
-                inputs.append(self._ref(source))  # type: ignore[arg-type]
+
+        def inputs() -> list[asyncio.Future[object]]:
+            # Taken when the call starts: a fused batch never starts its
+            # inputs' own worker calls.
+            return [
+                self._plan_calls[source[1]].handle()
+                if isinstance(source, tuple)
+                else self._ref(source)  # type: ignore[arg-type]
+                for source in plan.inputs
+            ]
+
         call = self._hold(
             plan.outputs,
-            lambda holder: call_plan(executor, plan, inputs, holder.owned),
+            lambda holder: call_plan(executor, plan, inputs(), holder.owned),
             f"phase plan of {operations} operations",
         )
         log.debug(
@@ -633,12 +717,15 @@ class InvocationSession:
         if every_plan_call:
             for call in list(self._plan_calls.values()):
                 refs.extend(self._release_plan_call(call))
+            for shared in self._shares:
+                refs.extend(shared.release())
+            self._shares.clear()
         if refs and self._executor is not None:
             await self._executor.dispose(refs)  # type: ignore[arg-type]
 
     def _release_plan_call(self, call: _PlanCall) -> list[object]:
         self._plan_calls.pop(call.key, None)
-        return [*_settled(call.result), *call.owned]
+        return [*(_settled(call.result) if call.result is not None else []), *call.owned]
 
     async def close(self) -> None:
         """Free every value of this invocation; idempotent, never raises."""
@@ -677,7 +764,7 @@ class InvocationSession:
             call, index = member
 
             async def select() -> object:
-                return await executor.create_selection(await call.result, index)  # type: ignore[arg-type]
+                return await executor.create_selection(await call.handle(), index)  # type: ignore[arg-type]
 
             future = asyncio.ensure_future(select())
         elif function is not None:
