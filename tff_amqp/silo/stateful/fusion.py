@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tff_amqp.tff_worker import WorkerError, WorkerExecutor
@@ -73,8 +73,14 @@ class _Request:
 
 @dataclass
 class _Group:
+    """One plan (releasing the same members) on one executor."""
+
+    key: tuple[object, ...]
+    executor: WorkerExecutor
+    plan: PlannedBatch
+    release: tuple[int, ...]
     busy: bool = False
-    waiting: list[_Request] | None = None
+    waiting: list[_Request] = field(default_factory=list)
 
 
 class PlanFuser:
@@ -101,33 +107,27 @@ class PlanFuser:
         and this returns None; otherwise it waits and runs with the others
         that waited, and returns its part."""
         key = (id(executor), plan.digest, release)
-        group = self._groups.setdefault(key, _Group())
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key, executor, plan, release)
         if not group.busy:
             group.busy = True
             try:
                 await alone()
                 return None
             finally:
-                self._next(key, group, executor, plan, release)
-        if group.waiting is None:
-            group.waiting = []
+                self._next(group)
         done: asyncio.Future[FusedOutcome] = asyncio.get_running_loop().create_future()
         group.waiting.append(_Request(arguments, done, arguments.ByteSize()))
         return await done
 
-    def _next(
-        self,
-        key: tuple[object, ...],
-        group: _Group,
-        executor: WorkerExecutor,
-        plan: PlannedBatch,
-        release: tuple[int, ...],
-    ) -> None:
-        waiting = [r for r in group.waiting or () if not r.done.done()]
+    def _next(self, group: _Group) -> None:
+        """After a call of `group`: run what waited, or free the group."""
+        waiting = [r for r in group.waiting if not r.done.done()]
         if not waiting:
             group.busy = False
-            if self._groups.get(key) is group:
-                del self._groups[key]
+            if self._groups.get(group.key) is group:
+                del self._groups[group.key]
             return
         size, count = 0, 0
         for request in waiting[:MAX_GROUP]:
@@ -136,21 +136,12 @@ class PlanFuser:
                 break
             count += 1
         batch, group.waiting = waiting[:count], waiting[count:]
-        task = asyncio.get_running_loop().create_task(
-            self._run_group(key, group, executor, plan, release, batch)
-        )
+        task = asyncio.get_running_loop().create_task(self._run_group(group, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_group(
-        self,
-        key: tuple[object, ...],
-        group: _Group,
-        executor: WorkerExecutor,
-        plan: PlannedBatch,
-        release: tuple[int, ...],
-        requests: list[_Request],
-    ) -> None:
+    async def _run_group(self, group: _Group, requests: list[_Request]) -> None:
+        executor, plan, release = group.executor, group.plan, group.release
         try:
             try:
                 outcomes: list[FusedOutcome | BaseException] = list(
@@ -182,7 +173,7 @@ class PlanFuser:
                 raise
             return
         finally:
-            self._next(key, group, executor, plan, release)
+            self._next(group)
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not request.done.done():
