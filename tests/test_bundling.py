@@ -275,3 +275,37 @@ def test_concurrent_means_ride_in_bundles_and_equal_native(amqp_context, native_
         # (silo/stateful/fusion.py): fewer plan calls and computes than means.
         assert 1 <= calls.get("CreateCall", 0) < 16, calls
         assert 1 <= calls.get("Compute", 0) < 16, calls
+
+
+def test_concurrent_means_over_silo_data_share_worker_calls(
+    amqp_context, native_context, silo_federation
+):
+    """The silos' own data rides with a batch's arguments, so concurrent
+    invocations over `silo_data` share plan calls too; each result equals
+    TFF native's over the same client datasets."""
+    import tff_amqp
+    from tests.support.computations import mean_glucose
+    from tests.support.federation import native_over
+
+    expected = native_over(native_context, mean_glucose, silo_federation, SILO_NAMES)
+    data = tff_amqp.silo_data("readings")
+    run_in(amqp_context, mean_glucose, data)  # warm
+    silos = list(SILO_NAMES)
+    before = amqp_context.run(snapshot(amqp_context.runtime, silos))
+    async_context = amqp_context._async_context
+
+    async def many() -> list[object]:
+        import tensorflow_federated as tff
+
+        with tff.framework.get_context_stack().install(async_context):
+            return await asyncio.gather(*(mean_glucose(data) for _ in range(12)))
+
+    for result in amqp_context.run(many()):
+        assert_close(result, expected)
+    counts = amqp_context.run(snapshot(amqp_context.runtime, silos)).minus(before)
+    print(counts.silos)
+    for silo in silos:
+        calls = counts.silos[silo]
+        # Alone, each mean costs a silo one plan call and one compute.
+        assert 1 <= calls.get("CreateCall", 0) < 12, calls
+        assert 1 <= calls.get("Compute", 0) < 12, calls

@@ -306,6 +306,14 @@ class InvocationSession:
                     self._releasable.add(op.target)  # the coordinator sent it
                     argument_ids.append(op.target)
                     fused.add(op.target)
+                case p.CreateData():
+                    # The silo's client data rides with the arguments (one
+                    # worker call for all); it never becomes releasable.
+                    self._require_executor()
+                    self._claim(op.target, fused)
+                    arguments.struct.element.add().value.ParseFromString(await self._load_data(op))
+                    argument_ids.append(op.target)
+                    fused.add(op.target)
                 case p.CreateCall() | p.CreateStruct() | p.CreateSelection():
                     self._claim(op.target, fused)
                     self._note(op, fused)
@@ -656,6 +664,11 @@ class InvocationSession:
     async def _create_data(self, op: p.CreateData, executor: WorkerExecutor) -> object:
         from tensorflow_federated.proto.v0 import executor_pb2
 
+        return await executor.create_value(executor_pb2.Value.FromString(await self._load_data(op)))
+
+    async def _load_data(self, op: p.CreateData) -> bytes:
+        """The serialized federated value of the silo's data `op` names, for
+        as many clients as the invocation was opened for."""
         try:
             count, serialized = await asyncio.to_thread(self._resolve_data, op.key, op.type_spec)
         except SessionError:
@@ -670,7 +683,7 @@ class InvocationSession:
                 "must have the same number of clients at a silo",
             )
         # Client data never becomes releasable by itself.
-        return await executor.create_value(executor_pb2.Value.FromString(serialized))
+        return serialized
 
     def _check_release(self, source: int, fused: set[int] | None = None) -> None:
         self._check_defined(source, fused or set())
