@@ -10,7 +10,8 @@ execution context). Reported per C:
 - invocations/s, and executor operations/s: the create_value, create_call,
   create_struct and create_selection calls TFF's runtime makes on the
   coordinator's executor (counted by wrapping them in this process);
-- broker round trips/s of the coordinator (replies received per second) and
+- broker round trips/s of the coordinator (reply messages received per
+  second; a bundle of several replies is one) and
   the mean request and reply sizes;
 - TFF native's invocations/s at the same C (its async context);
 - per invocation: worker calls of native, of the coordinator and of each
@@ -160,19 +161,20 @@ async def _tff_amqp(
                 delta = {k: link.stats[k] - before.get(k, 0) for k in link.stats}
                 # Clean-up included: counted once every invocation has ended.
                 counts = (await snapshot(context.runtime, silos, timeout=60.0)).minus(counts_before)
-                replies = max(delta["replies"], 1)
+                # Broker messages (a bundle of several requests or replies is one).
+                replies = max(delta["reply_messages"], 1)
                 out[c] = {
                     "invocations_per_s": len(results) / seconds,
                     "executor_ops_per_s": (ops.count - ops_before) / seconds,
                     "executor_ops_per_invocation": (ops.count - ops_before) / len(results),
-                    "broker_round_trips_per_s": delta["replies"] / seconds,
+                    "broker_round_trips_per_s": delta["reply_messages"] / seconds,
                     "messages_per_invocation": counts.messages / len(results),
                     "coordinator_worker_calls_per_invocation": counts.coordinator_total
                     / len(results),
                     "silo_worker_calls_per_invocation": {
                         s: counts.silo_total(s) / len(results) for s in silos
                     },
-                    "request_bytes": delta["published_bytes"] / max(delta["published"], 1),
+                    "request_bytes": delta["published_bytes"] / max(delta["request_messages"], 1),
                     "reply_bytes": delta["received_bytes"] / replies,
                     "seconds": seconds,
                 }
@@ -295,8 +297,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "note": (
             "one invocation = a federated_sum over the silos; ratio_to_native compares "
             "invocations/s; fraction_of_broker_ceiling compares the coordinator's broker round "
-            "trips/s with raw aio-pika request/reply (confirms) at the same sizes and C x silos "
-            "in flight"
+            "trips/s (reply messages; a bundle of several replies is one) with raw aio-pika "
+            "request/reply (confirms) at the same message sizes and C x silos in flight"
         ),
         "levels": rows,
     }
