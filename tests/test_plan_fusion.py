@@ -114,16 +114,7 @@ async def test_a_member_that_fails_at_the_worker_fails_alone() -> None:
     # Strings where the plan squares float32: the worker refuses this one.
     _, zero = _serialized([1.0, 2.0, 3.0], np.float32)
     bad_data, _ = _serialized(["a", "b", "c"], np.str_)
-    bad = p.Batch(
-        seq=0,
-        operations=(
-            p.Open(clients=3),
-            p.CreateValue(target=1, value=bad_data.SerializeToString()),
-            p.CreateValue(target=2, value=zero.SerializeToString()),
-            *_sum_of_squares_batch(functions),
-            p.Compute(source=18),
-        ),
-    )
+    bad = _first_phase(functions, bad_data, zero)
     async with WorkerBinary() as worker:
         client = worker.new_client()
         sessions = [_session(client, f"isolated-{i}") for i in range(4)]

@@ -90,6 +90,10 @@ class Kind(enum.StrEnum):
     BUNDLE = "bundle"
 
 
+# What a silo-side process says about itself (not a reply to a request).
+STATUS_KINDS = (Kind.HELLO, Kind.HEARTBEAT, Kind.GOODBYE)
+
+
 # --------------------------------------------------------------------------
 # Operations: a batch carries an ordered list of them. Value ids are chosen by
 # the coordinator, so a whole pipeline of operations needs no round trip.

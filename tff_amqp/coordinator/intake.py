@@ -105,9 +105,6 @@ def _acked_after(
     return on_message
 
 
-_STATUS_KINDS = (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE)
-
-
 class ReplyIntake(Generic[R]):
     """The coordinator's broker connection and reply intake (see the module
     docstring); subclasses add publishing and reply semantics."""
@@ -221,7 +218,7 @@ class ReplyIntake(Generic[R]):
         if envelope is None:
             return
         if envelope.kind is not p.Kind.BUNDLE:
-            if envelope.kind not in _STATUS_KINDS:
+            if envelope.kind not in p.STATUS_KINDS:
                 self.stats["reply_messages"] += 1
             await self._on_envelope(envelope, message.routing_key, message.user_id)
             return
@@ -259,7 +256,7 @@ class ReplyIntake(Generic[R]):
                 reason="sender does not match routing key",
             )
             return
-        if envelope.kind in _STATUS_KINDS:
+        if envelope.kind in p.STATUS_KINDS:
             assert isinstance(envelope.body, p.SiloStatus)
             if envelope.body.silo != silo:
                 self.stats["rejected_replies"] += 1

@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # Error texts (TensorFlow's can be long) are cut to fit an error report.
 MAX_ERROR_CHARS = 60_000
-STATUS_KINDS = (p.Kind.HELLO, p.Kind.HEARTBEAT, p.Kind.GOODBYE)
 # A status message expires after this many heartbeat intervals (at least
 # STATUS_TTL_MIN seconds): older ones say nothing about the silo now.
 STATUS_TTL_HEARTBEATS = 5
@@ -287,7 +286,7 @@ class SiloEndpoint:
                 f"{self.role} {self.silo!r}: {e}",
             )
             return
-        status = envelope.kind in STATUS_KINDS
+        status = envelope.kind in p.STATUS_KINDS
         await self._publisher.publish(
             self.topology.reply_routing_key(self.silo),
             envelope,
@@ -303,7 +302,7 @@ class SiloEndpoint:
         # think this silo is live.
         # Results and errors are persistent: one queued for the coordinator
         # when the broker restarts is kept (its queue is durable).
-        status = envelope.kind in STATUS_KINDS
+        status = envelope.kind in p.STATUS_KINDS
         return envelope_message(
             envelope,
             payload,

@@ -234,11 +234,18 @@ class SiloServer(Service):
         try:
             return p.decode(message.body, max_bytes=self.endpoint.max_message_bytes)
         except p.ProtocolError as e:
-            self.stats["malformed"] += 1
-            log.warning(f"{self.role}.malformed", extra={"code": str(e.code), "error": str(e)})
-            inv, corr = p.peek_ids(message.body)
-            await self._refuse_malformed(message, inv, corr, e)
+            await self._refuse_undecodable(message, message.body, e)
             return None
+
+    async def _refuse_undecodable(
+        self, message: AbstractIncomingMessage, payload: bytes, error: p.ProtocolError
+    ) -> None:
+        """Count, log and answer a message (or a bundle's member) that did not
+        decode, routed by the ids that can still be read from `payload`."""
+        self.stats["malformed"] += 1
+        log.warning(f"{self.role}.malformed", extra={"code": str(error.code), "error": str(error)})
+        inv, corr = p.peek_ids(payload)
+        await self._refuse_malformed(message, inv, corr, error)
 
     def _status(self) -> p.SiloStatus:
         try:

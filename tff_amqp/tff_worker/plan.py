@@ -201,14 +201,6 @@ class PlanCache:
 _Node = tuple[Any, ...]
 
 
-def _shape(
-    operations: Sequence[p.Operation], resolve: Resolver
-) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
-    """The batch as plan nodes in a canonical order, its inputs and the
-    value ids of the plan's result members (in order)."""
-    return _canonical(*_raw_graph(operations, resolve))
-
-
 def _raw_graph(
     operations: Sequence[p.Operation], resolve: Resolver
 ) -> tuple[list[_Node], dict[int, int]]:

@@ -201,11 +201,7 @@ class SiloAgent(SiloServer):
         self.stats["bundles"] += 1
         for member in p.members(envelope, max_bytes=self.endpoint.max_message_bytes):
             if isinstance(member, tuple):
-                payload, error = member
-                self.stats["malformed"] += 1
-                log.warning("silo.malformed", extra={"code": str(error.code), "error": str(error)})
-                inv, corr = p.peek_ids(payload)
-                await self._refuse_malformed(message, inv, corr, error)
+                await self._refuse_undecodable(message, *member)
             else:
                 await self._on_envelope(member)
 
