@@ -4,10 +4,13 @@ what TFF's own serializer builds, and what TFF refuses is still refused."""
 from __future__ import annotations
 
 import collections
+import gc
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
 from tff_amqp.coordinator.stateful import value_wire
@@ -68,3 +71,104 @@ def test_what_tff_refuses_is_refused_and_the_rest_equal(value, type_spec):
         assert str(ours.value) == str(e)
     else:
         assert value_wire.serialize(value, type_spec)[0] == proto.SerializeToString()
+
+
+# ------------------------------------------------------------- datasets
+
+
+def _dataset(seed: int, rows: int = 7) -> tf.data.Dataset:
+    x = np.random.default_rng(seed).normal(size=(rows, 3)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x)).batch(2)
+
+
+def _elements(serialized: bytes, type_spec) -> list:
+    """What a worker would iterate: the datasets TFF deserializes, as arrays."""
+    proto = executor_pb2.Value.FromString(serialized)
+    value, _ = value_serialization.deserialize_value(proto, type_spec)
+    members = value if isinstance(value, list) else [value]
+    return [[batch["x"].numpy().tolist() for batch in member] for member in members]
+
+
+DATASETS_T = tff.FederatedType(
+    tff.SequenceType(collections.OrderedDict(x=tff.TensorType(np.float32, [None, 3]))), tff.CLIENTS
+)
+
+
+def test_a_dataset_is_serialized_once_while_it_lives():
+    datasets = [_dataset(1), _dataset(2), _dataset(3)]
+    cache = value_wire.DATASETS
+    hits = cache.hits
+    first, first_type = value_wire.serialize(datasets, DATASETS_T)
+    assert cache.hits == hits  # new datasets: serialized by TFF, remembered
+    again, again_type = value_wire.serialize(datasets, DATASETS_T)
+    assert cache.hits == hits + 3
+    proto, tff_type = value_serialization.serialize_value(datasets, DATASETS_T)
+    # Each serialization names its graph's nodes anew, so compare what the
+    # worker would read: the same batches, and the type TFF reports.
+    expected = _elements(proto.SerializeToString(), DATASETS_T)
+    assert _elements(first, DATASETS_T) == expected == _elements(again, DATASETS_T)
+    assert first_type == again_type == tff_type
+    # A dataset not seen before is serialized by TFF, alongside remembered ones.
+    swapped = [datasets[0], _dataset(4), datasets[2]]
+    hits = cache.hits
+    data, _ = value_wire.serialize(swapped, DATASETS_T)
+    assert cache.hits == hits + 2
+    assert (
+        _elements(data, DATASETS_T)[1]
+        == _elements(
+            value_serialization.serialize_value([swapped[1]], DATASETS_T)[0].SerializeToString(),
+            DATASETS_T,
+        )[0]
+    )
+
+
+def test_a_remembered_dataset_goes_with_its_dataset():
+    cache = value_wire.SerializedDatasets()
+    dataset = _dataset(5)
+    element_type = DATASETS_T.member
+    cache.serialize(dataset, element_type)
+    assert len(cache) == 1
+    # Another type is another entry (TFF checks the elements against it).
+    cache.serialize(
+        dataset,
+        tff.SequenceType(collections.OrderedDict(x=tff.TensorType(np.float32, [None, None]))),
+    )
+    assert len(cache) == 2
+    del dataset
+    gc.collect()
+    assert len(cache) == 0 and cache._bytes == 0
+
+
+def test_remembered_datasets_are_bounded_in_bytes():
+    cache = value_wire.SerializedDatasets()
+    datasets = [_dataset(i, rows=2000) for i in range(4)]
+    one = len(cache.serialize(datasets[0], DATASETS_T.member)[0].SerializeToString())
+    cache.MAX_BYTES = int(2.5 * one)
+    for dataset in datasets[1:]:
+        cache.serialize(dataset, DATASETS_T.member)
+    assert len(cache) == 2 and cache._bytes <= cache.MAX_BYTES
+    # The least recently used went first: the last two are hits, the first is not.
+    hits = cache.hits
+    cache.serialize(datasets[3], DATASETS_T.member)
+    cache.serialize(datasets[2], DATASETS_T.member)
+    assert cache.hits == hits + 2
+    cache.serialize(datasets[0], DATASETS_T.member)
+    assert cache.hits == hits + 2
+    # Too large for an entry: serialized every time, never kept.
+    small = value_wire.SerializedDatasets()
+    small.MAX_ENTRY_BYTES = one - 1
+    small.serialize(datasets[0], DATASETS_T.member)
+    assert len(small) == 0
+
+
+def test_a_dataset_of_the_wrong_type_is_refused_as_tff_refuses_it():
+    wrong = tff.FederatedType(
+        tff.SequenceType(collections.OrderedDict(x=tff.TensorType(np.int32, [None, 3]))),
+        tff.CLIENTS,
+    )
+    datasets = [_dataset(6)]
+    with pytest.raises(Exception) as tffs:
+        value_serialization.serialize_value(datasets, wrong)
+    with pytest.raises(type(tffs.value)) as ours:
+        value_wire.serialize(datasets, wrong)
+    assert str(ours.value) == str(tffs.value)

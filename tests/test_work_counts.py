@@ -12,6 +12,7 @@ import tensorflow_federated as tff
 from tests.support.computations import fed_mean
 from tests.support.federation import SILO_NAMES, assert_close, run_in
 from tff_amqp import protocol as p
+from tff_amqp.coordinator.stateful import value_wire
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
 
 VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
@@ -128,8 +129,11 @@ def test_fedavg_round_is_one_message_per_silo(amqp_context, native_context):
         state = process.initialize()
         expected = process.next(state, FEDAVG_DATA)
     run_in(amqp_context, process.next, state, FEDAVG_DATA)  # warm: compiled, cached at silos
+    hits = value_wire.DATASETS.hits
     output, counts = _counted(amqp_context, process.next, state, FEDAVG_DATA)
     print(f"\nper FedAvg round: {counts}")
+    # The clients' datasets were serialized in the first round only.
+    assert value_wire.DATASETS.hits == hits + len(FEDAVG_DATA)
     assert_close(
         output.state.global_model_weights.trainable,
         expected.state.global_model_weights.trainable,
