@@ -121,6 +121,13 @@ class Cohort:
                 )
             return self._silos
 
+    def outbox_now(self, silo: str) -> SiloOutbox | None:
+        """`outbox(silo)` when the cohort is already chosen (None: wait for it)."""
+        outbox = self.outboxes.get(silo) if self._silos is not None else None
+        if outbox is not None and not outbox.opened:
+            outbox.open(clients=self.assignment.size(silo), data_key=None)
+        return outbox
+
     async def outbox(self, silo: str, *, data_key: str | None = None) -> SiloOutbox:
         await self.silos()
         outbox = self.outboxes[silo]

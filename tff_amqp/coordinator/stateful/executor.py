@@ -134,11 +134,17 @@ class AmqpExecutor(executor_base.Executor):
             arg = await self.evaluate(bb.argument, scope) if bb.argument is not None else None
             return await self.call(fn, arg)
         if isinstance(bb, building_blocks.Struct):
-            values = await asyncio.gather(
-                *(self.evaluate(e, scope) for _, e in structure.iter_elements(bb))
-            )
+            elements = [e for _, e in structure.iter_elements(bb)]
+            values = [self._evaluate_now(e, scope) for e in elements]
+            waiting = [i for i, v in enumerate(values) if v is None]
+            if len(waiting) == 1:
+                values[waiting[0]] = await self.evaluate(elements[waiting[0]], scope)
+            elif waiting:
+                got = await asyncio.gather(*(self.evaluate(elements[i], scope) for i in waiting))
+                for i, value in zip(waiting, got):
+                    values[i] = value
             names = structure.name_list_with_nones(bb)
-            return StructValue(self.invocation, list(zip(names, values)))
+            return StructValue(self.invocation, list(zip(names, values)))  # type: ignore[arg-type]
         if isinstance(bb, building_blocks.Selection):
             source = await self.evaluate(bb.source, scope)
             return await self.select(source, bb.as_index())
@@ -148,6 +154,30 @@ class AmqpExecutor(executor_base.Executor):
                 bb.type_signature,
             )
         return self.evaluate_functional(bb, scope)
+
+    def _evaluate_now(
+        self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
+    ) -> CoordinatorValue | None:
+        """`evaluate(bb, scope)` when nothing needs waiting for: a function, a
+        reference to a value already there, a struct or selection of such;
+        None otherwise. Spares a task per struct element and block local,
+        most of which are just these."""
+        if isinstance(bb, building_blocks.Reference):
+            return scope.lookup_now(bb.name)
+        if isinstance(bb, _FUNCTIONAL):
+            return FunctionValue(self.invocation, bb, scope)
+        if isinstance(bb, building_blocks.Selection):
+            source = self._evaluate_now(bb.source, scope)
+            if isinstance(source, StructValue):
+                return source.elements[bb.as_index()][1]
+            return None
+        if isinstance(bb, building_blocks.Struct):
+            elements = [self._evaluate_now(e, scope) for _, e in structure.iter_elements(bb)]
+            if any(e is None for e in elements):
+                return None
+            names = structure.name_list_with_nones(bb)
+            return StructValue(self.invocation, list(zip(names, elements)))  # type: ignore[arg-type]
+        return None
 
     def evaluate_functional(
         self, bb: building_blocks.ComputationBuildingBlock, scope: Scope
@@ -162,6 +192,10 @@ class AmqpExecutor(executor_base.Executor):
         tasks: list[asyncio.Task[CoordinatorValue]] = []
         try:
             for name, local in bb.locals:
+                now = self._evaluate_now(local, scope)
+                if now is not None:
+                    scope = scope.bind(name, now)
+                    continue
                 task = asyncio.create_task(self.evaluate(local, scope))
                 tasks.append(task)
                 scope = scope.bind(name, task)

@@ -340,6 +340,27 @@ class LocalExecutor:
             return await self._created(create)
         raise TypeError(f"cannot materialize {type(value).__name__} locally")
 
+    def serialized_now(
+        self, value: values.LocalValue | values.HostValue | values.SerializedValue
+    ) -> bytes | None:
+        """`serialized(value)` if it is already at hand (None: await it)."""
+        if isinstance(value, values.SerializedValue):
+            return value.serialized
+        key = id(value)
+        future = self._serialized.get(key)
+        if future is None and isinstance(value, values.HostValue):
+            # A small host value (a constant) is serialized here and now.
+            if host_nbytes(value.value) > INLINE_SERIALIZE_BYTES:
+                return None
+            serialized = value_wire.serialize(value.value, value.type_signature)[0]
+            self._pins.append(value)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(serialized)
+            self._serialized[key] = future
+        if future is None or not future.done() or future.cancelled() or future.exception():
+            return None
+        return future.result()
+
     async def serialized(
         self, value: values.LocalValue | values.HostValue | values.SerializedValue
     ) -> bytes:

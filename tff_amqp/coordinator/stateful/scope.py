@@ -40,6 +40,22 @@ class Scope:
             scope = scope._parent
         raise NameError(f"reference {name!r} is not bound in this computation")
 
+    def lookup_now(self, name: str) -> CoordinatorValue | None:
+        """`lookup(name)` when its value is already there (None: await it)."""
+        scope: Scope | None = self
+        while scope is not None:
+            if scope._name == name:
+                value = scope._value
+                if isinstance(value, asyncio.Future):
+                    if not value.done() or value.cancelled() or value.exception() is not None:
+                        return None
+                    return value.result()
+                if isinstance(value, Awaitable):
+                    return None
+                return value
+            scope = scope._parent
+        return None
+
     @property
     def is_empty(self) -> bool:
         return self._name is None and self._parent is None

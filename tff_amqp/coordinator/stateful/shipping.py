@@ -43,6 +43,9 @@ class Shipping:
 
     async def to_silo(self, value: values.CoordinatorValue, silo: str) -> int:
         """The id of `value` at `silo`, sending it there once if needed."""
+        now = self._at_silo_now(value, silo)
+        if now is not None:
+            return now
         if isinstance(value, values.ClientsValue):
             if silo not in value.ids:
                 raise SiloError(silo, "bad_reference", f"value is not present at silo {silo!r}")
@@ -52,6 +55,43 @@ class Shipping:
             self._pins.append(value)
             self._at_silo[key] = asyncio.ensure_future(self._materialize_at_silo(value, silo))
         return await self._at_silo[key]
+
+    def _at_silo_now(self, value: values.CoordinatorValue, silo: str) -> int | None:
+        """`to_silo` without waiting, when nothing needs waiting for: the value
+        is there already, or it is small and at hand (a function, serialized
+        bytes, a struct of such) and the silo's outbox is open; None
+        otherwise. Most values of an invocation take this path: a task per
+        value and silo was most of the coordinator's tasks."""
+        if isinstance(value, values.ClientsValue):
+            return value.ids.get(silo)
+        key = (id(value), silo)
+        known = self._at_silo.get(key)
+        if known is not None:
+            if known.done() and not known.cancelled() and known.exception() is None:
+                return known.result()
+            return None
+        outbox = self._scope.cohort.outbox_now(silo)
+        if outbox is None:
+            return None
+        if isinstance(value, values.StructValue):
+            ids = [self._at_silo_now(v, silo) for _, v in value.elements]
+            if any(i is None for i in ids):
+                return None
+            made = outbox.create_struct([(name, i) for (name, _), i in zip(value.elements, ids)])  # type: ignore[misc]
+        else:
+            serialized: bytes | None = None
+            if isinstance(value, values.FunctionValue):
+                _, serialized = self._scope.runtime.function_wire(value)
+            elif isinstance(value, values.LocalValue | values.HostValue | values.SerializedValue):
+                serialized = self._local.serialized_now(value)
+            if serialized is None or len(serialized) > self._scope.runtime.bulk.inline_limit:
+                return None
+            made = outbox.create_value(serialized)
+        self._pins.append(value)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(made)
+        self._at_silo[key] = done
+        return made
 
     async def _materialize_at_silo(self, value: values.CoordinatorValue, silo: str) -> int:
         if isinstance(value, values.StructValue):
@@ -140,8 +180,20 @@ class Shipping:
             arg_id = await self.to_silo(arg, silo) if arg is not None else None
             return (await self._scope.cohort.outbox(silo)).create_call(fn_id, arg_id)
 
-        ids = await asyncio.gather(*(at(s) for s in silos))
-        return dict(zip(silos, ids))
+        ids: dict[str, int] = {}
+        waiting: list[str] = []
+        for silo in silos:
+            # Without a task per silo when the function and argument are at hand.
+            fn_id = self._at_silo_now(fn, silo)
+            arg_id = self._at_silo_now(arg, silo) if arg is not None else None
+            outbox = self._scope.cohort.outbox_now(silo)
+            if fn_id is None or (arg is not None and arg_id is None) or outbox is None:
+                waiting.append(silo)
+            else:
+                ids[silo] = outbox.create_call(fn_id, arg_id)
+        if waiting:
+            ids.update(zip(waiting, await asyncio.gather(*(at(s) for s in waiting))))
+        return {silo: ids[silo] for silo in silos}
 
     async def clients_value(
         self, value: object, type_spec: computation_types.FederatedType
