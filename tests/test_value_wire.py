@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -172,3 +173,24 @@ def test_a_dataset_of_the_wrong_type_is_refused_as_tff_refuses_it():
     with pytest.raises(type(tffs.value)) as ours:
         value_wire.serialize(datasets, wrong)
     assert str(ours.value) == str(tffs.value)
+
+
+def test_a_dataset_dying_while_the_cache_is_locked_does_not_block():
+    # A collection can run inside the cache's locked region (any allocation
+    # may trigger one); the weak reference's callback must not wait for the lock.
+    cache = value_wire.SerializedDatasets()
+    held = [_dataset(7)]
+    cache.serialize(held[0], DATASETS_T.member)
+    finished = threading.Event()
+
+    def die_while_locked() -> None:
+        with cache._lock:
+            held.clear()
+            gc.collect()
+        finished.set()
+
+    thread = threading.Thread(target=die_while_locked, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert finished.is_set(), "the weakref callback blocked on the cache's lock"
+    assert len(cache) == 0 and cache._bytes == 0

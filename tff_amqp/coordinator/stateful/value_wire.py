@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -68,11 +68,16 @@ class SerializedDatasets:
         self._entries: OrderedDict[tuple[int, Any], tuple[weakref.ref, bytes, Any]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
+        # Keys of datasets that died, purged under the lock at the next use:
+        # a weakref callback may run inside the locked region (a collection
+        # triggered there), so it must not take the lock itself.
+        self._dead: deque[tuple[int, Any]] = deque()
 
     def serialize(self, dataset: object, type_spec: Any) -> tuple[executor_pb2.Value, Any]:
         """What `value_serialization.serialize_value(dataset, type_spec)` returns."""
         key = (id(dataset), type_spec)
         with self._lock:
+            self._purge()
             entry = self._entries.get(key)
             if entry is not None and entry[0]() is dataset:
                 self._entries.move_to_end(key)
@@ -85,15 +90,12 @@ class SerializedDatasets:
         return proto, tff_type
 
     def _put(self, key: tuple[int, Any], dataset: object, serialized: bytes, tff_type: Any) -> None:
-        def forget(_: weakref.ref, key: tuple[int, Any] = key) -> None:
-            with self._lock:
-                self._drop(key)
-
         try:
-            ref = weakref.ref(dataset, forget)
+            ref = weakref.ref(dataset, lambda _, key=key: self._dead.append(key))
         except TypeError:
             return  # not weakly referenceable: not kept
         with self._lock:
+            self._purge()
             self._drop(key)
             self._entries[key] = (ref, serialized, tff_type)
             self._bytes += len(serialized)
@@ -105,8 +107,17 @@ class SerializedDatasets:
         if entry is not None:
             self._bytes -= len(entry[1])
 
+    def _purge(self) -> None:
+        while self._dead:
+            key = self._dead.popleft()
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is None:  # not a newer dataset at that id
+                self._drop(key)
+
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            self._purge()
+            return len(self._entries)
 
 
 DATASETS = SerializedDatasets()
