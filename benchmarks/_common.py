@@ -211,6 +211,134 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and every process below it (empty if it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def broker_pids(url: str) -> list[int]:
+    """The RabbitMQ node serving `url` on this machine: the process listening
+    on its port (empty when the broker is elsewhere or not visible to us)."""
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    port = urlsplit(url.split(",")[0]).port or 5672
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return sorted(
+        {c.pid for c in connections if c.pid and c.status == "LISTEN" and c.laddr.port == port}
+    )
+
+
+class CpuMeter:
+    """CPU time (user + system, every thread) that named groups of processes
+    ("roles") spend over a stretch of work, per invocation:
+
+        with CpuMeter({"silos": pids, ...}) as meter:
+            for _ in range(n):
+                invoke()
+        meter.per_invocation(n)
+
+    "total_ms" sums the roles; "floor_ms" is the total over the machine's
+    cores: no invocation can take less wall time when every core does only
+    this work. A role with no process found is left out and named in
+    "unmeasured"."""
+
+    def __init__(self, roles: dict[str, list[int]]) -> None:
+        self.unmeasured = [role for role, pids in roles.items() if not pids]
+        self._roles = {role: pids for role, pids in roles.items() if pids}
+        self._before: dict[str, float] = {}
+        self._spent: dict[str, float] = {}
+        self._started = 0.0
+        self._wall = 0.0
+
+    def _read(self) -> dict[str, float]:
+        return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in self._roles.items()}
+
+    def __enter__(self) -> CpuMeter:
+        self._before = self._read()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._wall = time.perf_counter() - self._started
+        after = self._read()
+        self._spent = {role: after[role] - self._before[role] for role in self._roles}
+
+    def per_invocation(self, invocations: int) -> dict[str, Any]:
+        per = {role: seconds * 1e3 / invocations for role, seconds in self._spent.items()}
+        total = sum(per.values())
+        return {
+            "invocations": invocations,
+            "ms": {role: round(ms, 3) for role, ms in per.items()},
+            "total_ms": round(total, 3),
+            "floor_ms": round(total / (os.cpu_count() or 1), 3),
+            "wall_ms": round(self._wall * 1e3 / invocations, 3),
+            "unmeasured": self.unmeasured,
+        }
+
+
+def cpu_by_role(
+    roles: dict[str, list[int]], fn: Callable[[], Any], invocations: int
+) -> dict[str, Any]:
+    """`CpuMeter` over `invocations` calls of `fn` back to back."""
+    with CpuMeter(roles) as meter:
+        for _ in range(invocations):
+            fn()
+    return meter.per_invocation(invocations)
+
+
+def _worker_binaries(pids: list[int]) -> list[int]:
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).name() == "worker_binary":
+                found.append(pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def native_roles() -> dict[str, list[int]]:
+    """TFF native: this process and the worker_binary it started."""
+    return {
+        "coordinator": [os.getpid()],
+        "coordinator worker": _worker_binaries(process_tree(os.getpid())[1:]),
+    }
+
+
+# The roles `amqp_roles` names, in the order the tables show them.
+CPU_ROLES = ("coordinator", "coordinator worker", "silos", "silo workers", "broker")
+
+
+def amqp_roles(local: Any, broker: list[int]) -> dict[str, list[int]]:
+    """tff-amqp: this process (the coordinator) and its worker_binary, the
+    silo-side processes of `local` (a `LocalFederation`: silos or simulation
+    hosts), their worker_binaries and the broker's processes (`broker_pids`
+    for a node serving a URL here)."""
+    silo_trees = [process_tree(process.pid) for process in local.silos.values()]
+    under_silos = {pid for tree in silo_trees for pid in tree}
+    mine = [pid for pid in process_tree(os.getpid())[1:] if pid not in under_silos]
+    return {
+        "coordinator": [os.getpid()],
+        "coordinator worker": _worker_binaries(mine),
+        "silos": [tree[0] for tree in silo_trees if tree],
+        "silo workers": [pid for tree in silo_trees for pid in _worker_binaries(tree[1:])],
+        "broker": broker,
+    }
+
+
 def available_memory_mb() -> float:
     available = _meminfo_mb("MemAvailable:")
     return float("inf") if available != available else available  # NaN: unknown

@@ -37,8 +37,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
+    CPU_ROLES,
+    amqp_roles,
+    cpu_by_role,
     machine,
     print_table,
+    process_tree,
     progress,
     stop_on_sigterm,
     summary,
@@ -53,8 +57,11 @@ TARGETS = {"federated_mean": 1.3, "fedavg_round": 1.05}
 
 
 @contextmanager
-def federation_on(broker_url: str, queue_type: str) -> Iterator[Any]:
-    """3 silo processes and a started context of a fresh federation."""
+def federation_on(
+    broker_url: str, queue_type: str, nodes: list[Any]
+) -> Iterator[tuple[Any, Callable[[], dict[str, list[int]]]]]:
+    """3 silo processes and a started context of a fresh federation on
+    `nodes` (private brokers), with its processes by role."""
     import tff_amqp
     from tff_amqp.local import LocalFederation, SiloOptions
 
@@ -72,11 +79,22 @@ def federation_on(broker_url: str, queue_type: str) -> Iterator[Any]:
             cohort_timeout=120,
             deadline=120,
         ) as context:
-            yield context
+
+            def roles() -> dict[str, list[int]]:
+                brokers = [pid for node in nodes for pid in process_tree(node.process.pid)]
+                return amqp_roles(local, brokers)
+
+            yield context, roles
 
 
-def measure(context: Any, built: tuple[Any, ...], repeats: int) -> dict[str, Any]:
-    """Timings of the mean and a FedAvg round, and the mean's value."""
+def measure(
+    context: Any,
+    roles: Callable[[], dict[str, list[int]]],
+    built: tuple[Any, ...],
+    repeats: int,
+) -> dict[str, Any]:
+    """Timings of the mean and a FedAvg round, their CPU time by process role
+    (measured back to back after the timings) and the mean's value."""
     import tensorflow_federated as tff
 
     mean, values, process, datasets = built
@@ -84,12 +102,30 @@ def measure(context: Any, built: tuple[Any, ...], repeats: int) -> dict[str, Any
         state = process.initialize()
         mean_samples = timed(lambda: mean(values), repeats=repeats * 4, warmup=2)
         round_samples = timed(lambda: process.next(state, datasets), repeats=repeats, warmup=1)
+        cpu = {
+            "federated_mean": cpu_by_role(roles(), lambda: mean(values), repeats * 8),
+            "fedavg_round": cpu_by_role(roles(), lambda: process.next(state, datasets), repeats),
+        }
         value = float(mean(values))
     return {
         "federated_mean": summary(mean_samples),
         "fedavg_round": summary(round_samples),
+        "cpu": cpu,
         "mean_value": value,
     }
+
+
+def cpu_table(single: dict[str, Any], cluster: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """CPU ms per invocation by process role, one node against the cluster
+    (the cluster's broker role is its three nodes together)."""
+    headers = ["CPU ms per invocation", "setup", *CPU_ROLES, "total", "floor ms"]
+    rows = [
+        [name, setup, *(cpu[name]["ms"].get(role, "-") for role in CPU_ROLES),
+         cpu[name]["total_ms"], cpu[name]["floor_ms"]]
+        for name in TARGETS
+        for setup, cpu in (("1 node", single), ("3 nodes", cluster))
+    ]  # fmt: skip
+    return headers, rows
 
 
 def recover_once(context: Any, cluster: Any, prefix: str, invoke: Callable[[], Any]) -> dict:
@@ -151,12 +187,13 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tff-amqp-cluster-bench-"))
     try:
         progress("one private node, classic queues ...")
-        with PrivateBroker(root / "single") as node, federation_on(node.url, "classic") as ctx:
-            single = measure(ctx, built, args.repeats)
+        with PrivateBroker(root / "single") as node:
+            with federation_on(node.url, "classic", [node]) as (ctx, roles):
+                single = measure(ctx, roles, built, args.repeats)
         progress("a private 3-node cluster, quorum queues ...")
         with PrivateCluster(root / "cluster") as cluster:
-            with federation_on(cluster.broker_url, "quorum") as ctx:
-                clustered = measure(ctx, built, args.repeats)
+            with federation_on(cluster.broker_url, "quorum", cluster.nodes) as (ctx, roles):
+                clustered = measure(ctx, roles, built, args.repeats)
                 mean, values = built[0], built[1]
 
                 def invoke() -> Any:
@@ -196,6 +233,8 @@ def main() -> int:
             for i, r in enumerate(recoveries)
         ],
     )  # fmt: skip
+    print()
+    print_table(*cpu_table(single["cpu"], clustered["cpu"]))
     path = write_result(
         "cluster",
         {
@@ -208,6 +247,11 @@ def main() -> int:
             "cluster_3_nodes_quorum": {k: clustered[k] for k in TARGETS},
             "ratios": {r[0]: r[3] for r in rows},
             "targets": TARGETS,
+            # CPU ms per invocation by process role, each measured back to back.
+            "cpu": {
+                "single_node_classic": single["cpu"],
+                "cluster_3_nodes_quorum": clustered["cpu"],
+            },
             "recoveries": recoveries,
             "recovery_median_s": statistics.median(r["recovery_s"] for r in recoveries),
         },

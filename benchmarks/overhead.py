@@ -26,11 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks._common import (
+    CPU_ROLES,
+    amqp_roles,
+    broker_pids,
     count_amqp,
     count_native,
+    cpu_by_role,
     delete_federation,
     machine,
     native_context,
+    native_roles,
     native_worker_calls,
     print_table,
     progress,
@@ -104,9 +109,15 @@ def build_mean_variance():
     return mean_variance
 
 
-def measure(context, mean, values, process, datasets, mean_variance, repeats, count):
+# Invocations back to back whose CPU time is measured, per computation.
+CPU_INVOCATIONS = {"federated_mean": 60, "mean_variance": 40, "fedavg_round": 6}
+
+
+def measure(context, mean, values, process, datasets, mean_variance, repeats, count, roles):
     """Timings of each computation, then each counted with `count(fn) ->
-    counts` (worker calls, messages), and the results to compare."""
+    counts` (worker calls, messages), its CPU time by process (`roles()`:
+    role -> pids, read once everything has started) and the results to
+    compare."""
     import tensorflow_federated as tff
 
     with tff.framework.get_context_stack().install(context):
@@ -122,8 +133,11 @@ def measure(context, mean, values, process, datasets, mean_variance, repeats, co
             "fedavg_round": summary(timed(calls["fedavg_round"], repeats, warmup=1)),
         }
         counts = {name: count(call) for name, call in calls.items()}
+        cpu = {
+            name: cpu_by_role(roles(), call, CPU_INVOCATIONS[name]) for name, call in calls.items()
+        }
         results = [float(mean(values)), *(float(v) for v in mean_variance(values))]
-    return samples, results, counts
+    return samples, results, counts, cpu
 
 
 def _run_amqp(
@@ -141,7 +155,30 @@ def _run_amqp(
         with tff_amqp.create_sync_amqp_execution_context(
             broker, federation=federation, min_silos=len(silos), cohort_timeout=120
         ) as ctx:
-            return measure(ctx, *built, repeats, lambda fn: count_amqp(ctx, silos, fn))
+            return measure(
+                ctx,
+                *built,
+                repeats,
+                lambda fn: count_amqp(ctx, silos, fn),
+                lambda: amqp_roles(local, broker_pids(broker)),
+            )
+
+
+def cpu_table(
+    native: dict[str, Any], amqp: dict[str, Any], native_times: dict[str, Any]
+) -> tuple[list[str], list[list[Any]]]:
+    """CPU ms per invocation by role, and the floor it puts under tff-amqp's
+    latency on this machine (all CPU time over the cores), as x native."""
+    headers = ["CPU ms per invocation", "native", *(f"tff-amqp {r}" for r in CPU_ROLES),
+               "tff-amqp total", "floor ms", "floor x native"]  # fmt: skip
+    rows = []
+    for name, cpu in amqp.items():
+        rows.append(
+            [name, native[name]["total_ms"], *(cpu["ms"].get(r, "-") for r in CPU_ROLES),
+             cpu["total_ms"], cpu["floor_ms"],
+             cpu["floor_ms"] / (native_times[name]["median_s"] * 1e3)]
+        )  # fmt: skip
+    return headers, rows
 
 
 def main() -> int:
@@ -157,13 +194,13 @@ def main() -> int:
     built = (*build(), build_mean_variance())
     progress("  TFF native ...")
     with native_context() as native, native_worker_calls() as calls:
-        native_times, native_values, native_counts = measure(
-            native, *built, args.repeats, lambda fn: count_native(calls, fn)
+        native_times, native_values, native_counts, native_cpu = measure(
+            native, *built, args.repeats, lambda fn: count_native(calls, fn), native_roles
         )
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     silos = ["s1", "s2", "s3"]
     try:
-        amqp_times, amqp_values, amqp_counts = _run_amqp(
+        amqp_times, amqp_values, amqp_counts, amqp_cpu = _run_amqp(
             args.broker, federation, silos, args.repeats, built
         )
     finally:
@@ -192,6 +229,8 @@ def main() -> int:
             for name, c in amqp_counts.items()
         ],
     )  # fmt: skip
+    print()
+    print_table(*cpu_table(native_cpu, amqp_cpu, native_times))
     path = write_result(
         "overhead",
         {
@@ -204,6 +243,8 @@ def main() -> int:
             # Per invocation of each, counted after the timed runs (clean-up included).
             "counts": {"native": native_counts, "tff_amqp": amqp_counts},
             "targets": {r[0]: r[4] for r in rows},
+            # CPU ms per invocation by process role, each measured back to back.
+            "cpu": {"native": native_cpu, "tff_amqp": amqp_cpu},
         },
     )
     print(f"\nwrote {path}")

@@ -67,6 +67,26 @@ def _overhead(data: dict[str, Any]) -> str:
         "(p10-p90, samples).\n\n"
         + table(["computation", "TFF native", "tff-amqp", "x native", "target"], rows)
         + _overhead_counts(data.get("counts"))
+        + _overhead_cpu(data)
+    )
+
+
+def _overhead_cpu(data: dict[str, Any]) -> str:
+    """CPU time by process role and the latency floor it sets (results
+    written before it was measured have none)."""
+    cpu = data.get("cpu")
+    if not cpu:
+        return ""
+    from benchmarks.overhead import cpu_table
+
+    headers, rows = cpu_table(cpu["native"], cpu["tff_amqp"], data["native"])
+    cores = data.get("machine", {}).get("cpus", "the")
+    return (
+        "\n\nCPU time per invocation (user + system, every thread) by process, measured back "
+        "to back; the floor is all of tff-amqp's CPU time over the machine's "
+        f"{cores} cores: no invocation can be faster when the cores do only this work, so "
+        "`floor x native` is the least ratio this machine allows without cutting CPU time:\n\n"
+        + table(headers, rows)
     )
 
 
@@ -157,7 +177,23 @@ def _throughput(data: dict[str, Any]) -> str:
             rows,
         )
         + _throughput_counts(data["levels"])
+        + _throughput_cpu(data["levels"])
     )  # fmt: skip
+
+
+def _throughput_cpu(levels: list[dict[str, Any]]) -> str:
+    """CPU time by process role (results written before it was measured have none)."""
+    if not levels or "cpu" not in levels[0]:
+        return ""
+    from benchmarks.throughput import cpu_table
+
+    headers, rows = cpu_table(levels)
+    return (
+        "\n\nCPU time per invocation (user + system, every thread) by process over each "
+        "level, and the invocations/s it allows at most (all cores doing only this work; "
+        "/proc counts in 10 ms ticks per process, so short levels are coarse):\n\n"
+        + table(headers, rows)
+    )
 
 
 def _throughput_counts(levels: list[dict[str, Any]]) -> str:
@@ -195,6 +231,22 @@ def _cluster(data: dict[str, Any]) -> str:
         "recovery = from the kill to the end of the next successful federated mean (failed "
         "attempts retried at once).\n\n"
         + table(["loss", "queues the node led", "recovery (s)", "failed invocations"], losses)
+        + _cluster_cpu(data)
+    )
+
+
+def _cluster_cpu(data: dict[str, Any]) -> str:
+    """CPU time by process role (results written before it was measured have none)."""
+    cpu = data.get("cpu")
+    if not cpu:
+        return ""
+    from benchmarks.cluster import cpu_table
+
+    headers, rows = cpu_table(cpu["single_node_classic"], cpu["cluster_3_nodes_quorum"])
+    return (
+        "\n\nCPU time per invocation (user + system, every thread) by process, measured back "
+        "to back; broker: the one node, or the three nodes together; floor: the total over "
+        "the machine's cores:\n\n" + table(headers, rows)
     )
 
 

@@ -41,9 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks._common import (
+    CPU_ROLES,
     RESULTS,
+    CpuMeter,
+    amqp_roles,
+    broker_pids,
     delete_federation_async,
     machine,
+    native_roles,
     native_worker_calls,
     print_table,
     progress,
@@ -122,10 +127,12 @@ async def _native(comp: Any, values: list[float], levels: list[int], total: int)
             await comp(values)  # warm-up
             for c in levels:
                 calls_before = sum(calls.values())
-                seconds, results = await _pipelined(lambda: comp(values), c, total * c)
+                with CpuMeter(native_roles()) as cpu:
+                    seconds, results = await _pipelined(lambda: comp(values), c, total * c)
                 assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
                 out[c] = {
                     "invocations_per_s": len(results) / seconds,
+                    "cpu": cpu.per_invocation(len(results)),
                     "seconds": seconds,
                     "worker_calls_per_invocation": (sum(calls.values()) - calls_before)
                     / len(results),
@@ -136,7 +143,7 @@ async def _native(comp: Any, values: list[float], levels: list[int], total: int)
 
 async def _tff_amqp(
     broker: str, federation: str, silos: list[str], comp: Any, values: list[float],
-    levels: list[int], total: int,
+    levels: list[int], total: int, roles: Callable[[], dict[str, list[int]]],
 ) -> dict[int, Any]:  # fmt: skip
     import tensorflow_federated as tff
 
@@ -156,7 +163,8 @@ async def _tff_amqp(
                 counts_before = await snapshot(context.runtime, silos, timeout=60.0)
                 before = dict(link.stats)
                 ops_before = ops.count
-                seconds, results = await _pipelined(lambda: comp(values), c, total * c)
+                with CpuMeter(roles()) as cpu:
+                    seconds, results = await _pipelined(lambda: comp(values), c, total * c)
                 assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
                 delta = {k: link.stats[k] - before.get(k, 0) for k in link.stats}
                 # Clean-up included: counted once every invocation has ended.
@@ -165,6 +173,7 @@ async def _tff_amqp(
                 replies = max(delta["reply_messages"], 1)
                 out[c] = {
                     "invocations_per_s": len(results) / seconds,
+                    "cpu": cpu.per_invocation(len(results)),
                     "executor_ops_per_s": (ops.count - ops_before) / seconds,
                     "executor_ops_per_invocation": (ops.count - ops_before) / len(results),
                     "broker_round_trips_per_s": delta["reply_messages"] / seconds,
@@ -245,6 +254,11 @@ async def broker_ceiling(
         return done / (time.perf_counter() - started)
 
 
+def _cpu_ceiling(cpu: dict[str, Any]) -> float:
+    """Invocations/s that all cores, doing only this work, could sustain."""
+    return 1e3 / cpu["floor_ms"] if cpu["floor_ms"] else float("inf")
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from tff_amqp.local import LocalFederation
     from tff_amqp.silo.stateful.host_cli import numbered_silo_names
@@ -262,8 +276,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"  starting {args.silos} silos in one host ...")
             await asyncio.to_thread(local.wait_ready, 600)
             amqp = await _tff_amqp(
-                args.broker, federation, names, comp, values, levels, args.per_level
-            )
+                args.broker, federation, names, comp, values, levels, args.per_level,
+                lambda: amqp_roles(local, broker_pids(args.broker)),
+            )  # fmt: skip
     finally:
         await asyncio.wait_for(delete_federation_async(args.broker, federation, names), 30)
     rows = []
@@ -281,7 +296,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "concurrency": c,
                 "native_invocations_per_s": native[c]["invocations_per_s"],
                 "native_worker_calls_per_invocation": native[c]["worker_calls_per_invocation"],
+                "native_cpu": native[c]["cpu"],
                 **amqp[c],
+                # What the CPU time per invocation allows at most on this machine.
+                "native_cpu_ceiling_per_s": _cpu_ceiling(native[c]["cpu"]),
+                "cpu_ceiling_per_s": _cpu_ceiling(amqp[c]["cpu"]),
                 "broker_ceiling_round_trips_per_s": ceiling,
                 "ratio_to_native": amqp[c]["invocations_per_s"] / native[c]["invocations_per_s"],
                 "fraction_of_broker_ceiling": amqp[c]["broker_round_trips_per_s"] / ceiling,
@@ -346,8 +365,26 @@ def main() -> int:
             for r in result["levels"]
         ],
     )  # fmt: skip
+    print()
+    print_table(*cpu_table(result["levels"]))
     print(f"\nwrote {path} and {RESULTS / 'throughput.png'}")
     return 0
+
+
+def cpu_table(levels: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """CPU ms per invocation by process role at each C, and the invocations/s
+    that CPU time allows at most on this machine (all cores doing only this)."""
+    headers = ["C", "native CPU ms/inv", *(f"tff-amqp {r}" for r in CPU_ROLES),
+               "tff-amqp total", "native CPU ceiling inv/s",
+               "tff-amqp CPU ceiling inv/s"]  # fmt: skip
+    rows = [
+        [r["concurrency"], r["native_cpu"]["total_ms"],
+         *(r["cpu"]["ms"].get(role, "-") for role in CPU_ROLES), r["cpu"]["total_ms"],
+         r["native_cpu_ceiling_per_s"], r["cpu_ceiling_per_s"]]
+        for r in levels
+        if "cpu" in r
+    ]  # fmt: skip
+    return headers, rows
 
 
 def _plot(levels: list[dict[str, Any]]) -> None:

@@ -144,3 +144,111 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z" and os.path.exists(f"/proc/{pid}")
+
+
+# ------------------------------------------------------------ CPU by process
+
+# Spins for SECONDS of CPU, says so, then waits (alive) until its stdin closes.
+_SPIN = (
+    "import sys, time\n"
+    "end = time.process_time() + float(sys.argv[1])\n"
+    "while time.process_time() < end: pass\n"
+    "print('spun', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def _python(*args: str, **kwargs: object):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, *args], **kwargs)
+
+
+def test_process_tree_holds_a_process_and_its_descendants() -> None:
+    from benchmarks._common import process_tree
+
+    parent = _python("-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                     "'import time; time.sleep(60)'])")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        tree = process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2, tree
+    finally:
+        import signal
+
+        for pid in reversed(process_tree(parent.pid)):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
+    assert process_tree(parent.pid) == []
+
+
+def test_cpu_meter_charges_each_role_its_own_processes_cpu() -> None:
+    import subprocess
+
+    from benchmarks._common import CpuMeter
+
+    spinner = _python("-c", _SPIN, "0.5", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    idle = _python("-c", "import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    try:
+        with CpuMeter({"spinner": [spinner.pid], "idle": [idle.pid], "absent": []}) as meter:
+            assert spinner.stdout is not None
+            assert spinner.stdout.readline().strip() == b"spun"
+    finally:
+        for process in (spinner, idle):
+            process.kill()
+            process.wait()
+    cpu = meter.per_invocation(5)
+    assert cpu["invocations"] == 5
+    assert cpu["unmeasured"] == ["absent"]
+    # 0.5 s of CPU over 5 invocations, in /proc's 10 ms ticks (plus start-up).
+    assert 90 <= cpu["ms"]["spinner"] <= 200, cpu
+    assert cpu["ms"]["idle"] <= 10, cpu
+    assert cpu["total_ms"] == pytest.approx(cpu["ms"]["spinner"] + cpu["ms"]["idle"], abs=0.01)
+    assert cpu["floor_ms"] == pytest.approx(cpu["total_ms"] / (os.cpu_count() or 1), abs=0.01)
+
+
+def test_broker_pids_finds_the_process_listening_on_the_urls_port() -> None:
+    import socket
+
+    from benchmarks._common import broker_pids
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert broker_pids(f"amqp://u:p@127.0.0.1:{port}/,amqp://u:p@other:5672/") == [os.getpid()]
+    assert broker_pids(f"amqp://u:p@127.0.0.1:{port}/") == []
+
+
+def _cpu(total: float, **roles: float) -> dict[str, object]:
+    return {"invocations": 10, "ms": roles, "total_ms": total, "floor_ms": total / 2,
+            "wall_ms": total, "unmeasured": []}  # fmt: skip
+
+
+def test_report_shows_cpu_by_role_and_the_floor_it_sets(tmp_path: Path) -> None:
+    stats = {"median_s": 0.01, "p10_s": 0.009, "p90_s": 0.012, "n": 20}
+    amqp = _cpu(40.0, coordinator=10.0, silos=16.0, **{"silo workers": 10.0}, broker=4.0)
+    _write(
+        tmp_path / "overhead.json",
+        {
+            "machine": _machine(0.1),
+            "clients": 9,
+            "silos": 3,
+            "native": {"federated_mean": stats},
+            "tff_amqp": {"federated_mean": {**stats, "median_s": 0.025}},
+            "ratios": {"federated_mean": 2.5},
+            "targets": {"federated_mean": 1.3},
+            "cpu": {
+                "native": {"federated_mean": _cpu(8.0, coordinator=3.0)},
+                "tff_amqp": {"federated_mean": amqp},
+            },
+        },
+    )
+    text = report.render(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| federated_mean | 8 |"))
+    # native 8; coordinator 10, its worker unmeasured (-), silos 16, their
+    # workers 10, broker 4; total 40, floor 20 ms = 2x native's 10 ms.
+    assert row == "| federated_mean | 8 | 10 | - | 16 | 10 | 4 | 40 | 20 | 2 |", row
