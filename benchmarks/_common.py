@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tff_amqp.processes import reaping_children
+from tff_amqp.processes import child_pids_named, reaping_children
 
 # TFF_AMQP_BENCH_RESULTS: write elsewhere (e.g. a one-off run that must not
 # replace the suite's results).
@@ -297,24 +297,11 @@ def cpu_by_role(
     return meter.per_invocation(invocations)
 
 
-def _worker_binaries(pids: list[int]) -> list[int]:
-    import psutil
-
-    found = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).name() == "worker_binary":
-                found.append(pid)
-        except psutil.Error:
-            pass
-    return found
-
-
 def native_roles() -> dict[str, list[int]]:
     """TFF native: this process and the worker_binary it started."""
     return {
         "coordinator": [os.getpid()],
-        "coordinator worker": _worker_binaries(process_tree(os.getpid())[1:]),
+        "coordinator worker": sorted(child_pids_named("worker_binary")),
     }
 
 
@@ -327,14 +314,14 @@ def amqp_roles(local: Any, broker: list[int]) -> dict[str, list[int]]:
     silo-side processes of `local` (a `LocalFederation`: silos or simulation
     hosts), their worker_binaries and the broker's processes (`broker_pids`
     for a node serving a URL here)."""
-    silo_trees = [process_tree(process.pid) for process in local.silos.values()]
-    under_silos = {pid for tree in silo_trees for pid in tree}
-    mine = [pid for pid in process_tree(os.getpid())[1:] if pid not in under_silos]
+    silos = [process.pid for process in local.silos.values() if process.running]
     return {
         "coordinator": [os.getpid()],
-        "coordinator worker": _worker_binaries(mine),
-        "silos": [tree[0] for tree in silo_trees if tree],
-        "silo workers": [pid for tree in silo_trees for pid in _worker_binaries(tree[1:])],
+        "coordinator worker": sorted(child_pids_named("worker_binary")),
+        "silos": silos,
+        "silo workers": sorted(
+            worker for pid in silos for worker in child_pids_named("worker_binary", pid)
+        ),
         "broker": broker,
     }
 
