@@ -457,3 +457,40 @@ def test_worker_raw_value_helpers_agree_with_protobuf() -> None:
     assert request == executor_pb2.CreateValueRequest(executor=executor, value=tensor)
     with pytest.raises(ValueError, match="besides its value"):
         _value_of_response(response + b"\x12\x00")
+
+
+def test_struct_members_cuts_a_computed_struct_like_protobuf() -> None:
+    """A small phase plan's result is computed whole and its released members
+    cut out of the serialized struct without parsing it."""
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    from tff_amqp.tff_worker.client import struct_members
+
+    big = executor_pb2.Value()
+    big.array.float32_list.value.extend(np.arange(50_000, dtype=np.float32).tolist())
+    small = executor_pb2.Value()
+    small.array.int32_list.value.append(7)
+    nested = executor_pb2.Value()
+    nested.struct.element.add(name="inner").value.CopyFrom(small)
+    value = executor_pb2.Value()
+    value.struct.element.add(name="a").value.CopyFrom(big)
+    value.struct.element.add().value.CopyFrom(nested)
+    value.struct.element.add()  # an empty member
+    value.struct.element.add(name="b").value.CopyFrom(small)
+    serialized = value.SerializeToString()
+
+    members = struct_members(serialized)
+    assert [bytes(m) for m in members] == [
+        e.value.SerializeToString() for e in value.struct.element
+    ]
+    assert bytes(members[2]) == b""
+    assert struct_members(executor_pb2.Value().SerializeToString()) == []
+    empty_struct = executor_pb2.Value()
+    empty_struct.struct.SetInParent()
+    assert struct_members(empty_struct.SerializeToString()) == []
+    with pytest.raises(ValueError, match="not a struct"):
+        struct_members(big.SerializeToString())
+    with pytest.raises(ValueError, match="besides its struct"):
+        struct_members(serialized + b"\x12\x00")
+    with pytest.raises(ValueError):
+        struct_members(serialized[:-3])

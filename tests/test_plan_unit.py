@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tff_amqp import protocol as p
-from tff_amqp.tff_worker.plan import Earlier, Inline, PlanCache, PlannedBatch
+from tff_amqp.tff_worker.plan import Earlier, Inline, PlanCache, PlannedBatch, parse_value
 
 MAP = b"M" * 32  # digests of the functions of the hand-written batches
 SQUARE = b"S" * 32
@@ -93,6 +93,57 @@ def test_another_function_or_structure_is_another_plan() -> None:
     assert len(digests) == 4
     assert cache.built == 4
     assert longer.outputs == {12: 0, 13: 1, 14: 2}
+
+
+def test_a_data_only_result_leaves_out_values_holding_functions() -> None:
+    """A silo's plans hold only data in their result (so a small one can be
+    computed whole): a struct of a function and its argument, or a selection
+    of the function out of it, is left out; data selected out of such a
+    struct stays."""
+    ops, resolve = _map_batch(10, data=1)
+    ops = [
+        *ops,
+        p.CreateSelection(target=14, source=12, index=0),  # the function
+        p.CreateSelection(target=15, source=12, index=1),  # the data
+        p.CreateStruct(target=16, elements=((None, 13), (None, 12))),  # holds one
+    ]
+    every = _plan(PlanCache(), ops, resolve)
+    data_only = _plan(PlanCache(function_members=False), ops, resolve)
+    assert sorted(every.outputs) == [12, 13, 14, 15, 16]
+    assert sorted(data_only.outputs) == [13, 15]
+    assert sorted(data_only.outputs.values()) == [0, 1]
+    assert data_only.digest != every.digest
+
+
+def test_released_values_are_gathered_in_the_results_last_member() -> None:
+    """What a batch computes is gathered in one more member of the plan's
+    result, so one Compute releases all of it; which values are released is
+    part of the plan's shape."""
+    cache = PlanCache(function_members=False)
+    ops, resolve = _map_batch(10, data=1)
+    ops = [*ops, p.CreateSelection(target=14, source=13, index=0)]
+    none = cache.plan(ops, resolve, _computation_of)
+    both = cache.plan(ops, resolve, _computation_of, released={13, 14, 12, 99})
+    again = cache.plan(
+        [
+            *_map_batch(20, data=5)[0],
+            p.CreateSelection(target=24, source=23, index=0),
+        ],
+        _map_batch(20, data=5)[1],
+        _computation_of,
+        released={24, 23},
+    )
+    assert none.released == {} and none.released_at is None
+    # 12 holds a function (not in the result), 99 is not the batch's.
+    assert both.outputs == {13: 0, 14: 1} and both.released_at == 2
+    assert both.released == {13: 0, 14: 1}
+    assert again.digest == both.digest and again.released == {23: 0, 24: 1}
+    assert none.digest != both.digest and cache.built == 2
+    body = getattr(parse_value(both.serialized).computation, "lambda").result.block
+    last = body.result.struct.element[2].value.struct.element
+    assert [e.value.reference.name for e in last] == [
+        e.value.reference.name for e in body.result.struct.element[:2]
+    ]
 
 
 def test_each_input_is_one_parameter_position() -> None:
@@ -498,3 +549,90 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
     # Plans: one call per planned batch, plus the op-by-op batch's one.
     assert planned_calls == 3, planned_calls
     assert op_by_op_calls == 5, op_by_op_calls
+
+
+async def test_a_small_plan_result_is_computed_whole_and_what_it_left_out_is_rebuilt(
+    monkeypatch,
+) -> None:
+    """A silo session on a real worker_binary: a plan whose whole result is
+    small releases its aggregate with one Compute and no selection; the
+    struct of the aggregate's arguments (it holds functions, so the plan's
+    result leaves it out) is rebuilt when a later batch uses it, even after
+    one of its parts was disposed of. Released values equal the same
+    session computing each released member after selecting it, and op by op."""
+    import time
+
+    import tensorflow_federated as tff
+    from tensorflow_federated.proto.v0 import executor_pb2
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+
+    from tff_amqp.silo.stateful import session as session_module
+    from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
+    from tff_amqp.tff_worker.process import WorkerBinary
+
+    values = [1.5, -2.0, 3.0, 0.25]
+    functions = _function_values()
+    data, _ = value_serialization.serialize_value(
+        values, tff.FederatedType(np.float32, tff.CLIENTS)
+    )
+    zero, _ = value_serialization.serialize_value(np.float32(0.0), tff.TensorType(np.float32))
+    batches = [
+        p.Batch(
+            seq=0,
+            operations=(
+                p.Open(clients=len(values)),
+                p.CreateValue(target=1, value=data.SerializeToString()),
+                p.CreateValue(target=2, value=zero.SerializeToString()),
+                *_sum_of_squares_batch(functions),
+                p.Compute(source=18),
+            ),
+        ),
+        # 17 is <squares, zero, add, add, identity>: rebuilt before 13 goes.
+        p.Batch(seq=1, operations=(p.Dispose(targets=(13,)),)),
+        p.Batch(
+            seq=2,
+            operations=(p.CreateCall(target=31, fn=14, arg=17), p.Compute(source=31), p.Close()),
+        ),
+    ]
+
+    async def run(worker: WorkerBinary, phase_plans: bool) -> tuple[list[dict[int, bytes]], Any]:
+        client = worker.new_client()
+        session = InvocationSession(
+            silo="unit",
+            invocation_id=f"whole-{phase_plans}",
+            worker=client,
+            policy=PrivacyPolicy(),
+            resolve_data=lambda key, type_spec: (0, b""),
+            count_clients=lambda key: len(values),
+            deadline=time.time() + 60,
+            phase_plans=phase_plans,
+        )
+        out = []
+        for batch in batches:
+            out.append({k: bytes(v) for k, v in (await session.apply(batch)).items()})
+            if batch.seq == 0:
+                first = dict(client.calls)
+        assert session.closed
+        return out, first
+
+    async with WorkerBinary() as worker:
+        whole, whole_calls = await run(worker, True)
+        monkeypatch.setattr(session_module, "_WHOLE_RESULT_MAX", 0)
+        selected, selected_calls = await run(worker, True)
+        op_by_op, _ = await run(worker, False)
+
+    # The first batch: its argument values, the plan, one Compute of it all.
+    assert whole_calls.get("CreateSelection", 0) == 0, whole_calls
+    assert whole_calls.get("Compute") == 1 and whole_calls.get("CreateCall") == 1, whole_calls
+    assert selected_calls.get("CreateSelection") == 1, selected_calls
+    assert whole == selected
+    assert [sorted(r) for r in whole] == [[18], [], [31]]
+    x = np.asarray(values, np.float32)
+    for got, expected in zip(whole, op_by_op, strict=True):
+        for target, value in got.items():
+            number = value_serialization.deserialize_value(executor_pb2.Value.FromString(value))[0]
+            reference = value_serialization.deserialize_value(
+                executor_pb2.Value.FromString(expected[target])
+            )[0]
+            np.testing.assert_allclose(number, reference, rtol=0)
+            np.testing.assert_allclose(number, np.sum(x**2), rtol=1e-6)

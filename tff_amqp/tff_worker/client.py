@@ -25,9 +25,13 @@ GRPC_OPTIONS = [
 
 _SERVICE = "/tensorflow_federated.v0.ExecutorGroup"
 # Field numbers: CreateValueRequest.value = 1, ComputeResponse.value = 1,
-# Value.computation = 2 (checked against executor_pb2's descriptors in tests).
+# Value.computation = 2, Value.struct = 3, Struct.element = 1,
+# Struct.Element.value = 2 (checked against executor_pb2's descriptors in tests).
 _VALUE_FIELD_TAG = 0x0A
 _COMPUTATION_FIELD = 2
+_STRUCT_FIELD_TAG = 3 << 3 | 2
+_ELEMENT_FIELD_TAG = 1 << 3 | 2
+_ELEMENT_VALUE_FIELD = 2
 
 
 def _varint(n: int) -> bytes:
@@ -71,6 +75,37 @@ def _value_of_response(raw: bytes) -> memoryview:
     if start + length != len(view):
         raise ValueError("ComputeResponse has fields besides its value")
     return view[start:]
+
+
+def struct_members(value: bytes | memoryview) -> list[memoryview]:
+    """The serialized member `Value`s of a serialized struct `Value`, as views
+    (no copy, no parse); ValueError if it is not laid out as one."""
+    view = memoryview(value)
+    if not len(view):
+        return []  # an empty Value: no members
+    tag, pos = _read_varint(view, 0)
+    if tag != _STRUCT_FIELD_TAG:
+        raise ValueError("the Value is not a struct")
+    length, pos = _read_varint(view, pos)
+    if pos + length != len(view):
+        raise ValueError("the Value has fields besides its struct")
+    members: list[memoryview] = []
+    while pos < len(view):
+        tag, pos = _read_varint(view, pos)
+        length, pos = _read_varint(view, pos)
+        if tag != _ELEMENT_FIELD_TAG or pos + length > len(view):
+            raise ValueError("unexpected field in a struct Value")
+        end, member = pos + length, view[0:0]
+        while pos < end:
+            tag, pos = _read_varint(view, pos)
+            length, pos = _read_varint(view, pos)
+            if tag & 7 != 2 or pos + length > end:
+                raise ValueError("unexpected field in a struct element")
+            if tag >> 3 == _ELEMENT_VALUE_FIELD:
+                member = view[pos : pos + length]
+            pos += length
+        members.append(member)
+    return members
 
 
 class WorkerError(RuntimeError):

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tff_amqp import protocol as p
@@ -101,8 +101,13 @@ class PlannedBatch:
     serialized: bytes
     # Worker values to pass, in parameter order (the keys of `Earlier.source`).
     inputs: tuple[Hashable, ...]
-    # Value id -> index of the member of the plan's result that holds it.
+    # Value id -> index of the member of the plan's result that holds it
+    # (every value the batch created, or only data: see `PlanCache`).
     outputs: dict[int, int]
+    # Released value id -> index in the result's last member, which gathers
+    # them (at `released_at`; None when the batch releases none of them).
+    released: dict[int, int] = field(default_factory=dict)
+    released_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class _Canonical:
     shape: Hashable
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
+    released: tuple[int, ...]
 
 
 class PlanCache:
@@ -131,7 +137,12 @@ class PlanCache:
     # Batch orders remembered (a shape can arrive in a few orders).
     MAX_ORDERS = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, function_members: bool = True) -> None:
+        # False: values that are or hold functions (structs of a function
+        # and its arguments, built for an intrinsic call) are left out of a
+        # plan's result, which then holds only data; the caller rebuilds
+        # such a value from its parts if anything ever uses it.
+        self._function_members = function_members
         self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
         self._canonical: OrderedDict[Hashable, _Canonical] = OrderedDict()
         self._bytes = 0
@@ -142,26 +153,38 @@ class PlanCache:
         operations: Sequence[p.Operation],
         resolve: Resolver,
         computation_of: ComputationOf,
+        released: Collection[int] = (),
     ) -> PlannedBatch:
         """The plan of `operations` (value-creating operations in batch
-        order; CreateValue ops are functions, given by `resolve` as Inline)."""
+        order; CreateValue ops are functions, given by `resolve` as Inline).
+        `released`: ids of values the batch computes; those the result holds
+        are also gathered in its last member, so that one `Compute` of that
+        member releases them all."""
         raw, targets = _raw_graph(operations, resolve)
+        releasing = tuple(node for node, value_id in targets.items() if value_id in released)
         # Batches of a phase arrive in the same order nearly every time: the
         # batch-order graph (inputs numbered by first appearance) finds the
         # canonical shape without ordering and hashing the nodes again.
         sources: dict[Hashable, int] = {}
-        key = tuple(
-            ("in", sources.setdefault(n[1], len(sources)), n[2]) if n[0] == "in" else n for n in raw
+        key = (
+            tuple(
+                ("in", sources.setdefault(n[1], len(sources)), n[2]) if n[0] == "in" else n
+                for n in raw
+            ),
+            releasing,
         )
         known = self._canonical.get(key)
         nodes: list[_Node] | None = None
         if known is None:
-            shape, inputs, outputs, nodes = _canonical(raw, targets)
+            shape, inputs, outputs, gathered, nodes = _canonical(
+                raw, targets, releasing, self._function_members
+            )
             where = {value_id: i for i, value_id in targets.items()}
             known = _Canonical(
                 shape,
                 tuple(sources[source] for source in inputs),
                 tuple(where[value_id] for value_id in outputs),
+                tuple(where[value_id] for value_id in gathered),
             )
             self._canonical[key] = known
             if len(self._canonical) > self.MAX_ORDERS:
@@ -171,11 +194,12 @@ class PlanCache:
             by_number = list(sources)
             inputs = tuple(by_number[i] for i in known.inputs)
             outputs = [targets[i] for i in known.outputs]
+            gathered = [targets[i] for i in known.released]
         shape = known.shape
         built = self._plans.get(shape)
         if built is None:
             if nodes is None:
-                _, _, _, nodes = _canonical(raw, targets)
+                *_, nodes = _canonical(raw, targets, releasing, self._function_members)
             built = _build(nodes, len(inputs), computation_of)
             self.built += 1
             self._plans[shape] = built
@@ -192,6 +216,8 @@ class PlanCache:
             serialized=built.serialized,
             inputs=inputs,
             outputs={target: i for i, target in enumerate(outputs)},
+            released={target: i for i, target in enumerate(gathered)},
+            released_at=len(outputs) if gathered else None,
         )
 
 
@@ -254,8 +280,11 @@ def _raw_graph(
 
 
 def _canonical(
-    raw: list[_Node], targets: dict[int, int]
-) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[_Node]]:
+    raw: list[_Node],
+    targets: dict[int, int],
+    releasing: tuple[int, ...] = (),
+    function_members: bool = True,
+) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[int], list[_Node]]:
     """The nodes in a canonical order: the coordinator evaluates independent
     parts of a computation concurrently, so the same phase can arrive with
     its operations in another order; nodes are therefore ordered by depth,
@@ -295,11 +324,21 @@ def _canonical(
                 nodes.append(("select", position[source], index))
             case node:
                 nodes.append(node)
-    members = [old for old in order if old in targets]
+    holds = [False] * len(raw) if function_members else _holds_function(raw)
+    members = [old for old in order if old in targets and not holds[old]]
     outputs = [targets[old] for old in members]
     result = tuple(position[old] for old in members)
-    shape = (tuple(nodes), len(inputs), result)
-    return shape, tuple(inputs), outputs, [*nodes, ("result", result)]
+    kept = set(members)
+    gathered = sorted((old for old in releasing if old in kept), key=position.__getitem__)
+    released = tuple(position[old] for old in gathered)
+    shape = (tuple(nodes), len(inputs), result, released)
+    return (
+        shape,
+        tuple(inputs),
+        outputs,
+        [targets[old] for old in gathered],
+        [*nodes, ("result", result, released)],
+    )
 
 
 def _children(node: _Node) -> list[int]:
@@ -311,6 +350,28 @@ def _children(node: _Node) -> list[int]:
         case ("select", source, _):
             return [source]
     return []
+
+
+def _holds_function(raw: list[_Node]) -> list[bool]:
+    """Whether each node is, or is a struct holding, a function (a call's
+    result is taken to be data)."""
+    holds: list[bool] = []
+    for node in raw:
+        match node:
+            case ("fn", _):
+                holds.append(True)
+            case ("struct", elements):
+                holds.append(any(holds[child] for _, child in elements))
+            case ("select", source, index):
+                parent = raw[source]
+                holds.append(
+                    parent[0] == "struct"
+                    and 0 <= index < len(parent[1])
+                    and holds[parent[1][index][1]]
+                )
+            case _:
+                holds.append(False)
+    return holds
 
 
 def _depths(raw: list[_Node]) -> list[int]:
@@ -386,14 +447,18 @@ def _build(nodes: list[_Node], inputs: int, computation_of: ComputationOf) -> _B
             case _:
                 raise AssertionError(node)
         locals_.append(pb.Block.Local(name=f"v{position}", value=value))
-    _, result = nodes[-1]
-    body = pb.Computation(
-        block=pb.Block(
-            local=locals_,
-            result=pb.Computation(
-                struct=pb.Struct(element=[pb.Struct.Element(value=ref(i)) for i in result])
-            ),
+    _, result, released = nodes[-1]
+
+    def struct(positions: tuple[int, ...]) -> Any:
+        return pb.Computation(
+            struct=pb.Struct(element=[pb.Struct.Element(value=ref(i)) for i in positions])
         )
+
+    members = [pb.Struct.Element(value=ref(i)) for i in result]
+    if released:
+        members.append(pb.Struct.Element(value=struct(released)))
+    body = pb.Computation(
+        block=pb.Block(local=locals_, result=pb.Computation(struct=pb.Struct(element=members)))
     )
     lambda_ = pb.Lambda(result=body)
     if inputs:
