@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pytest
 
 from tests.test_plan_unit import _function_values, _sum_of_squares_batch
 from tff_amqp import protocol as p
@@ -77,17 +76,8 @@ def _value(serialized: bytes) -> Any:
     return value_serialization.deserialize_value(executor_pb2.Value.FromString(serialized))[0]
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["small result", "result selected"])
-async def test_concurrent_invocations_share_one_plan_call_and_keep_their_own_values(
-    small: bool, monkeypatch
-) -> None:
-    """`small`: the plans' results are computed whole (no selection); else
-    (as for a result past the size bound) the released values are selected
-    first, once per call."""
+async def test_concurrent_invocations_share_one_plan_call_and_keep_their_own_values() -> None:
     from tff_amqp.tff_worker.process import WorkerBinary
-
-    if not small:
-        monkeypatch.setattr(session_module, "_WHOLE_RESULT_MAX", 0)
 
     functions = _function_values()
     inputs = [[1.5, -2.0, 3.0], [0.5, 1.0, 2.0], [4.0, 0.0, -1.0], [2.0, 2.0, 2.0], [1, 2, 3]]
@@ -102,7 +92,6 @@ async def test_concurrent_invocations_share_one_plan_call_and_keep_their_own_val
         released = await asyncio.gather(*(s.apply(b) for s, b in zip(sessions, first)))
         plan_calls = client.calls["CreateCall"] - calls_before.get("CreateCall", 0)
         computes = client.calls["Compute"] - calls_before.get("Compute", 0)
-        selections = client.calls["CreateSelection"] - calls_before.get("CreateSelection", 0)
         # The second phase uses the fused first phase's members (selected now).
         second = await asyncio.gather(*(s.apply(SECOND_PHASE) for s in sessions))
         assert all(s.closed for s in sessions)
@@ -115,7 +104,6 @@ async def test_concurrent_invocations_share_one_plan_call_and_keep_their_own_val
     # while it ran, in one call and one compute (not four of each).
     assert plan_calls == 2, plan_calls
     assert computes == 2, computes
-    assert selections == (0 if small else 2), selections
 
 
 async def test_a_member_that_fails_at_the_worker_fails_alone() -> None:

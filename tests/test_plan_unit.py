@@ -95,35 +95,15 @@ def test_another_function_or_structure_is_another_plan() -> None:
     assert longer.outputs == {12: 0, 13: 1, 14: 2}
 
 
-def test_a_data_only_result_leaves_out_values_holding_functions() -> None:
-    """A silo's plans hold only data in their result (so a small one can be
-    computed whole): a struct of a function and its argument, or a selection
-    of the function out of it, is left out; data selected out of such a
-    struct stays."""
-    ops, resolve = _map_batch(10, data=1)
-    ops = [
-        *ops,
-        p.CreateSelection(target=14, source=12, index=0),  # the function
-        p.CreateSelection(target=15, source=12, index=1),  # the data
-        p.CreateStruct(target=16, elements=((None, 13), (None, 12))),  # holds one
-    ]
-    every = _plan(PlanCache(), ops, resolve)
-    data_only = _plan(PlanCache(function_members=False), ops, resolve)
-    assert sorted(every.outputs) == [12, 13, 14, 15, 16]
-    assert sorted(data_only.outputs) == [13, 15]
-    assert sorted(data_only.outputs.values()) == [0, 1]
-    assert data_only.digest != every.digest
-
-
 def test_released_values_are_gathered_in_the_results_last_member() -> None:
     """What a batch computes is gathered in one more member of the plan's
     result, so one Compute releases all of it; which values are released is
     part of the plan's shape."""
-    cache = PlanCache(function_members=False)
+    cache = PlanCache()
     ops, resolve = _map_batch(10, data=1)
     ops = [*ops, p.CreateSelection(target=14, source=13, index=0)]
     none = cache.plan(ops, resolve, _computation_of)
-    both = cache.plan(ops, resolve, _computation_of, released={13, 14, 12, 99})
+    both = cache.plan(ops, resolve, _computation_of, released={13, 14, 99})
     again = cache.plan(
         [
             *_map_batch(20, data=5)[0],
@@ -134,15 +114,15 @@ def test_released_values_are_gathered_in_the_results_last_member() -> None:
         released={24, 23},
     )
     assert none.released == {} and none.released_at is None
-    # 12 holds a function (not in the result), 99 is not the batch's.
-    assert both.outputs == {13: 0, 14: 1} and both.released_at == 2
+    # 99 is not the batch's own value: not gathered.
+    assert both.outputs == {12: 0, 13: 1, 14: 2} and both.released_at == 3
     assert both.released == {13: 0, 14: 1}
     assert again.digest == both.digest and again.released == {23: 0, 24: 1}
     assert none.digest != both.digest and cache.built == 2
     body = getattr(parse_value(both.serialized).computation, "lambda").result.block
-    last = body.result.struct.element[2].value.struct.element
+    last = body.result.struct.element[3].value.struct.element
     assert [e.value.reference.name for e in last] == [
-        e.value.reference.name for e in body.result.struct.element[:2]
+        e.value.reference.name for e in body.result.struct.element[1:3]
     ]
 
 
@@ -256,6 +236,28 @@ def test_independent_operations_in_another_order_reuse_the_plan() -> None:
     assert cache.built == 1
     assert a.digest == b.digest
     assert a.outputs == b.outputs
+    assert a.inputs == b.inputs
+
+
+def test_calls_told_apart_only_by_their_users_canonicalize_alike() -> None:
+    """Two calls of one function on two inputs that are used alike look the
+    same from below; only what uses them tells them apart (here one feeds a
+    struct, the other is released). Both batch orders give one plan, and
+    each value id the same member."""
+    cache = PlanCache()
+    first = [
+        p.CreateValue(target=30, value=b"fn"),
+        p.CreateCall(target=31, fn=30, arg=1),
+        p.CreateCall(target=32, fn=30, arg=2),
+        p.CreateStruct(target=33, elements=((None, 31), (None, 3))),
+    ]
+    second = [first[0], first[2], first[1], first[3]]
+    resolve = _resolver({30: SQUARE})
+    a = cache.plan(first, resolve, _computation_of, released={32})
+    b = cache.plan(second, resolve, _computation_of, released={32})
+    assert cache.built == 1
+    assert a.digest == b.digest
+    assert a.outputs == b.outputs and a.released == b.released
     assert a.inputs == b.inputs
 
 
@@ -407,7 +409,7 @@ async def test_a_plan_runs_on_worker_binary_like_its_operations_one_by_one() -> 
         _resolver(digest_of),
         lambda digest: executor_pb2.Value.FromString(by_digest[digest]).computation,
     )
-    assert plan.inputs == (1, 2)
+    assert sorted(plan.inputs) == [1, 2]  # in the canonical order
     data, _ = value_serialization.serialize_value(
         values, tff.FederatedType(np.float32, tff.CLIENTS)
     )
@@ -551,22 +553,17 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
     assert op_by_op_calls == 5, op_by_op_calls
 
 
-async def test_a_small_plan_result_is_computed_whole_and_what_it_left_out_is_rebuilt(
-    monkeypatch,
-) -> None:
-    """A silo session on a real worker_binary: a plan whose whole result is
-    small releases its aggregate with one Compute and no selection; the
-    struct of the aggregate's arguments (it holds functions, so the plan's
-    result leaves it out) is rebuilt when a later batch uses it, even after
-    one of its parts was disposed of. Released values equal the same
-    session computing each released member after selecting it, and op by op."""
+async def test_a_session_releases_several_values_with_one_selection_and_one_compute() -> None:
+    """A silo session on a real worker_binary: a batch that releases two
+    aggregates (a sum of squares and the sum of the values) makes one plan
+    call, one selection of the member gathering both and one Compute; the
+    released values equal a session applying the batch op by op."""
     import time
 
     import tensorflow_federated as tff
     from tensorflow_federated.proto.v0 import executor_pb2
     from tensorflow_federated.python.core.impl.executors import value_serialization
 
-    from tff_amqp.silo.stateful import session as session_module
     from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
     from tff_amqp.tff_worker.process import WorkerBinary
 
@@ -576,30 +573,29 @@ async def test_a_small_plan_result_is_computed_whole_and_what_it_left_out_is_reb
         values, tff.FederatedType(np.float32, tff.CLIENTS)
     )
     zero, _ = value_serialization.serialize_value(np.float32(0.0), tff.TensorType(np.float32))
-    batches = [
-        p.Batch(
-            seq=0,
-            operations=(
-                p.Open(clients=len(values)),
-                p.CreateValue(target=1, value=data.SerializeToString()),
-                p.CreateValue(target=2, value=zero.SerializeToString()),
-                *_sum_of_squares_batch(functions),
-                p.Compute(source=18),
+    batch = p.Batch(
+        seq=0,
+        operations=(
+            p.Open(clients=len(values)),
+            p.CreateValue(target=1, value=data.SerializeToString()),
+            p.CreateValue(target=2, value=zero.SerializeToString()),
+            *_sum_of_squares_batch(functions),
+            # The plain sum of the values, with the same aggregate.
+            p.CreateStruct(
+                target=20, elements=((None, 1), (None, 2), (None, 15), (None, 15), (None, 16))
             ),
+            p.CreateCall(target=21, fn=14, arg=20),
+            p.Compute(source=18),
+            p.Compute(source=21),
+            p.Close(),
         ),
-        # 17 is <squares, zero, add, add, identity>: rebuilt before 13 goes.
-        p.Batch(seq=1, operations=(p.Dispose(targets=(13,)),)),
-        p.Batch(
-            seq=2,
-            operations=(p.CreateCall(target=31, fn=14, arg=17), p.Compute(source=31), p.Close()),
-        ),
-    ]
+    )
 
-    async def run(worker: WorkerBinary, phase_plans: bool) -> tuple[list[dict[int, bytes]], Any]:
+    async def run(worker: WorkerBinary, phase_plans: bool) -> tuple[dict[int, bytes], Any]:
         client = worker.new_client()
         session = InvocationSession(
             silo="unit",
-            invocation_id=f"whole-{phase_plans}",
+            invocation_id=f"gathered-{phase_plans}",
             worker=client,
             policy=PrivacyPolicy(),
             resolve_data=lambda key, type_spec: (0, b""),
@@ -607,32 +603,24 @@ async def test_a_small_plan_result_is_computed_whole_and_what_it_left_out_is_reb
             deadline=time.time() + 60,
             phase_plans=phase_plans,
         )
-        out = []
-        for batch in batches:
-            out.append({k: bytes(v) for k, v in (await session.apply(batch)).items()})
-            if batch.seq == 0:
-                first = dict(client.calls)
+        out = {k: bytes(v) for k, v in (await session.apply(batch)).items()}
         assert session.closed
-        return out, first
+        return out, dict(client.calls)
 
     async with WorkerBinary() as worker:
-        whole, whole_calls = await run(worker, True)
-        monkeypatch.setattr(session_module, "_WHOLE_RESULT_MAX", 0)
-        selected, selected_calls = await run(worker, True)
-        op_by_op, _ = await run(worker, False)
+        planned, calls = await run(worker, True)
+        op_by_op, op_by_op_calls = await run(worker, False)
 
-    # The first batch: its argument values, the plan, one Compute of it all.
-    assert whole_calls.get("CreateSelection", 0) == 0, whole_calls
-    assert whole_calls.get("Compute") == 1 and whole_calls.get("CreateCall") == 1, whole_calls
-    assert selected_calls.get("CreateSelection") == 1, selected_calls
-    assert whole == selected
-    assert [sorted(r) for r in whole] == [[18], [], [31]]
+    assert calls.get("CreateCall") == 1 and calls.get("CreateSelection") == 1, calls
+    assert calls.get("Compute") == 1, calls
+    assert op_by_op_calls.get("Compute") == 2, op_by_op_calls
+    assert sorted(planned) == sorted(op_by_op) == [18, 21]
     x = np.asarray(values, np.float32)
-    for got, expected in zip(whole, op_by_op, strict=True):
-        for target, value in got.items():
-            number = value_serialization.deserialize_value(executor_pb2.Value.FromString(value))[0]
-            reference = value_serialization.deserialize_value(
-                executor_pb2.Value.FromString(expected[target])
-            )[0]
-            np.testing.assert_allclose(number, reference, rtol=0)
-            np.testing.assert_allclose(number, np.sum(x**2), rtol=1e-6)
+    for target, expected in ((18, np.sum(x**2)), (21, np.sum(x))):
+        got = value_serialization.deserialize_value(executor_pb2.Value.FromString(planned[target]))
+        reference = value_serialization.deserialize_value(
+            executor_pb2.Value.FromString(op_by_op[target])
+        )
+        assert str(got[1]) == str(reference[1]) == "float32@SERVER"
+        np.testing.assert_allclose(got[0], reference[0], rtol=0)
+        np.testing.assert_allclose(got[0], expected, rtol=1e-6)

@@ -102,7 +102,7 @@ class PlannedBatch:
     # Worker values to pass, in parameter order (the keys of `Earlier.source`).
     inputs: tuple[Hashable, ...]
     # Value id -> index of the member of the plan's result that holds it
-    # (every value the batch created, or only data: see `PlanCache`).
+    # (every value the batch created).
     outputs: dict[int, int]
     # Released value id -> index in the result's last member, which gathers
     # them (at `released_at`; None when the batch releases none of them).
@@ -137,12 +137,7 @@ class PlanCache:
     # Batch orders remembered (a shape can arrive in a few orders).
     MAX_ORDERS = 1024
 
-    def __init__(self, *, function_members: bool = True) -> None:
-        # False: values that are or hold functions (structs of a function
-        # and its arguments, built for an intrinsic call) are left out of a
-        # plan's result, which then holds only data; the caller rebuilds
-        # such a value from its parts if anything ever uses it.
-        self._function_members = function_members
+    def __init__(self) -> None:
         self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
         self._canonical: OrderedDict[Hashable, _Canonical] = OrderedDict()
         self._bytes = 0
@@ -176,9 +171,7 @@ class PlanCache:
         known = self._canonical.get(key)
         nodes: list[_Node] | None = None
         if known is None:
-            shape, inputs, outputs, gathered, nodes = _canonical(
-                raw, targets, releasing, self._function_members
-            )
+            shape, inputs, outputs, gathered, nodes = _canonical(raw, targets, releasing)
             where = {value_id: i for i, value_id in targets.items()}
             known = _Canonical(
                 shape,
@@ -199,7 +192,7 @@ class PlanCache:
         built = self._plans.get(shape)
         if built is None:
             if nodes is None:
-                *_, nodes = _canonical(raw, targets, releasing, self._function_members)
+                *_, nodes = _canonical(raw, targets, releasing)
             built = _build(nodes, len(inputs), computation_of)
             self.built += 1
             self._plans[shape] = built
@@ -283,25 +276,17 @@ def _canonical(
     raw: list[_Node],
     targets: dict[int, int],
     releasing: tuple[int, ...] = (),
-    function_members: bool = True,
 ) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[int], list[_Node]]:
     """The nodes in a canonical order: the coordinator evaluates independent
     parts of a computation concurrently, so the same phase can arrive with
     its operations in another order; nodes are therefore ordered by depth,
-    then by a hash of their structure, so that such a batch has the same
-    shape (and reuses the same plan) as before."""
-    # Depth and structural hash of each node (children come first). An
-    # input is told apart from another by how it is used, so inputs that
-    # arrive in another order are still numbered alike.
+    then by a hash of their place in the graph, so that such a batch has the
+    same shape (and reuses the same plan) as before."""
+    # Depth and hash of each node: its structure (children come first),
+    # refined by how it is used, so that inputs and values that arrive in
+    # another order are still numbered alike.
     depth = _depths(raw)
-    signature = _signatures(raw, lambda i, index: _hash(("in", index)))
-    uses: dict[int, list[tuple[int, int]]] = {}
-    for i, node in enumerate(raw):
-        for slot, child in enumerate(_children(node)):
-            uses.setdefault(child, []).append((signature[i], slot))
-    signature = _signatures(
-        raw, lambda i, index: _hash(("in", index, tuple(sorted(uses.get(i, ())))))
-    )
+    signature = _refined(raw, _signatures(raw, lambda i, index: _hash(("in", index))))
     order = sorted(range(len(raw)), key=lambda i: (depth[i], signature[i], i))
     position = {old: new for new, old in enumerate(order)}
 
@@ -324,12 +309,10 @@ def _canonical(
                 nodes.append(("select", position[source], index))
             case node:
                 nodes.append(node)
-    holds = [False] * len(raw) if function_members else _holds_function(raw)
-    members = [old for old in order if old in targets and not holds[old]]
+    members = [old for old in order if old in targets]
     outputs = [targets[old] for old in members]
     result = tuple(position[old] for old in members)
-    kept = set(members)
-    gathered = sorted((old for old in releasing if old in kept), key=position.__getitem__)
+    gathered = sorted(releasing, key=position.__getitem__)
     released = tuple(position[old] for old in gathered)
     shape = (tuple(nodes), len(inputs), result, released)
     return (
@@ -341,6 +324,34 @@ def _canonical(
     )
 
 
+def _refined(raw: list[_Node], signature: list[int]) -> list[int]:
+    """Signatures from below (structure) refined by the graph around each
+    node until no more nodes are told apart: two calls of one function on
+    inputs used alike differ only by what uses them, and ordering such ties
+    by batch position would give another plan for another batch order."""
+    parents: list[list[tuple[int, int]]] = [[] for _ in raw]
+    for i, node in enumerate(raw):
+        for slot, child in enumerate(_children(node)):
+            parents[child].append((i, slot))
+    classes = len(set(signature))
+    for _ in range(len(raw)):
+        signature = [
+            _hash(
+                (
+                    signature[i],
+                    tuple(signature[child] for child in _children(node)),
+                    tuple(sorted((signature[parent], slot) for parent, slot in parents[i])),
+                )
+            )
+            for i, node in enumerate(raw)
+        ]
+        told_apart = len(set(signature))
+        if told_apart == classes:
+            break
+        classes = told_apart
+    return signature
+
+
 def _children(node: _Node) -> list[int]:
     match node:
         case ("call", fn, arg):
@@ -350,28 +361,6 @@ def _children(node: _Node) -> list[int]:
         case ("select", source, _):
             return [source]
     return []
-
-
-def _holds_function(raw: list[_Node]) -> list[bool]:
-    """Whether each node is, or is a struct holding, a function (a call's
-    result is taken to be data)."""
-    holds: list[bool] = []
-    for node in raw:
-        match node:
-            case ("fn", _):
-                holds.append(True)
-            case ("struct", elements):
-                holds.append(any(holds[child] for _, child in elements))
-            case ("select", source, index):
-                parent = raw[source]
-                holds.append(
-                    parent[0] == "struct"
-                    and 0 <= index < len(parent[1])
-                    and holds[parent[1][index][1]]
-                )
-            case _:
-                holds.append(False)
-    return holds
 
 
 def _depths(raw: list[_Node]) -> list[int]:

@@ -2,17 +2,16 @@
 
 With several invocations in flight, a silo receives the same phase (the same
 plan, by digest) for each of them at about the same time, each with its own
-argument values. Applied one by one, each costs three or four worker calls
-(its arguments, the plan call, a selection of what it releases unless the
-plan's result is small, the compute). `PlanFuser` runs the first at once and
-holds the ones that arrive while it runs; those then run together: their
-arguments as one struct (one `CreateValue`), a computation that applies the
-plan to each (one `CreateCall`), and one `Compute` of everything they release
-(after one `CreateSelection`, unless the result is small). Each invocation
-gets its released values, and lazy handles to its arguments and its plan's
-result (members are selected only if a later batch uses them); the worker
-values the group shares are freed when the last of its sessions lets go of
-them.
+argument values. Applied one by one, each costs four worker calls (its
+arguments, the plan call, a selection of what it releases, the compute).
+`PlanFuser` runs the first at once and holds the ones that arrive while it
+runs; those then run together: their arguments as one struct (one
+`CreateValue`), a computation that applies the plan to each (one
+`CreateCall`), and one `Compute` of everything they release (after one
+`CreateSelection`). Each invocation gets its released values, and lazy
+handles to its arguments and its plan's result (members are selected only if
+a later batch uses them); the worker values the group shares are freed when
+the last of its sessions lets go of them.
 
 A group that fails at the worker runs again member by member, so each
 invocation gets its own result or its own error.
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tff_amqp.tff_worker import WorkerError, WorkerExecutor
-from tff_amqp.tff_worker.client import struct_members
 from tff_amqp.tff_worker.plan import PlannedBatch, parse_value
 
 log = logging.getLogger(__name__)
@@ -81,7 +79,6 @@ class _Group:
     executor: WorkerExecutor
     plan: PlannedBatch
     release: tuple[int, ...]
-    whole: bool
     busy: bool = False
     waiting: list[_Request] = field(default_factory=list)
 
@@ -104,19 +101,15 @@ class PlanFuser:
         arguments: Any,
         release: tuple[int, ...],
         alone: Callable[[], Awaitable[None]],
-        *,
-        whole: bool = False,
     ) -> FusedOutcome | None:
         """Run `plan` on `arguments`, releasing the result members `release`.
         If nothing of its kind is running, `alone()` runs it the ordinary way
         and this returns None; otherwise it waits and runs with the others
-        that waited, and returns its part. `whole`: the plan's result is
-        small, so what is released is cut out of one `Compute` of all of it
-        (no selection first)."""
-        key = (id(executor), plan.digest, release, whole)
+        that waited, and returns its part."""
+        key = (id(executor), plan.digest, release)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(key, executor, plan, release, whole)
+            group = self._groups[key] = _Group(key, executor, plan, release)
         if not group.busy:
             group.busy = True
             try:
@@ -152,9 +145,7 @@ class PlanFuser:
         try:
             try:
                 outcomes: list[FusedOutcome | BaseException] = list(
-                    await self._call(
-                        executor, plan, release, [r.arguments for r in requests], group.whole
-                    )
+                    await self._call(executor, plan, release, [r.arguments for r in requests])
                 )
             except WorkerError as error:
                 if len(requests) == 1:
@@ -168,7 +159,7 @@ class PlanFuser:
                     for request in requests:
                         try:
                             (outcome,) = await self._call(
-                                executor, plan, release, [request.arguments], group.whole
+                                executor, plan, release, [request.arguments]
                             )
                             outcomes.append(outcome)
                         except WorkerError as e:
@@ -202,7 +193,6 @@ class PlanFuser:
         plan: PlannedBatch,
         release: tuple[int, ...],
         arguments: list[Any],
-        whole: bool,
     ) -> list[FusedOutcome]:
         from tensorflow_federated.proto.v0 import executor_pb2
 
@@ -224,16 +214,11 @@ class PlanFuser:
             owned.append(args)
             fused = await executor.create_call(fn, args)
             owned.append(fused)
-            if whole:
-                # Small: everything in one Compute; the kept part is dropped.
-                computed = await executor.compute_serialized(fused)  # type: ignore[arg-type]
-                released = executor_pb2.Value.FromString(bytes(struct_members(computed)[0]))
-            else:
-                releasing = await executor.create_selection(fused, 0)
-                owned.append(releasing)
-                released = executor_pb2.Value.FromString(
-                    await executor.compute_serialized(releasing)  # type: ignore[arg-type]
-                )
+            releasing = await executor.create_selection(fused, 0)
+            owned.append(releasing)
+            released = executor_pb2.Value.FromString(
+                await executor.compute_serialized(releasing)  # type: ignore[arg-type]
+            )
         except BaseException:
             await _dispose_quietly(executor, owned)
             raise

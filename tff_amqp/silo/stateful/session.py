@@ -22,7 +22,7 @@ from typing import Any
 from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
 from tff_amqp.silo.stateful.fusion import PlanFuser, SharedValues
-from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor, footprint
+from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
 from tff_amqp.tff_worker.client import serialized_is_computation, struct_members
 from tff_amqp.tff_worker.plan import (
     PLANNED_OPERATIONS,
@@ -54,11 +54,6 @@ AGGREGATION_URIS = frozenset(
 
 # Released values up to this size are copied into plain bytes.
 _INLINE_COPY = 1024 * 1024
-# A phase plan whose whole result is known (by type) to take at most this
-# many bytes is computed in one worker call and its released members cut out
-# of the answer; a larger or unknown one has each released member selected
-# and computed (no large value is copied twice, kept values stay in the worker).
-_WHOLE_RESULT_MAX = 256 * 1024
 
 # Batches run as phase plans (one worker call for the whole batch) unless
 # this is "0": then op by op, as a dependency graph (for comparison and
@@ -66,9 +61,8 @@ _WHOLE_RESULT_MAX = 256 * 1024
 PHASE_PLANS_ENV = "TFF_AMQP_PHASE_PLANS"
 
 # Plans are shared by every session of the process (they depend only on the
-# shape of a batch); the worker embeds each once per pinned executor. Their
-# results hold only data, so a small one is computed whole in one call.
-_PLANS = PlanCache(function_members=False)
+# shape of a batch); the worker embeds each once per pinned executor.
+_PLANS = PlanCache()
 # The same plan of concurrent invocations runs in one worker call.
 _FUSER = PlanFuser()
 
@@ -182,11 +176,6 @@ class InvocationSession:
         self._releasable: set[int] = set()
         # ids of values that are aggregation intrinsics (their calls are releasable)
         self._aggregators: set[int] = set()
-        # bytes a value created in a plan (or sent as an argument) takes, by id
-        self._footprints: dict[int, footprint.Footprint] = {}
-        # values a plan made but left out of its result (they hold functions):
-        # the operation that rebuilds one at the worker if anything uses it
-        self._rebuilt: dict[int, p.CreateStruct | p.CreateSelection] = {}
         self._last_seq = -1
         self.failed: SessionError | None = None
         self.closed = False
@@ -315,9 +304,6 @@ class InvocationSession:
                             p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
                         ) from e
                     self._releasable.add(op.target)  # the coordinator sent it
-                    self._footprints[op.target] = footprint.of_value(
-                        arguments.struct.element[-1].value
-                    )
                     argument_ids.append(op.target)
                     fused.add(op.target)
                 case p.CreateData():
@@ -341,21 +327,15 @@ class InvocationSession:
             self._function_computation,
             released={op.source for op in computes},
         )
-        for op in planned:
-            if isinstance(op, p.CreateStruct | p.CreateSelection) and op.target not in plan.outputs:
-                self._rebuilt[op.target] = op
         call = self._call_plan(plan, len(planned))
-        whole = self._small_result(plan, computes)
         release = self._fusable(plan, holder, computes, running)
         if holder is None or release is None:
             if holder is not None:
                 running.append(holder.handle())  # type: ignore[arg-type]
             running.append(call.handle())  # type: ignore[arg-type]
-            if whole or self._gathered(plan, computes):
+            if self._gathered(plan, computes):
                 running.append(
-                    asyncio.create_task(
-                        self._compute_released(call, plan, computes, released, whole=whole)
-                    )
+                    asyncio.create_task(self._compute_released(call, plan, computes, released))
                 )
                 return
             for op in computes:
@@ -363,7 +343,7 @@ class InvocationSession:
             return
         running.append(
             asyncio.ensure_future(
-                self._run_fusable(plan, arguments, holder, call, computes, release, whole, released)
+                self._run_fusable(plan, arguments, holder, call, computes, release, released)
             )
         )
 
@@ -372,48 +352,29 @@ class InvocationSession:
         """Whether the plan's result gathers every value the batch releases."""
         return plan.released_at is not None and all(op.source in plan.released for op in computes)
 
-    def _small_result(self, plan: PlannedBatch, computes: list[p.Compute]) -> bool:
-        """Whether the batch releases only members of its plan's result and
-        that result is known to be small (see `_WHOLE_RESULT_MAX`)."""
-        if not computes or any(op.source not in plan.outputs for op in computes):
-            return False
-        size = 0
-        for target in plan.outputs:
-            bytes_ = footprint.total(self._footprints.get(target))
-            if bytes_ is None:
-                return False
-            size += bytes_
-        return size <= _WHOLE_RESULT_MAX
-
     async def _compute_released(
         self,
         call: _PlanCall,
         plan: PlannedBatch,
         computes: list[p.Compute],
         released: dict[int, bytes],
-        *,
-        whole: bool,
     ) -> None:
-        """Release what a batch computes with one `Compute`: of the plan's
-        whole result when it is small (the members kept at the silo are
-        dropped from the answer at once), else of the result's member that
-        gathers the released values."""
+        """Release what a batch computes with one `CreateSelection` of the
+        plan result's member that gathers it and one `Compute`, whatever the
+        number of values (a FedAvg round releases three)."""
         executor = self._require_executor()
         result = await call.handle()
         try:
-            if whole:
-                value = await executor.compute_serialized(result)  # type: ignore[arg-type]
-                index = plan.outputs
-            else:
-                gathered = await executor.create_selection(result, plan.released_at)  # type: ignore[arg-type]
-                call.owned.append(gathered)
-                value = await executor.compute_serialized(gathered)
-                index = plan.released
+            gathered = await executor.create_selection(result, plan.released_at)  # type: ignore[arg-type]
+            call.owned.append(gathered)
+            value = await executor.compute_serialized(gathered)
         except WorkerError as e:
-            raise SessionError.from_worker(e, f"silo {self.silo!r}, phase plan result: {e}") from e
+            raise SessionError.from_worker(
+                e, f"silo {self.silo!r}, values released by a phase plan: {e}"
+            ) from e
         members = _members_of(value)
         for op in computes:
-            member = members[index[op.source]]
+            member = members[plan.released[op.source]]
             # Large values stay views of the answer (sent in chunks, no copy).
             released[op.source] = bytes(member) if len(member) <= _INLINE_COPY else member  # type: ignore[assignment]
 
@@ -442,16 +403,13 @@ class InvocationSession:
         call: _PlanCall,
         computes: list[p.Compute],
         release: tuple[int, ...],
-        whole: bool,
         released: dict[int, bytes],
     ) -> None:
         async def alone() -> None:
             tasks = [holder.handle(), call.handle()]
-            if whole or self._gathered(plan, computes):
+            if self._gathered(plan, computes):
                 tasks.append(
-                    asyncio.create_task(
-                        self._compute_released(call, plan, computes, released, whole=whole)
-                    )
+                    asyncio.create_task(self._compute_released(call, plan, computes, released))
                 )
             else:
                 tasks += [asyncio.create_task(self._compute(op, released)) for op in computes]
@@ -463,7 +421,7 @@ class InvocationSession:
 
         executor = self._require_executor()
         try:
-            outcome = await _FUSER.run(executor, plan, arguments, release, alone, whole=whole)
+            outcome = await _FUSER.run(executor, plan, arguments, release, alone)
         except WorkerError as e:
             raise SessionError.from_worker(e, f"silo {self.silo!r}, phase plan: {e}") from e
         if outcome is None:
@@ -554,12 +512,7 @@ class InvocationSession:
             raise SessionError(p.ErrorCode.BAD_REFERENCE, f"value id {target} is already in use")
 
     def _defined(self, value_id: int) -> bool:
-        return (
-            value_id in self._refs
-            or value_id in self._members
-            or value_id in self._functions
-            or value_id in self._rebuilt
-        )
+        return value_id in self._refs or value_id in self._members or value_id in self._functions
 
     def _check_defined(self, value_id: int, fused: set[int]) -> None:
         if value_id not in fused and not self._defined(value_id):
@@ -573,27 +526,15 @@ class InvocationSession:
                 if op.arg is not None:
                     self._check_defined(op.arg, fused)
                 self._note_call(op)
-                function = self._functions.get(op.fn)
-                self._footprints[op.target] = (
-                    None
-                    if function is None
-                    else _FUNCTIONS.result_footprint(function[0], self._clients or 0)
-                )
             case p.CreateStruct():
                 for _, ref in op.elements:
                     self._check_defined(ref, fused)
                 if all(ref in self._releasable for _, ref in op.elements):
                     self._releasable.add(op.target)
-                self._footprints[op.target] = tuple(
-                    self._footprints.get(ref) for _, ref in op.elements
-                )
             case p.CreateSelection():
                 self._check_defined(op.source, fused)
                 if op.source in self._releasable:
                     self._releasable.add(op.target)
-                self._footprints[op.target] = footprint.member(
-                    self._footprints.get(op.source), op.index
-                )
 
     def _note_function(self, op: p.CreateValue) -> bytes:
         """Record a function's provenance (is it an aggregation?); return its digest."""
@@ -601,12 +542,16 @@ class InvocationSession:
         # needs of one is kept by its SHA-256, so a known one is neither
         # parsed nor hashed twice.
         digest = hashlib.sha256(op.value).digest()
-        facts = _FUNCTIONS.get(digest)
-        if facts is None:
+        aggregator = _AGGREGATORS.get(digest)
+        if aggregator is None:
             comp = _parse_value(op).computation
-            facts = _FUNCTIONS.put(digest, comp)
+            aggregator = (
+                comp.WhichOneof("computation") == "intrinsic"
+                and comp.intrinsic.uri in AGGREGATION_URIS
+            )
+            _AGGREGATORS.put(digest, aggregator)
         self._releasable.add(op.target)
-        if facts.aggregator:
+        if aggregator:
             self._aggregators.add(op.target)
         self._functions[op.target] = (digest, op.value)
         return digest
@@ -807,16 +752,12 @@ class InvocationSession:
         released[op.source] = bytes(value) if len(value) <= _INLINE_COPY else value  # type: ignore[assignment]
 
     async def _dispose(self, targets: tuple[int, ...], *, every_plan_call: bool = False) -> None:
-        if not every_plan_call:
-            await self._rebuild_users_of(set(targets))
         refs: list[object] = []
         for target in targets:
-            self._rebuilt.pop(target, None)
             future = self._refs.pop(target, None)
             self._releasable.discard(target)
             self._aggregators.discard(target)
             self._functions.pop(target, None)
-            self._footprints.pop(target, None)
             shared = target in self._shared
             self._shared.discard(target)
             if future is not None and not shared:
@@ -837,17 +778,6 @@ class InvocationSession:
         if refs and self._executor is not None:
             await self._executor.dispose(refs)  # type: ignore[arg-type]
 
-    async def _rebuild_users_of(self, targets: set[int]) -> None:
-        """Values left out of a plan's result are rebuilt from their parts:
-        before any part goes, rebuild the values made of it."""
-        users = [
-            value_id
-            for value_id, op in self._rebuilt.items()
-            if value_id not in self._refs and not targets.isdisjoint(_parts(op))
-        ]
-        for value_id in users:
-            await self._ref(value_id)
-
     def _release_plan_call(self, call: _PlanCall) -> list[object]:
         self._plan_calls.pop(call.key, None)
         return [*(_settled(call.result) if call.result is not None else []), *call.owned]
@@ -864,8 +794,6 @@ class InvocationSession:
             log.debug("silo.dispose_failed", exc_info=True)
         self._refs.clear()
         self._members.clear()
-        self._footprints.clear()
-        self._rebuilt.clear()
         self._functions.clear()
         self._executor = None
 
@@ -887,18 +815,7 @@ class InvocationSession:
         executor = self._require_executor()
         member = self._members.get(value_id)
         function = self._functions.get(value_id)
-        rebuilt = self._rebuilt.get(value_id)
-        if rebuilt is not None:
-
-            async def rebuild() -> object:
-                if isinstance(rebuilt, p.CreateSelection):
-                    source = await self._ref(rebuilt.source)
-                    return await executor.create_selection(source, rebuilt.index)  # type: ignore[arg-type]
-                parts = [(name, await self._ref(ref)) for name, ref in rebuilt.elements]
-                return await executor.create_struct(parts)  # type: ignore[arg-type]
-
-            future = asyncio.ensure_future(rebuild())
-        elif member is not None:
+        if member is not None:
             call, index = member
 
             async def select() -> object:
@@ -927,10 +844,15 @@ class InvocationSession:
         return future
 
 
-def _parts(op: p.CreateStruct | p.CreateSelection) -> set[int]:
-    if isinstance(op, p.CreateSelection):
-        return {op.source}
-    return {ref for _, ref in op.elements}
+def _members_of(value: bytes | memoryview) -> list[bytes] | list[memoryview]:
+    """The members of a computed struct `Value`, each serialized."""
+    try:
+        return struct_members(value)
+    except ValueError:
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        parsed = executor_pb2.Value.FromString(bytes(value))
+        return [element.value.SerializeToString() for element in parsed.struct.element]
 
 
 def _settled(future: asyncio.Future[object]) -> list[object]:
@@ -945,65 +867,24 @@ def _retrieve(future: asyncio.Future[object]) -> None:
         future.exception()  # retrieved: whoever awaits it reports it
 
 
-@dataclass
-class _FunctionFacts:
-    """What a session needs of a computation it was sent, kept by digest."""
-
-    aggregator: bool
-    result: Any  # computation_pb2.Type of its result, or None if not a function
-    footprints: dict[int, footprint.Footprint] = field(default_factory=dict)  # by clients
-
-
-class _KnownFunctions:
-    """Bounded map of computation digest -> its facts (least recent goes first)."""
+class _DigestFlags:
+    """Bounded map of computation digest -> whether it is an aggregation."""
 
     MAX = 4096
 
     def __init__(self) -> None:
-        self._facts: OrderedDict[bytes, _FunctionFacts] = OrderedDict()
+        self._flags: OrderedDict[bytes, bool] = OrderedDict()
 
-    def get(self, digest: bytes) -> _FunctionFacts | None:
-        return self._facts.get(digest)
+    def get(self, digest: bytes) -> bool | None:
+        return self._flags.get(digest)
 
-    def put(self, digest: bytes, computation: Any) -> _FunctionFacts:
-        kind = computation.WhichOneof("computation")
-        facts = _FunctionFacts(
-            aggregator=kind == "intrinsic" and computation.intrinsic.uri in AGGREGATION_URIS,
-            result=(
-                computation.type.function.result
-                if computation.type.WhichOneof("type") == "function"
-                else None
-            ),
-        )
-        self._facts[digest] = facts
-        while len(self._facts) > self.MAX:
-            self._facts.popitem(last=False)
-        return facts
-
-    def result_footprint(self, digest: bytes, clients: int) -> footprint.Footprint:
-        """The footprint of a call's result, for a function known by digest."""
-        facts = self._facts.get(digest)
-        if facts is None or facts.result is None:
-            return None
-        if clients not in facts.footprints:
-            if len(facts.footprints) >= 16:
-                facts.footprints.clear()
-            facts.footprints[clients] = footprint.of_type(facts.result, clients)
-        return facts.footprints[clients]
+    def put(self, digest: bytes, flag: bool) -> None:
+        self._flags[digest] = flag
+        while len(self._flags) > self.MAX:
+            self._flags.popitem(last=False)
 
 
-_FUNCTIONS = _KnownFunctions()
-
-
-def _members_of(value: bytes | memoryview) -> list[bytes] | list[memoryview]:
-    """The members of a computed struct `Value`, each serialized."""
-    try:
-        return struct_members(value)
-    except ValueError:
-        from tensorflow_federated.proto.v0 import executor_pb2
-
-        parsed = executor_pb2.Value.FromString(bytes(value))
-        return [element.value.SerializeToString() for element in parsed.struct.element]
+_AGGREGATORS = _DigestFlags()
 
 
 def _parse_value(op: p.CreateValue) -> Any:
