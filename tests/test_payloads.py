@@ -494,3 +494,23 @@ def test_struct_members_cuts_a_computed_struct_like_protobuf() -> None:
         struct_members(serialized + b"\x12\x00")
     with pytest.raises(ValueError):
         struct_members(serialized[:-3])
+
+
+def test_struct_value_composes_what_protobuf_would_serialize() -> None:
+    """A batch's argument values become one struct without parsing each."""
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    from tff_amqp.tff_worker.client import struct_members, struct_value
+
+    big = executor_pb2.Value()
+    big.array.float32_list.value.extend(np.arange(50_000, dtype=np.float32).tolist())
+    small = executor_pb2.Value()
+    small.array.int32_list.value.append(7)
+    members = [big.SerializeToString(), b"", memoryview(small.SerializeToString())]
+    expected = executor_pb2.Value()
+    for member in members:
+        expected.struct.element.add().value.ParseFromString(bytes(member))
+    composed = struct_value(members)
+    assert executor_pb2.Value.FromString(composed) == expected
+    assert [bytes(m) for m in struct_members(composed)] == [bytes(m) for m in members]
+    assert executor_pb2.Value.FromString(struct_value([])).WhichOneof("value") == "struct"

@@ -261,6 +261,44 @@ def test_calls_told_apart_only_by_their_users_canonicalize_alike() -> None:
     assert a.inputs == b.inputs
 
 
+def test_argument_values_in_another_order_reuse_the_plan() -> None:
+    """The batch's argument values arrive in varying orders (the coordinator
+    ships them concurrently); the plan takes them in an order of its own,
+    told by `arguments_order`, so both orders are one plan, and the plan's
+    members of the argument struct are the same values."""
+    cache = PlanCache()
+    holder = ("plan", 7)
+    ops: list[p.Operation] = [
+        p.CreateValue(target=30, value=b"square"),
+        p.CreateValue(target=31, value=b"cube"),
+        p.CreateCall(target=32, fn=30, arg=1),
+        p.CreateCall(target=33, fn=31, arg=2),
+        p.CreateStruct(target=34, elements=((None, 32), (None, 33), (None, 3))),
+    ]
+    plans = []
+    for ids in ([1, 2, 3], [3, 2, 1], [2, 3, 1]):  # the argument struct's members
+        earlier = {value_id: Earlier(holder, index) for index, value_id in enumerate(ids)}
+        plan = cache.plan(
+            ops,
+            _resolver({30: SQUARE, 31: CUBE}, earlier),
+            _computation_of,
+            released={34},
+            arguments=holder,
+        )
+        # The plan's k-th argument member, as a value id of this batch.
+        plans.append((plan, [ids[index] for index in plan.arguments_order]))
+    assert cache.built == 1
+    (first, taken), *others = plans
+    assert sorted(taken) == [1, 2, 3]
+    for plan, other_taken in others:
+        assert plan.digest == first.digest
+        assert other_taken == taken
+    # Without `arguments` the struct's order is the plan's: another plan.
+    earlier = {value_id: Earlier(holder, index) for index, value_id in enumerate([3, 2, 1])}
+    fixed = cache.plan(ops, _resolver({30: SQUARE, 31: CUBE}, earlier), _computation_of)
+    assert fixed.arguments_order == () and cache.built == 2
+
+
 def test_a_remembered_batch_order_gives_what_ordering_anew_gives() -> None:
     """A batch order seen before skips the canonical ordering: its inputs and
     members, for other ids and other input sources, equal a fresh cache's."""

@@ -108,6 +108,19 @@ def struct_members(value: bytes | memoryview) -> list[memoryview]:
     return members
 
 
+def struct_value(members: Sequence[bytes | memoryview]) -> bytes:
+    """A serialized struct `Value` of serialized member `Value`s (unnamed),
+    composed without parsing them."""
+    out = bytearray()
+    for member in members:
+        element = len(member)
+        element_head = bytes([_ELEMENT_VALUE_FIELD << 3 | 2]) + _varint(element)
+        out += bytes([_ELEMENT_FIELD_TAG]) + _varint(len(element_head) + element)
+        out += element_head
+        out += member
+    return bytes([_STRUCT_FIELD_TAG]) + _varint(len(out)) + bytes(out)
+
+
 class WorkerError(RuntimeError):
     """A worker_binary call failed; the message keeps TFF's own error text,
     `status` the gRPC status name when the worker answered with one."""

@@ -29,7 +29,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tff_amqp import protocol as p
 
@@ -108,6 +108,10 @@ class PlannedBatch:
     # them (at `released_at`; None when the batch releases none of them).
     released: dict[int, int] = field(default_factory=dict)
     released_at: int | None = None
+    # The batch's argument struct in the order the plan takes it: the plan's
+    # member k is the batch's member arguments_order[k]; members not listed
+    # follow in batch order (see `PlanCache.plan`).
+    arguments_order: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class _Canonical:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     released: tuple[int, ...]
+    arguments_order: tuple[int, ...]
 
 
 class PlanCache:
@@ -149,12 +154,17 @@ class PlanCache:
         resolve: Resolver,
         computation_of: ComputationOf,
         released: Collection[int] = (),
+        arguments: Hashable | None = None,
     ) -> PlannedBatch:
         """The plan of `operations` (value-creating operations in batch
         order; CreateValue ops are functions, given by `resolve` as Inline).
         `released`: ids of values the batch computes; those the result holds
         are also gathered in its last member, so that one `Compute` of that
-        member releases them all."""
+        member releases them all. `arguments`: the source (an `Earlier.source`)
+        of a struct the caller builds for this batch and may put in any order:
+        the coordinator ships a phase's argument values concurrently, so they
+        arrive in varying orders, and the plan takes them in its own order
+        (`PlannedBatch.arguments_order`) instead of one plan per order."""
         raw, targets = _raw_graph(operations, resolve)
         releasing = tuple(node for node, value_id in targets.items() if value_id in released)
         # Batches of a phase arrive in the same order nearly every time: the
@@ -167,17 +177,22 @@ class PlanCache:
                 for n in raw
             ),
             releasing,
+            sources.get(arguments) if arguments is not None else None,
         )
         known = self._canonical.get(key)
         nodes: list[_Node] | None = None
         if known is None:
-            shape, inputs, outputs, gathered, nodes = _canonical(raw, targets, releasing)
+            ordering = _canonical(raw, targets, releasing, arguments)
+            nodes = ordering.nodes
+            inputs, outputs = ordering.inputs, ordering.outputs
+            gathered = ordering.gathered
             where = {value_id: i for i, value_id in targets.items()}
             known = _Canonical(
-                shape,
+                ordering.shape,
                 tuple(sources[source] for source in inputs),
                 tuple(where[value_id] for value_id in outputs),
                 tuple(where[value_id] for value_id in gathered),
+                ordering.arguments_order,
             )
             self._canonical[key] = known
             if len(self._canonical) > self.MAX_ORDERS:
@@ -192,7 +207,7 @@ class PlanCache:
         built = self._plans.get(shape)
         if built is None:
             if nodes is None:
-                *_, nodes = _canonical(raw, targets, releasing)
+                nodes = _canonical(raw, targets, releasing, arguments).nodes
             built = _build(nodes, len(inputs), computation_of)
             self.built += 1
             self._plans[shape] = built
@@ -211,6 +226,7 @@ class PlanCache:
             outputs={target: i for i, target in enumerate(outputs)},
             released={target: i for i, target in enumerate(gathered)},
             released_at=len(outputs) if gathered else None,
+            arguments_order=known.arguments_order,
         )
 
 
@@ -272,11 +288,21 @@ def _raw_graph(
     return raw, targets
 
 
+class _Ordering(NamedTuple):
+    shape: Hashable
+    inputs: tuple[Hashable, ...]  # sources, in parameter order
+    outputs: list[int]  # value ids, in result order
+    gathered: list[int]  # released value ids, in the gathering member's order
+    arguments_order: tuple[int, ...]  # see `PlannedBatch.arguments_order`
+    nodes: list[_Node]
+
+
 def _canonical(
     raw: list[_Node],
     targets: dict[int, int],
     releasing: tuple[int, ...] = (),
-) -> tuple[Hashable, tuple[Hashable, ...], list[int], list[int], list[_Node]]:
+    arguments: Hashable | None = None,
+) -> _Ordering:
     """The nodes in a canonical order: the coordinator evaluates independent
     parts of a computation concurrently, so the same phase can arrive with
     its operations in another order; nodes are therefore ordered by depth,
@@ -286,7 +312,14 @@ def _canonical(
     # refined by how it is used, so that inputs and values that arrive in
     # another order are still numbered alike.
     depth = _depths(raw)
-    signature = _refined(raw, _signatures(raw, lambda i, index: _hash(("in", index))))
+    # Members of the reorderable argument struct are told apart by use only.
+    signature = _refined(
+        raw,
+        _signatures(
+            raw,
+            lambda i, index: _hash(("in", None if raw[i][1] == arguments else index)),
+        ),
+    )
     order = sorted(range(len(raw)), key=lambda i: (depth[i], signature[i], i))
     position = {old: new for new, old in enumerate(order)}
 
@@ -294,12 +327,15 @@ def _canonical(
     nodes: list[_Node] = []
     inputs: list[Hashable] = []
     input_position: dict[Hashable, int] = {}
+    argument_position: dict[int, int] = {}  # batch member -> plan member
     for old in order:
         match raw[old]:
             case ("in", source, index):
                 if source not in input_position:
                     input_position[source] = len(inputs)
                     inputs.append(source)
+                if source == arguments and arguments is not None and index is not None:
+                    index = argument_position.setdefault(index, len(argument_position))
                 nodes.append(("in", input_position[source], index))
             case ("call", fn, arg):
                 nodes.append(("call", position[fn], None if arg is None else position[arg]))
@@ -315,11 +351,12 @@ def _canonical(
     gathered = sorted(releasing, key=position.__getitem__)
     released = tuple(position[old] for old in gathered)
     shape = (tuple(nodes), len(inputs), result, released)
-    return (
+    return _Ordering(
         shape,
         tuple(inputs),
         outputs,
         [targets[old] for old in gathered],
+        tuple(argument_position),
         [*nodes, ("result", result, released)],
     )
 

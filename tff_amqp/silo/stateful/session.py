@@ -23,7 +23,7 @@ from tff_amqp import protocol as p
 from tff_amqp.silo.endpoint import ServingError
 from tff_amqp.silo.stateful.fusion import PlanFuser, SharedValues
 from tff_amqp.tff_worker import WorkerClient, WorkerError, WorkerExecutor
-from tff_amqp.tff_worker.client import serialized_is_computation, struct_members
+from tff_amqp.tff_worker.client import serialized_is_computation, struct_members, struct_value
 from tff_amqp.tff_worker.plan import (
     PLANNED_OPERATIONS,
     PlanCache,
@@ -280,9 +280,11 @@ class InvocationSession:
 
         computes: list[p.Compute] = []
         fused: set[int] = set()
-        # The batch's argument values, sent to the worker as one struct.
+        # The batch's argument values, sent to the worker as one struct (in
+        # the order the plan takes them, known once the plan is).
         arguments = executor_pb2.Value()
         argument_ids: list[int] = []
+        argument_values: list[bytes | memoryview] = []
         for op in operations:
             match op:
                 case p.Open():
@@ -297,12 +299,7 @@ class InvocationSession:
                     self._note_function(op)
                 case p.CreateValue():
                     self._claim(op.target, fused)
-                    try:
-                        arguments.struct.element.add().value.ParseFromString(op.value)
-                    except Exception as e:
-                        raise SessionError(
-                            p.ErrorCode.MALFORMED, f"value {op.target}: not a TFF Value: {e}"
-                        ) from e
+                    argument_values.append(op.value)
                     self._releasable.add(op.target)  # the coordinator sent it
                     argument_ids.append(op.target)
                     fused.add(op.target)
@@ -311,7 +308,7 @@ class InvocationSession:
                     # worker call for all); it never becomes releasable.
                     self._require_executor()
                     self._claim(op.target, fused)
-                    arguments.struct.element.add().value.ParseFromString(await self._load_data(op))
+                    argument_values.append(await self._load_data(op))
                     argument_ids.append(op.target)
                     fused.add(op.target)
                 case p.CreateCall() | p.CreateStruct() | p.CreateSelection():
@@ -326,7 +323,10 @@ class InvocationSession:
             resolver(self._functions, self._members, self._ref),
             self._function_computation,
             released={op.source for op in computes},
+            arguments=None if holder is None else ("plan", holder.key),
         )
+        if holder is not None:
+            self._fill_arguments(arguments, argument_ids, argument_values, holder, plan)
         call = self._call_plan(plan, len(planned))
         release = self._fusable(plan, holder, computes, running)
         if holder is None or release is None:
@@ -450,6 +450,34 @@ class InvocationSession:
             if known == digest:
                 return parse_value(serialized).computation
         raise AssertionError("a plan names a function its session does not hold")
+
+    def _fill_arguments(
+        self,
+        arguments: Any,
+        ids: list[int],
+        values: list[bytes | memoryview],
+        holder: _PlanCall,
+        plan: PlannedBatch,
+    ) -> None:
+        """Put the batch's argument values in the order its plan takes them
+        (one parse of them all, as one struct) and renumber their members."""
+        from tensorflow_federated.proto.v0 import executor_pb2
+
+        listed = set(plan.arguments_order)
+        order = [*plan.arguments_order, *(i for i in range(len(ids)) if i not in listed)]
+        for index, old in enumerate(order):
+            self._members[ids[old]] = (holder, index)
+        try:
+            arguments.ParseFromString(struct_value([values[old] for old in order]))
+        except Exception:
+            for value_id, value in zip(ids, values, strict=True):
+                try:
+                    executor_pb2.Value.FromString(bytes(value))
+                except Exception as e:
+                    raise SessionError(
+                        p.ErrorCode.MALFORMED, f"value {value_id}: not a TFF Value: {e}"
+                    ) from e
+            raise
 
     def _create_arguments(self, arguments: Any, ids: list[int]) -> _PlanCall:
         """One CreateValue for all of a batch's argument values; each is a
