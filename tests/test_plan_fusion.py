@@ -8,15 +8,15 @@ processes: tests/test_bundling.py (concurrent means, worker calls counted)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import numpy as np
 
 from tests.test_plan_unit import _function_values, _sum_of_squares_batch
+from tests.test_plan_unit import _session as _unit_session
 from tff_amqp import protocol as p
 from tff_amqp.silo.stateful import session as session_module
-from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, SessionError
+from tff_amqp.silo.stateful.session import InvocationSession, SessionError
 
 AGGREGATE = ((None, 2), (None, 15), (None, 15), (None, 16))  # zero, add, add, report
 
@@ -58,15 +58,7 @@ def _serialized(values: list[Any], dtype: Any) -> tuple[Any, Any]:
 
 
 def _session(client: Any, name: str) -> InvocationSession:
-    return InvocationSession(
-        silo="unit",
-        invocation_id=name,
-        worker=client,
-        policy=PrivacyPolicy(),
-        resolve_data=lambda key, type_spec: (0, b""),
-        count_clients=lambda key: 3,
-        deadline=time.time() + 60,
-    )
+    return _unit_session(client, name, clients=3)
 
 
 def _value(serialized: bytes) -> Any:

@@ -499,19 +499,35 @@ async def test_a_plan_runs_on_worker_binary_like_its_operations_one_by_one() -> 
     np.testing.assert_allclose(squares_value, np.square(values), rtol=1e-6)
 
 
+def _session(client: Any, name: str, clients: int, phase_plans: bool | None = None) -> Any:
+    """A silo's session for one invocation over `clients` clients, without data."""
+    import time
+
+    from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
+
+    return InvocationSession(
+        silo="unit",
+        invocation_id=name,
+        worker=client,
+        policy=PrivacyPolicy(),
+        resolve_data=lambda key, type_spec: (0, b""),
+        count_clients=lambda key: clients,
+        deadline=time.time() + 60,
+        phase_plans=phase_plans,
+    )
+
+
 async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> None:
     """An InvocationSession on a real worker_binary, batches as a coordinator
     sends them: a plan; a batch with a Dispose (op by op) that uses a member
     of the plan and its functions; a plan that uses a member of the first
     plan again. Released values equal a session applying everything op by
     op, and the numbers."""
-    import time
 
     import tensorflow_federated as tff
     from tensorflow_federated.proto.v0 import executor_pb2
     from tensorflow_federated.python.core.impl.executors import value_serialization
 
-    from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
     from tff_amqp.tff_worker.process import WorkerBinary
 
     values = [1.5, -2.0, 3.0]
@@ -556,16 +572,7 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
 
     async def released(worker: WorkerBinary, phase_plans: bool) -> tuple[dict[int, Any], int]:
         client = worker.new_client()
-        session = InvocationSession(
-            silo="unit",
-            invocation_id=f"plans-{phase_plans}",
-            worker=client,
-            policy=PrivacyPolicy(),
-            resolve_data=lambda key, type_spec: (0, b""),
-            count_clients=lambda key: len(values),
-            deadline=time.time() + 60,
-            phase_plans=phase_plans,
-        )
+        session = _session(client, f"plans-{phase_plans}", len(values), phase_plans)
         out: dict[int, Any] = {}
         for batch in batches:
             for target, value in (await session.apply(batch)).items():
@@ -596,13 +603,11 @@ async def test_a_session_releases_several_values_with_one_selection_and_one_comp
     aggregates (a sum of squares and the sum of the values) makes one plan
     call, one selection of the member gathering both and one Compute; the
     released values equal a session applying the batch op by op."""
-    import time
 
     import tensorflow_federated as tff
     from tensorflow_federated.proto.v0 import executor_pb2
     from tensorflow_federated.python.core.impl.executors import value_serialization
 
-    from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
     from tff_amqp.tff_worker.process import WorkerBinary
 
     values = [1.5, -2.0, 3.0, 0.25]
@@ -631,16 +636,7 @@ async def test_a_session_releases_several_values_with_one_selection_and_one_comp
 
     async def run(worker: WorkerBinary, phase_plans: bool) -> tuple[dict[int, bytes], Any]:
         client = worker.new_client()
-        session = InvocationSession(
-            silo="unit",
-            invocation_id=f"gathered-{phase_plans}",
-            worker=client,
-            policy=PrivacyPolicy(),
-            resolve_data=lambda key, type_spec: (0, b""),
-            count_clients=lambda key: len(values),
-            deadline=time.time() + 60,
-            phase_plans=phase_plans,
-        )
+        session = _session(client, f"gathered-{phase_plans}", len(values), phase_plans)
         out = {k: bytes(v) for k, v in (await session.apply(batch)).items()}
         assert session.closed
         return out, dict(client.calls)
