@@ -449,3 +449,37 @@ def test_cohort_wait_says_whom_it_waits_for_and_stops_with_the_cohort():
     live.append("east")
     assert display.line("x", 1.0) is None
     display.close()
+
+
+def test_the_demo_reports_a_silo_that_came_up_after_the_watchers_last_look():
+    """The demo's "silo X is up" lines: a silo ready just before the watcher
+    stops (after its last poll) is reported too, exactly once."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from tff_amqp.demo import _SiloWatcher
+
+    class Silo:
+        running = True
+
+        def __init__(self) -> None:
+            self.ready = False
+
+        def is_ready(self) -> bool:
+            return self.ready
+
+    silos = {"north": Silo(), "south": Silo()}
+    lines: list[str] = []
+    first = threading.Event()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        first.set()
+
+    with _SiloWatcher(SimpleNamespace(silos=silos), say, time.monotonic()):
+        silos["north"].ready = True
+        assert first.wait(5), "the watcher never reported north"
+        silos["south"].ready = True  # and stop at once: no poll of the thread saw it
+    assert [line.split(" is up")[0].strip() for line in lines] == ["silo north", "silo south"]
+    assert lines[-1].endswith("2/2)")

@@ -304,6 +304,7 @@ class _SiloWatcher:
         self._say = say
         self._started = started
         self._stop = threading.Event()
+        self._pending = dict(local.silos)
         self._thread = threading.Thread(target=self._watch, name="silo-watcher", daemon=True)
 
     def __enter__(self) -> _SiloWatcher:
@@ -313,19 +314,24 @@ class _SiloWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        if not self._thread.is_alive():
+            # A silo that came up after the thread's last look is reported too.
+            self._sweep()
 
     def _watch(self) -> None:
-        pending = dict(self._local.silos)
-        while pending and not self._stop.wait(0.25):
-            for name, silo in list(pending.items()):
-                if silo.is_ready():
-                    del pending[name]
-                    self._say(
-                        f"  silo {name} is up ({time.monotonic() - self._started:.0f} s; "
-                        f"{len(self._local.silos) - len(pending)}/{len(self._local.silos)})"
-                    )
-                elif not silo.running:
-                    del pending[name]  # wait_ready reports it, with its log
+        while self._pending and not self._stop.wait(0.25):
+            self._sweep()
+
+    def _sweep(self) -> None:
+        for name, silo in list(self._pending.items()):
+            if silo.is_ready():
+                del self._pending[name]
+                self._say(
+                    f"  silo {name} is up ({time.monotonic() - self._started:.0f} s; "
+                    f"{len(self._local.silos) - len(self._pending)}/{len(self._local.silos)})"
+                )
+            elif not silo.running:
+                del self._pending[name]  # wait_ready reports it, with its log
 
 
 def _run_with_running_silos(
