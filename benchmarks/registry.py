@@ -42,6 +42,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--repeats", "2"),
     ),
     Benchmark(
+        "cpu_profile",
+        "Where the CPU goes",
+        "a CPU-time profile (cProfile) of the coordinator's event loop and of the 3 silo "
+        "processes over the same federated means, by part of the stack (asyncio, the AMQP "
+        "client, gRPC, tff-amqp's own code), next to TFF native's time in the same run",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
         "stragglers",
         "Straggler timeout (K of N)",
         "round time of a federated mean over 8 silos / 16 clients when one client is slowed by "

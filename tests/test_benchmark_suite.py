@@ -252,3 +252,40 @@ def test_report_shows_cpu_by_role_and_the_floor_it_sets(tmp_path: Path) -> None:
     # native 8; coordinator 10, its worker unmeasured (-), silos 16, their
     # workers 10, broker 4; total 40, floor 20 ms = 2x native's 10 ms.
     assert row == "| federated_mean | 8 | 10 | - | 16 | 10 | 4 | 40 | 20 | 2 |", row
+
+
+def test_cpu_profile_charges_each_function_to_its_part_of_the_stack() -> None:
+    from benchmarks import cpu_profile
+
+    site = "/x/.venv/lib/python3.11/site-packages"
+    assert cpu_profile.part_of("/usr/lib/python3.11/asyncio/base_events.py", "_run_once") == (
+        "asyncio event loop"
+    )
+    assert cpu_profile.part_of("~", "<method 'run' of '_contextvars.Context' objects>") == (
+        "asyncio event loop"
+    )
+    assert cpu_profile.part_of(f"{site}/aiormq/channel.py", "basic_publish").startswith("AMQP")
+    assert cpu_profile.part_of(f"{site}/grpc/aio/_call.py", "_invoke").startswith("gRPC")
+    assert cpu_profile.part_of("/w/tff_amqp/silo/stateful/session.py", "apply") == "tff-amqp: silo"
+    assert cpu_profile.part_of("/w/tff_amqp/protocol.py", "decode") == "tff-amqp: wire protocol"
+    assert cpu_profile.part_of("~", "<built-in method builtins.len>").startswith("Python built-ins")
+    assert cpu_profile.part_of("/usr/lib/python3.11/typing.py", "f") == cpu_profile.OTHER
+
+
+def test_cpu_profile_breakdown_sums_a_real_profile_by_part() -> None:
+    import cProfile
+    import pstats
+
+    from benchmarks import cpu_profile
+
+    profile = cProfile.Profile(timer=time.thread_time)
+    profile.enable()
+    total = sum(len(str(i)) for i in range(200_000))
+    profile.disable()
+    assert total > 0
+    seconds, by_part, top = cpu_profile.breakdown(pstats.Stats(profile))
+    assert seconds > 0
+    assert abs(sum(by_part.values()) - seconds) < 1e-9
+    assert by_part["Python built-ins (isinstance, len, dict...)"] > 0  # len and str
+    assert 0 < len(top) <= cpu_profile.TOP
+    assert top == sorted(top, key=lambda item: -item[1])
