@@ -65,6 +65,8 @@ class ErrorCode(enum.StrEnum):
     EXECUTION = "execution_error"
     EXPIRED = "expired"
     UNKNOWN_INVOCATION = "unknown_invocation"
+    # A batch names a function by digest that the silo does not hold.
+    MISSING_FUNCTIONS = "missing_functions"
 
 
 class ProtocolError(CodedError, ValueError):
@@ -147,6 +149,41 @@ class CreateValue(Operation):
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> CreateValue:
         return cls(target=_id(raw, "target"), value=_bytes(raw, "value"))
+
+
+FUNCTION_DIGEST_BYTES = 32
+# A silo that says it holds functions keeps at least the most recently used
+# this many, up to this many bytes; a coordinator names only functions within
+# a quarter of both (the margin keeps what it names inside the silo's store).
+HELD_FUNCTIONS = 4096
+HELD_FUNCTION_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CreateKnownFunction(Operation):
+    """Embed under id `target` the computation whose serialized `Value` has
+    SHA-256 `digest`, sent in full to this silo process in an earlier batch:
+    a coordinator sends a function it knows the silo holds by digest (a FedAvg
+    round's functions are ~85 KB per silo, the same every round). Only to a
+    silo that says it holds functions (`SiloStatus.holds_functions`); one that
+    does not hold the digest refuses the batch with MISSING_FUNCTIONS."""
+
+    op: ClassVar[str] = "known_function"
+    target: int
+    digest: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "target": self.target, "digest": self.digest}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> CreateKnownFunction:
+        digest = _bytes(raw, "digest")
+        if len(digest) != FUNCTION_DIGEST_BYTES:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"'digest' must be a SHA-256 ({FUNCTION_DIGEST_BYTES} bytes), got {len(digest)}",
+            )
+        return cls(target=_id(raw, "target"), digest=digest)
 
 
 @dataclass(frozen=True)
@@ -335,6 +372,7 @@ OPERATIONS: dict[str, type[Operation]] = {
     for cls in (
         Open,
         CreateValue,
+        CreateKnownFunction,
         CreateBlobValue,
         CreateData,
         CreateCall,
@@ -581,6 +619,10 @@ class SiloStatus:
     # The silo takes requests in bundles. Optional ("ab", omitted when false):
     # the coordinator bundles requests only for a silo that says so.
     accepts_bundles: bool = False
+    # The silo keeps the functions it was sent, by digest, for the life of its
+    # process (bounded; see tff_amqp/silo/stateful/functions.py), so later
+    # batches may name them (CreateKnownFunction). Optional ("hf").
+    holds_functions: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -601,6 +643,8 @@ class SiloStatus:
             wire["wc"] = dict(self.worker_calls)
         if self.accepts_bundles:
             wire["ab"] = True
+        if self.holds_functions:
+            wire["hf"] = True
         return wire
 
     @classmethod
@@ -623,6 +667,7 @@ class SiloStatus:
             data_schemas=_schemas(raw.get("schemas", [])),
             worker_calls=_worker_calls(raw.get("wc", {})),
             accepts_bundles=_flag(raw, "ab"),
+            holds_functions=_flag(raw, "hf"),
         )
 
 

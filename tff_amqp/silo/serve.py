@@ -85,6 +85,8 @@ class SiloServer(Service):
     exclusive = False
     # Whether this process takes bundles of requests (said in its status).
     accepts_bundles = False
+    # Whether batches may name functions sent earlier by digest (its status says).
+    holds_functions = False
 
     def __init__(
         self,
@@ -265,6 +267,7 @@ class SiloServer(Service):
             data_schemas=self._current_schemas(),
             worker_calls=self._worker_calls(),
             accepts_bundles=self.accepts_bundles,
+            holds_functions=self.holds_functions,
         )
 
     def _current_schemas(self) -> tuple[p.DataSchema, ...]:

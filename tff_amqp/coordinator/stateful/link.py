@@ -20,7 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
-from tff_amqp.errors import SiloUnreachableError
+from tff_amqp.coordinator.stateful.known_functions import KnownFunctions
+from tff_amqp.errors import SiloError, SiloUnreachableError
 from tff_amqp.transport.bundling import BundlingPublisher
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
@@ -45,7 +46,7 @@ class CoordinatorLink(ReplyIntake[p.Result]):
     """Publishing batches and matching their replies for one federation."""
 
     role = "coordinator"
-    regime_stats = ("replies", "late_replies")
+    regime_stats = ("replies", "late_replies", "functions_missing")
 
     def _init_regime(self) -> None:
         self._late: set[str] = set()
@@ -55,6 +56,8 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         # this one's first batch arrives.
         self.instance_id = uuid.uuid4().hex
         self.instance_started = time.time()
+        # The functions each silo process holds: named by digest, not resent.
+        self.functions = KnownFunctions()
         # Closes not yet sent, per silo, with the timer that sends them alone.
         self._closes: dict[str, list[_DeferredClose]] = {}
         self._close_timers: dict[str, asyncio.TimerHandle] = {}
@@ -109,17 +112,39 @@ class CoordinatorLink(ReplyIntake[p.Result]):
                     accepts_bundles=True,
                 ),
             )
+        record = self.membership.record(silo)
+        instance = self.membership.instance_of(silo)
+        carried: tuple[tuple[bytes, int], ...] = ()
+        # Only where a reply comes back: it says whether the silo had them.
+        named = (
+            expect_reply
+            and bool(instance)
+            and isinstance(envelope.body, p.Batch)
+            and record is not None
+            and record.status.holds_functions
+        )
+        if named:
+            assert isinstance(envelope.body, p.Batch)
+            operations, carried = self.functions.name_known(
+                silo, instance, envelope.body.operations
+            )
+            envelope = dataclasses.replace(
+                envelope, body=dataclasses.replace(envelope.body, operations=operations)
+            )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.Result] | None = None
         if expect_reply or envelope.correlation_id:
             future = asyncio.get_running_loop().create_future()
             # Pinned to the silo's current process: another's reply is refused.
             self._pending[envelope.correlation_id] = Pending(
-                silo, envelope.invocation_id, future, self.membership.instance_of(silo) or None
+                silo, envelope.invocation_id, future, instance or None
             )
+            if named:
+                future.add_done_callback(
+                    lambda answered: self._functions_answered(silo, instance, carried, answered)
+                )
         # Batches of concurrent invocations to one silo ride in one message
         # when the silo takes bundles (it says so in its hello / heartbeat).
-        record = self.membership.record(silo)
         routed = await self._publisher.publish(
             self.topology.request_routing_key(silo),
             envelope,
@@ -131,6 +156,27 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         else:
             self._count_published(payload)
         return future if expect_reply else None
+
+    def _functions_answered(
+        self,
+        silo: str,
+        instance: str,
+        carried: tuple[tuple[bytes, int], ...],
+        answered: asyncio.Future[p.Result],
+    ) -> None:
+        """The silo's process answered a batch: once it ran, it holds what the
+        batch carried; a MISSING_FUNCTIONS refusal means it holds none of what
+        we thought."""
+        if answered.cancelled():
+            return
+        error = answered.exception()
+        if error is None:
+            if carried:
+                self.functions.learn(silo, instance, carried)
+        elif isinstance(error, SiloError) and error.code == p.ErrorCode.MISSING_FUNCTIONS:
+            log.warning("coordinator.functions_missing", extra={"silo": silo, "error": str(error)})
+            self.stats["functions_missing"] += 1
+            self.functions.forget(silo)
 
     # ---------------------------------------------------------------- closing
 

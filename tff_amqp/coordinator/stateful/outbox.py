@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from tff_amqp import protocol as p
+from tff_amqp.errors import SiloError
 
 # A batch waits until this many event-loop turns pass with no step of its
 # invocation: a branch still being worked out (a selection, a zip, a map
@@ -81,6 +82,9 @@ class SiloOutbox:
         # flush made otherwise (size budget, close) ends it.
         self._hold: object | None = None
         self._seq = itertools.count()
+        # The last batch published (its seq): a batch refused for functions
+        # it named is sent again only while it is still the last one.
+        self._published = -1
         self._publish_lock = asyncio.Lock()
         self._sends: set[asyncio.Task[None]] = set()
         self.opened = False
@@ -196,9 +200,10 @@ class SiloOutbox:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _send(
-        self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
-    ) -> None:
+    async def _publish(
+        self, ops: list[p.Operation], seq: int, expect_reply: bool
+    ) -> asyncio.Future[p.Result] | None:
+        """Publish batch `seq` (under the publish lock)."""
         channel = self._channel
         envelope = p.batch_envelope(
             sender=channel.sender,
@@ -208,16 +213,42 @@ class SiloOutbox:
             operations=ops,
             seq=seq,
         )
-        if waiter is not None:
+        if expect_reply:
             # Large results come back as chunks that name this batch.
             channel.expect_chunks(envelope.correlation_id, self.silo, channel.invocation_id)
+        reply = await channel.publish(self.silo, envelope, expect_reply)
+        self._published = seq
+        return reply
+
+    async def _publish_again(
+        self, ops: list[p.Operation], seq: int, refused: SiloError
+    ) -> p.Result:
+        """Batch `seq` named functions the silo no longer holds (it refused it
+        before running anything, and the link forgot what it knew of the
+        silo): sent again, carrying them, unless a later batch already went
+        (the silo would have taken that one first)."""
+        async with self._publish_lock:
+            if self._published != seq:
+                raise refused
+            reply = await self._publish(ops, seq, True)
+        assert reply is not None
+        return await reply
+
+    async def _send(
+        self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
+    ) -> None:
         try:
             # Publishes leave in sequence order; replies are awaited outside
             # the lock so batches pipeline.
             async with self._publish_lock:
-                reply = await channel.publish(self.silo, envelope, waiter is not None)
+                reply = await self._publish(ops, seq, waiter is not None)
             if waiter is not None and reply is not None:
-                result = await reply
+                try:
+                    result = await reply
+                except SiloError as e:
+                    if e.code != p.ErrorCode.MISSING_FUNCTIONS:
+                        raise
+                    result = await self._publish_again(ops, seq, e)
                 if not waiter.done():
                     waiter.set_result(result)
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -25,6 +25,7 @@ from tff_amqp.silo.bulk import BulkSettings
 from tff_amqp.silo.endpoint import EndpointConfig
 from tff_amqp.silo.serve import SiloServer
 from tff_amqp.silo.stateful.bulk import SiloBulk
+from tff_amqp.silo.stateful.functions import FunctionStore, held_functions
 from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.tff_worker import WorkerClient
 from tff_amqp.topology import Topology, check_silo_name
@@ -49,9 +50,14 @@ class SiloConfig(EndpointConfig):
     max_pending_transfer_bytes: int = DEFAULT_MAX_PENDING_BYTES
     # Sessions idle this long past their deadline are freed even without Close.
     session_grace: float = 30.0
+    # Functions kept by digest for later batches to name (0: none); from
+    # TFF_AMQP_HELD_FUNCTIONS when set (see functions.py).
+    held_functions: int = field(default_factory=held_functions)
 
     def __post_init__(self) -> None:
         check_silo_name(self.name)
+        if self.held_functions < 0:
+            raise ValueError("held_functions must be 0 or more")
         if self.default_clients < 0:
             raise ValueError("default_clients must be 0 or more")
         Topology(self.federation)  # validates the federation name
@@ -112,6 +118,8 @@ class SiloAgent(SiloServer):
     exclusive = True
     # Concurrent invocations' batches arrive together in one message.
     accepts_bundles = True
+    # Functions sent once are kept by digest; batches may name them (functions.py).
+    holds_functions = True
 
     def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
@@ -134,6 +142,8 @@ class SiloAgent(SiloServer):
         self.batch_observers: list[Callable[[float, bool], None]] = []
         self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
+        self._functions = FunctionStore(max_functions=config.held_functions)
+        self.holds_functions = config.held_functions > 0
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         # The latest-started instance seen per coordinator name, as (start
         # time, instance id): an earlier-started one is gone (one coordinator
@@ -228,8 +238,20 @@ class SiloAgent(SiloServer):
                 f"silo {self.config.name!r} {text}",
             )
             return
-        await self._note_coordinator(envelope)
         assert isinstance(envelope.body, p.Batch)
+        try:
+            # In the order the queue delivers: the order the coordinator sent.
+            envelope = replace(envelope, body=self._functions.take(envelope.body))
+        except p.ProtocolError as e:
+            self.stats["errors"] += 1
+            await self.endpoint.reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                e.code,
+                f"silo {self.config.name!r} {e}",
+            )
+            return
+        await self._note_coordinator(envelope)
         # As the latest coordinator says (one coordinator per federation).
         self.endpoint.bundle_replies = envelope.body.accepts_bundles
         runner = self._runners.get(envelope.invocation_id)

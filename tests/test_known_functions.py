@@ -1,0 +1,150 @@
+"""Functions named by digest: the silo's store, the coordinator's knowledge of
+it, and the wire format (fast, no broker; over real silos: tests/test_work_counts.py
+and tests/test_function_names.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from tff_amqp import protocol as p
+from tff_amqp.coordinator.stateful.known_functions import MIN_BYTES, KnownFunctions
+from tff_amqp.silo.stateful.functions import FunctionStore
+
+
+def _function(tag: int, size: int = 1000) -> bytes:
+    """Bytes laid out as a serialized `Value` holding a computation (field 2)."""
+    body = tag.to_bytes(4, "big") * (size // 4)
+    return bytes([0x12]) + p_varint(len(body)) + body
+
+
+def p_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _digest(serialized: bytes) -> bytes:
+    return hashlib.sha256(serialized).digest()
+
+
+def _batch(*operations: p.Operation, seq: int = 0) -> p.Batch:
+    return p.Batch(operations=tuple(operations), seq=seq)
+
+
+TENSOR = b"2\x0c\x08\x01\x12\x00j\x06\n\x04\x00\x00\x80?"  # a float32 1.0, not a function
+
+
+# ------------------------------------------------------------------ protocol
+
+
+def test_a_known_function_round_trips_and_a_bad_digest_is_refused():
+    op = p.CreateKnownFunction(target=7, digest=bytes(range(32)))
+    batch = _batch(p.Open(clients=2), op, p.Compute(source=7))
+    assert p.Batch.from_wire(batch.to_wire()) == batch
+    with pytest.raises(p.ProtocolError, match="SHA-256") as refused:
+        p.CreateKnownFunction.from_wire({"op": "known_function", "target": 7, "digest": b"x"})
+    assert refused.value.code is p.ErrorCode.MALFORMED
+
+
+def test_a_silo_status_says_whether_it_holds_functions():
+    holds = p.SiloStatus(silo="a", clients=1, holds_functions=True)
+    assert p.SiloStatus.from_wire(holds.to_wire()).holds_functions
+    assert "hf" not in p.SiloStatus(silo="a", clients=1).to_wire()
+    assert not p.SiloStatus.from_wire(p.SiloStatus(silo="a", clients=1).to_wire()).holds_functions
+
+
+# ---------------------------------------------------------------- the silo
+
+
+def test_a_function_sent_in_full_is_given_back_in_full_when_named():
+    store = FunctionStore()
+    fn = _function(1)
+    first = _batch(p.CreateValue(target=1, value=fn), p.CreateValue(target=2, value=TENSOR))
+    assert store.take(first) is first  # nothing named: the batch as it came
+    assert _digest(fn) in store and len(store) == 1  # the tensor is not kept
+    later = _batch(p.CreateKnownFunction(target=9, digest=_digest(fn)), p.Compute(source=9))
+    taken = store.take(later)
+    assert taken.operations == (p.CreateValue(target=9, value=fn), p.Compute(source=9))
+    assert taken.seq == later.seq
+
+
+def test_a_batch_naming_a_function_the_silo_lacks_is_refused_whole():
+    store = FunctionStore()
+    missing = _digest(_function(2))
+    carried = _function(3)
+    batch = _batch(
+        p.CreateValue(target=1, value=carried), p.CreateKnownFunction(target=2, digest=missing)
+    )
+    with pytest.raises(p.ProtocolError, match=missing.hex()[:16]) as refused:
+        store.take(batch)
+    assert refused.value.code is p.ErrorCode.MISSING_FUNCTIONS
+    assert "sends them in full" in str(refused.value)
+    assert len(store) == 0  # a refused batch leaves nothing behind
+
+
+def test_the_store_drops_the_least_recently_used_first_by_count_and_by_bytes():
+    store = FunctionStore(max_functions=2, max_bytes=10_000)
+    a, b, c = _function(1), _function(2), _function(3)
+    store.take(_batch(p.CreateValue(target=1, value=a), p.CreateValue(target=2, value=b)))
+    store.take(_batch(p.CreateKnownFunction(target=3, digest=_digest(a))))  # a used again
+    store.take(_batch(p.CreateValue(target=4, value=c)))
+    assert _digest(a) in store and _digest(c) in store and _digest(b) not in store
+    big = FunctionStore(max_functions=10, max_bytes=2500)
+    big.take(_batch(*(p.CreateValue(target=i, value=_function(i)) for i in range(1, 4))))
+    assert len(big) == 2  # three of ~1 KB do not fit in 2.5 KB
+    assert _digest(_function(1)) not in big
+
+
+# --------------------------------------------------------- the coordinator
+
+
+def test_the_coordinator_names_only_what_that_silo_process_answered_for():
+    known = KnownFunctions()
+    fn, small = _function(1), _function(2, size=MIN_BYTES // 2)
+    ops = (
+        p.CreateValue(target=1, value=fn),
+        p.CreateValue(target=2, value=small),
+        p.CreateValue(target=3, value=TENSOR),
+        p.Compute(source=1),
+    )
+    first, carried = known.name_known("s1", "inst-a", ops)
+    assert first == ops  # nothing known yet: everything in full
+    assert carried == ((_digest(fn), len(fn)),)  # small ones and tensors are not tracked
+    known.learn("s1", "inst-a", carried)
+    named, again = known.name_known("s1", "inst-a", ops)
+    assert named[0] == p.CreateKnownFunction(target=1, digest=_digest(fn))
+    assert named[1:] == ops[1:] and again == ()
+    # Another silo, or the same silo's next process, has not got it.
+    assert known.name_known("s2", "inst-b", ops)[0] == ops
+    assert known.name_known("s1", "inst-c", ops)[0] == ops
+    assert known.held("s1") == 0  # a restarted silo's knowledge is dropped
+    known.learn("s1", "inst-c", carried)
+    known.forget("s1")
+    assert known.name_known("s1", "inst-c", ops)[0] == ops
+
+
+def test_whatever_the_coordinator_names_the_silo_still_holds():
+    """Both sides see the same batches in the same order (the silo's queue);
+    the coordinator tracks a quarter of the store's bounds, so a digest it
+    names is never one the store dropped, over many rounds of new and
+    repeated functions of varied sizes."""
+    rng = random.Random(7)
+    known = KnownFunctions(max_functions=16, max_bytes=40_000)
+    store = FunctionStore(max_functions=64, max_bytes=160_000)
+    pool = [_function(i, size=rng.choice([300, 2000, 9000])) for i in range(200)]
+    named_total = 0
+    for _ in range(400):
+        chosen = rng.sample(pool[: rng.randint(10, len(pool))], rng.randint(1, 12))
+        ops = tuple(p.CreateValue(target=i, value=fn) for i, fn in enumerate(chosen))
+        named, carried = known.name_known("s1", "inst", ops)
+        named_total += sum(isinstance(op, p.CreateKnownFunction) for op in named)
+        taken = store.take(_batch(*named))  # raises MISSING_FUNCTIONS if the rule broke
+        assert taken.operations == ops
+        known.learn("s1", "inst", carried)
+    assert named_total > 200  # the rule was exercised, not vacuous
