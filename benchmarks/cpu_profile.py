@@ -242,10 +242,11 @@ def main() -> int:
             # CPU ms per invocation under cProfile (slower than unprofiled).
             "profiled_cpu_ms": per_invocation,
             "share_percent": share,
-            "top_functions": {
-                "coordinator": [[n, 100 * s / coordinator_total] for n, s in coordinator_top],
-                "silos": [[n, 100 * s / silos_total] for n, s in silo_top],
-            },
+            # Each role's functions with the most own CPU time, % of the role's.
+            "top_coordinator": [
+                {"function": n, "percent": 100 * s / coordinator_total} for n, s in coordinator_top
+            ],
+            "top_silos": [{"function": n, "percent": 100 * s / silos_total} for n, s in silo_top],
         },
     )
     print(f"\nwrote {path}")
