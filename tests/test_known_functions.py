@@ -15,18 +15,12 @@ from tff_amqp.silo.stateful.functions import FunctionStore
 
 
 def _function(tag: int, size: int = 1000) -> bytes:
-    """Bytes laid out as a serialized `Value` holding a computation (field 2)."""
-    body = tag.to_bytes(4, "big") * (size // 4)
-    return bytes([0x12]) + p_varint(len(body)) + body
+    """A serialized `Value` holding a computation of about `size` bytes."""
+    from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2
 
-
-def p_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    uri = f"fn{tag}-".ljust(size, "x")
+    computation = computation_pb2.Computation(intrinsic=computation_pb2.Intrinsic(uri=uri))
+    return executor_pb2.Value(computation=computation).SerializeToString()
 
 
 def _digest(serialized: bytes) -> bytes:
