@@ -142,3 +142,10 @@ def test_whatever_the_coordinator_names_the_silo_still_holds():
         assert taken.operations == ops
         known.learn("s1", "inst", carried)
     assert named_total > 200  # the rule was exercised, not vacuous
+
+
+def test_a_function_held_in_a_view_or_bytearray_is_digested_alike():
+    known = KnownFunctions()
+    fn = _function(5)
+    assert known.digest(memoryview(fn)) == known.digest(bytearray(fn)) == known.digest(fn)
+    assert known.digest(fn) == _digest(fn)

@@ -47,6 +47,8 @@ class KnownFunctions:
         self._digests: OrderedDict[bytes, bytes] = OrderedDict()
 
     def digest(self, serialized: bytes) -> bytes:
+        if not isinstance(serialized, bytes):  # a view or bytearray: not kept
+            return hashlib.sha256(serialized).digest()
         found = self._digests.get(serialized)
         if found is None:
             found = self._digests[serialized] = hashlib.sha256(serialized).digest()
