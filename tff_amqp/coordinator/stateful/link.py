@@ -115,21 +115,19 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         record = self.membership.record(silo)
         instance = self.membership.instance_of(silo)
         carried: tuple[tuple[bytes, int], ...] = ()
+        batch = envelope.body if isinstance(envelope.body, p.Batch) else None
         # Only where a reply comes back: it says whether the silo had them.
         named = (
             expect_reply
             and bool(instance)
-            and isinstance(envelope.body, p.Batch)
+            and batch is not None
             and record is not None
             and record.status.holds_functions
         )
-        if named:
-            assert isinstance(envelope.body, p.Batch)
-            operations, carried = self.functions.name_known(
-                silo, instance, envelope.body.operations
-            )
+        if named and batch is not None:
+            operations, carried = self.functions.name_known(silo, instance, batch.operations)
             envelope = dataclasses.replace(
-                envelope, body=dataclasses.replace(envelope.body, operations=operations)
+                envelope, body=dataclasses.replace(batch, operations=operations)
             )
         payload = p.encode(envelope, max_bytes=self.max_message_bytes)
         future: asyncio.Future[p.Result] | None = None

@@ -118,8 +118,6 @@ class SiloAgent(SiloServer):
     exclusive = True
     # Concurrent invocations' batches arrive together in one message.
     accepts_bundles = True
-    # Functions sent once are kept by digest; batches may name them (functions.py).
-    holds_functions = True
 
     def __init__(self, config: SiloConfig, *, worker: WorkerClient | None = None) -> None:
         self.config = config
@@ -142,6 +140,8 @@ class SiloAgent(SiloServer):
         self.batch_observers: list[Callable[[float, bool], None]] = []
         self.bulk: SiloBulk | None = None
         self._runners: dict[str, _InvocationRunner] = {}
+        # Functions sent once are kept by digest; batches may name them
+        # (functions.py), unless the store is configured empty.
         self._functions = FunctionStore(max_functions=config.held_functions)
         self.holds_functions = config.held_functions > 0
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
