@@ -342,6 +342,9 @@ def test_a_silo_reports_a_failing_url_naming_it_and_keeps_serving(
         native = run_in(native_context, mean_glucose, [tf.data.Dataset.from_tensor_slices(rows)])
         np.testing.assert_allclose(result, float(native), rtol=1e-9)
         _Handler.switched_off = True
+        # Past the source's refresh=0.1: a read within it is served from the
+        # silo's copy (as documented), so the next invocation must fetch again.
+        time.sleep(0.3)
         try:
             with pytest.raises(tff_amqp.SiloError) as error:
                 run_in(context, mean_glucose, tff_amqp.silo_data("remote"))
