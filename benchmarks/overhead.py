@@ -6,7 +6,9 @@ Runs a federated mean and one FedAvg round (a small Keras model) through
 tff-amqp with 3 local silo processes, and the same computations through TFF's
 native C++ runtime; prints medians and ratios, and per invocation the worker
 calls (native's; the coordinator's and each silo's) and broker messages;
-writes benchmarks/results/overhead.json. Targets (issue "fuse"): mean <= 1.3x
+writes benchmarks/results/overhead.json. Both run side by side in alternating
+blocks (see `interleaved`); the ratio is that of the medians over all
+blocks, with its range over the blocks. Targets (issue "fuse"): mean <= 1.3x
 native, two aggregation phases with a broadcast between (mean, then the
 variance around it) <= 1.5x, FedAvg round <= 1.15x.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import uuid
 from pathlib import Path
@@ -111,57 +114,69 @@ def build_mean_variance():
 
 # Invocations back to back whose CPU time is measured, per computation.
 CPU_INVOCATIONS = {"federated_mean": 60, "mean_variance": 40, "fedavg_round": 6}
+# Timed invocations per block and system, per computation (x --repeats blocks).
+BLOCK_SAMPLES = {"federated_mean": 6, "mean_variance": 6, "fedavg_round": 2}
 
 
-def measure(context, mean, values, process, datasets, mean_variance, repeats, count, roles):
-    """Timings of each computation, then each counted with `count(fn) ->
-    counts` (worker calls, messages), its CPU time by process (`roles()`:
-    role -> pids, read once everything has started) and the results to
-    compare."""
+def invocations(context, mean, values, process, datasets, mean_variance, state):
+    """Each computation as a call in `context` (installed around each call)."""
     import tensorflow_federated as tff
 
-    with tff.framework.get_context_stack().install(context):
-        state = process.initialize()
-        calls = {
-            "federated_mean": lambda: mean(values),
-            "mean_variance": lambda: mean_variance(values),
-            "fedavg_round": lambda: process.next(state, datasets),
-        }
-        samples = {
-            "federated_mean": summary(timed(calls["federated_mean"], repeats * 4, warmup=2)),
-            "mean_variance": summary(timed(calls["mean_variance"], repeats * 4, warmup=2)),
-            "fedavg_round": summary(timed(calls["fedavg_round"], repeats, warmup=1)),
-        }
-        counts = {name: count(call) for name, call in calls.items()}
-        cpu = {
-            name: cpu_by_role(roles(), call, CPU_INVOCATIONS[name]) for name, call in calls.items()
-        }
-        results = [float(mean(values)), *(float(v) for v in mean_variance(values))]
-    return samples, results, counts, cpu
+    def within(fn):
+        def call():
+            with tff.framework.get_context_stack().install(context):
+                return fn()
+
+        return call
+
+    return {
+        "federated_mean": within(lambda: mean(values)),
+        "mean_variance": within(lambda: mean_variance(values)),
+        "fedavg_round": within(lambda: process.next(state, datasets)),
+    }
 
 
-def _run_amqp(
-    broker: str, federation: str, silos: list[str], repeats: int, built: tuple[Any, ...]
-) -> tuple[dict[str, dict[str, float]], list[float], dict[str, Any]]:
-    import tff_amqp
-    from tff_amqp.local import LocalFederation
+def interleaved(
+    systems: dict[str, dict[str, Any]], blocks: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    """Latency samples of each system, taken in alternating blocks (native,
+    tff-amqp, then tff-amqp, native, ...) so that both see the same machine:
+    on a shared VM the speed drifts by tens of percent within minutes, and
+    measuring one system after the other would put that drift into the
+    ratio. Returns the samples and, per computation, the ratio of the two
+    systems' medians in each block (tff-amqp / native)."""
+    names = list(systems)
+    samples: dict[str, dict[str, list[float]]] = {n: collections.defaultdict(list) for n in names}
+    ratios: dict[str, list[float]] = collections.defaultdict(list)
+    for calls in systems.values():  # warm: compile caches, plans, worker caches
+        for call in calls.values():
+            call()
+            call()
+    for block in range(blocks):
+        order = names if block % 2 == 0 else names[::-1]
+        for computation, count in BLOCK_SAMPLES.items():
+            medians = {}
+            for name in order:
+                taken = timed(systems[name][computation], count, warmup=0)
+                samples[name][computation] += taken
+                medians[name] = statistics.median(taken)
+            ratios[computation].append(medians["tff_amqp"] / medians["native"])
+        progress(f"  block {block + 1}/{blocks}")
+    return samples, ratios
 
-    with LocalFederation(broker, federation) as local:
-        for name in silos:
-            local.start_silo(name)
-        progress("  starting 3 silos ...")
-        local.wait_ready(timeout=180)
-        progress("  tff-amqp ...")
-        with tff_amqp.create_sync_amqp_execution_context(
-            broker, federation=federation, min_silos=len(silos), cohort_timeout=120
-        ) as ctx:
-            return measure(
-                ctx,
-                *built,
-                repeats,
-                lambda fn: count_amqp(ctx, silos, fn),
-                lambda: amqp_roles(local, broker_pids(broker)),
-            )
+
+def costs(calls, count, roles):
+    """Per computation: worker calls and messages (`count(fn)`), and CPU time
+    by process (`roles()`: role -> pids, read once everything has started)."""
+    counts = {name: count(call) for name, call in calls.items()}
+    cpu = {name: cpu_by_role(roles(), call, CPU_INVOCATIONS[name]) for name, call in calls.items()}
+    return counts, cpu
+
+
+def results_of(calls) -> list[float]:
+    """The values compared with native: the mean, then mean and variance."""
+    mean = calls["federated_mean"]()
+    return [float(mean), *(float(v) for v in calls["mean_variance"]())]
 
 
 def cpu_table(
@@ -189,23 +204,55 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
+    import tff_amqp
+    from tff_amqp.local import LocalFederation
+
     stop_on_sigterm()
-    progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, repeats={args.repeats}")
-    built = (*build(), build_mean_variance())
-    progress("  TFF native ...")
-    with native_context() as native, native_worker_calls() as calls:
-        native_times, native_values, native_counts, native_cpu = measure(
-            native, *built, args.repeats, lambda fn: count_native(calls, fn), native_roles
-        )
+    progress(f"overhead benchmark: {CLIENTS} clients, 3 silos, {args.repeats} blocks")
+    mean, values, process, datasets = build()
+    mean_variance = build_mean_variance()
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     silos = ["s1", "s2", "s3"]
     try:
-        amqp_times, amqp_values, amqp_counts, amqp_cpu = _run_amqp(
-            args.broker, federation, silos, args.repeats, built
-        )
+        with (
+            native_context() as native,
+            native_worker_calls() as native_calls,
+            LocalFederation(args.broker, federation) as local,
+        ):
+            import tensorflow_federated as tff
+
+            with tff.framework.get_context_stack().install(native):
+                state = process.initialize()
+            built = (values, process, datasets, mean_variance, state)
+            for name in silos:
+                local.start_silo(name)
+            progress("  starting 3 silos ...")
+            local.wait_ready(timeout=180)
+            with tff_amqp.create_sync_amqp_execution_context(
+                args.broker, federation=federation, min_silos=len(silos), cohort_timeout=120
+            ) as amqp:
+                systems = {
+                    "native": invocations(native, mean, *built),
+                    "tff_amqp": invocations(amqp, mean, *built),
+                }
+                progress("  TFF native and tff-amqp, in alternating blocks ...")
+                samples, block_ratios = interleaved(systems, args.repeats)
+                native_values = results_of(systems["native"])
+                amqp_values = results_of(systems["tff_amqp"])
+                progress("  counting calls and CPU time ...")
+                native_counts, native_cpu = costs(
+                    systems["native"], lambda fn: count_native(native_calls, fn), native_roles
+                )
+                amqp_counts, amqp_cpu = costs(
+                    systems["tff_amqp"],
+                    lambda fn: count_amqp(amqp, silos, fn),
+                    lambda: amqp_roles(local, broker_pids(args.broker)),
+                )
     finally:
         delete_federation(args.broker, federation, silos)
     assert np.allclose(amqp_values, native_values, rtol=1e-5), (amqp_values, native_values)
+    native_times = {name: summary(taken) for name, taken in samples["native"].items()}
+    amqp_times = {name: summary(taken) for name, taken in samples["tff_amqp"].items()}
 
     rows = [
         [
@@ -214,11 +261,14 @@ def main() -> int:
             amqp_times[name]["median_s"] * 1e3,
             amqp_times[name]["median_s"] / native_times[name]["median_s"],
             target,
+            f"{min(block_ratios[name]):.2f}-{max(block_ratios[name]):.2f}",
         ]
         for name, target in TARGETS.items()
     ]
     print()
-    print_table(["computation", "native ms", "tff-amqp ms", "ratio", "target"], rows)
+    print_table(
+        ["computation", "native ms", "tff-amqp ms", "ratio", "target", "ratio by block"], rows
+    )
     print()
     print_table(
         ["per invocation", "native worker calls", "coordinator worker calls",
@@ -240,6 +290,8 @@ def main() -> int:
             "native": native_times,
             "tff_amqp": amqp_times,
             "ratios": {r[0]: r[3] for r in rows},
+            # The same ratio within each block (native and tff-amqp alternating).
+            "block_ratios": dict(block_ratios),
             # Per invocation of each, counted after the timed runs (clean-up included).
             "counts": {"native": native_counts, "tff_amqp": amqp_counts},
             "targets": {r[0]: r[4] for r in rows},

@@ -57,15 +57,22 @@ def _ms(stats: dict[str, Any]) -> str:
 
 def _overhead(data: dict[str, Any]) -> str:
     rows = []
+    blocks = data.get("block_ratios") or {}
     for key in data["ratios"]:
+        by_block = blocks.get(key)
         rows.append(
             [key, _ms(data["native"][key]), _ms(data["tff_amqp"][key]), data["ratios"][key],
+             f"{min(by_block):.2f}-{max(by_block):.2f}" if by_block else "-",
              data["targets"][key]]
         )  # fmt: skip
     return (
-        f"{data['clients']} clients over {data['silos']} silo processes. Latency in ms: median "
-        "(p10-p90, samples).\n\n"
-        + table(["computation", "TFF native", "tff-amqp", "x native", "target"], rows)
+        f"{data['clients']} clients over {data['silos']} silo processes, measured in "
+        "alternating blocks (native, tff-amqp, tff-amqp, native, ...). Latency in ms: median "
+        "(p10-p90, samples); x native by block: the range of the ratio within each block.\n\n"
+        + table(
+            ["computation", "TFF native", "tff-amqp", "x native", "x native by block", "target"],
+            rows,
+        )
         + _overhead_counts(data.get("counts"))
         + _overhead_cpu(data)
     )

@@ -289,3 +289,39 @@ def test_cpu_profile_breakdown_sums_a_real_profile_by_part() -> None:
     assert by_part["Python built-ins (isinstance, len, dict...)"] > 0  # len and str
     assert 0 < len(top) <= cpu_profile.TOP
     assert top == sorted(top, key=lambda item: -item[1])
+
+
+def test_overhead_alternates_blocks_and_reports_each_blocks_ratio(monkeypatch) -> None:
+    """Native and tff-amqp take turns block by block (the first system of one
+    block is the last of the next), and each block's ratio is that of its own
+    medians: a machine that slows down between blocks moves both systems."""
+    from benchmarks import overhead
+
+    order: list[str] = []
+    speed = {"value": 1.0}
+
+    def fake_timed(fn, count, warmup=1):
+        system, _computation = fn()
+        order.append(system)
+        base = 0.01 if system == "native" else 0.03
+        return [base * speed["value"]] * count
+
+    def system(name: str):
+        return {c: (lambda c=c: (name, c)) for c in overhead.BLOCK_SAMPLES}
+
+    def slow_down(_message: str) -> None:
+        speed["value"] *= 2  # the machine drifts between blocks
+
+    monkeypatch.setattr(overhead, "timed", fake_timed)
+    monkeypatch.setattr(overhead, "progress", slow_down)
+    samples, ratios = overhead.interleaved(
+        {"native": system("native"), "tff_amqp": system("tff_amqp")}, blocks=3
+    )
+    computations = len(overhead.BLOCK_SAMPLES)
+    assert order[: 2 * computations : 2] == ["native"] * computations
+    assert order[2 * computations : 4 * computations : 2] == ["tff_amqp"] * computations
+    for computation, count in overhead.BLOCK_SAMPLES.items():
+        assert ratios[computation] == pytest.approx([3.0, 3.0, 3.0])
+        assert len(samples["native"][computation]) == 3 * count
+        # Drift shows in the samples, not in the ratios.
+        assert max(samples["native"][computation]) == pytest.approx(0.04)
