@@ -63,6 +63,21 @@ class SiloConfig(EndpointConfig):
         Topology(self.federation)  # validates the federation name
 
 
+# The values of an invocation whose close rides another invocation's batch
+# are freed once that batch has run, or after this many seconds if it runs
+# longer (training): the worker serves a Dispose before the calls behind it
+# (a CreateValue waited 2-5 ms for one), and the carrying batch is what the
+# coordinator waits for now.
+CLOSE_AFTER_CARRIER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """The invocation is over; free it after `after` (its carrier's batch)."""
+
+    after: asyncio.Future[None] | None
+
+
 class _InvocationRunner:
     """Applies the batches of one invocation strictly in arrival order."""
 
@@ -73,26 +88,49 @@ class _InvocationRunner:
         # (sender, instance id) of the coordinator process that opened it.
         self.coordinator = coordinator
         self._agent = agent
-        # Batches to apply; None: the invocation is over (its close rode
-        # another invocation's batch), once the batches before it are applied.
-        self._queue: asyncio.Queue[p.Envelope | None] = asyncio.Queue()
+        # Batches to apply, each with the future it resolves once applied;
+        # _Finish: the invocation is over (its close rode another invocation's
+        # batch), once the batches before it are applied.
+        self._queue: asyncio.Queue[tuple[p.Envelope, asyncio.Future[None]] | _Finish] = (
+            asyncio.Queue()
+        )
         self._task = asyncio.create_task(self._run(), name=f"invocation-{session.invocation_id}")
 
-    def submit(self, envelope: p.Envelope) -> None:
-        self._queue.put_nowait(envelope)
+    def submit(self, envelope: p.Envelope) -> asyncio.Future[None]:
+        """Queue a batch; the future resolves once it has been applied (or
+        dropped: the session ended first)."""
+        applied = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((envelope, applied))
+        return applied
 
-    def finish(self) -> None:
-        self._queue.put_nowait(None)
+    def finish(self, after: asyncio.Future[None] | None = None) -> None:
+        self._queue.put_nowait(_Finish(after))
 
     async def _run(self) -> None:
+        carried = False
         try:
             while not self.session.closed:
-                envelope = await self._queue.get()
-                if envelope is None:
+                item = await self._queue.get()
+                if isinstance(item, _Finish):
+                    carried = item.after is not None
+                    if item.after is not None and not item.after.done():
+                        await asyncio.wait([item.after], timeout=CLOSE_AFTER_CARRIER_SECONDS)
                     break
-                await self._agent._process_batch(self.session, envelope)
+                envelope, applied = item
+                try:
+                    await self._agent._process_batch(self.session, envelope)
+                finally:
+                    _resolve(applied)
         finally:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not isinstance(item, _Finish):
+                    _resolve(item[1])
             await self.session.close()
+            log.debug(
+                "silo.session_freed",
+                extra={"invocation": self.session.invocation_id, "carried_close": carried},
+            )
             self._agent._forget(self.session.invocation_id)
             if self._agent.bulk is not None:
                 self._agent.bulk.forget_invocation(self.session.invocation_id)
@@ -222,7 +260,17 @@ class SiloAgent(SiloServer):
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
             return
         self._remember(envelope.message_id)
-        self._finish_closed(envelope)
+        carrier: list[asyncio.Future[None]] = []
+        try:
+            await self._accept(envelope, carrier)
+        finally:
+            # After this batch is queued, and freed once it has run (see
+            # CLOSE_AFTER_CARRIER_SECONDS), whatever becomes of it.
+            self._finish_closed(envelope, carrier[0] if carrier else None)
+
+    async def _accept(self, envelope: p.Envelope, carrier: list[asyncio.Future[None]]) -> None:
+        """Refuse `envelope` or queue it for its invocation's runner (whose
+        future of applying it goes into `carrier`)."""
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
@@ -275,17 +323,17 @@ class SiloAgent(SiloServer):
             runner = _InvocationRunner(self, session, (sender, instance))
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
-        runner.submit(envelope)
+        carrier.append(runner.submit(envelope))
 
-    def _finish_closed(self, envelope: p.Envelope) -> None:
+    def _finish_closed(self, envelope: p.Envelope, after: asyncio.Future[None] | None) -> None:
         """Free the invocations whose close rides this batch (whatever becomes
-        of the batch itself): only the sending coordinator's own."""
+        of the batch itself), after `after`: only the sending coordinator's own."""
         if not isinstance(envelope.body, p.Batch):
             return
         for invocation_id in envelope.body.closes:
             runner = self._runners.get(invocation_id)
             if runner is not None and runner.coordinator[0] == envelope.sender:
-                runner.finish()
+                runner.finish(after)
 
     def _refusal(self, envelope: p.Envelope) -> tuple[p.ErrorCode, str] | None:
         """Why a request is answered with an error before any session sees
@@ -365,6 +413,9 @@ class SiloAgent(SiloServer):
                     correlation_id=envelope.correlation_id,
                 )
             )
+        log.debug(
+            "silo.batch_applied", extra={"invocation": session.invocation_id, "seq": batch.seq}
+        )
 
     def _observe_batch(self, started: float, *, ok: bool) -> None:
         for observer in self.batch_observers:
@@ -505,3 +556,8 @@ def _coordinator_of(envelope: p.Envelope) -> tuple[str, str, float]:
     if not isinstance(body, p.Batch):
         return envelope.sender, "", 0.0
     return envelope.sender, body.coordinator_instance, body.coordinator_started
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
