@@ -38,7 +38,7 @@ from tff_amqp.coordinator.membership import Membership
 from tff_amqp.errors import SiloError, SiloRestartedError, TffAmqpError
 from tff_amqp.retry import COORDINATOR_PUBLISH
 from tff_amqp.topology import Topology
-from tff_amqp.transport.connection import connect
+from tff_amqp.transport.connection import ack_queued, connect
 from tff_amqp.transport.schema import declare_exchange, declare_queue, hold_lock
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _acked_after(
             # A channel that closed meanwhile redelivers it; duplicates are
             # dropped by message id.
             with contextlib.suppress(Exception):
-                await message.ack()
+                await ack_queued(message)
 
     return on_message
 

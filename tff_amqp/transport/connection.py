@@ -13,7 +13,7 @@ import aio_pika
 import aiormq
 import aiormq.abc
 import yarl
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import BrokerAuthError, BrokerPermissionError, BrokerUnreachableError
@@ -238,6 +238,15 @@ def _transient(error: BaseException) -> bool:
         | ConnectionError
         | asyncio.TimeoutError,
     )
+
+
+async def ack_queued(message: AbstractIncomingMessage) -> None:
+    """Acknowledge `message` without waiting for the ack to be written: it
+    is queued on the channel in order, and waiting for the socket write
+    delays the caller by a turn of the connection's writer (the silo would
+    start a request only after it)."""
+    if message.delivery_tag is not None:
+        await message.channel.basic_ack(delivery_tag=message.delivery_tag, wait=False)
 
 
 async def publish_with_retry(

@@ -30,6 +30,7 @@ from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, Ses
 from tff_amqp.tff_worker import WorkerClient
 from tff_amqp.topology import Topology, check_silo_name
 from tff_amqp.transport.bulk import DEFAULT_MAX_PENDING_BYTES, TransferError
+from tff_amqp.transport.connection import ack_queued
 from tff_amqp.transport.schema import declare_queue
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class SiloAgent(SiloServer):
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Ack on receipt: the coordinator's deadline owns retries, and a
         # long-held unacked message would trip RabbitMQ's consumer_timeout.
-        await message.ack()
+        await ack_queued(message)
         self.stats["received_bytes"] += len(message.body)
         envelope = await self._decode(message)
         if envelope is None:
