@@ -169,16 +169,20 @@ def _scale(data: dict[str, Any]) -> str:
 def _throughput(data: dict[str, Any]) -> str:
     rows = [
         [r["concurrency"], r["native_invocations_per_s"], r["invocations_per_s"],
-         r["ratio_to_native"], r["executor_ops_per_s"], r["broker_round_trips_per_s"],
+         r["ratio_to_native"],
+         f"{min(r['block_ratios']):.2f}-{max(r['block_ratios']):.2f}"
+         if r.get("block_ratios") else "-",
+         r["executor_ops_per_s"], r["broker_round_trips_per_s"],
          r["broker_ceiling_round_trips_per_s"], r["fraction_of_broker_ceiling"],
          r["request_bytes"], r["reply_bytes"]]
         for r in data["levels"]
     ]  # fmt: skip
     return (
-        f"{data['silos']} silos, {data['clients']} clients, {data['invocations_per_level']} "
-        f"invocations per level. {data['note']}.\n\n"
+        f"{data['silos']} silos, {data['clients']} clients; invocations per level: "
+        f"{data['invocations_per_level']}. {data['note']}.\n\n"
         + table(
-            ["in flight (C)", "native inv/s", "tff-amqp inv/s", "x native", "executor ops/s",
+            ["in flight (C)", "native inv/s", "tff-amqp inv/s", "x native", "x native by block",
+             "executor ops/s",
              "broker round trips/s", "broker ceiling round trips/s", "of ceiling",
              "request bytes", "reply bytes"],
             rows,

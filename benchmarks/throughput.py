@@ -13,7 +13,9 @@ execution context). Reported per C:
 - broker round trips/s of the coordinator (reply messages received per
   second; a bundle of several replies is one) and
   the mean request and reply sizes;
-- TFF native's invocations/s at the same C (its async context);
+- TFF native's invocations/s at the same C (its async context), measured in
+  alternating blocks with tff-amqp (`--blocks`, both contexts live), so that
+  drift of a shared machine falls on both; the ratio's range over the blocks;
 - per invocation: worker calls of native, of the coordinator and of each
   silo (silos report theirs in their status), and control messages;
 - the broker's ceiling: raw aio-pika request/reply round trips with
@@ -116,85 +118,176 @@ def _computation() -> Any:
     return total
 
 
-async def _native(comp: Any, values: list[float], levels: list[int], total: int) -> dict[int, Any]:
-    import tensorflow_federated as tff
-
-    out = {}
-    # TFF's launcher leaves its worker_binary running: ours to stop.
-    with reaping_children("worker_binary"), native_worker_calls() as calls:
-        context = tff.backends.native.create_async_local_cpp_execution_context()
-        with tff.framework.get_context_stack().install(context):
-            await comp(values)  # warm-up
-            for c in levels:
-                calls_before = sum(calls.values())
-                with CpuMeter(native_roles()) as cpu:
-                    seconds, results = await _pipelined(lambda: comp(values), c, total * c)
-                assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
-                out[c] = {
-                    "invocations_per_s": len(results) / seconds,
-                    "cpu": cpu.per_invocation(len(results)),
-                    "seconds": seconds,
-                    "worker_calls_per_invocation": (sum(calls.values()) - calls_before)
-                    / len(results),
-                }
-                progress(f"  native      C={c:3d}: {out[c]['invocations_per_s']:.1f} invocations/s")
-    return out
+async def _native_block(comp: Any, values: list[float], c: int, total: int, calls: Any) -> Any:
+    """One block of TFF native (its async context installed) at C = c."""
+    calls_before = sum(calls.values())
+    with CpuMeter(native_roles()) as cpu:
+        seconds, results = await _pipelined(lambda: comp(values), c, total)
+    assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
+    return {
+        "invocations": len(results),
+        "seconds": seconds,
+        "cpu": cpu.per_invocation(len(results)),
+        "worker_calls_per_invocation": (sum(calls.values()) - calls_before) / len(results),
+    }
 
 
-async def _tff_amqp(
+async def _amqp_block(
+    context: Any, silos: list[str], comp: Any, values: list[float], c: int, total: int,
+    ops: OperationCounter, roles: Callable[[], dict[str, list[int]]],
+) -> dict[str, Any]:  # fmt: skip
+    """One block of tff-amqp (its async context installed) at C = c."""
+    from tff_amqp.coordinator.stateful.counts import snapshot
+
+    link = context.runtime.link
+    counts_before = await snapshot(context.runtime, silos, timeout=60.0)
+    before = dict(link.stats)
+    ops_before = ops.count
+    with CpuMeter(roles()) as cpu:
+        seconds, results = await _pipelined(lambda: comp(values), c, total)
+    assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
+    delta = {k: link.stats[k] - before.get(k, 0) for k in link.stats}
+    # Clean-up included: counted once every invocation has ended.
+    counts = (await snapshot(context.runtime, silos, timeout=60.0)).minus(counts_before)
+    n = len(results)
+    return {
+        "invocations": n,
+        "seconds": seconds,
+        "cpu": cpu.per_invocation(n),
+        "executor_ops": ops.count - ops_before,
+        # Broker messages (a bundle of several requests or replies is one).
+        "reply_messages": delta["reply_messages"],
+        "request_messages": delta["request_messages"],
+        "published_bytes": delta["published_bytes"],
+        "received_bytes": delta["received_bytes"],
+        "messages": counts.messages,
+        "coordinator_worker_calls": counts.coordinator_total,
+        "silo_worker_calls": {s: counts.silo_total(s) for s in silos},
+    }
+
+
+def _merge_cpu(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-invocation CPU of several blocks, weighted by their invocations."""
+    n = sum(b["invocations"] for b in blocks)
+    roles = {role for b in blocks for role in b["cpu"]["ms"]}
+    ms = {
+        role: round(sum(b["cpu"]["ms"].get(role, 0.0) * b["invocations"] for b in blocks) / n, 3)
+        for role in roles
+    }
+    total = sum(ms.values())
+    return {
+        "invocations": n,
+        "ms": ms,
+        "total_ms": round(total, 3),
+        "floor_ms": round(total / (os.cpu_count() or 1), 3),
+        "wall_ms": round(sum(b["seconds"] for b in blocks) * 1e3 / n, 3),
+        "unmeasured": sorted({u for b in blocks for u in b["cpu"]["unmeasured"]}),
+    }
+
+
+def _native_level(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    n = sum(b["invocations"] for b in blocks)
+    return {
+        "invocations_per_s": n / sum(b["seconds"] for b in blocks),
+        "cpu": _merge_cpu(blocks),
+        "worker_calls_per_invocation": sum(
+            b["worker_calls_per_invocation"] * b["invocations"] for b in blocks
+        )
+        / n,
+    }
+
+
+def _amqp_level(blocks: list[dict[str, Any]], silos: list[str]) -> dict[str, Any]:
+    n = sum(b["invocations"] for b in blocks)
+    seconds = sum(b["seconds"] for b in blocks)
+
+    def total(key: str) -> float:
+        return sum(b[key] for b in blocks)
+
+    replies = max(total("reply_messages"), 1)
+    return {
+        "invocations_per_s": n / seconds,
+        "cpu": _merge_cpu(blocks),
+        "executor_ops_per_s": total("executor_ops") / seconds,
+        "executor_ops_per_invocation": total("executor_ops") / n,
+        "broker_round_trips_per_s": total("reply_messages") / seconds,
+        "messages_per_invocation": total("messages") / n,
+        "coordinator_worker_calls_per_invocation": total("coordinator_worker_calls") / n,
+        "silo_worker_calls_per_invocation": {
+            s: sum(b["silo_worker_calls"][s] for b in blocks) / n for s in silos
+        },
+        "request_bytes": total("published_bytes") / max(total("request_messages"), 1),
+        "reply_bytes": total("received_bytes") / replies,
+        "seconds": seconds,
+    }
+
+
+async def _measure(
     broker: str, federation: str, silos: list[str], comp: Any, values: list[float],
-    levels: list[int], total: int, roles: Callable[[], dict[str, list[int]]],
-) -> dict[int, Any]:  # fmt: skip
+    levels: list[int], total: int, blocks: int, roles: Callable[[], dict[str, list[int]]],
+) -> tuple[dict[int, Any], dict[int, Any], dict[int, list[float]]]:  # fmt: skip
+    """TFF native and tff-amqp at each C, in alternating blocks of `total` x C
+    invocations (native first, then tff-amqp first, ...) with both contexts
+    live, so that drift of a shared machine falls on both. Returns native's
+    and tff-amqp's levels and, per C, each block's ratio (tff-amqp / native)."""
     import tensorflow_federated as tff
 
     import tff_amqp
-    from tff_amqp.coordinator.stateful.counts import snapshot
 
-    context = tff_amqp.create_async_amqp_execution_context(
-        broker, federation=federation, min_silos=len(silos), cohort_timeout=300.0, deadline=600.0,
-        heartbeat_timeout=30.0,
-    )  # fmt: skip
-    out = {}
-    try:
-        with tff.framework.get_context_stack().install(context), OperationCounter() as ops:
-            await comp(values)  # warm-up
-            link = context.runtime.link
-            for c in levels:
-                counts_before = await snapshot(context.runtime, silos, timeout=60.0)
-                before = dict(link.stats)
-                ops_before = ops.count
-                with CpuMeter(roles()) as cpu:
-                    seconds, results = await _pipelined(lambda: comp(values), c, total * c)
-                assert all(abs(float(r) - sum(values)) < 1e-4 for r in results)
-                delta = {k: link.stats[k] - before.get(k, 0) for k in link.stats}
-                # Clean-up included: counted once every invocation has ended.
-                counts = (await snapshot(context.runtime, silos, timeout=60.0)).minus(counts_before)
-                # Broker messages (a bundle of several requests or replies is one).
-                replies = max(delta["reply_messages"], 1)
-                out[c] = {
-                    "invocations_per_s": len(results) / seconds,
-                    "cpu": cpu.per_invocation(len(results)),
-                    "executor_ops_per_s": (ops.count - ops_before) / seconds,
-                    "executor_ops_per_invocation": (ops.count - ops_before) / len(results),
-                    "broker_round_trips_per_s": delta["reply_messages"] / seconds,
-                    "messages_per_invocation": counts.messages / len(results),
-                    "coordinator_worker_calls_per_invocation": counts.coordinator_total
-                    / len(results),
-                    "silo_worker_calls_per_invocation": {
-                        s: counts.silo_total(s) / len(results) for s in silos
-                    },
-                    "request_bytes": delta["published_bytes"] / max(delta["request_messages"], 1),
-                    "reply_bytes": delta["received_bytes"] / replies,
-                    "seconds": seconds,
-                }
-                progress(
-                    f"  tff-amqp    C={c:3d}: {out[c]['invocations_per_s']:.1f} invocations/s, "
-                    f"{out[c]['executor_ops_per_s']:.0f} executor ops/s, "
-                    f"{out[c]['broker_round_trips_per_s']:.0f} broker round trips/s"
-                )
-    finally:
-        await context.close()
-    return out
+    stack = tff.framework.get_context_stack()
+    native_blocks: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+    amqp_blocks: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+    ratios: dict[int, list[float]] = {c: [] for c in levels}
+    # TFF's launcher leaves its worker_binary running: ours to stop.
+    with reaping_children("worker_binary"), native_worker_calls() as calls:
+        native = tff.backends.native.create_async_local_cpp_execution_context()
+        amqp = tff_amqp.create_async_amqp_execution_context(
+            broker, federation=federation, min_silos=len(silos), cohort_timeout=300.0,
+            deadline=600.0, heartbeat_timeout=30.0,
+        )  # fmt: skip
+        try:
+            with OperationCounter() as ops:
+
+                async def native_block(c: int) -> dict[str, Any]:
+                    with stack.install(native):
+                        return await _native_block(comp, values, c, total * c, calls)
+
+                async def amqp_block(c: int) -> dict[str, Any]:
+                    with stack.install(amqp):
+                        return await _amqp_block(
+                            amqp, silos, comp, values, c, total * c, ops, roles
+                        )
+
+                with stack.install(native):
+                    await comp(values)  # warm-up
+                with stack.install(amqp):
+                    await comp(values)
+                for c in levels:
+                    for block in range(blocks):
+                        if block % 2 == 0:
+                            theirs = await native_block(c)
+                            ours = await amqp_block(c)
+                        else:
+                            ours = await amqp_block(c)
+                            theirs = await native_block(c)
+                        native_blocks[c].append(theirs)
+                        amqp_blocks[c].append(ours)
+                        ratios[c].append(
+                            (ours["invocations"] / ours["seconds"])
+                            / (theirs["invocations"] / theirs["seconds"])
+                        )
+                        progress(
+                            f"  C={c:3d} block {block + 1}/{blocks}: native "
+                            f"{theirs['invocations'] / theirs['seconds']:.0f}, tff-amqp "
+                            f"{ours['invocations'] / ours['seconds']:.0f} invocations/s"
+                        )
+        finally:
+            await amqp.close()
+    return (
+        {c: _native_level(b) for c, b in native_blocks.items()},
+        {c: _amqp_level(b, silos) for c, b in amqp_blocks.items()},
+        ratios,
+    )
 
 
 async def broker_ceiling(
@@ -266,8 +359,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     comp = _computation()
     values = [float(i + 1) for i in range(args.silos * 2)]
     levels = args.concurrency
-    progress(f"throughput benchmark: {args.silos} silos, C in {levels}, {args.per_level} x C each")
-    native = await _native(comp, values, levels, args.per_level)
+    progress(
+        f"throughput benchmark: {args.silos} silos, C in {levels}, {args.blocks} blocks of "
+        f"{args.per_level} x C per system"
+    )
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     names = numbered_silo_names("s", args.silos)
     try:
@@ -275,9 +370,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             local.start_silo_host("h0", names)
             progress(f"  starting {args.silos} silos in one host ...")
             await asyncio.to_thread(local.wait_ready, 600)
-            amqp = await _tff_amqp(
+            native, amqp, block_ratios = await _measure(
                 args.broker, federation, names, comp, values, levels, args.per_level,
-                lambda: amqp_roles(local, broker_pids(args.broker)),
+                args.blocks, lambda: amqp_roles(local, broker_pids(args.broker)),
             )  # fmt: skip
     finally:
         await asyncio.wait_for(delete_federation_async(args.broker, federation, names), 30)
@@ -303,6 +398,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "cpu_ceiling_per_s": _cpu_ceiling(amqp[c]["cpu"]),
                 "broker_ceiling_round_trips_per_s": ceiling,
                 "ratio_to_native": amqp[c]["invocations_per_s"] / native[c]["invocations_per_s"],
+                # The same ratio within each block (native and tff-amqp alternating).
+                "block_ratios": block_ratios[c],
                 "fraction_of_broker_ceiling": amqp[c]["broker_round_trips_per_s"] / ceiling,
             }
         )
@@ -312,7 +409,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "silos": args.silos,
         "clients": len(values),
-        "invocations_per_level": f"{args.per_level} x C",
+        "invocations_per_level": (
+            f"{args.per_level} x C per block and system, {args.blocks} alternating blocks"
+        ),
         "note": (
             "one invocation = a federated_sum over the silos; ratio_to_native compares "
             "invocations/s; fraction_of_broker_ceiling compares the coordinator's broker round "
@@ -330,23 +429,31 @@ def main() -> int:
     )
     parser.add_argument("--silos", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=None)
-    parser.add_argument("--per-level", type=int, default=20, help="invocations per level: N x C")
+    parser.add_argument(
+        "--per-level", type=int, default=20, help="invocations per block and system: N x C"
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=4, help="alternating blocks per level (native, tff-amqp)"
+    )
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="C in 1 8, 5 x C, 2 s ceilings")
     args = parser.parse_args()
     if args.quick:
         args.per_level = min(args.per_level, 5)
+        args.blocks = min(args.blocks, 2)
         args.ceiling_seconds = min(args.ceiling_seconds, 2.0)
     args.concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     stop_on_sigterm()
     result = asyncio.run(_run(args))
     print()
     print_table(
-        ["C", "native inv/s", "tff-amqp inv/s", "x native", "exec ops/s", "broker rt/s",
-         "ceiling rt/s", "of ceiling"],
+        ["C", "native inv/s", "tff-amqp inv/s", "x native", "x native by block", "exec ops/s",
+         "broker rt/s", "ceiling rt/s", "of ceiling"],
         [
             [r["concurrency"], r["native_invocations_per_s"], r["invocations_per_s"],
-             r["ratio_to_native"], r["executor_ops_per_s"], r["broker_round_trips_per_s"],
+             r["ratio_to_native"],
+             f"{min(r['block_ratios']):.2f}-{max(r['block_ratios']):.2f}",
+             r["executor_ops_per_s"], r["broker_round_trips_per_s"],
              r["broker_ceiling_round_trips_per_s"], r["fraction_of_broker_ceiling"]]
             for r in result["levels"]
         ],
