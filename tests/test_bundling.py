@@ -83,27 +83,65 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_publish_goes_at_once_and_what_queues_behind_it_rides_together() -> None:
+async def test_what_is_published_in_one_loop_turn_and_behind_a_confirm_rides_together() -> None:
     broker = _Broker()
     publisher = _publisher(broker)
-    envelopes = [_batch(n) for n in range(5)]
-    tasks = [asyncio.create_task(publisher.publish("silo-a", e, p.encode(e))) for e in envelopes]
+    envelopes = [_batch(n) for n in range(8)]
+    # Three published in the same turn of the event loop: one message.
+    tasks = [
+        asyncio.create_task(publisher.publish("silo-a", e, p.encode(e))) for e in envelopes[:3]
+    ]
     await _settle()
-    # The first went alone without waiting; the others wait for its confirm.
     assert len(broker.sent) == 1
-    assert [e.message_id for e in broker.envelopes(0)] == [envelopes[0].message_id]
+    assert [e.message_id for e in broker.envelopes(0)] == [e.message_id for e in envelopes[:3]]
+    # Five more while its confirm is awaited: they wait, then go as one bundle.
+    tasks += [
+        asyncio.create_task(publisher.publish("silo-a", e, p.encode(e))) for e in envelopes[3:]
+    ]
+    await _settle()
+    assert len(broker.sent) == 1
     broker.release()
     await _settle()
-    # Then the four that queued go as one bundle, in publish order.
     assert len(broker.sent) == 2
-    assert [e.message_id for e in broker.envelopes(1)] == [e.message_id for e in envelopes[1:]]
+    assert [e.message_id for e in broker.envelopes(1)] == [e.message_id for e in envelopes[3:]]
     bundle = p.decode(broker.sent[1][1])
     assert bundle.kind is p.Kind.BUNDLE
     # It expires only when its latest member is late.
-    assert bundle.deadline == max(e.deadline for e in envelopes[1:])
+    assert bundle.deadline == max(e.deadline for e in envelopes[3:])
     broker.release()
-    assert await asyncio.gather(*tasks) == [True] * 5
-    assert publisher.stats == {"messages": 2, "bundles": 1, "bundled": 4}
+    assert await asyncio.gather(*tasks) == [True] * 8
+    assert publisher.stats == {"messages": 2, "bundles": 2, "bundled": 8}
+
+
+async def test_a_lone_publish_waits_one_loop_turn_and_goes_alone() -> None:
+    broker = _Broker()
+    publisher = _publisher(broker)
+    envelope = _batch(1)
+    task = asyncio.create_task(publisher.publish("silo-a", envelope, p.encode(envelope)))
+    await asyncio.sleep(0)  # the task starts: it yields one turn first
+    assert broker.sent == []
+    await asyncio.sleep(0)
+    assert len(broker.sent) == 1
+    assert p.decode(broker.sent[0][1]).kind is p.Kind.BATCH  # alone, not a bundle
+    broker.release()
+    assert await task is True
+
+
+async def test_a_publish_cancelled_before_it_goes_is_not_sent_and_holds_nothing_up() -> None:
+    broker = _Broker()
+    publisher = _publisher(broker)
+    first, second = _batch(1), _batch(2)
+    cancelled = asyncio.create_task(publisher.publish("silo-a", first, p.encode(first)))
+    await asyncio.sleep(0)  # waiting for its loop turn
+    kept = asyncio.create_task(publisher.publish("silo-a", second, p.encode(second)))
+    cancelled.cancel()
+    await _settle()
+    assert [e.message_id for i in range(len(broker.sent)) for e in broker.envelopes(i)] == [
+        second.message_id
+    ]
+    broker.release()
+    assert await kept is True
+    assert cancelled.cancelled()
 
 
 async def test_destinations_do_not_wait_for_each_other_and_bundle_false_goes_alone() -> None:
@@ -117,8 +155,15 @@ async def test_destinations_do_not_wait_for_each_other_and_bundle_false_goes_alo
         asyncio.create_task(publisher.publish("silo-a", c, p.encode(c), bundle=False)),
     ]
     await _settle()
-    assert [key for key, _ in broker.sent] == ["silo-a", "silo-b", "silo-a"]
-    assert all(p.decode(body).kind is p.Kind.BATCH for _, body in broker.sent)
+    # The one that does not bundle went at once; the others after their loop
+    # turn, each alone (no confirm is awaited, yet neither waits for the other).
+    sent = [(key, p.decode(body)) for key, body in broker.sent]
+    assert [(key, e.message_id) for key, e in sent] == [
+        ("silo-a", c.message_id),
+        ("silo-a", a.message_id),
+        ("silo-b", b.message_id),
+    ]
+    assert all(e.kind is p.Kind.BATCH for _, e in sent)
     broker.release()
     assert await asyncio.gather(*tasks) == [True, True, True]
 
@@ -134,8 +179,8 @@ async def test_a_bundle_never_exceeds_the_message_size_limit() -> None:
         broker.release()
     await asyncio.gather(*tasks)
     sizes = [len(broker.envelopes(i)) for i in range(len(broker.sent))]
-    # 1 alone, then bundles of at most 3 that fit the limit, nothing lost or reordered.
-    assert sizes == [1, 3, 3]
+    # Bundles of at most 3 that fit the limit, nothing lost or reordered.
+    assert sizes == [3, 3, 1]
     assert all(len(body) <= limit for _, body in broker.sent)
     carried = [e.message_id for i in range(len(sizes)) for e in broker.envelopes(i)]
     assert carried == [e.message_id for e, _ in payloads]
@@ -161,7 +206,7 @@ async def test_unroutable_and_failed_bundles_reach_every_member() -> None:
     broker.release()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results), results
-    assert len(broker.sent) == 2  # the lone first, then the bundle of two
+    assert len(broker.sent) == 1  # one bundle of the three
 
 
 def test_bundle_members_are_validated_one_by_one() -> None:
