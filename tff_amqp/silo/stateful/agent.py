@@ -261,17 +261,17 @@ class SiloAgent(SiloServer):
             log.info("silo.duplicate", extra={"message_id": envelope.message_id})
             return
         self._remember(envelope.message_id)
-        carrier: list[asyncio.Future[None]] = []
+        applied: asyncio.Future[None] | None = None
         try:
-            await self._accept(envelope, carrier)
+            applied = await self._accept(envelope)
         finally:
             # After this batch is queued, and freed once it has run (see
             # CLOSE_AFTER_CARRIER_SECONDS), whatever becomes of it.
-            self._finish_closed(envelope, carrier[0] if carrier else None)
+            self._finish_closed(envelope, applied)
 
-    async def _accept(self, envelope: p.Envelope, carrier: list[asyncio.Future[None]]) -> None:
-        """Refuse `envelope` or queue it for its invocation's runner (whose
-        future of applying it goes into `carrier`)."""
+    async def _accept(self, envelope: p.Envelope) -> asyncio.Future[None] | None:
+        """Refuse `envelope` (None) or queue it for its invocation's runner:
+        the future of its being applied."""
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
@@ -286,7 +286,7 @@ class SiloAgent(SiloServer):
                 code,
                 f"silo {self.config.name!r} {text}",
             )
-            return
+            return None
         assert isinstance(envelope.body, p.Batch)
         try:
             # In the order the queue delivers: the order the coordinator sent.
@@ -299,7 +299,7 @@ class SiloAgent(SiloServer):
                 e.code,
                 f"silo {self.config.name!r} {e}",
             )
-            return
+            return None
         await self._note_coordinator(envelope)
         # As the latest coordinator says (one coordinator per federation).
         self.endpoint.bundle_replies = envelope.body.accepts_bundles
@@ -309,7 +309,7 @@ class SiloAgent(SiloServer):
                 await self.endpoint.reply_error(
                     "", envelope.correlation_id, p.ErrorCode.MALFORMED, "missing invocation id"
                 )
-                return
+                return None
             session = InvocationSession(
                 silo=self.config.name,
                 invocation_id=envelope.invocation_id,
@@ -324,7 +324,7 @@ class SiloAgent(SiloServer):
             runner = _InvocationRunner(self, session, (sender, instance))
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
-        carrier.append(runner.submit(envelope))
+        return runner.submit(envelope)
 
     def _finish_closed(self, envelope: p.Envelope, after: asyncio.Future[None] | None) -> None:
         """Free the invocations whose close rides this batch (whatever becomes
