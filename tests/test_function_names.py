@@ -5,16 +5,33 @@ running it and gets it again, and the invocation still equals TFF native."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import random
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import numpy as np
 import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.core.impl.executors import value_serialization
 
 import tff_amqp
 from tests.support.computations import XY_ROW, fedavg_round
 from tests.support.data import write_xy_clients
-from tests.support.federation import assert_close, run_in, started_context, wait_live
+from tests.support.federation import (
+    Federation,
+    assert_close,
+    run_in,
+    started_context,
+    wait_live,
+)
+from tff_amqp import protocol as p
 from tff_amqp.local import LocalFederation, SiloOptions
+from tff_amqp.topology import Topology
 
 SILOS = ("fa", "fb")
 
@@ -44,18 +61,20 @@ def _native_rounds(native_context: Any, folders: dict[str, Path], rounds: int) -
     return outputs
 
 
-def _rounds(context: Any, rounds: int) -> tuple[list[Any], list[int]]:
-    """Each round's output and the bytes the coordinator published for it."""
+def _rounds(context: Any, rounds: int) -> tuple[list[Any], list[int], list[int]]:
+    """Each round's output, the bytes the coordinator published for it and
+    the batches silos refused in it for functions they no longer held."""
     initialize, fedavg = fedavg_round()
     stats = context.runtime.link.stats
     state = run_in(context, initialize)
-    outputs, published = [], []
+    outputs, published, refused = [], [], []
     for _ in range(rounds):
-        before = stats["published_bytes"]
+        before, missing = stats["published_bytes"], stats["functions_missing"]
         state, metrics = run_in(context, fedavg, state, tff_amqp.silo_data("xy"))
         published.append(stats["published_bytes"] - before)
+        refused.append(stats["functions_missing"] - missing)
         outputs.append((state, metrics))
-    return outputs, published
+    return outputs, published, refused
 
 
 def test_fedavg_rounds_name_the_functions_each_silo_already_holds(
@@ -65,7 +84,7 @@ def test_fedavg_rounds_name_the_functions_each_silo_already_holds(
     expected = _native_rounds(native_context, folders, 3)
     with started_context(amqp_url, local.federation, len(SILOS)) as context:
         wait_live(context, SILOS)
-        outputs, published = _rounds(context, 3)
+        outputs, published, _ = _rounds(context, 3)
         link = context.runtime.link
         print(f"\nbytes published per round: {published}")
         for output, want in zip(outputs, expected, strict=True):
@@ -89,13 +108,15 @@ def test_a_silo_that_no_longer_holds_a_named_function_gets_it_again(
     expected = _native_rounds(native_context, folders, 3)
     with started_context(amqp_url, local.federation, len(SILOS)) as context:
         wait_live(context, SILOS)
-        outputs, published = _rounds(context, 3)
-        stats = context.runtime.link.stats
-        print(f"\nbytes published per round: {published}; refusals: {stats['functions_missing']}")
+        outputs, published, refused = _rounds(context, 3)
+        print(f"\nbytes published per round: {published}; refusals per round: {refused}")
         for output, want in zip(outputs, expected, strict=True):
             assert_close(output, want)
-        # Rounds 2 and 3 met one refusal at each silo (then sent in full).
-        assert stats["functions_missing"] == 2 * len(SILOS)
+        # Round 1 named nothing; rounds 2 and 3 met one refusal at each silo,
+        # then sent in full: never a second (a batch sent again naming what
+        # the silo just said it lacks, or what a batch sent before the
+        # refusal carried).
+        assert refused == [0, len(SILOS), len(SILOS)], refused
         assert context.last_invocation is not None
         assert context.last_invocation.dropped == {}
 
@@ -109,9 +130,122 @@ def test_a_silo_keeping_no_functions_is_sent_them_in_full_every_round(
         wait_live(context, SILOS)
         records = [context.runtime.membership.record(silo) for silo in SILOS]
         assert all(r is not None and not r.status.holds_functions for r in records)
-        outputs, published = _rounds(context, 2)
+        outputs, published, _ = _rounds(context, 2)
         for output, want in zip(outputs, expected, strict=True):
             assert_close(output, want)
         # Nothing named: the second round costs what the first did.
         assert published[1] > published[0] * 0.8, published
         assert context.runtime.link.stats["functions_missing"] == 0
+
+
+def _serialized(value: Any, type_spec: Any) -> bytes:
+    proto, _ = value_serialization.serialize_value(value, type_spec)
+    return proto.SerializeToString()
+
+
+async def _publish_all(url: str, topology: Topology, silo: str, envelopes: list[p.Envelope]):
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        requests = await channel.get_exchange(topology.requests_exchange, ensure=False)
+        for envelope in envelopes:
+            message = aio_pika.Message(
+                p.encode(envelope),
+                message_id=envelope.message_id,
+                correlation_id=envelope.correlation_id,
+            )
+            await requests.publish(message, routing_key=topology.request_routing_key(silo))
+
+
+def test_a_silo_refuses_the_batches_after_one_it_refused_until_that_one_comes_again(
+    amqp_url: str, amqp_context: Any, silo_federation: Federation
+) -> None:
+    """Batch 0 names a function the silo never held and batch 1 (using batch
+    0's values) is already on its way: batch 1 is refused too rather than run
+    without batch 0. Sent again in order, batch 0 carrying the function, both
+    run. A real silo process, batches published as a coordinator would."""
+    silo = sorted(silo_federation.silos)[0]
+    topology = Topology(silo_federation.name)
+    f32 = tff.TensorType(np.float32)
+    # A function with a constant of its own: no silo holds it yet.
+    constant = np.float32(random.random())
+    add = tff.tensorflow.computation(lambda x: x + constant, np.float32)
+    function = _serialized(add, add.type_signature)
+    digest = hashlib.sha256(function).digest()
+    sender, invocation = f"coordinator-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    replies: dict[str, p.Envelope] = {}
+
+    def tap(payload: bytes) -> None:
+        try:
+            envelope = p.decode(payload)
+        except p.ProtocolError:
+            return
+        if envelope.invocation_id == invocation:
+            replies[envelope.correlation_id] = envelope
+
+    def batch(seq: int, ops: list[p.Operation]) -> p.Envelope:
+        return p.batch_envelope(
+            sender=sender,
+            invocation_id=invocation,
+            correlation_id=uuid.uuid4().hex,
+            deadline=time.time() + 60,
+            operations=ops,
+            seq=seq,
+        )
+
+    def answers(envelopes: list[p.Envelope]) -> list[p.Envelope]:
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            if all(e.correlation_id in replies for e in envelopes):
+                return [replies[e.correlation_id] for e in envelopes]
+            time.sleep(0.02)
+        raise AssertionError(f"no reply from {silo!r} within 20 s: {sorted(replies)}")
+
+    def first(function_op: p.Operation) -> p.Envelope:
+        return batch(
+            0,
+            [
+                p.Open(clients=1),
+                p.CreateValue(1, _serialized(np.float32(2.0), f32)),
+                function_op,
+                p.CreateCall(target=3, fn=2, arg=1),
+                p.Compute(1),
+            ],
+        )
+
+    def second() -> p.Envelope:
+        # Uses batch 0's function and value.
+        return batch(
+            1,
+            [
+                p.CreateCall(target=4, fn=2, arg=1),
+                p.CreateValue(5, _serialized(np.float32(3.0), f32)),
+                p.Compute(5),
+            ],
+        )
+
+    link = amqp_context.runtime.link
+    link.taps.append(tap)
+    try:
+        named, later = first(p.CreateKnownFunction(target=2, digest=digest)), second()
+        asyncio.run(_publish_all(amqp_url, topology, silo, [named, later]))
+        refused = answers([named, later])
+        codes = [r.body.code for r in refused]  # type: ignore[union-attr]
+        assert codes == [p.ErrorCode.MISSING_FUNCTIONS, p.ErrorCode.EARLIER_BATCH_REFUSED], codes
+        assert "refused batch 0" in refused[1].body.message  # type: ignore[union-attr]
+        # Again, in order, the function in full: both run.
+        full, again = first(p.CreateValue(2, function)), second()
+        close = batch(2, [p.Close()])
+        asyncio.run(_publish_all(amqp_url, topology, silo, [full, again, close]))
+        results = answers([full, again])
+    finally:
+        link.taps.remove(tap)
+    assert [r.kind for r in results] == [p.Kind.RESULT, p.Kind.RESULT], results
+
+    def value_of(envelope: p.Envelope, source: int) -> float:
+        assert isinstance(envelope.body, p.Result)
+        proto = executor_pb2.Value.FromString(envelope.body.values[source])
+        return float(value_serialization.deserialize_value(proto)[0])
+
+    assert value_of(results[0], 1) == 2.0
+    assert value_of(results[1], 5) == 3.0

@@ -4,6 +4,7 @@ and tests/test_function_names.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 
@@ -11,7 +12,7 @@ import pytest
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.stateful.known_functions import MIN_BYTES, KnownFunctions
-from tff_amqp.silo.stateful.functions import FunctionStore
+from tff_amqp.silo.stateful.functions import FunctionStore, RefusedBatches
 
 
 def _function(tag: int, size: int = 1000) -> bytes:
@@ -82,6 +83,25 @@ def test_a_batch_naming_a_function_the_silo_lacks_is_refused_whole():
     assert len(store) == 0  # a refused batch leaves nothing behind
 
 
+def test_after_a_refused_batch_the_invocations_later_batches_wait_for_it_again():
+    refused = RefusedBatches()
+    refused.refuse("inv", 3, deadline=100.0)
+    assert refused.blocking("inv", 4) == 3
+    assert refused.blocking("inv", 3) is None  # the refused batch itself may come again
+    assert refused.blocking("inv", 2) is None  # an earlier one (a duplicate) as before
+    assert refused.blocking("other", 9) is None
+    refused.passed("inv", 2)
+    assert refused.blocking("inv", 4) == 3
+    refused.passed("inv", 3)
+    assert refused.blocking("inv", 4) is None
+    # Nothing is kept past the invocation's deadline plus the grace.
+    refused.refuse("inv", 0, deadline=100.0)
+    refused.expire(now=130.0, grace=60.0)
+    assert len(refused) == 1
+    refused.expire(now=161.0, grace=60.0)
+    assert len(refused) == 0
+
+
 def test_the_store_drops_the_least_recently_used_first_by_count_and_by_bytes():
     store = FunctionStore(max_functions=2, max_bytes=10_000)
     a, b, c = _function(1), _function(2), _function(3)
@@ -123,6 +143,24 @@ def test_the_coordinator_names_only_what_that_silo_process_answered_for():
     assert known.name_known("s1", "inst-c", ops)[0] == ops
 
 
+def test_an_answer_to_a_batch_sent_before_a_refusal_teaches_nothing():
+    """A batch carrying `fn` went out, then another batch was refused (the
+    silo holds less than promised): the first one's late answer must not
+    make the coordinator name `fn`, which the silo may have dropped since."""
+    known = KnownFunctions()
+    fn = _function(1)
+    ops = (p.CreateValue(target=1, value=fn), p.Compute(source=1))
+    _, carried = known.name_known("s1", "inst-a", ops)
+    before = known.epoch("s1")
+    known.forget("s1")  # the refusal of a later batch
+    known.learn("s1", "inst-a", carried, before)
+    assert known.held("s1") == 0
+    assert known.name_known("s1", "inst-a", ops)[0] == ops
+    # Published after the refusal: its answer counts.
+    known.learn("s1", "inst-a", carried, known.epoch("s1"))
+    assert known.held("s1") == 1
+
+
 def test_whatever_the_coordinator_names_the_silo_still_holds():
     """Both sides see the same batches in the same order (the silo's queue);
     the coordinator tracks a quarter of the store's bounds, so a digest it
@@ -149,3 +187,36 @@ def test_a_function_held_in_a_view_or_bytearray_is_digested_alike():
     fn = _function(5)
     assert known.digest(memoryview(fn)) == known.digest(bytearray(fn)) == known.digest(fn)
     assert known.digest(fn) == _digest(fn)
+
+
+async def test_a_refusal_is_taken_in_before_whoever_awaits_it_resumes():
+    """The outbox sends a refused batch again as soon as it sees the refusal,
+    even when the refusal came back before the publish returned (it then
+    never waits): by then the link must have forgotten what that silo holds,
+    or the batch names the same functions again and is refused again."""
+    from tff_amqp.coordinator.intake import Pending
+    from tff_amqp.coordinator.membership import Membership
+    from tff_amqp.coordinator.stateful.link import CoordinatorLink, _NamedBatch
+    from tff_amqp.topology import Topology
+
+    link = CoordinatorLink("amqp://unused/", Topology("fed"), Membership())
+    fn = _function(1)
+    digest = _digest(fn)
+    link.functions.learn("alpha", "inst", [(digest, len(fn))])
+    future = asyncio.get_running_loop().create_future()
+    link._pending["corr"] = Pending("alpha", "inv", future, "inst")
+    link._named["corr"] = _NamedBatch("alpha", "inst", (), link.functions.epoch("alpha"))
+    refusal = p.Envelope(
+        kind=p.Kind.ERROR,
+        body=p.ErrorReport(code=p.ErrorCode.MISSING_FUNCTIONS, message="does not hold"),
+        sender="alpha",
+        invocation_id="inv",
+        correlation_id="corr",
+    )
+    link._deliver("corr", link._pending["corr"], refusal, "alpha")
+    # No turn of the event loop yet: whoever awaits `future` would resume now.
+    assert future.done()
+    assert link.functions.held("alpha") == 0
+    ops = (p.CreateValue(target=1, value=fn), p.Compute(source=1))
+    assert link.functions.name_known("alpha", "inst", ops)[0] == ops
+    assert link.stats["functions_missing"] == 1

@@ -15,6 +15,7 @@ from tff_amqp.coordinator.stateful.outbox import (
     OutboxChannel,
     SiloOutbox,
 )
+from tff_amqp.errors import SiloError
 
 
 class RecordingChannel:
@@ -198,3 +199,58 @@ def test_a_close_with_nothing_pending_is_deferred_after_every_batch() -> None:
     with_pending = asyncio.run(run(pending=True))
     assert with_pending.deferred == []
     assert with_pending.operations(1) == [p.CreateValue, p.Close]
+
+
+class RefusingChannel(RecordingChannel):
+    """The silo of tests/test_function_names.py in miniature: it refuses the
+    first batch for functions it no longer holds, and every batch published
+    after it (EARLIER_BATCH_REFUSED) until that batch comes again; the
+    refusal comes back only once the second batch is on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._replies: list[asyncio.Future[p.Result]] = []
+        self.first_published = asyncio.Event()
+
+    async def _publish(
+        self, silo: str, envelope: p.Envelope, expect_reply: bool
+    ) -> asyncio.Future[p.Result] | None:
+        reply = await super()._publish(silo, envelope, expect_reply)
+        self.first_published.set()
+        assert isinstance(envelope.body, p.Batch)
+        seq = envelope.body.seq
+        if len(self.batches) <= 2 and reply is not None:
+            # Original batches 0 and 1: answered with refusals, later.
+            refusal = asyncio.get_running_loop().create_future()
+            self._replies.append(refusal)
+            if seq == 1:
+                codes = (p.ErrorCode.MISSING_FUNCTIONS, p.ErrorCode.EARLIER_BATCH_REFUSED)
+                for future, code in zip(self._replies, codes, strict=True):
+                    future.set_exception(SiloError(silo, str(code), f"refused ({code})"))
+            return refusal
+        return reply
+
+
+def test_a_batch_refused_for_missing_functions_is_sent_again_with_every_later_batch() -> None:
+    """Two batches went out before the silo's refusal of the first came
+    back: both are sent again, in order, and each compute gets its value."""
+
+    async def run() -> tuple[RefusingChannel, list[bytes | bytearray]]:
+        recording = RefusingChannel()
+        outbox = _outbox(recording)
+        a = outbox.create_value(b"a")
+        first = asyncio.create_task(outbox.compute(a))
+        await recording.first_published.wait()
+        b = outbox.create_value(b"b")
+        second = asyncio.create_task(outbox.compute(b))
+        values = await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+        await outbox.close()
+        return recording, values
+
+    recording, values = asyncio.run(run())
+    assert values == [b"1", b"2"]
+    seqs = [envelope.body.seq for envelope in recording.batches]  # type: ignore[union-attr]
+    # Batches 0 and 1, then both again in order, then the close.
+    assert seqs == [0, 1, 0, 1, 2], seqs
+    assert recording.operations(2) == recording.operations(0)
+    assert recording.operations(3) == recording.operations(1)

@@ -67,6 +67,10 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_INVOCATION = "unknown_invocation"
     # A batch names a function by digest that the silo does not hold.
     MISSING_FUNCTIONS = "missing_functions"
+    # A later batch of an invocation whose earlier batch the silo refused for
+    # MISSING_FUNCTIONS: refused too until that batch comes again, so the
+    # silo never applies an invocation's batches out of order.
+    EARLIER_BATCH_REFUSED = "earlier_batch_refused"
 
 
 class ProtocolError(CodedError, ValueError):

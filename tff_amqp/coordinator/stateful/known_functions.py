@@ -9,7 +9,8 @@ most recently used quarter of the silo store's bounds, so the silo, whose
 store sees the same batches in the same order, still has it. A silo that
 restarted is another instance: nothing is named to it until it answers
 again. A MISSING_FUNCTIONS refusal (which these rules should make impossible)
-forgets everything about that silo.
+forgets everything about that silo, and answers to batches published before
+it teach nothing more: the silo may have dropped what they carried since.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class KnownFunctions:
         self._max_functions = max_functions
         self._max_bytes = max_bytes
         self._held: dict[str, _Held] = {}
+        # Per silo, how many times it was forgotten: what a batch published
+        # before the latest `forget` carried is not learned from its answer.
+        self._forgotten: dict[str, int] = {}
         # The digest of each serialized function (the same bytes objects ship
         # every round: the lookup hashes each object's bytes once).
         self._digests: OrderedDict[bytes, bytes] = OrderedDict()
@@ -83,9 +87,22 @@ class KnownFunctions:
             named.append(op)
         return tuple(named), tuple(carried)
 
-    def learn(self, silo: str, instance: str, carried: Iterable[tuple[bytes, int]]) -> None:
+    def epoch(self, silo: str) -> int:
+        """Taken when a batch is published; given back to `learn`."""
+        return self._forgotten.get(silo, 0)
+
+    def learn(
+        self,
+        silo: str,
+        instance: str,
+        carried: Iterable[tuple[bytes, int]],
+        epoch: int | None = None,
+    ) -> None:
         """`silo`'s process `instance` answered a batch carrying these
-        functions ((digest, size) pairs)."""
+        functions ((digest, size) pairs), published at `epoch` (ignored when
+        the silo was forgotten since)."""
+        if epoch is not None and epoch != self.epoch(silo):
+            return
         held = self._held.get(silo)
         if held is None or held.instance != instance:
             held = self._held[silo] = _Held(instance)
@@ -101,6 +118,7 @@ class KnownFunctions:
 
     def forget(self, silo: str) -> None:
         self._held.pop(silo, None)
+        self._forgotten[silo] = self.epoch(silo) + 1
 
     def held(self, silo: str) -> int:
         """How many functions `silo` is known to hold (tests, status)."""

@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.intake import Pending, ReplyIntake
 from tff_amqp.coordinator.stateful.known_functions import KnownFunctions
-from tff_amqp.errors import SiloError, SiloUnreachableError
+from tff_amqp.errors import SiloUnreachableError
 from tff_amqp.transport.bundling import BundlingPublisher
 from tff_amqp.transport.connection import envelope_message, publish_with_retry
 from tff_amqp.transport.schema import declare_exchange
@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 # before it goes as a message of its own. The silo frees the session that
 # much later at most.
 CLOSE_LINGER_SECONDS = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class _NamedBatch:
+    """A published batch that named functions or carried them in full: its
+    answer tells what its silo process holds."""
+
+    silo: str
+    instance: str
+    # (digest, size) of the functions it carried in full.
+    carried: tuple[tuple[bytes, int], ...]
+    # KnownFunctions.epoch when it was published.
+    epoch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,8 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         self.instance_started = time.time()
         # The functions each silo process holds: named by digest, not resent.
         self.functions = KnownFunctions()
+        # By correlation id, until answered (or abandoned).
+        self._named: dict[str, _NamedBatch] = {}
         # Closes not yet sent, per silo, with the timer that sends them alone.
         self._closes: dict[str, list[_DeferredClose]] = {}
         self._close_timers: dict[str, asyncio.TimerHandle] = {}
@@ -138,9 +153,10 @@ class CoordinatorLink(ReplyIntake[p.Result]):
                 silo, envelope.invocation_id, future, instance or None
             )
             if named:
-                future.add_done_callback(
-                    lambda answered: self._functions_answered(silo, instance, carried, answered)
-                )
+                corr = envelope.correlation_id
+                self._named[corr] = _NamedBatch(silo, instance, carried, self.functions.epoch(silo))
+                # Answered (see _deliver) or abandoned: forgotten either way.
+                future.add_done_callback(lambda _: self._named.pop(corr, None))
         # Batches of concurrent invocations to one silo ride in one message
         # when the silo takes bundles (it says so in its hello / heartbeat).
         routed = await self._publisher.publish(
@@ -155,26 +171,29 @@ class CoordinatorLink(ReplyIntake[p.Result]):
             self._count_published(payload)
         return future if expect_reply else None
 
-    def _functions_answered(
-        self,
-        silo: str,
-        instance: str,
-        carried: tuple[tuple[bytes, int], ...],
-        answered: asyncio.Future[p.Result],
-    ) -> None:
-        """The silo's process answered a batch: once it ran, it holds what the
-        batch carried; a MISSING_FUNCTIONS refusal means it holds none of what
-        we thought."""
-        if answered.cancelled():
+    def _functions_answered(self, correlation_id: str, envelope: p.Envelope) -> None:
+        """A silo process answered a batch: once it ran, it holds what the
+        batch carried; a MISSING_FUNCTIONS refusal means it holds none of
+        what we thought (and answers to batches published before that teach
+        nothing: the silo may have dropped what they carried since). Done as
+        the answer is delivered, before anyone awaiting it resumes: a batch
+        sent again at once must not name what the silo just said it lacks."""
+        named = self._named.pop(correlation_id, None)
+        if named is None:
             return
-        error = answered.exception()
-        if error is None:
-            if carried:
-                self.functions.learn(silo, instance, carried)
-        elif isinstance(error, SiloError) and error.code == p.ErrorCode.MISSING_FUNCTIONS:
-            log.warning("coordinator.functions_missing", extra={"silo": silo, "error": str(error)})
+        if envelope.kind is p.Kind.RESULT:
+            if named.carried:
+                self.functions.learn(named.silo, named.instance, named.carried, named.epoch)
+        elif (
+            isinstance(envelope.body, p.ErrorReport)
+            and envelope.body.code is p.ErrorCode.MISSING_FUNCTIONS
+        ):
+            log.warning(
+                "coordinator.functions_missing",
+                extra={"silo": named.silo, "error": envelope.body.message},
+            )
             self.stats["functions_missing"] += 1
-            self.functions.forget(silo)
+            self.functions.forget(named.silo)
 
     # ---------------------------------------------------------------- closing
 
@@ -298,6 +317,7 @@ class CoordinatorLink(ReplyIntake[p.Result]):
         self.stats["replies"] += 1
         if pending.future.done():
             return
+        self._functions_answered(correlation_id, envelope)
         if envelope.kind is p.Kind.RESULT:
             assert isinstance(envelope.body, p.Result)
             self._pending.pop(correlation_id, None)

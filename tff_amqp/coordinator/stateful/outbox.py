@@ -82,9 +82,10 @@ class SiloOutbox:
         # flush made otherwise (size budget, close) ends it.
         self._hold: object | None = None
         self._seq = itertools.count()
-        # The last batch published (its seq): a batch refused for functions
-        # it named is sent again only while it is still the last one.
-        self._published = -1
+        # Published batches not yet known to have passed the silo's intake,
+        # by seq: a batch refused for functions it named is sent again with
+        # every batch after it (the silo refused those too; see _settle).
+        self._unconfirmed: dict[int, _Published] = {}
         self._publish_lock = asyncio.Lock()
         self._sends: set[asyncio.Task[None]] = set()
         self.opened = False
@@ -201,7 +202,7 @@ class SiloOutbox:
         task.add_done_callback(self._sends.discard)
 
     async def _publish(
-        self, ops: list[p.Operation], seq: int, expect_reply: bool
+        self, ops: list[p.Operation], seq: int, waiter: asyncio.Future[p.Result] | None
     ) -> asyncio.Future[p.Result] | None:
         """Publish batch `seq` (under the publish lock)."""
         channel = self._channel
@@ -213,52 +214,105 @@ class SiloOutbox:
             operations=ops,
             seq=seq,
         )
-        if expect_reply:
+        if waiter is not None:
             # Large results come back as chunks that name this batch.
             channel.expect_chunks(envelope.correlation_id, self.silo, channel.invocation_id)
-        reply = await channel.publish(self.silo, envelope, expect_reply)
-        self._published = seq
+        reply = await channel.publish(self.silo, envelope, waiter is not None)
+        self._unconfirmed[seq] = _Published(ops, waiter)
         return reply
-
-    async def _publish_again(
-        self, ops: list[p.Operation], seq: int, refused: SiloError
-    ) -> p.Result:
-        """Batch `seq` named functions the silo no longer holds (it refused it
-        before running anything, and the link forgot what it knew of the
-        silo): sent again, carrying them, unless a later batch already went
-        (the silo would have taken that one first)."""
-        async with self._publish_lock:
-            if self._published != seq:
-                raise refused
-            reply = await self._publish(ops, seq, True)
-        assert reply is not None
-        return await reply
 
     async def _send(
         self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
     ) -> None:
+        # Publishes leave in sequence order; replies are awaited outside the
+        # lock so batches pipeline.
         try:
-            # Publishes leave in sequence order; replies are awaited outside
-            # the lock so batches pipeline.
             async with self._publish_lock:
-                reply = await self._publish(ops, seq, waiter is not None)
-            if waiter is not None and reply is not None:
+                reply = await self._publish(ops, seq, waiter)
+        except BaseException as e:
+            _fail(waiter, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        if waiter is not None and reply is not None:
+            await self._settle(seq, waiter, reply)
+
+    async def _settle(
+        self, seq: int, waiter: asyncio.Future[p.Result], reply: asyncio.Future[p.Result]
+    ) -> None:
+        """Hand batch `seq`'s result to `waiter`. A batch the silo refused for
+        functions it named (before running anything; the link forgot what it
+        knew of the silo) is sent again, carrying them, with every batch
+        published after it: the silo refuses an invocation's later batches
+        (EARLIER_BATCH_REFUSED) until the refused one comes again, and this
+        batch's resend settles theirs. Every wait is bounded by the
+        waiter's (the deadline and the silo's liveness)."""
+        try:
+            while True:
                 try:
                     result = await reply
                 except SiloError as e:
-                    if e.code != p.ErrorCode.MISSING_FUNCTIONS:
+                    if e.code == p.ErrorCode.EARLIER_BATCH_REFUSED:
+                        return  # sent again by the refused batch's _settle
+                    if e.code != p.ErrorCode.MISSING_FUNCTIONS or seq not in self._unconfirmed:
                         raise
-                    result = await self._publish_again(ops, seq, e)
+                    reply = await self._publish_again_from(seq)
+                    continue
+                # Every batch up to this one passed the silo's intake.
+                for passed in [s for s in self._unconfirmed if s <= seq]:
+                    del self._unconfirmed[passed]
                 if not waiter.done():
                     waiter.set_result(result)
-        except asyncio.CancelledError:
-            # The reply was abandoned (silo dropped, invocation closed).
-            if waiter is not None and not waiter.done():
-                waiter.cancel()
-            raise
+                return
         except BaseException as e:
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(e)
-                # Mark it retrieved: when the invocation already ended (e.g. at
-                # its deadline) nobody awaits it, and asyncio would log it.
-                waiter.exception()
+            _fail(waiter, e)
+            if not isinstance(e, asyncio.CancelledError):
+                return
+            raise
+
+    async def _publish_again_from(self, seq: int) -> asyncio.Future[p.Result]:
+        """Publish batch `seq` and every later one again, in order; the
+        later ones are settled by tasks of their own. The future of
+        `seq`'s new reply."""
+        async with self._publish_lock:
+            replies = [
+                (later, self._unconfirmed[later].waiter, await self._publish_unconfirmed(later))
+                for later in sorted(s for s in self._unconfirmed if s >= seq)
+            ]
+        first = None
+        for later, waiter, reply in replies:
+            if later == seq:
+                first = reply
+            elif waiter is not None and reply is not None:
+                task = asyncio.create_task(self._settle(later, waiter, reply))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+        assert first is not None, f"batch {seq} expects a reply"
+        return first
+
+    async def _publish_unconfirmed(self, seq: int) -> asyncio.Future[p.Result] | None:
+        published = self._unconfirmed[seq]
+        return await self._publish(published.ops, seq, published.waiter)
+
+
+@dataclass(frozen=True)
+class _Published:
+    """A batch as published, kept until it is known to have passed the
+    silo's intake (so it can be sent again)."""
+
+    ops: list[p.Operation]
+    waiter: asyncio.Future[p.Result] | None
+
+
+def _fail(waiter: asyncio.Future[p.Result] | None, error: BaseException) -> None:
+    """End `waiter` with `error` (cancelled when the reply was abandoned:
+    the silo dropped, the invocation closed)."""
+    if waiter is None or waiter.done():
+        return
+    if isinstance(error, asyncio.CancelledError):
+        waiter.cancel()
+        return
+    waiter.set_exception(error)
+    # Mark it retrieved: when the invocation already ended (e.g. at its
+    # deadline) nobody awaits it, and asyncio would log it.
+    waiter.exception()

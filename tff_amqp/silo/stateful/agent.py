@@ -25,7 +25,7 @@ from tff_amqp.silo.bulk import BulkSettings
 from tff_amqp.silo.endpoint import EndpointConfig
 from tff_amqp.silo.serve import SiloServer
 from tff_amqp.silo.stateful.bulk import SiloBulk
-from tff_amqp.silo.stateful.functions import FunctionStore, held_functions
+from tff_amqp.silo.stateful.functions import FunctionStore, RefusedBatches, held_functions
 from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy, SessionError
 from tff_amqp.tff_worker import WorkerClient
 from tff_amqp.topology import Topology, check_silo_name
@@ -183,6 +183,7 @@ class SiloAgent(SiloServer):
         # (functions.py), unless the store is configured empty.
         self._functions = FunctionStore(max_functions=config.held_functions)
         self.holds_functions = config.held_functions > 0
+        self._refused = RefusedBatches()
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         # The latest-started instance seen per coordinator name, as (start
         # time, instance id): an earlier-started one is gone (one coordinator
@@ -288,11 +289,25 @@ class SiloAgent(SiloServer):
             )
             return None
         assert isinstance(envelope.body, p.Batch)
+        seq = envelope.body.seq
+        blocking = self._refused.blocking(envelope.invocation_id, seq)
+        if blocking is not None:
+            await self.endpoint.reply_error(
+                envelope.invocation_id,
+                envelope.correlation_id,
+                p.ErrorCode.EARLIER_BATCH_REFUSED,
+                f"silo {self.config.name!r} refused batch {blocking} of this invocation for "
+                f"functions it no longer holds, so it refuses batch {seq} until that one comes "
+                "again; the coordinator sends both again",
+            )
+            return None
         try:
             # In the order the queue delivers: the order the coordinator sent.
             envelope = replace(envelope, body=self._functions.take(envelope.body))
         except p.ProtocolError as e:
             self.stats["errors"] += 1
+            if e.code is p.ErrorCode.MISSING_FUNCTIONS:
+                self._refused.refuse(envelope.invocation_id, seq, envelope.deadline)
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
@@ -300,6 +315,7 @@ class SiloAgent(SiloServer):
                 f"silo {self.config.name!r} {e}",
             )
             return None
+        self._refused.passed(envelope.invocation_id, seq)
         await self._note_coordinator(envelope)
         # As the latest coordinator says (one coordinator per federation).
         self.endpoint.bundle_replies = envelope.body.accepts_bundles
@@ -332,6 +348,7 @@ class SiloAgent(SiloServer):
         if not isinstance(envelope.body, p.Batch):
             return
         for invocation_id in envelope.body.closes:
+            self._refused.forget(invocation_id)
             runner = self._runners.get(invocation_id)
             if runner is not None and runner.coordinator[0] == envelope.sender:
                 runner.finish(after)
@@ -532,6 +549,7 @@ class SiloAgent(SiloServer):
         while True:
             await asyncio.sleep(min(5.0, self.config.session_grace))
             now = time.time()
+            self._refused.expire(now, self.config.session_grace)
             for runner in list(self._runners.values()):
                 deadline = runner.session.deadline
                 if deadline and now > deadline + self.config.session_grace:

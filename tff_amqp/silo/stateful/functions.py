@@ -107,3 +107,44 @@ class FunctionStore:
         while len(self._functions) > self._max_functions or self._bytes > self._max_bytes:
             _, dropped = self._functions.popitem(last=False)
             self._bytes -= len(dropped)
+
+
+class RefusedBatches:
+    """Per invocation, the batch refused for functions it named that this
+    silo no longer holds. The invocation's later batches (already on their
+    way) are refused too until that batch comes again: they may use its
+    values, and a session applies batches only in order. The coordinator
+    sends the refused batch again, carrying the functions, with every batch
+    it published after it."""
+
+    def __init__(self) -> None:
+        # invocation id -> (seq of the refused batch, the invocation's deadline)
+        self._refused: dict[str, tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._refused)
+
+    def blocking(self, invocation_id: str, seq: int) -> int | None:
+        """The refused batch that batch `seq` must wait for, if any."""
+        refused = self._refused.get(invocation_id)
+        if refused is not None and seq > refused[0]:
+            return refused[0]
+        return None
+
+    def refuse(self, invocation_id: str, seq: int, deadline: float) -> None:
+        self._refused[invocation_id] = (seq, deadline)
+
+    def passed(self, invocation_id: str, seq: int) -> None:
+        """Batch `seq` was taken: a refusal it was blocked by, if any, is over."""
+        refused = self._refused.get(invocation_id)
+        if refused is not None and refused[0] <= seq:
+            del self._refused[invocation_id]
+
+    def forget(self, invocation_id: str) -> None:
+        self._refused.pop(invocation_id, None)
+
+    def expire(self, now: float, grace: float) -> None:
+        """Forget refusals of invocations past their deadline plus `grace`."""
+        for invocation_id, (_, deadline) in list(self._refused.items()):
+            if now > deadline + grace:
+                del self._refused[invocation_id]
