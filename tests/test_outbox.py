@@ -6,6 +6,7 @@ tests/test_payloads.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from tff_amqp import protocol as p
@@ -254,3 +255,47 @@ def test_a_batch_refused_for_missing_functions_is_sent_again_with_every_later_ba
     assert seqs == [0, 1, 0, 1, 2], seqs
     assert recording.operations(2) == recording.operations(0)
     assert recording.operations(3) == recording.operations(1)
+
+
+def test_only_batches_a_refusal_could_send_again_are_kept() -> None:
+    """A batch is kept (values and all) only from the first batch still
+    waiting for its reply on: only that one can be refused for functions it
+    named and take the later ones with it. Values flushed early for size
+    with no reply pending are let go once published."""
+
+    async def run() -> None:
+        recording = RecordingChannel(max_message_bytes=1000)
+        outbox = _outbox(recording)
+        outbox.create_value(b"x" * 400)
+        outbox.create_value(b"y" * 400)  # the first goes out alone, no reply expected
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(recording.batches) == 1
+        assert outbox._unconfirmed == {}
+        # A compute whose reply is held back: it and what follows are kept.
+        held: asyncio.Future[p.Result] = asyncio.get_running_loop().create_future()
+        published = asyncio.Event()
+        answer = recording._publish
+
+        async def holding(silo: str, envelope: p.Envelope, expect_reply: bool):
+            reply = await answer(silo, envelope, expect_reply)
+            published.set()
+            return None if reply is None else held
+
+        outbox._channel = dataclasses.replace(outbox._channel, publish=holding)
+        z = outbox.create_value(b"z")
+        computing = asyncio.create_task(outbox.compute(z))
+        await asyncio.wait_for(published.wait(), 5)
+        published.clear()
+        outbox.create_value(b"w" * 400)
+        outbox.create_value(b"v" * 400)  # flushed early behind the pending compute
+        await asyncio.wait_for(published.wait(), 5)
+        assert len(recording.batches) == 3
+        assert sorted(outbox._unconfirmed) == [1, 2]
+        z_value = p.Result(values={z: b"z"})
+        held.set_result(z_value)
+        assert await computing == b"z"
+        assert outbox._unconfirmed == {}
+        await outbox.close()
+
+    asyncio.run(run())

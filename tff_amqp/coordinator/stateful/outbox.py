@@ -82,9 +82,12 @@ class SiloOutbox:
         # flush made otherwise (size budget, close) ends it.
         self._hold: object | None = None
         self._seq = itertools.count()
-        # Published batches not yet known to have passed the silo's intake,
-        # by seq: a batch refused for functions it named is sent again with
-        # every batch after it (the silo refused those too; see _settle).
+        # Published batches, in seq order, from the first one expecting a
+        # reply that has not come: only such a batch can name functions and
+        # be refused for them, and then it is sent again with every batch
+        # after it (the silo refused those too; see _settle). Batches before
+        # it passed the silo's intake and are not kept (their values can be
+        # large).
         self._unconfirmed: dict[int, _Published] = {}
         self._publish_lock = asyncio.Lock()
         self._sends: set[asyncio.Task[None]] = set()
@@ -219,7 +222,17 @@ class SiloOutbox:
             channel.expect_chunks(envelope.correlation_id, self.silo, channel.invocation_id)
         reply = await channel.publish(self.silo, envelope, waiter is not None)
         self._unconfirmed[seq] = _Published(ops, waiter)
+        self._forget_passed(-1)
         return reply
+
+    def _forget_passed(self, answered: int) -> None:
+        """Stop keeping batches up to `answered` (its reply came, so they
+        all passed the silo's intake) and those before the first batch
+        still waiting for a reply."""
+        for seq in list(self._unconfirmed):
+            if seq > answered and self._unconfirmed[seq].waiter is not None:
+                return
+            del self._unconfirmed[seq]
 
     async def _send(
         self, ops: list[p.Operation], waiter: asyncio.Future[p.Result] | None, seq: int
@@ -259,8 +272,7 @@ class SiloOutbox:
                     reply = await self._publish_again_from(seq)
                     continue
                 # Every batch up to this one passed the silo's intake.
-                for passed in [s for s in self._unconfirmed if s <= seq]:
-                    del self._unconfirmed[passed]
+                self._forget_passed(seq)
                 if not waiter.done():
                     waiter.set_result(result)
                 return
@@ -275,9 +287,10 @@ class SiloOutbox:
         later ones are settled by tasks of their own. The future of
         `seq`'s new reply."""
         async with self._publish_lock:
+            again = [(s, kept) for s, kept in self._unconfirmed.items() if s >= seq]
             replies = [
-                (later, self._unconfirmed[later].waiter, await self._publish_unconfirmed(later))
-                for later in sorted(s for s in self._unconfirmed if s >= seq)
+                (later, kept.waiter, await self._publish(kept.ops, later, kept.waiter))
+                for later, kept in again
             ]
         first = None
         for later, waiter, reply in replies:
@@ -289,10 +302,6 @@ class SiloOutbox:
                 task.add_done_callback(self._sends.discard)
         assert first is not None, f"batch {seq} expects a reply"
         return first
-
-    async def _publish_unconfirmed(self, seq: int) -> asyncio.Future[p.Result] | None:
-        published = self._unconfirmed[seq]
-        return await self._publish(published.ops, seq, published.waiter)
 
 
 @dataclass(frozen=True)
