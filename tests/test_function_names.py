@@ -143,18 +143,84 @@ def _serialized(value: Any, type_spec: Any) -> bytes:
     return proto.SerializeToString()
 
 
-async def _publish_all(url: str, topology: Topology, silo: str, envelopes: list[p.Envelope]):
-    connection = await aio_pika.connect(url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        requests = await channel.get_exchange(topology.requests_exchange, ensure=False)
-        for envelope in envelopes:
-            message = aio_pika.Message(
-                p.encode(envelope),
-                message_id=envelope.message_id,
-                correlation_id=envelope.correlation_id,
-            )
-            await requests.publish(message, routing_key=topology.request_routing_key(silo))
+class _RawCoordinator:
+    """Batches of one invocation published straight to a silo's queue, as a
+    coordinator would, and the silo's answers read off `link`'s taps."""
+
+    def __init__(self, amqp_url: str, federation: str, silo: str, link: Any) -> None:
+        self.silo = silo
+        self._url = amqp_url
+        self._topology = Topology(federation)
+        self._link = link
+        self.sender = f"coordinator-{uuid.uuid4().hex[:8]}"
+        self.invocation = uuid.uuid4().hex
+        self._replies: dict[str, p.Envelope] = {}
+
+    def __enter__(self) -> _RawCoordinator:
+        self._link.taps.append(self._tap)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._link.taps.remove(self._tap)
+
+    def _tap(self, payload: bytes) -> None:
+        try:
+            envelope = p.decode(payload)
+        except p.ProtocolError:
+            return
+        if envelope.invocation_id == self.invocation:
+            self._replies[envelope.correlation_id] = envelope
+
+    def batch(self, seq: int, ops: list[p.Operation]) -> p.Envelope:
+        return p.batch_envelope(
+            sender=self.sender,
+            invocation_id=self.invocation,
+            correlation_id=uuid.uuid4().hex,
+            deadline=time.time() + 60,
+            operations=ops,
+            seq=seq,
+        )
+
+    def publish(self, *envelopes: p.Envelope) -> None:
+        asyncio.run(self._publish(envelopes))
+
+    async def _publish(self, envelopes: tuple[p.Envelope, ...]) -> None:
+        connection = await aio_pika.connect(self._url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            requests = await channel.get_exchange(self._topology.requests_exchange, ensure=False)
+            for envelope in envelopes:
+                message = aio_pika.Message(
+                    p.encode(envelope),
+                    message_id=envelope.message_id,
+                    correlation_id=envelope.correlation_id,
+                )
+                await requests.publish(
+                    message, routing_key=self._topology.request_routing_key(self.silo)
+                )
+
+    def answers(self, *envelopes: p.Envelope) -> list[p.Envelope]:
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            if all(e.correlation_id in self._replies for e in envelopes):
+                return [self._replies[e.correlation_id] for e in envelopes]
+            time.sleep(0.02)
+        raise AssertionError(f"no answer from {self.silo!r} within 20 s")
+
+
+F32 = tff.TensorType(np.float32)
+
+
+def _function_no_silo_holds() -> tuple[bytes, bytes]:
+    """A serialized function with a constant of its own, and its digest."""
+    constant = np.float32(random.random())
+    add = tff.tensorflow.computation(lambda x: x + constant, np.float32)
+    function = _serialized(add, add.type_signature)
+    return function, hashlib.sha256(function).digest()
+
+
+def _codes(answers: list[p.Envelope]) -> list[p.ErrorCode]:
+    return [a.body.code for a in answers]  # type: ignore[union-attr]
 
 
 def test_a_silo_refuses_the_batches_after_one_it_refused_until_that_one_comes_again(
@@ -165,81 +231,44 @@ def test_a_silo_refuses_the_batches_after_one_it_refused_until_that_one_comes_ag
     without batch 0. Sent again in order, batch 0 carrying the function, both
     run. A real silo process, batches published as a coordinator would."""
     silo = sorted(silo_federation.silos)[0]
-    topology = Topology(silo_federation.name)
-    f32 = tff.TensorType(np.float32)
-    # A function with a constant of its own: no silo holds it yet.
-    constant = np.float32(random.random())
-    add = tff.tensorflow.computation(lambda x: x + constant, np.float32)
-    function = _serialized(add, add.type_signature)
-    digest = hashlib.sha256(function).digest()
-    sender, invocation = f"coordinator-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    replies: dict[str, p.Envelope] = {}
+    function, digest = _function_no_silo_holds()
+    with _RawCoordinator(
+        amqp_url, silo_federation.name, silo, amqp_context.runtime.link
+    ) as coordinator:
 
-    def tap(payload: bytes) -> None:
-        try:
-            envelope = p.decode(payload)
-        except p.ProtocolError:
-            return
-        if envelope.invocation_id == invocation:
-            replies[envelope.correlation_id] = envelope
+        def first(function_op: p.Operation) -> p.Envelope:
+            return coordinator.batch(
+                0,
+                [
+                    p.Open(clients=1),
+                    p.CreateValue(1, _serialized(np.float32(2.0), F32)),
+                    function_op,
+                    p.CreateCall(target=3, fn=2, arg=1),
+                    p.Compute(1),
+                ],
+            )
 
-    def batch(seq: int, ops: list[p.Operation]) -> p.Envelope:
-        return p.batch_envelope(
-            sender=sender,
-            invocation_id=invocation,
-            correlation_id=uuid.uuid4().hex,
-            deadline=time.time() + 60,
-            operations=ops,
-            seq=seq,
-        )
+        def second() -> p.Envelope:
+            # Uses batch 0's function and value.
+            return coordinator.batch(
+                1,
+                [
+                    p.CreateCall(target=4, fn=2, arg=1),
+                    p.CreateValue(5, _serialized(np.float32(3.0), F32)),
+                    p.Compute(5),
+                ],
+            )
 
-    def answers(envelopes: list[p.Envelope]) -> list[p.Envelope]:
-        until = time.monotonic() + 20
-        while time.monotonic() < until:
-            if all(e.correlation_id in replies for e in envelopes):
-                return [replies[e.correlation_id] for e in envelopes]
-            time.sleep(0.02)
-        raise AssertionError(f"no reply from {silo!r} within 20 s: {sorted(replies)}")
-
-    def first(function_op: p.Operation) -> p.Envelope:
-        return batch(
-            0,
-            [
-                p.Open(clients=1),
-                p.CreateValue(1, _serialized(np.float32(2.0), f32)),
-                function_op,
-                p.CreateCall(target=3, fn=2, arg=1),
-                p.Compute(1),
-            ],
-        )
-
-    def second() -> p.Envelope:
-        # Uses batch 0's function and value.
-        return batch(
-            1,
-            [
-                p.CreateCall(target=4, fn=2, arg=1),
-                p.CreateValue(5, _serialized(np.float32(3.0), f32)),
-                p.Compute(5),
-            ],
-        )
-
-    link = amqp_context.runtime.link
-    link.taps.append(tap)
-    try:
         named, later = first(p.CreateKnownFunction(target=2, digest=digest)), second()
-        asyncio.run(_publish_all(amqp_url, topology, silo, [named, later]))
-        refused = answers([named, later])
-        codes = [r.body.code for r in refused]  # type: ignore[union-attr]
+        coordinator.publish(named, later)
+        refused = coordinator.answers(named, later)
+        codes = _codes(refused)
         assert codes == [p.ErrorCode.MISSING_FUNCTIONS, p.ErrorCode.EARLIER_BATCH_REFUSED], codes
         assert "refused batch 0" in refused[1].body.message  # type: ignore[union-attr]
         # Again, in order, the function in full: both run.
         full, again = first(p.CreateValue(2, function)), second()
-        close = batch(2, [p.Close()])
-        asyncio.run(_publish_all(amqp_url, topology, silo, [full, again, close]))
-        results = answers([full, again])
-    finally:
-        link.taps.remove(tap)
+        coordinator.publish(full, again, coordinator.batch(2, [p.Close()]))
+        results = coordinator.answers(full, again)
     assert [r.kind for r in results] == [p.Kind.RESULT, p.Kind.RESULT], results
 
     def value_of(envelope: p.Envelope, source: int) -> float:
@@ -249,3 +278,43 @@ def test_a_silo_refuses_the_batches_after_one_it_refused_until_that_one_comes_ag
 
     assert value_of(results[0], 1) == 2.0
     assert value_of(results[1], 5) == 3.0
+
+
+def test_a_refused_batch_that_closes_its_invocation_still_frees_it(
+    amqp_url: str, amqp_context: Any, silo_federation: Federation
+) -> None:
+    """The invocation ended at the coordinator while a batch of it was
+    refused: its closing batch, refused after that one, frees what earlier
+    batches left at the silo now, not at the deadline's sweep."""
+    silo = sorted(silo_federation.silos)[0]
+    membership = amqp_context.runtime.membership
+    _, digest = _function_no_silo_holds()
+    with _RawCoordinator(
+        amqp_url, silo_federation.name, silo, amqp_context.runtime.link
+    ) as coordinator:
+        kept = coordinator.batch(
+            0,
+            [p.Open(clients=1), p.CreateValue(1, _serialized(np.float32(2.0), F32)), p.Compute(1)],
+        )
+        coordinator.publish(kept)
+        assert coordinator.answers(kept)[0].kind is p.Kind.RESULT
+        named = coordinator.batch(
+            1, [p.CreateKnownFunction(target=2, digest=digest), p.CreateCall(3, 2, 1), p.Compute(1)]
+        )
+        closing = coordinator.batch(2, [p.Close()])
+        sent = time.monotonic()
+        coordinator.publish(named, closing)
+        codes = _codes(coordinator.answers(named, closing))
+        assert codes == [p.ErrorCode.MISSING_FUNCTIONS, p.ErrorCode.EARLIER_BATCH_REFUSED], codes
+    # The silo's status reports come every second: one after the close
+    # shows no invocation left (the session fixture runs nothing else now).
+    until = time.monotonic() + 5
+    active = None
+    while time.monotonic() < until:
+        record = membership.record(silo)
+        if record is not None and record.last_seen > sent + 0.1:
+            active = record.status.active_invocations
+            if active == 0:
+                break
+        time.sleep(0.05)
+    assert active == 0, active

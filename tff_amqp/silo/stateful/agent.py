@@ -300,6 +300,7 @@ class SiloAgent(SiloServer):
                 f"functions it no longer holds, so it refuses batch {seq} until that one comes "
                 "again; the coordinator sends both again",
             )
+            self._free_if_closing(envelope)
             return None
         try:
             # In the order the queue delivers: the order the coordinator sent.
@@ -314,6 +315,7 @@ class SiloAgent(SiloServer):
                 e.code,
                 f"silo {self.config.name!r} {e}",
             )
+            self._free_if_closing(envelope)
             return None
         self._refused.passed(envelope.invocation_id, seq)
         await self._note_coordinator(envelope)
@@ -341,6 +343,19 @@ class SiloAgent(SiloServer):
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         return runner.submit(envelope)
+
+    def _free_if_closing(self, envelope: p.Envelope) -> None:
+        """A refused batch that closes its invocation still frees it (once
+        the batches before it are applied), as a failed one does: the
+        coordinator sends it again only while the invocation runs, and its
+        values would otherwise stay until the deadline's sweep."""
+        assert isinstance(envelope.body, p.Batch)
+        if not any(isinstance(op, p.Close) for op in envelope.body.operations):
+            return
+        self._refused.forget(envelope.invocation_id)
+        runner = self._runners.get(envelope.invocation_id)
+        if runner is not None and runner.coordinator[0] == envelope.sender:
+            runner.finish()
 
     def _finish_closed(self, envelope: p.Envelope, after: asyncio.Future[None] | None) -> None:
         """Free the invocations whose close rides this batch (whatever becomes
