@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import SiloError
@@ -200,7 +201,11 @@ class SiloOutbox:
         ops, self._ops = self._ops, []
         self._inline_bytes = 0
         waiter, self._waiter = self._waiter, None
-        task = asyncio.create_task(self._send(ops, waiter, next(self._seq)))
+        self._start(self._send(ops, waiter, next(self._seq)))
+
+    def _start(self, sending: Coroutine[Any, Any, None]) -> None:
+        """Run a send as a task of its own, kept until done (close waits)."""
+        task = asyncio.create_task(sending)
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
@@ -297,9 +302,7 @@ class SiloOutbox:
             if later == seq:
                 first = reply
             elif waiter is not None and reply is not None:
-                task = asyncio.create_task(self._settle(later, waiter, reply))
-                self._sends.add(task)
-                task.add_done_callback(self._sends.discard)
+                self._start(self._settle(later, waiter, reply))
         assert first is not None, f"batch {seq} expects a reply"
         return first
 

@@ -288,27 +288,9 @@ class SiloAgent(SiloServer):
                 f"silo {self.config.name!r} {text}",
             )
             return None
-        assert isinstance(envelope.body, p.Batch)
-        seq = envelope.body.seq
-        blocking = self._refused.blocking(envelope.invocation_id, seq)
-        if blocking is not None:
-            await self.endpoint.reply_error(
-                envelope.invocation_id,
-                envelope.correlation_id,
-                p.ErrorCode.EARLIER_BATCH_REFUSED,
-                f"silo {self.config.name!r} refused batch {blocking} of this invocation for "
-                f"functions it no longer holds, so it refuses batch {seq} until that one comes "
-                "again; the coordinator sends both again",
-            )
-            self._free_if_closing(envelope)
-            return None
         try:
-            # In the order the queue delivers: the order the coordinator sent.
-            envelope = replace(envelope, body=self._functions.take(envelope.body))
+            envelope = self._take_functions(envelope)
         except p.ProtocolError as e:
-            self.stats["errors"] += 1
-            if e.code is p.ErrorCode.MISSING_FUNCTIONS:
-                self._refused.refuse(envelope.invocation_id, seq, envelope.deadline)
             await self.endpoint.reply_error(
                 envelope.invocation_id,
                 envelope.correlation_id,
@@ -317,7 +299,6 @@ class SiloAgent(SiloServer):
             )
             self._free_if_closing(envelope)
             return None
-        self._refused.passed(envelope.invocation_id, seq)
         await self._note_coordinator(envelope)
         # As the latest coordinator says (one coordinator per federation).
         self.endpoint.bundle_replies = envelope.body.accepts_bundles
@@ -343,6 +324,30 @@ class SiloAgent(SiloServer):
             self._runners[envelope.invocation_id] = runner
             self.stats["invocations"] += 1
         return runner.submit(envelope)
+
+    def _take_functions(self, envelope: p.Envelope) -> p.Envelope:
+        """`envelope` with the functions its batch names given in full, taken
+        in the order the queue delivers (the order the coordinator sent);
+        ProtocolError when this silo lacks one, or refused an earlier batch
+        of the invocation that has not come again."""
+        assert isinstance(envelope.body, p.Batch)
+        seq = envelope.body.seq
+        blocking = self._refused.blocking(envelope.invocation_id, seq)
+        if blocking is not None:
+            raise p.ProtocolError(
+                p.ErrorCode.EARLIER_BATCH_REFUSED,
+                f"refused batch {blocking} of this invocation for functions it no longer "
+                f"holds, so it refuses batch {seq} until that one comes again; the "
+                "coordinator sends both again",
+            )
+        try:
+            body = self._functions.take(envelope.body)
+        except p.ProtocolError:
+            self.stats["errors"] += 1
+            self._refused.refuse(envelope.invocation_id, seq, envelope.deadline)
+            raise
+        self._refused.passed(envelope.invocation_id, seq)
+        return replace(envelope, body=body)
 
     def _free_if_closing(self, envelope: p.Envelope) -> None:
         """A refused batch that closes its invocation still frees it (once
