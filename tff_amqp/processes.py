@@ -17,6 +17,33 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
+# Threads of each TFF worker a process starts (TensorFlow's inter-op and
+# intra-op pools); unset or 0: TensorFlow's default, one per core. Several
+# workers on one machine (a local federation: a silo's worker each) would
+# otherwise each run pools as wide as the machine, and their threads contend.
+WORKER_THREADS_ENV = "TFF_AMQP_WORKER_THREADS"
+
+
+def worker_thread_env() -> dict[str, str] | None:
+    """The environment sizing a TFF worker's thread pools, from
+    $TFF_AMQP_WORKER_THREADS (None: TensorFlow's default); ValueError if
+    it is not a whole number."""
+    raw = os.environ.get(WORKER_THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise ValueError(
+            f"{WORKER_THREADS_ENV}={raw!r}: expected a whole number of threads "
+            "(0 or unset: TensorFlow's default, one per core)"
+        )
+    if threads == 0:
+        return None
+    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+
 
 def die_with_parent() -> None:
     """preexec_fn: ask Linux to SIGKILL this child when its parent dies, so

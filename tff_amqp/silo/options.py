@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tff_amqp.processes import worker_thread_env
 from tff_amqp.topology import add_queue_type_option
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ def run_silo_side(
     # Fail on typos at once, before TensorFlow takes seconds to import.
     try:
         tls = checked_tls(args, silo)
+        worker_thread_env()
     except ValueError as e:
         return refuse(e)
     # Every --data source too (exists, readable, header and sheet present):

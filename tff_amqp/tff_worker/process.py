@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from tff_amqp.processes import spawn, stop_process_group
+from tff_amqp.processes import spawn, stop_process_group, worker_thread_env
 from tff_amqp.tff_worker.client import GRPC_OPTIONS, WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,10 @@ class WorkerBinary:
         if self._process is not None:
             return
         binary = find_worker_binary()
+        try:
+            env = worker_thread_env()  # a bad setting fails before anything starts
+        except ValueError as e:
+            raise WorkerError(str(e)) from None
         self._log_dir = tempfile.mkdtemp(prefix="tff-amqp-worker-")
         self.port = _free_port()
         command = [
@@ -132,7 +136,7 @@ class WorkerBinary:
             f"--grpc_max_message_length_megabytes={self._max_mb}",
         ]
         assert self.log_path is not None
-        self._process = spawn(command, self.log_path)
+        self._process = spawn(command, self.log_path, env=env)
         _LIVE.add(self)
         self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=GRPC_OPTIONS)
         started = time.monotonic()
