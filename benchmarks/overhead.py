@@ -20,6 +20,7 @@ import collections
 import os
 import statistics
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,69 @@ def costs(calls, count, roles):
     return counts, cpu
 
 
+# Invocations whose wall time is split by phase, per computation.
+PHASE_INVOCATIONS = {"federated_mean": 60, "mean_variance": 40, "fedavg_round": 6}
+
+
+class GatherClock:
+    """An observer of the coordinator's invocation events (`runtime.events`):
+    when its first gather began and how long gathers were open, each from the
+    evaluation reaching an aggregation's wait (its requests leave within a
+    few loop turns) to the last silo's reply; overlapping gathers count
+    once. Called on the coordinator's loop, read between invocations."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.first_started: float | None = None
+        self.gathering = 0.0  # time with at least one gather open
+        self._open = 0
+        self._since = 0.0
+
+    def gather_started(self, invocation: str, silos: object) -> None:
+        now = time.perf_counter()
+        if self.first_started is None:
+            self.first_started = now
+        if self._open == 0:
+            self._since = now
+        self._open += 1
+
+    def gather_finished(self, invocation: str, replied: object, seconds: float) -> None:
+        # Concurrent gathers (a FedAvg round's three aggregations) count once.
+        self._open -= 1
+        if self._open == 0:
+            self.gathering += time.perf_counter() - self._since
+
+
+def phases(calls, events, count: int | dict[str, int] = PHASE_INVOCATIONS) -> dict[str, Any]:
+    """Per computation, medians (ms) of where an invocation's wall time goes:
+    the coordinator before its first gather (TFF's context, evaluating the
+    computation up to the first aggregation), the gathers (requests out,
+    the silos' work, the replies in), and the coordinator's own work besides
+    (between gathers and after the last: merging, reporting, TFF's result)."""
+    clock = GatherClock()
+    events.add(clock)
+    try:
+        split: dict[str, Any] = {}
+        for name, call in calls.items():
+            rows = []
+            for _ in range(count[name] if isinstance(count, dict) else count):
+                clock.reset()
+                started = time.perf_counter()
+                call()
+                total = time.perf_counter() - started
+                before = (clock.first_started or started) - started
+                rows.append((total, before, clock.gathering, total - before - clock.gathering))
+            medians = [statistics.median(column) * 1e3 for column in zip(*rows)]
+            split[name] = dict(
+                zip(("total_ms", "before_gather_ms", "gathers_ms", "after_ms"), medians)
+            )
+        return split
+    finally:
+        events.remove(clock)
+
+
 def results_of(calls) -> list[float]:
     """The values compared with native: the mean, then mean and variance."""
     mean = calls["federated_mean"]()
@@ -243,6 +307,8 @@ def main() -> int:
                 native_counts, native_cpu = costs(
                     systems["native"], lambda fn: count_native(native_calls, fn), native_roles
                 )
+                progress("  splitting tff-amqp's wall time by phase ...")
+                amqp_phases = phases(systems["tff_amqp"], amqp.runtime.events)
                 amqp_counts, amqp_cpu = costs(
                     systems["tff_amqp"],
                     lambda fn: count_amqp(amqp, silos, fn),
@@ -280,6 +346,15 @@ def main() -> int:
         ],
     )  # fmt: skip
     print()
+    print_table(
+        ["tff-amqp wall ms (median)", "total", "coordinator before the first gather",
+         "gathers (requests, silos, replies)", "coordinator after and between"],
+        [
+            [name, ph["total_ms"], ph["before_gather_ms"], ph["gathers_ms"], ph["after_ms"]]
+            for name, ph in amqp_phases.items()
+        ],
+    )  # fmt: skip
+    print()
     print_table(*cpu_table(native_cpu, amqp_cpu, native_times))
     path = write_result(
         "overhead",
@@ -297,6 +372,8 @@ def main() -> int:
             "targets": {r[0]: r[4] for r in rows},
             # CPU ms per invocation by process role, each measured back to back.
             "cpu": {"native": native_cpu, "tff_amqp": amqp_cpu},
+            # tff-amqp's wall time per invocation by phase (medians, ms).
+            "phases": amqp_phases,
         },
     )
     print(f"\nwrote {path}")

@@ -325,3 +325,69 @@ def test_overhead_alternates_blocks_and_reports_each_blocks_ratio(monkeypatch) -
         assert len(samples["native"][computation]) == 3 * count
         # Drift shows in the samples, not in the ratios.
         assert max(samples["native"][computation]) == pytest.approx(0.04)
+
+
+def test_overhead_splits_wall_time_by_gather() -> None:
+    """The phase split reads the coordinator's gather events: time before the
+    first gather, time in gathers, and the rest, per invocation (medians)."""
+    import time
+
+    from benchmarks import overhead
+
+    class Events:
+        def __init__(self) -> None:
+            self.observers: list[object] = []
+
+        def add(self, observer: object) -> None:
+            self.observers.append(observer)
+
+        def remove(self, observer: object) -> None:
+            self.observers.remove(observer)
+
+    events = Events()
+
+    def invocation(before: float, gathers: list[float], after: float):
+        def call() -> None:
+            time.sleep(before)
+            for seconds in gathers:
+                for observer in events.observers:
+                    observer.gather_started("inv", ["a"])  # type: ignore[attr-defined]
+                time.sleep(seconds)
+                for observer in events.observers:
+                    observer.gather_finished("inv", ["a"], seconds)  # type: ignore[attr-defined]
+            time.sleep(after)
+
+        return call
+
+    def overlapping() -> None:
+        # Two gathers open together (a FedAvg round's aggregations): once.
+        for observer in events.observers:
+            observer.gather_started("inv", ["a"])  # type: ignore[attr-defined]
+            observer.gather_started("inv", ["b"])  # type: ignore[attr-defined]
+        time.sleep(0.03)
+        for observer in events.observers:
+            observer.gather_finished("inv", ["a"], 0.03)  # type: ignore[attr-defined]
+        time.sleep(0.02)
+        for observer in events.observers:
+            observer.gather_finished("inv", ["b"], 0.05)  # type: ignore[attr-defined]
+
+    split = overhead.phases(
+        {
+            "one": invocation(0.02, [0.05], 0.01),
+            "two": invocation(0.0, [0.03, 0.04], 0.03),
+            "overlapping": overlapping,
+        },
+        events,
+        count=3,
+    )
+    assert events.observers == []  # removed again
+    one, two = split["one"], split["two"]
+    assert one["before_gather_ms"] == pytest.approx(20, abs=8)
+    assert one["gathers_ms"] == pytest.approx(50, abs=8)
+    assert one["after_ms"] == pytest.approx(one["total_ms"] - 20 - 50, abs=8)
+    assert two["before_gather_ms"] == pytest.approx(0, abs=5)
+    assert two["gathers_ms"] == pytest.approx(70, abs=10)
+    assert two["total_ms"] >= 100
+    both = split["overlapping"]
+    assert both["gathers_ms"] == pytest.approx(50, abs=8)
+    assert both["gathers_ms"] <= both["total_ms"]
