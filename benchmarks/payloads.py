@@ -137,8 +137,16 @@ async def measure_amqp(broker: str, federation: str, sizes: list[int]) -> list[d
     proto, _ = value_serialization.serialize_value(np.float32(1.0), tff.TensorType(np.float32))
     _SMALL_VALUE = proto.SerializeToString()
 
+    # Models of hundreds of MB: heartbeats get the 30 s that docs/operations.md
+    # advises (four silos and their workers taking 256 MiB each on 2 cores can
+    # keep a silo's event loop from a heartbeat for over the default 5 s).
     context = tff_amqp.create_async_amqp_execution_context(
-        broker, federation=federation, min_silos=len(SILOS), cohort_timeout=180, deadline=900
+        broker,
+        federation=federation,
+        min_silos=len(SILOS),
+        cohort_timeout=180,
+        deadline=900,
+        heartbeat_timeout=30,
     )
     await context.start()
     runtime = context.runtime
