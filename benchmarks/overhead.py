@@ -237,6 +237,16 @@ def phases(calls, events, count: int | dict[str, int] = PHASE_INVOCATIONS) -> di
         events.remove(clock)
 
 
+def phases_table(split: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The table of `phases` (headers, rows)."""
+    headers = ["computation", "total", "before the first gather", "gathers", "the rest"]
+    rows = [
+        [name, ph["total_ms"], ph["before_gather_ms"], ph["gathers_ms"], ph["after_ms"]]
+        for name, ph in split.items()
+    ]
+    return headers, rows
+
+
 def results_of(calls) -> list[float]:
     """The values compared with native: the mean, then mean and variance."""
     mean = calls["federated_mean"]()
@@ -346,14 +356,8 @@ def main() -> int:
         ],
     )  # fmt: skip
     print()
-    print_table(
-        ["tff-amqp wall ms (median)", "total", "coordinator before the first gather",
-         "gathers (requests, silos, replies)", "coordinator after and between"],
-        [
-            [name, ph["total_ms"], ph["before_gather_ms"], ph["gathers_ms"], ph["after_ms"]]
-            for name, ph in amqp_phases.items()
-        ],
-    )  # fmt: skip
+    print("tff-amqp's wall time by phase (ms, medians):")
+    print_table(*phases_table(amqp_phases))
     print()
     print_table(*cpu_table(native_cpu, amqp_cpu, native_times))
     path = write_result(

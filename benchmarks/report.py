@@ -84,17 +84,15 @@ def _overhead_phases(phases: dict[str, Any] | None) -> str:
     measured have none)."""
     if not phases:
         return ""
-    rows = [
-        [name, ph["total_ms"], ph["before_gather_ms"], ph["gathers_ms"], ph["after_ms"]]
-        for name, ph in phases.items()
-    ]
+    from benchmarks.overhead import phases_table
+
     return (
         "\n\nWhere tff-amqp's wall time goes (ms, medians over invocations run back to back), "
         "from the coordinator's own invocation events: before its first gather (TFF's "
         "context, evaluating the computation up to the first aggregation), with a gather open "
         "(requests out, the silos' work, replies in; overlapping gathers count once), and the "
         "rest (merging, reporting, work between gathers, TFF's result):\n\n"
-        + table(["computation", "total", "before the first gather", "gathers", "the rest"], rows)
+        + table(*phases_table(phases))
     )
 
 

@@ -298,7 +298,7 @@ class SiloOptions:
 def local_worker_threads() -> int:
     """Threads per pool of each silo's TFF worker when several silos share
     this machine: a quarter of its cores, at least one. Measured on 2 cores
-    with 3 silos: a federated mean 15 % faster than with TensorFlow's
+    with 3 silos: a federated mean 5-10 % faster than with TensorFlow's
     default pools (one thread per core in each of three workers, contending);
     TFF native, one worker alone, gains nothing from it."""
     return max(1, (os.cpu_count() or 1) // 4)
