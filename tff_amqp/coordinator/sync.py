@@ -11,6 +11,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from tensorflow_federated.python.core.impl.context_stack import context_base
 
 from tff_amqp.coordinator.partial import InvocationReport, check_partial
+from tff_amqp.event_loop import new_event_loop
 
 _O = TypeVar("_O", covariant=True)
 _A = TypeVar("_A", bound="_AsyncContext[Any]")
@@ -23,7 +24,7 @@ class LoopThread:
     the coordinator's CPU per federated mean; we do not use TFF's tracing)."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tff-amqp-loop", daemon=True
         )
@@ -31,6 +32,14 @@ class LoopThread:
 
     def run_coro_and_return_result(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and its thread (the shared runner lives as long as
+        the process; this is for loops made for a while)."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 _shared_runner: LoopThread | None = None

@@ -18,6 +18,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tff_amqp import event_loop
+from tff_amqp.event_loop import loop_kind
 from tff_amqp.processes import worker_thread_env
 from tff_amqp.topology import add_queue_type_option
 
@@ -254,6 +256,7 @@ def run_silo_side(
     try:
         tls = checked_tls(args, silo)
         worker_thread_env()
+        loop_kind()
     except ValueError as e:
         return refuse(e)
     # Every --data source too (exists, readable, header and sheet present):
@@ -283,6 +286,6 @@ def run_silo_side(
     except ValueError as e:
         return refuse(e)
     try:
-        return asyncio.run(serve(config))
+        return event_loop.run(serve(config))
     except (TffAmqpError, DataError) as e:
         return refuse(e, 1)

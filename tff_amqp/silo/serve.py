@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from tff_amqp import protocol as p
 from tff_amqp.errors import SiloNameTakenError
+from tff_amqp.event_loop import running_kind
 from tff_amqp.silo.data import DataError, SiloDataStore
 from tff_amqp.silo.endpoint import EndpointConfig, SiloEndpoint
 from tff_amqp.tff_worker import WorkerBinary, WorkerClient, WorkerError
@@ -137,6 +138,7 @@ class SiloServer(Service):
                 **self._ready_details(),
                 "data_keys": self.data.keys,
                 "worker_pid": self._worker.pid if self._worker is not None else None,
+                "event_loop": running_kind(),
             },
         )
 

@@ -22,6 +22,7 @@ import enum
 import logging
 from collections.abc import Sequence
 
+from tff_amqp.event_loop import running_kind
 from tff_amqp.silo.serve import Service
 from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
 from tff_amqp.tff_worker import WorkerBinary
@@ -85,6 +86,7 @@ class SiloHost(Service):
                 "silos": [c.name for c in self.configs],
                 "worker_mode": str(self.worker_mode),
                 "shared_worker_pid": self.worker_pid,
+                "event_loop": running_kind(),
             },
         )
 

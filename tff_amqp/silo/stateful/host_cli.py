@@ -17,6 +17,9 @@ import contextlib
 import sys
 from typing import Any
 
+from tff_amqp import event_loop
+from tff_amqp.event_loop import loop_kind
+from tff_amqp.processes import worker_thread_env
 from tff_amqp.silo.options import (
     add_no_declare_option,
     add_presence_options,
@@ -105,6 +108,8 @@ def run_silos(args: argparse.Namespace) -> int:
         for name in names:
             check_silo_name(name)
         Topology(args.federation, args.queue_type)
+        worker_thread_env()
+        loop_kind()
     except ValueError as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
@@ -156,7 +161,7 @@ def run_silos(args: argparse.Namespace) -> int:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(host))
+        return event_loop.run(_serve(host))
     except (TffAmqpError, DataError) as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 1
