@@ -3,8 +3,8 @@
 Silos, simulation hosts, pool workers and the synchronous execution context's
 loop thread run on uvloop (libuv's loop for asyncio) by default: their CPU is
 mostly asyncio scheduling, AMQP frames and gRPC calls to the TFF worker, and
-uvloop does the scheduling and socket I/O in C (a federated mean ~8 % faster
-in A/B runs of `benchmarks/overhead.py`). `TFF_AMQP_EVENT_LOOP=asyncio`
+uvloop does the scheduling and socket I/O in C (a federated mean ~9 % faster
+in A/B runs of `benchmarks/overhead.py`, docs/operations.md). `TFF_AMQP_EVENT_LOOP=asyncio`
 selects the standard library's loop; where uvloop is not installed (it does
 not exist for Windows) that is what runs. An asynchronous context runs on
 the caller's loop, whatever it is.
