@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.support.computations import fed_mean
 from tests.support.federation import assert_close, run_in, started_context, write_silo_csvs
+from tests.support.silo_cli import assert_silo_refuses
 from tff_amqp.coordinator.sync import LoopThread
 from tff_amqp.event_loop import EVENT_LOOP_ENV, loop_kind, new_event_loop, run, running_kind
 from tff_amqp.local import LocalFederation, SiloOptions
@@ -89,12 +87,4 @@ def test_silos_on_either_loop_match_native(
 def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str) -> None:
     """Checked with the other flags, before the broker and TensorFlow:
     exit status 2 and one line naming the variable."""
-    env = {**os.environ, EVENT_LOOP_ENV: "trio"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tff_amqp", "silo", "--broker", amqp_url,
-         "--federation", "t-loop", "--name", "a"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert f"{EVENT_LOOP_ENV}='trio'" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert_silo_refuses(amqp_url, EVENT_LOOP_ENV, "trio")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.silo_cli import assert_silo_refuses
 from tff_amqp.local import LocalFederation, SiloOptions, local_worker_threads
 from tff_amqp.processes import WORKER_THREADS_ENV, worker_thread_env
 from tff_amqp.tff_worker import WorkerError
@@ -125,15 +126,4 @@ def test_local_worker_threads_is_a_share_of_the_cores() -> None:
 def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str) -> None:
     """Checked with the other flags, before the broker and TensorFlow:
     exit status 2 and one line naming the variable."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, WORKER_THREADS_ENV: "many"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tff_amqp", "silo", "--broker", amqp_url,
-         "--federation", "t-threads", "--name", "a"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert f"{WORKER_THREADS_ENV}='many'" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert_silo_refuses(amqp_url, WORKER_THREADS_ENV, "many")
