@@ -84,7 +84,8 @@ def test_silos_on_either_loop_match_native(
             )
 
 
-def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str) -> None:
+@pytest.mark.parametrize("command", ["silo", "silos"])
+def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str, command: str) -> None:
     """Checked with the other flags, before the broker and TensorFlow:
-    exit status 2 and one line naming the variable."""
-    assert_silo_refuses(amqp_url, EVENT_LOOP_ENV, "trio")
+    exit status 2 and one line naming the variable (a silo, a host)."""
+    assert_silo_refuses(amqp_url, EVENT_LOOP_ENV, "trio", command)

@@ -123,7 +123,8 @@ def test_local_worker_threads_is_a_share_of_the_cores() -> None:
     assert 1 <= local_worker_threads() <= cores
 
 
-def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str) -> None:
+@pytest.mark.parametrize("command", ["silo", "silos"])
+def test_a_silo_with_a_bad_setting_stops_at_once(amqp_url: str, command: str) -> None:
     """Checked with the other flags, before the broker and TensorFlow:
     exit status 2 and one line naming the variable."""
-    assert_silo_refuses(amqp_url, WORKER_THREADS_ENV, "many")
+    assert_silo_refuses(amqp_url, WORKER_THREADS_ENV, "many", command)
