@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tff_amqp import event_loop
-from tff_amqp.event_loop import loop_kind
 from tff_amqp.processes import worker_thread_env
 from tff_amqp.topology import add_queue_type_option
 
@@ -218,6 +217,14 @@ async def probe_broker(
         await connection.close()
 
 
+def check_process_settings() -> None:
+    """The environment settings every silo-side process (a silo, a pool
+    worker, a simulation host) reads, checked at start: ValueError naming
+    the first bad one ($TFF_AMQP_WORKER_THREADS, $TFF_AMQP_EVENT_LOOP)."""
+    worker_thread_env()
+    event_loop.loop_kind()
+
+
 def stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM (where the loop can handle them)."""
     stop = asyncio.Event()
@@ -255,8 +262,7 @@ def run_silo_side(
     # Fail on typos at once, before TensorFlow takes seconds to import.
     try:
         tls = checked_tls(args, silo)
-        worker_thread_env()
-        loop_kind()
+        check_process_settings()
     except ValueError as e:
         return refuse(e)
     # Every --data source too (exists, readable, header and sheet present):

@@ -18,12 +18,11 @@ import sys
 from typing import Any
 
 from tff_amqp import event_loop
-from tff_amqp.event_loop import loop_kind
-from tff_amqp.processes import worker_thread_env
 from tff_amqp.silo.options import (
     add_no_declare_option,
     add_presence_options,
     add_silo_command,
+    check_process_settings,
     probe_broker,
     stop_on_signals,
 )
@@ -108,8 +107,7 @@ def run_silos(args: argparse.Namespace) -> int:
         for name in names:
             check_silo_name(name)
         Topology(args.federation, args.queue_type)
-        worker_thread_env()
-        loop_kind()
+        check_process_settings()
     except ValueError as e:
         print(f"tff-amqp silos: {e}", file=sys.stderr)
         return 2
