@@ -13,8 +13,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tests.support.federation import SILO_NAMES, assert_close, run_in
-from tff_amqp.coordinator.stateful import numpy_ops
 from tff_amqp.coordinator.stateful.counts import snapshot
+from tff_amqp.inprocess import numpy_ops
 
 # Long real-broker tests: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from tff_amqp.coordinator.stateful import value_wire
+from tff_amqp.inprocess import value_wire
 
 BIG = np.linspace(-1.0, 1.0, 300_000, dtype=np.float32).reshape(1000, 300)
 BIG_T = tff.TensorType(np.float32, [1000, 300])

@@ -15,7 +15,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from tff_amqp.coordinator.stateful import value_wire
+from tff_amqp.inprocess import value_wire
 
 Point = collections.namedtuple("Point", ["x", "y"])
 

@@ -14,8 +14,8 @@ import tensorflow_federated as tff
 from tests.support.computations import fed_mean
 from tests.support.federation import SILO_NAMES, assert_close, run_in
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.stateful import value_wire
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
+from tff_amqp.inprocess import value_wire
 
 VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
 

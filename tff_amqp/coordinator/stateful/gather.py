@@ -13,13 +13,13 @@ from tensorflow_federated.python.core.impl.types import computation_types
 
 from tff_amqp import protocol as p
 from tff_amqp.coordinator.quorum import describe_min_silos, drop_reason, phase_cutoff
-from tff_amqp.coordinator.stateful import value_wire
 from tff_amqp.errors import (
     InvocationTimeoutError,
     QuorumError,
     SiloError,
     SiloUnreachableError,
 )
+from tff_amqp.inprocess import value_wire
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.cohort import InvocationScope

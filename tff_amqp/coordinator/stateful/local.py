@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_amqp import protocol as p
-from tff_amqp.coordinator.stateful import value_wire, values
+from tff_amqp.coordinator.stateful import values
+from tff_amqp.inprocess import value_wire
 from tff_amqp.tff_worker import WorkerError
 from tff_amqp.tff_worker.plan import PlanCache, PlannedBatch, call_plan, resolver
 

@@ -16,8 +16,8 @@ from tff_amqp.coordinator.options import CoordinatorOptions
 from tff_amqp.coordinator.runtime import SharedRuntime
 from tff_amqp.coordinator.stateful.identity_cache import IdentityCache
 from tff_amqp.coordinator.stateful.link import CoordinatorLink
-from tff_amqp.coordinator.stateful.numpy_ops import HostFn, constant_value, host_function
 from tff_amqp.coordinator.stateful.values import CoordinatorValue, FunctionValue
+from tff_amqp.inprocess.numpy_ops import HostFn, constant_value, host_function
 
 log = logging.getLogger(__name__)
 

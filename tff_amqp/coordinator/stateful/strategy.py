@@ -24,7 +24,6 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
-from tff_amqp.coordinator.stateful import numpy_ops, value_wire
 from tff_amqp.coordinator.stateful import select as _select
 from tff_amqp.coordinator.stateful.local import INLINE_SERIALIZE_BYTES
 from tff_amqp.coordinator.stateful.scope import EMPTY_SCOPE as _EMPTY
@@ -37,6 +36,7 @@ from tff_amqp.coordinator.stateful.values import (
     StructValue,
 )
 from tff_amqp.errors import UnsupportedIntrinsicError
+from tff_amqp.inprocess import numpy_ops, value_wire
 
 if TYPE_CHECKING:
     from tff_amqp.coordinator.stateful.executor import AmqpExecutor
