@@ -5,8 +5,10 @@ its weight, cost the coordinator's TFF worker a round trip per operation
 (create the values, the struct, the call, compute); in NumPy they take
 microseconds. Only computations whose TensorFlow graph is nothing but
 element-wise arithmetic between its parameters are taken (`AddV2`, `Sub`,
-`Mul`, `RealDiv` of floats, `Maximum`, `Minimum`, `Identity`): those ops
-broadcast and keep dtypes exactly as NumPy's ufuncs do on arrays of one dtype.
+`Mul`, `RealDiv` of floats, `Maximum`, `Minimum`, `SquaredDifference`,
+`Square`, `Neg`, `Abs`, `Identity`), with small constants (`Const`): those
+ops broadcast and keep dtypes exactly as NumPy's ufuncs do on arrays of one
+dtype.
 Anything else returns None and runs on the worker as before.
 """
 
@@ -33,7 +35,15 @@ _BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "RealDiv": np.divide,
     "Maximum": np.maximum,
     "Minimum": np.minimum,
+    # TF's kernel: d = x - y; d * d (what grappler makes of `(x - y) * (x - y)`).
+    "SquaredDifference": lambda x, y: np.square(np.subtract(x, y)),
 }
+_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Square": np.square,
+    "Neg": np.negative,
+    "Abs": np.abs,
+}
+_PLAIN = ("Identity", "Placeholder")
 # TF's RealDiv of integers truncates; np.divide would not.
 _FLOAT_ONLY = {"RealDiv"}
 
@@ -147,36 +157,66 @@ def _compiled(bb: building_blocks.CompiledComputation) -> HostFn:
     placeholders = [_node_name(t) for t in params]
     # The session token (TFF adds one to every computation) may exist but is
     # never an input here: a result depending on it fails the dtype check.
+    # A graph rewritten by TFF's compiler may no longer name it; a
+    # placeholder nothing reads is not an input either way.
     token = _node_name(tf_proto.session_token_tensor_name)
-    others = sorted(n for n, node in nodes.items() if node.op == "Placeholder" and n != token)
-    if sorted(placeholders) != others:
+    read = {_node_name(edge.lstrip("^")) for node in graph.node for edge in node.input}
+    read.update(_node_name(r) for r in results)
+    others = sorted(
+        n for n, node in nodes.items() if node.op == "Placeholder" and n != token and n in read
+    )
+    if not set(others) <= set(placeholders):
         raise _Unsupported("placeholders other than the parameters")
     dtypes = {name: _dtype(nodes[name]) for name in placeholders}
     # Validate the whole graph up front: every node an op we run, every input
     # a plain data edge to output 0.
+    constants: dict[str, np.ndarray] = {}
     for node in graph.node:
-        if node.op not in _BINARY and node.op not in ("Identity", "Placeholder"):
+        if node.op == "Const":
+            constants[node.name] = _const(node)
+            dtypes[node.name] = constants[node.name].dtype
+        elif node.op not in _BINARY and node.op not in _UNARY and node.op not in _PLAIN:
             raise _Unsupported(f"op {node.op}")
         for edge in node.input:
             if edge.startswith("^") or (":" in edge and not edge.endswith(":0")):
                 raise _Unsupported("control or multi-output edge")
+    if sum(c.nbytes for c in constants.values()) > MAX_CONSTANT_BYTES:
+        raise _Unsupported("large constants")
     for name in results:
         if _node_name(name) not in nodes:
             raise _Unsupported(f"result {name} not in graph")
     _check_dtypes(nodes, [_node_name(r) for r in results], dtypes)
     result_type = fn_type.result
+    # TensorFlow (grappler's constant folding, in every session) computes a
+    # float division by a constant as a multiplication by its reciprocal:
+    # so do we, for the same bits.
+    with np.errstate(all="ignore"):  # 1 / 0 is inf, as in TF
+        reciprocals = {
+            node.name: np.divide(np.ones((), constants[divisor].dtype), constants[divisor])
+            for node in graph.node
+            if node.op == "RealDiv" and (divisor := _node_name(node.input[1])) in constants
+        }
 
     def run(arg: Any) -> Any:
         leaves = _leaves(arg, len(placeholders))
-        env: dict[str, Any] = {
-            name: np.asarray(leaf, dtype=dtypes[name])
-            for name, leaf in zip(placeholders, leaves, strict=True)
-        }
+        env: dict[str, Any] = dict(constants)
+        for name, leaf in zip(placeholders, leaves, strict=True):
+            env[name] = np.asarray(leaf, dtype=dtypes[name])
         with np.errstate(all="ignore"):  # overflow, 0/0: TF's results, no warnings
-            out = [_evaluate(nodes, _node_name(r), env) for r in results]
+            out = [_evaluate(nodes, _node_name(r), env, reciprocals) for r in results]
         return _pack(result_type, [_as_leaf(v) for v in out])
 
     return run
+
+
+def _const(node: Any) -> np.ndarray:
+    """A `Const` node's value (of a dtype `_dtype` takes)."""
+    from tensorflow.python.framework import tensor_util
+
+    value = np.asarray(tensor_util.MakeNdarray(node.attr["value"].tensor))
+    if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+        raise _Unsupported(f"constant of dtype {value.dtype}")
+    return value
 
 
 def _tensor_names(binding: Any, type_spec: computation_types.Type) -> list[str]:
@@ -222,9 +262,9 @@ def _check_dtypes(nodes: dict[str, Any], outputs: list[str], known: dict[str, np
         if node is None:
             raise _Unsupported(f"input {name} not in graph")
         inputs = [dtype_of(_node_name(edge)) for edge in node.input]
-        if node.op == "Identity":
+        if node.op == "Identity" or node.op in _UNARY:
             if len(inputs) != 1:
-                raise _Unsupported("Identity with several inputs")
+                raise _Unsupported(f"{node.op} with several inputs")
         elif len(inputs) != 2 or inputs[0] != inputs[1]:
             raise _Unsupported(f"{node.op} of mixed or missing inputs")
         if node.op in _FLOAT_ONLY and not np.issubdtype(inputs[0], np.floating):
@@ -236,12 +276,24 @@ def _check_dtypes(nodes: dict[str, Any], outputs: list[str], known: dict[str, np
         dtype_of(name)
 
 
-def _evaluate(nodes: dict[str, Any], name: str, env: dict[str, Any]) -> Any:
+def _evaluate(
+    nodes: dict[str, Any],
+    name: str,
+    env: dict[str, Any],
+    reciprocals: dict[str, np.ndarray] | None = None,
+) -> Any:
     if name in env:
         return env[name]
     node = nodes[name]
-    inputs = [_evaluate(nodes, _node_name(edge), env) for edge in node.input]
-    value = inputs[0] if node.op == "Identity" else _BINARY[node.op](inputs[0], inputs[1])
+    inputs = [_evaluate(nodes, _node_name(edge), env, reciprocals) for edge in node.input]
+    if node.op == "Identity":
+        value = inputs[0]
+    elif node.op in _UNARY:
+        value = _UNARY[node.op](inputs[0])
+    elif reciprocals and name in reciprocals:
+        value = np.multiply(inputs[0], reciprocals[name])
+    else:
+        value = _BINARY[node.op](inputs[0], inputs[1])
     env[name] = value
     return value
 
