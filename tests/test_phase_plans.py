@@ -10,8 +10,12 @@ federation (values, silo data, cohorts of other sizes, no client at all);
 a federation of this module with a silo that holds no data (concurrent
 invocations, then one silo restarted with an empty plan cache); silos with
 TFF_AMQP_PHASE_PLANS=0 (bit-identical results, more worker calls, the same
-worker errors); silos sharing one process and worker. Unit tests of the
-plans themselves are in test_plan_unit.py."""
+worker errors); silos sharing one process and worker. The session's silos
+evaluate plans of element-wise arithmetic in their own process
+(inprocess/plans.py; no worker call), this module's own silos run every
+plan on their workers (TFF_AMQP_IN_PROCESS_PLANS=0); a computation mixes
+both. Unit tests of the plans themselves are in test_plan_unit.py and
+test_inprocess_plans.py."""
 
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ from tests.support.federation import (
 )
 from tff_amqp.coordinator.stateful.counts import WorkCounts, snapshot
 from tff_amqp.errors import SiloWorkerError
-from tff_amqp.local import LocalFederation
-from tff_amqp.silo.stateful.session import PHASE_PLANS_ENV
+from tff_amqp.local import LocalFederation, SiloOptions
+from tff_amqp.silo.stateful.session import IN_PROCESS_PLANS_ENV, PHASE_PLANS_ENV
 
 VALUES = [1.0, 2.5, -3.0, 4.0, 10.0, 0.5, 7.25]
 PHASES = 3
@@ -96,6 +100,26 @@ def three_phases_over_data(rows: Any) -> Any:
     return _three_phases(tff.federated_map(client_mean_glucose, rows))
 
 
+@tff.tensorflow.computation(np.float32, np.float32)
+def root_of_spread(deviation: Any, variance: Any) -> Any:
+    return tf.sqrt(deviation + variance)  # Sqrt: not run in a silo's process
+
+
+@tff.federated_computation(F32_CLIENTS)
+def two_phases_then_the_worker(x: Any) -> Any:
+    """Two phases of element-wise arithmetic (evaluated in the silos'
+    processes), then one the worker must run, on the second's client values."""
+    mean = tff.federated_mean(x)
+    deviation = tff.federated_map(
+        squared_deviation, tff.federated_zip((x, tff.federated_broadcast(mean)))
+    )
+    variance = tff.federated_mean(deviation)
+    spread = tff.federated_map(
+        root_of_spread, tff.federated_zip((deviation, tff.federated_broadcast(variance)))
+    )
+    return mean, variance, tff.federated_sum(spread)
+
+
 # ------------------------------------------------- the session's federation
 
 
@@ -112,6 +136,22 @@ def test_three_phases_over_silo_data_equal_native(amqp_context, native_context, 
     actual = run_in(amqp_context, three_phases_over_data, tff_amqp.silo_data("readings"))
     expected = native_over(native_context, three_phases_over_data, silo_federation, SILO_NAMES)
     assert_close(actual, expected)
+
+
+@pytest.mark.slow
+def test_a_worker_phase_after_phases_evaluated_in_process_equals_native(
+    amqp_context, native_context
+):
+    """The third phase needs the second's client values on the worker: the
+    silo runs the earlier plans there only then, and everything equals
+    native, over cohorts with a silo without clients and none at all."""
+    for values in (VALUES, [1.0, -4.0], [2.5], []):
+        expected = run_in(native_context, two_phases_then_the_worker, values)
+        result, counts = _counted(amqp_context, SILO_NAMES, two_phases_then_the_worker, values)
+        assert_close(result, expected)
+        if len(values) >= len(SILO_NAMES):
+            for silo in SILO_NAMES:
+                assert counts.silos[silo].get("CreateCall", 0) >= 1, counts.silos[silo]
 
 
 # Cohorts of other sizes and client distributions over the three silos, in
@@ -139,15 +179,25 @@ def test_three_phases_over_other_cohorts_equal_native(amqp_context, native_conte
 # ------------------------- a federation of this module: concurrency, restart
 
 OWN = ("alpha", "bravo", "charlie")
+OWN_ENV = {IN_PROCESS_PLANS_ENV: "0"}
 
 
 @pytest.fixture(scope="module")
 def own_silos(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Three silos of this module alone (the restart test stops one); charlie
-    holds no client data, so with silo data it takes part with none."""
+    holds no client data, so with silo data it takes part with none. Their
+    plans run on their workers (TFF_AMQP_IN_PROCESS_PLANS=0): these tests are
+    about the worker's plans; the session's silos evaluate the plans of
+    element-wise arithmetic in their own process."""
     root = tmp_path_factory.mktemp("own")
     with local_federation(amqp_url, root / "logs") as local:
-        yield start_federation(local, root, names=OWN, clients_per_silo=(2, 3, 0))
+        yield start_federation(
+            local,
+            root,
+            names=OWN,
+            clients_per_silo=(2, 3, 0),
+            env=OWN_ENV,
+        )
 
 
 @pytest.mark.slow
@@ -197,7 +247,11 @@ def test_a_restarted_silo_builds_its_plans_again(amqp_url, own_silos, native_con
         old = local.silos["bravo"]
         old.stop()
         assert not old.running
-        restarted = local.start_silo("bravo", data={"readings": own_silos.silos["bravo"]})
+        restarted = local.start_silo(
+            "bravo",
+            data={"readings": own_silos.silos["bravo"]},
+            options=SiloOptions(env=OWN_ENV),
+        )
         local.wait_ready(timeout=240, processes=[restarted])
         wait_live(context, OWN, timeout=60)
         # The restarted silo's plan cache is empty: it builds and embeds the
@@ -274,32 +328,43 @@ def _counted(context: Any, silos: Any, comp: Any, *args: Any) -> tuple[Any, Work
 
 @pytest.mark.slow
 def test_one_worker_call_and_one_compute_per_silo_per_phase(
-    amqp_context, plans_off_context, native_context
+    amqp_url, amqp_context, own_silos, plans_off_context, native_context
 ):
-    # Per silo one plan call and one Compute per phase (the third phase of
-    # `three_phases` releases two aggregates, sum and max, in one Compute);
-    # op by op, one Compute per aggregate.
+    """Per silo and phase: no worker call at all where the plan is evaluated
+    in the silo's process (the session's silos: every phase here is
+    element-wise arithmetic); one plan call and one Compute where the worker
+    runs it (`own_silos`; the third phase of `three_phases` releases two
+    aggregates, sum and max, in one Compute); op by op, one Compute per
+    aggregate and more calls."""
     for name, comp, phases, aggregates in (
         ("mean", fed_mean, 1, 1),
         ("three phases", three_phases, PHASES, PHASES + 1),
     ):
         expected = run_in(native_context, comp, VALUES)
         counts: dict[str, WorkCounts] = {}
-        for label, context in (("plans", amqp_context), ("op by op", plans_off_context)):
-            run_in(context, comp, VALUES)  # warm: computations and plans cached
-            result, counts[label] = _counted(context, SILO_NAMES, comp, VALUES)
-            assert_close(result, expected)
-            print(f"\n{name}, {label}:")
-            for silo in SILO_NAMES:
-                print(f"  {silo}: {dict(sorted(counts[label].silos[silo].items()))}")
+        with started_context(amqp_url, own_silos.name, len(OWN)) as worker_plans_context:
+            runs = (
+                ("in process", amqp_context, SILO_NAMES),
+                ("worker plans", worker_plans_context, OWN),
+                ("op by op", plans_off_context, SILO_NAMES),
+            )
+            for label, context, silos in runs:
+                run_in(context, comp, VALUES)  # warm: computations and plans cached
+                result, counts[label] = _counted(context, silos, comp, VALUES)
+                assert_close(result, expected)
+                print(f"\n{name}, {label}:")
+                for silo in silos:
+                    print(f"  {silo}: {dict(sorted(counts[label].silos[silo].items()))}")
         for silo in SILO_NAMES:
-            planned = counts["plans"].silos[silo]
-            op_by_op = counts["op by op"].silos[silo]
+            assert counts["in process"].silo_total(silo) == 0, counts["in process"].silos[silo]
+        for silo in OWN:
+            planned = counts["worker plans"].silos[silo]
             assert planned.get("CreateCall") == phases, planned
             assert planned.get("Compute") == phases, planned
+        for silo in SILO_NAMES:
+            op_by_op = counts["op by op"].silos[silo]
             assert op_by_op.get("Compute") == aggregates, op_by_op
-            assert op_by_op.get("CreateCall", 0) > planned["CreateCall"], (planned, op_by_op)
-            assert counts["plans"].silo_total(silo) < counts["op by op"].silo_total(silo)
+            assert op_by_op.get("CreateCall", 0) > phases, op_by_op
 
 
 # ------------------------------------------------ a worker error in a plan

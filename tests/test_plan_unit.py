@@ -499,8 +499,16 @@ async def test_a_plan_runs_on_worker_binary_like_its_operations_one_by_one() -> 
     np.testing.assert_allclose(squares_value, np.square(values), rtol=1e-6)
 
 
-def _session(client: Any, name: str, clients: int, phase_plans: bool | None = None) -> Any:
-    """A silo's session for one invocation over `clients` clients, without data."""
+def _session(
+    client: Any,
+    name: str,
+    clients: int,
+    phase_plans: bool | None = None,
+    in_process_plans: bool = False,
+) -> Any:
+    """A silo's session for one invocation over `clients` clients, without
+    data. Its plans run on the worker (these tests are about the worker's
+    calls) unless `in_process_plans`."""
     import time
 
     from tff_amqp.silo.stateful.session import InvocationSession, PrivacyPolicy
@@ -514,6 +522,7 @@ def _session(client: Any, name: str, clients: int, phase_plans: bool | None = No
         count_clients=lambda key: clients,
         deadline=time.time() + 60,
         phase_plans=phase_plans,
+        in_process_plans=in_process_plans,
     )
 
 
@@ -522,7 +531,9 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
     sends them: a plan; a batch with a Dispose (op by op) that uses a member
     of the plan and its functions; a plan that uses a member of the first
     plan again. Released values equal a session applying everything op by
-    op, and the numbers."""
+    op, and the numbers; so do those of a session evaluating the plans in its
+    own process (inprocess/plans.py), which runs the first plan on the
+    worker only when the op-by-op batch needs one of its values there."""
 
     import tensorflow_federated as tff
     from tensorflow_federated.proto.v0 import executor_pb2
@@ -570,9 +581,13 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
         ),
     ]
 
-    async def released(worker: WorkerBinary, phase_plans: bool) -> tuple[dict[int, Any], int]:
+    async def released(
+        worker: WorkerBinary, phase_plans: bool, in_process: bool = False
+    ) -> tuple[dict[int, Any], int]:
         client = worker.new_client()
-        session = _session(client, f"plans-{phase_plans}", len(values), phase_plans)
+        session = _session(
+            client, f"plans-{phase_plans}-{in_process}", len(values), phase_plans, in_process
+        )
         out: dict[int, Any] = {}
         for batch in batches:
             for target, value in (await session.apply(batch)).items():
@@ -585,10 +600,16 @@ async def test_a_session_mixing_plans_and_op_by_op_batches_equals_op_by_op() -> 
     async with WorkerBinary() as worker:
         planned, planned_calls = await released(worker, True)
         op_by_op, op_by_op_calls = await released(worker, False)
+        in_process, in_process_calls = await released(worker, True, in_process=True)
 
-    assert sorted(planned) == sorted(op_by_op) == [18, 31, 43]
+    assert sorted(planned) == sorted(op_by_op) == sorted(in_process) == [18, 31, 43]
     for target in planned:
         np.testing.assert_allclose(planned[target], op_by_op[target], rtol=0)
+        np.testing.assert_allclose(in_process[target], op_by_op[target], rtol=0)
+    # In the silo's process, the plans of batches 0 and 2; batch 1 (op by op)
+    # needs the first plan's member 13 on the worker: that plan runs there
+    # then (one call), and the batch's own aggregate call.
+    assert in_process_calls == 2, in_process_calls
     x = np.asarray(values, np.float32)
     np.testing.assert_allclose(planned[18], np.sum(x**2), rtol=1e-6)
     np.testing.assert_allclose(planned[31], np.sum(x**2), rtol=1e-6)

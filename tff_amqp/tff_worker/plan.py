@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tff_amqp import protocol as p
 
 if TYPE_CHECKING:
+    from tff_amqp.inprocess.plans import HostPlan
     from tff_amqp.tff_worker.client import WorkerExecutor
 
 # What a plan can express: the value-creating operations of a batch.
@@ -112,12 +113,17 @@ class PlannedBatch:
     # member k is the batch's member arguments_order[k]; members not listed
     # follow in batch order (see `PlanCache.plan`).
     arguments_order: tuple[int, ...] = ()
+    # The plan as a graph of host functions, when this process can run it
+    # without the worker (inprocess/plans.py; only for a cache made with
+    # `in_process=True`).
+    host: HostPlan | None = None
 
 
 @dataclass(frozen=True)
 class _Built:
     digest: bytes
     serialized: bytes
+    host: HostPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,9 @@ class PlanCache:
     # Batch orders remembered (a shape can arrive in a few orders).
     MAX_ORDERS = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, in_process: bool = False) -> None:
+        # Also compile each plan for evaluation in this process, where it can be.
+        self._in_process = in_process
         self._plans: OrderedDict[Hashable, _Built] = OrderedDict()
         self._canonical: OrderedDict[Hashable, _Canonical] = OrderedDict()
         self._bytes = 0
@@ -209,6 +217,10 @@ class PlanCache:
             if nodes is None:
                 nodes = _canonical(raw, targets, releasing, arguments).nodes
             built = _build(nodes, len(inputs), computation_of)
+            if self._in_process:
+                from tff_amqp.inprocess.plans import compile_plan
+
+                built = _Built(built.digest, built.serialized, compile_plan(nodes, computation_of))
             self.built += 1
             self._plans[shape] = built
             self._bytes += len(built.serialized)
@@ -227,6 +239,7 @@ class PlanCache:
             released={target: i for i, target in enumerate(gathered)},
             released_at=len(outputs) if gathered else None,
             arguments_order=known.arguments_order,
+            host=built.host,
         )
 
 

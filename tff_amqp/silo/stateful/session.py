@@ -62,13 +62,23 @@ PHASE_PLANS_ENV = "TFF_AMQP_PHASE_PLANS"
 
 # Plans are shared by every session of the process (they depend only on the
 # shape of a batch); the worker embeds each once per pinned executor.
-_PLANS = PlanCache()
+_PLANS = PlanCache(in_process=True)
 # The same plan of concurrent invocations runs in one worker call.
 _FUSER = PlanFuser()
 
 
+# Phase plans of element-wise arithmetic over the silo's clients are
+# evaluated in the silo's own process, without the worker
+# (inprocess/plans.py), unless this is "0".
+IN_PROCESS_PLANS_ENV = "TFF_AMQP_IN_PROCESS_PLANS"
+
+
 def phase_plans_enabled() -> bool:
     return os.environ.get(PHASE_PLANS_ENV, "1") != "0"
+
+
+def in_process_plans_enabled() -> bool:
+    return os.environ.get(IN_PROCESS_PLANS_ENV, "1") != "0"
 
 
 @dataclass
@@ -85,6 +95,9 @@ class _PlanCall:
     # Makes `result` when it is first needed (its worker call not started
     # yet, or a member of a fused call's result, selected on demand).
     lazy: Callable[[], Awaitable[object]] | None = None
+    # Its members as host values, when they were read or computed in this
+    # process (a plan evaluated without the worker, its argument values).
+    host: list[Any] | None = None
 
     def handle(self) -> asyncio.Future[object]:
         if self.result is None:
@@ -149,6 +162,7 @@ class InvocationSession:
         deadline: float,
         fetch_blob: BlobFetcher | None = None,
         phase_plans: bool | None = None,
+        in_process_plans: bool | None = None,
     ) -> None:
         self.silo = silo
         self.invocation_id = invocation_id
@@ -159,6 +173,9 @@ class InvocationSession:
         self._count_clients = count_clients
         self._fetch_blob = fetch_blob
         self._phase_plans = phase_plans_enabled() if phase_plans is None else phase_plans
+        self._in_process = (
+            in_process_plans_enabled() if in_process_plans is None else in_process_plans
+        )
         self._executor: WorkerExecutor | None = None
         self._clients: int | None = None
         self._refs: dict[int, asyncio.Future[object]] = {}
@@ -328,6 +345,8 @@ class InvocationSession:
         if holder is not None:
             self._fill_arguments(arguments, argument_ids, argument_values, holder, plan)
         call = self._call_plan(plan, len(planned))
+        if self._evaluated_here(plan, arguments, holder, call, computes, running, released):
+            return
         release = self._fusable(plan, holder, computes, running)
         if holder is None or release is None:
             if holder is not None:
@@ -346,6 +365,55 @@ class InvocationSession:
                 self._run_fusable(plan, arguments, holder, call, computes, release, released)
             )
         )
+
+    def _evaluated_here(
+        self,
+        plan: PlannedBatch,
+        arguments: Any,
+        holder: _PlanCall | None,
+        call: _PlanCall,
+        computes: list[p.Compute],
+        running: list[asyncio.Task[None]],
+        released: dict[int, bytes],
+    ) -> bool:
+        """Evaluate the plan in this process if it can be (see
+        inprocess/plans.py): its functions are ones run here, its inputs are
+        host values (this batch's arguments, results of earlier plans
+        evaluated here) and it alone makes what the batch releases. Its
+        worker calls stay lazy: they run only if a later batch needs one of
+        its values on the worker. False (nothing done) otherwise."""
+        if (
+            not self._in_process
+            or plan.host is None
+            or running
+            or not computes
+            or not self._gathered(plan, computes)
+        ):
+            return False
+        from tff_amqp.inprocess.plans import Unsupported, read_value
+
+        clients = self._clients or 0
+        try:
+            if holder is not None and holder.host is None:
+                holder.host = [read_value(e.value, clients) for e in arguments.struct.element]
+            inputs = []
+            for source in plan.inputs:
+                earlier = self._plan_calls.get(source[1]) if isinstance(source, tuple) else None
+                if earlier is None or earlier.host is None:
+                    return False
+                inputs.append(earlier.host)
+            outputs, values = plan.host.evaluate(inputs, clients)
+        except Unsupported as e:
+            log.debug("silo.plan_on_worker", extra={"reason": str(e)})
+            return False
+        except Exception:
+            # A bug here must not fail the invocation: the worker runs it.
+            log.warning("silo.in_process_plan_failed", exc_info=True)
+            return False
+        call.host = outputs
+        for op in computes:
+            released[op.source] = values[plan.released[op.source]]
+        return True
 
     @staticmethod
     def _gathered(plan: PlannedBatch, computes: list[p.Compute]) -> bool:
