@@ -138,3 +138,20 @@ async def test_a_plan_with_a_function_not_run_here_runs_on_the_worker() -> None:
     assert calls_here > 0
     np.testing.assert_array_equal(_read(here), _read(there))
     np.testing.assert_allclose(_read(here), 2.0 + 3.0 + 0.5, rtol=1e-6)
+
+
+async def test_large_arguments_are_left_to_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NumPy work runs on the silo's event loop: past IN_PROCESS_MAX_BYTES of
+    argument values the worker runs the plan (here the bound is lowered)."""
+    from tff_amqp.silo.stateful import session as session_module
+    from tff_amqp.tff_worker.process import WorkerBinary
+
+    functions = _function_values()
+    values = [1.5, -2.0, 3.0]
+    async with WorkerBinary() as worker:
+        small, calls_small = await _released(worker, _phase(functions, values), True)
+        monkeypatch.setattr(session_module, "IN_PROCESS_MAX_BYTES", 16)
+        large, calls_large = await _released(worker, _phase(functions, values), True)
+    assert calls_small == 0
+    assert calls_large > 0
+    np.testing.assert_array_equal(_read(small), _read(large))

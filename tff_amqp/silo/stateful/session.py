@@ -71,6 +71,8 @@ _FUSER = PlanFuser()
 # evaluated in the silo's own process, without the worker
 # (inprocess/plans.py), unless this is "0".
 IN_PROCESS_PLANS_ENV = "TFF_AMQP_IN_PROCESS_PLANS"
+# ...when the batch's argument values are at most this many bytes in all.
+IN_PROCESS_MAX_BYTES = 1024 * 1024
 
 
 def phase_plans_enabled() -> bool:
@@ -345,7 +347,10 @@ class InvocationSession:
         if holder is not None:
             self._fill_arguments(arguments, argument_ids, argument_values, holder, plan)
         call = self._call_plan(plan, len(planned))
-        if self._evaluated_here(plan, arguments, holder, call, computes, running, released):
+        in_bytes = sum(len(value) for value in argument_values)
+        if self._evaluated_here(
+            plan, arguments, in_bytes, holder, call, computes, running, released
+        ):
             return
         release = self._fusable(plan, holder, computes, running)
         if holder is None or release is None:
@@ -370,6 +375,7 @@ class InvocationSession:
         self,
         plan: PlannedBatch,
         arguments: Any,
+        in_bytes: int,
         holder: _PlanCall | None,
         call: _PlanCall,
         computes: list[p.Compute],
@@ -379,12 +385,15 @@ class InvocationSession:
         """Evaluate the plan in this process if it can be (see
         inprocess/plans.py): its functions are ones run here, its inputs are
         host values (this batch's arguments, results of earlier plans
-        evaluated here) and it alone makes what the batch releases. Its
-        worker calls stay lazy: they run only if a later batch needs one of
-        its values on the worker. False (nothing done) otherwise."""
+        evaluated here) and it alone makes what the batch releases, and its
+        arguments are small (NumPy work on the event loop must stay short:
+        large tensors are the worker's, on its own threads). Its worker calls
+        stay lazy: they run only if a later batch needs one of its values on
+        the worker. False (nothing done) otherwise."""
         if (
             not self._in_process
             or plan.host is None
+            or in_bytes > IN_PROCESS_MAX_BYTES
             or running
             or not computes
             or not self._gathered(plan, computes)
