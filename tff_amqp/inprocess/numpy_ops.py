@@ -299,7 +299,8 @@ def _evaluate(
 
 
 def _leaves(value: Any, count: int) -> list[Any]:
-    leaves = structure.flatten(value) if isinstance(value, structure.Struct) else [value]
+    leaves: list[Any] = []
+    _flatten(value, leaves)
     if len(leaves) != count:
         raise ValueError(f"expected {count} tensors, got {len(leaves)}")
     return leaves
@@ -312,11 +313,36 @@ def _as_leaf(value: Any) -> Any:
     return array[()] if array.ndim == 0 else array
 
 
+def _flatten(value: Any, out: list[Any]) -> None:
+    """`structure.flatten` (the leaves of nested structs, in order) without
+    its checks, which cost more than the arithmetic of a small value."""
+    if isinstance(value, structure.Struct):
+        for i in range(len(value)):
+            _flatten(value[i], out)
+    else:
+        out.append(value)
+
+
 def _pack(type_spec: computation_types.Type, leaves: list[Any]) -> Any:
-    if isinstance(type_spec, computation_types.StructType):
-        return structure.pack_sequence_as(type_spec, leaves)
-    (leaf,) = leaves
-    return leaf
+    """`structure.pack_sequence_as(type_spec, leaves)`, as cheaply."""
+    if not isinstance(type_spec, computation_types.StructType):
+        (leaf,) = leaves
+        return leaf
+    position = [0]
+
+    def pack(spec: computation_types.Type) -> Any:
+        if isinstance(spec, computation_types.StructType):
+            return structure.Struct(
+                [(name, pack(element)) for name, element in structure.iter_elements(spec)]
+            )
+        leaf = leaves[position[0]]
+        position[0] += 1
+        return leaf
+
+    packed = pack(type_spec)
+    if position[0] != len(leaves):
+        raise ValueError(f"{len(leaves)} tensors for {position[0]} results")
+    return packed
 
 
 def fold(merge: HostFn, report: HostFn, partials: list[Any]) -> Any:

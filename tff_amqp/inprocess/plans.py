@@ -275,24 +275,74 @@ def compile_plan(nodes: Sequence[tuple[Any, ...]], computation_of: Any) -> HostP
 
 def read_value(value: Any, clients: int) -> Any:
     """A parsed TFF `Value` proto as a host value (CLIENTS values as
-    `Clients`, SERVER values as `Server`), or raise `Unsupported`."""
-    from tensorflow_federated.python.core.impl.executors import value_serialization
-
+    `Clients`, SERVER values as `Server`), read as TFF's `deserialize_value`
+    reads it (the same building blocks, without its per-node tracing), or
+    raise `Unsupported`."""
     if not _plain(value):
         raise Unsupported("not tensors (nor structs or federated values of them)")
     try:
-        host, type_spec = value_serialization.deserialize_value(value)
+        host, _ = _read(value)
+    except Unsupported:
+        raise
     except Exception as e:
         raise Unsupported(f"not a value read here: {e}") from e
-    _check_leaves(type_spec)
-    if isinstance(type_spec, computation_types.FederatedType):
-        if type_spec.placement is placements.CLIENTS:
-            members = (host,) * clients if type_spec.all_equal else tuple(host)
+    if isinstance(host, _Federated):
+        if host.placement == placements.CLIENTS.uri:
+            members = host.members * clients if host.all_equal else host.members
             if len(members) != clients:
                 raise Unsupported("a CLIENTS value of another size than the cohort")
             return Clients(members)
-        return Server(host if type_spec.all_equal else host[0])
+        if host.placement == placements.SERVER.uri and len(host.members) == 1:
+            return Server(host.members[0])
+        raise Unsupported(f"a value placed at {host.placement}")
     return host
+
+
+@dataclass(frozen=True)
+class _Federated:
+    placement: str
+    all_equal: bool
+    members: tuple[Any, ...]
+
+
+def _read(value: Any) -> tuple[Any, Any]:
+    """(host value, a key equal for values of equal types)."""
+    from tensorflow_federated.python.core.impl.compiler import array
+    from tensorflow_federated.python.core.impl.types import array_shape, dtype_utils
+
+    which = value.WhichOneof("value")
+    if which == "array":
+        dtype = np.dtype(dtype_utils.from_proto(value.array.dtype))
+        if dtype.kind not in "iuf":
+            raise Unsupported(f"a tensor of {dtype}")
+        shape = array_shape.from_proto(value.array.shape)
+        # TFF's two encodings: repeated fields for scalars, raw content else.
+        if array_shape.is_shape_scalar(shape):
+            return array.from_proto(value.array), (dtype, shape)
+        return array.from_proto_content(value.array), (dtype, shape)
+    if which == "struct":
+        elements = []
+        keys = []
+        for element in value.struct.element:
+            member, key = _read(element.value)
+            if isinstance(member, _Federated):
+                raise Unsupported("a federated value inside a struct")
+            elements.append((element.name or None, member))
+            keys.append((element.name, key))
+        return structure.Struct(elements), tuple(keys)
+    if which == "federated":
+        federated = value.federated
+        all_equal = federated.type.all_equal
+        items = federated.value[:1] if all_equal else federated.value
+        if all_equal and not items:
+            raise Unsupported("an all-equal value without its member")
+        read = [_read(item) for item in items]
+        if any(key != read[0][1] for _, key in read[1:]):
+            raise Unsupported("members of different types")
+        uri = federated.type.placement.value.uri
+        key = ("federated", uri, all_equal, read[0][1] if read else None)
+        return _Federated(uri, all_equal, tuple(member for member, _ in read)), key
+    raise Unsupported(f"a {which} value")
 
 
 def _plain(value: Any) -> bool:
@@ -306,15 +356,3 @@ def _plain(value: Any) -> bool:
     if which == "federated":
         return all(_plain(member) for member in value.federated.value)
     return False
-
-
-def _check_leaves(type_spec: computation_types.Type) -> None:
-    if isinstance(type_spec, computation_types.FederatedType):
-        _check_leaves(type_spec.member)
-    elif isinstance(type_spec, computation_types.StructType):
-        for _, element in structure.iter_elements(type_spec):
-            _check_leaves(element)
-    elif not isinstance(type_spec, computation_types.TensorType) or (
-        type_spec.dtype.kind not in "iuf"
-    ):
-        raise Unsupported(f"a value of type {type_spec}")
