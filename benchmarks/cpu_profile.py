@@ -63,6 +63,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tff-amqp: coordinator", ("tff_amqp/coordinator/",)),
     ("tff-amqp: silo", ("tff_amqp/silo/",)),
     ("tff-amqp: phase plans, worker client", ("tff_amqp/tff_worker/",)),
+    ("tff-amqp: in-process values and plans", ("tff_amqp/inprocess/",)),
     ("tff-amqp: other", ("tff_amqp/",)),
     ("Python built-ins (isinstance, len, dict...)", ("<built-in", "<method")),
 )
