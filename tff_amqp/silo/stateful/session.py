@@ -401,17 +401,17 @@ class InvocationSession:
             return False
         from tff_amqp.inprocess.plans import Unsupported, read_value
 
+        earlier: list[_PlanCall] = []
+        for source in plan.inputs:
+            call_of = self._plan_calls.get(source[1]) if isinstance(source, tuple) else None
+            if call_of is None or (call_of.host is None and call_of is not holder):
+                return False  # an input lives only on the worker: nothing read in vain
+            earlier.append(call_of)
         clients = self._clients or 0
         try:
             if holder is not None and holder.host is None:
                 holder.host = [read_value(e.value, clients) for e in arguments.struct.element]
-            inputs = []
-            for source in plan.inputs:
-                earlier = self._plan_calls.get(source[1]) if isinstance(source, tuple) else None
-                if earlier is None or earlier.host is None:
-                    return False
-                inputs.append(earlier.host)
-            outputs, values = plan.host.evaluate(inputs, clients)
+            outputs, values = plan.host.evaluate([c.host for c in earlier], clients)
         except Unsupported as e:
             log.debug("silo.plan_on_worker", extra={"reason": str(e)})
             return False
