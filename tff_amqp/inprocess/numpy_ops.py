@@ -23,6 +23,8 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.types import computation_types
 
+from tff_amqp.inprocess.structs import struct_of, unnamed
+
 log = logging.getLogger(__name__)
 
 HostFn = Callable[[Any], Any]
@@ -122,7 +124,7 @@ def _constant(bb: building_blocks.CompiledComputation, fn_type: Any) -> Any:
                 raise _Unsupported(f"result {name} is not a constant")
             node_name = _node_name(node.input[0])
         out.append(_as_leaf(env[node_name]))
-    return _pack(fn_type.result, out)
+    return _packer(fn_type.result)(out)
 
 
 def _identity(value: Any) -> Any:
@@ -186,7 +188,7 @@ def _compiled(bb: building_blocks.CompiledComputation) -> HostFn:
         if _node_name(name) not in nodes:
             raise _Unsupported(f"result {name} not in graph")
     _check_dtypes(nodes, [_node_name(r) for r in results], dtypes)
-    result_type = fn_type.result
+    pack = _packer(fn_type.result)
     # TensorFlow (grappler's constant folding, in every session) computes a
     # float division by a constant as a multiplication by its reciprocal:
     # so do we, for the same bits.
@@ -197,14 +199,23 @@ def _compiled(bb: building_blocks.CompiledComputation) -> HostFn:
             if node.op == "RealDiv" and (divisor := _node_name(node.input[1])) in constants
         }
 
+    program = _program(nodes, [_node_name(r) for r in results], {*constants, *placeholders})
+    outputs = [_node_name(r) for r in results]
+
     def run(arg: Any) -> Any:
         leaves = _leaves(arg, len(placeholders))
         env: dict[str, Any] = dict(constants)
         for name, leaf in zip(placeholders, leaves, strict=True):
             env[name] = np.asarray(leaf, dtype=dtypes[name])
         with np.errstate(all="ignore"):  # overflow, 0/0: TF's results, no warnings
-            out = [_evaluate(nodes, _node_name(r), env, reciprocals) for r in results]
-        return _pack(result_type, [_as_leaf(v) for v in out])
+            for name, op, inputs in program:
+                if op is None:
+                    env[name] = env[inputs[0]]
+                elif name in reciprocals:
+                    env[name] = np.multiply(env[inputs[0]], reciprocals[name])
+                else:
+                    env[name] = op(*[env[i] for i in inputs])
+        return pack([_as_leaf(env[name]) for name in outputs])
 
     return run
 
@@ -276,26 +287,31 @@ def _check_dtypes(nodes: dict[str, Any], outputs: list[str], known: dict[str, np
         dtype_of(name)
 
 
-def _evaluate(
-    nodes: dict[str, Any],
-    name: str,
-    env: dict[str, Any],
-    reciprocals: dict[str, np.ndarray] | None = None,
-) -> Any:
-    if name in env:
-        return env[name]
-    node = nodes[name]
-    inputs = [_evaluate(nodes, _node_name(edge), env, reciprocals) for edge in node.input]
-    if node.op == "Identity":
-        value = inputs[0]
-    elif node.op in _UNARY:
-        value = _UNARY[node.op](inputs[0])
-    elif reciprocals and name in reciprocals:
-        value = np.multiply(inputs[0], reciprocals[name])
-    else:
-        value = _BINARY[node.op](inputs[0], inputs[1])
-    env[name] = value
-    return value
+def _program(
+    nodes: dict[str, Any], outputs: list[str], given: set[str]
+) -> list[tuple[str, Callable[..., np.ndarray] | None, tuple[str, ...]]]:
+    """The nodes `outputs` need, in an order that computes each one's inputs
+    first: (name, its NumPy function or None for Identity, input names)."""
+    program: list[tuple[str, Callable[..., np.ndarray] | None, tuple[str, ...]]] = []
+    done = set(given)
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        node = nodes[name]
+        inputs = tuple(_node_name(edge) for edge in node.input)
+        for edge in inputs:
+            visit(edge)
+        if node.op == "Identity":
+            op = None
+        else:
+            op = _UNARY.get(node.op) or _BINARY[node.op]
+        program.append((name, op, inputs))
+        done.add(name)
+
+    for name in outputs:
+        visit(name)
+    return program
 
 
 def _leaves(value: Any, count: int) -> list[Any]:
@@ -323,31 +339,50 @@ def _flatten(value: Any, out: list[Any]) -> None:
         out.append(value)
 
 
-def _pack(type_spec: computation_types.Type, leaves: list[Any]) -> Any:
-    """`structure.pack_sequence_as(type_spec, leaves)`, as cheaply."""
+# A struct type's layout: None for a tensor, else its elements' (name, layout).
+_Layout = list[tuple[str | None, "_Layout | None"]] | None
+
+
+def _layout(type_spec: computation_types.Type) -> _Layout:
     if not isinstance(type_spec, computation_types.StructType):
-        (leaf,) = leaves
-        return leaf
-    position = [0]
+        return None
+    return [(name, _layout(element)) for name, element in structure.iter_elements(type_spec)]
 
-    def pack(spec: computation_types.Type) -> Any:
-        if isinstance(spec, computation_types.StructType):
-            return structure.Struct(
-                [(name, pack(element)) for name, element in structure.iter_elements(spec)]
-            )
-        leaf = leaves[position[0]]
-        position[0] += 1
-        return leaf
 
-    packed = pack(type_spec)
-    if position[0] != len(leaves):
-        raise ValueError(f"{len(leaves)} tensors for {position[0]} results")
-    return packed
+def _packer(type_spec: computation_types.Type) -> Callable[[list[Any]], Any]:
+    """`structure.pack_sequence_as(type_spec, leaves)` as a function of the
+    leaves, the type read once rather than at every call."""
+    layout = _layout(type_spec)
+    count = len(_leaf_layouts(layout))
+
+    def pack(leaves: list[Any]) -> Any:
+        if len(leaves) != count:
+            raise ValueError(f"{len(leaves)} tensors for {count} results")
+        if layout is None:
+            return leaves[0]
+        return _pack(layout, iter(leaves))
+
+    return pack
+
+
+def _leaf_layouts(layout: _Layout) -> list[None]:
+    if layout is None:
+        return [None]
+    return [leaf for _, element in layout for leaf in _leaf_layouts(element)]
+
+
+def _pack(layout: list[tuple[str | None, _Layout]], leaves: Any) -> Any:
+    return struct_of(
+        [
+            (name, next(leaves) if element is None else _pack(element, leaves))
+            for name, element in layout
+        ]
+    )
 
 
 def fold(merge: HostFn, report: HostFn, partials: list[Any]) -> Any:
     """`report(merge(...merge(p0, p1)..., pn))`, in the order given."""
     total = partials[0]
     for partial in partials[1:]:
-        total = merge(structure.Struct([(None, total), (None, partial)]))
+        total = merge(unnamed(total, partial))
     return report(total)

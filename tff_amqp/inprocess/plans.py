@@ -31,6 +31,7 @@ from tensorflow_federated.python.core.impl.compiler import building_blocks, intr
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
 from tff_amqp.inprocess import numpy_ops, value_wire
+from tff_amqp.inprocess.structs import struct_of, unnamed
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _federated_zip_at_clients(arg: Any, clients: int) -> Clients:
         raise Unsupported("CLIENTS values of different sizes")
     return Clients(
         tuple(
-            structure.Struct([(name, column[i]) for name, column in zip(names, columns)])
+            struct_of([(name, column[i]) for name, column in zip(names, columns)])
             for i in range(clients)
         )
     )
@@ -125,7 +126,7 @@ def _federated_zip_at_clients(arg: Any, clients: int) -> Clients:
 
 def _federated_zip_at_server(arg: Any, clients: int) -> Server:
     names, values = _zip(arg)
-    return Server(structure.Struct([(n, _server(v).value) for n, v in zip(names, values)]))
+    return Server(struct_of([(n, _server(v).value) for n, v in zip(names, values)]))
 
 
 def _federated_aggregate(arg: Any, clients: int) -> Server:
@@ -134,7 +135,7 @@ def _federated_aggregate(arg: Any, clients: int) -> Server:
     value, zero, accumulate, _merge, report = _elements(arg, 5)
     total = zero
     for member in _clients(value).members:
-        total = _call(accumulate, structure.Struct([(None, total), (None, member)]), clients)
+        total = _call(accumulate, unnamed(total, member), clients)
     return Server(_call(report, total, clients))
 
 
@@ -211,7 +212,7 @@ class HostPlan:
                         values.append(_call(values[fn], argument, clients))
                     case ("struct", elements):
                         members = [(name or None, values[c]) for name, c in elements]
-                        values.append(structure.Struct(members))
+                        values.append(struct_of(members))
                     case ("select", source, index):
                         values.append(_member(values[source], index))
         released = [
@@ -329,7 +330,7 @@ def _read(value: Any) -> tuple[Any, Any]:
                 raise Unsupported("a federated value inside a struct")
             elements.append((element.name or None, member))
             keys.append((element.name, key))
-        return structure.Struct(elements), tuple(keys)
+        return struct_of(elements), tuple(keys)
     if which == "federated":
         federated = value.federated
         all_equal = federated.type.all_equal

@@ -41,6 +41,8 @@ from tensorflow_federated.python.core.impl.types import (
     type_serialization,
 )
 
+from tff_amqp.inprocess.structs import struct_of
+
 # Smaller tensors are not worth a second code path: TFF's copies of them are cheap.
 DIRECT_BYTES = 1 << 20
 
@@ -290,7 +292,7 @@ def _read_node(proto: executor_pb2.Value, type_hint: Any) -> tuple[object, objec
             value, key = _read(element.value, element_type)
             values.append((name, value))
             keys.append((name, key))
-        return structure.Struct(values), tuple(keys)
+        return struct_of(values), tuple(keys)
     if which == "federated" and isinstance(type_hint, computation_types.FederatedType):
         members = proto.federated.value
         if not members:
