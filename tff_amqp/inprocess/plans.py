@@ -313,6 +313,9 @@ def _read(value: Any) -> tuple[Any, Any]:
 
     which = value.WhichOneof("value")
     if which == "array":
+        scalar = value_wire.read_scalar(value.array)
+        if scalar is not None:
+            return scalar, (scalar.dtype, ())
         dtype = np.dtype(dtype_utils.from_proto(value.array.dtype))
         if dtype.kind not in "iuf":
             raise Unsupported(f"a tensor of {dtype}")

@@ -229,9 +229,46 @@ def _write_node(proto: executor_pb2.Value, value: object, type_spec: Any) -> boo
     return False
 
 
+# Scalars of these dtypes (the common aggregates) are written straight into
+# their repeated field, as `array.to_proto` writes them, without its checks.
+_SCALAR_FIELDS = {
+    np.dtype(np.float32): "float32_list",
+    np.dtype(np.float64): "float64_list",
+    np.dtype(np.int32): "int32_list",
+    np.dtype(np.int64): "int64_list",
+}
+_SCALAR_DTYPES = {dtype: dtype_utils.to_proto(dtype.type) for dtype in _SCALAR_FIELDS}
+_SCALAR_READS = {
+    _SCALAR_DTYPES[dtype]: (dtype.type, field) for dtype, field in _SCALAR_FIELDS.items()
+}
+
+
+def read_scalar(array_pb: Any) -> np.generic | None:
+    """`array.from_proto(array_pb)` for a scalar of a dtype above, without
+    its dispatch; None for anything else (TFF reads it, or refuses it)."""
+    read = _SCALAR_READS.get(array_pb.dtype)
+    if read is None or array_pb.shape.dim or array_pb.shape.unknown_rank:
+        return None
+    items = getattr(array_pb, read[1]).value
+    if len(items) != 1:
+        return None
+    return read[0](items[0])
+
+
 def _write_tensor(
     proto: executor_pb2.Value, value: object, type_spec: computation_types.TensorType
 ) -> bool:
+    if (
+        isinstance(value, np.generic)
+        and value.dtype == type_spec.dtype
+        and value.dtype in _SCALAR_FIELDS
+        and type_spec.shape == ()
+    ):
+        written = proto.array
+        written.dtype = _SCALAR_DTYPES[value.dtype]
+        written.shape.SetInParent()
+        getattr(written, _SCALAR_FIELDS[value.dtype]).value.append(value.item())
+        return True
     if isinstance(value, np.ndarray | np.generic):
         if value.dtype.kind not in _NUMERIC_KINDS:
             return False
@@ -281,7 +318,8 @@ def _read_node(proto: executor_pb2.Value, type_hint: Any) -> tuple[object, objec
             return None
         # The hint, not the proto, picks the encoding (as in TFF).
         if array_shape.is_shape_scalar(type_hint.shape):
-            return array.from_proto(proto.array), type_hint
+            scalar = read_scalar(proto.array)
+            return (array.from_proto(proto.array) if scalar is None else scalar), type_hint
         return array.from_proto_content(proto.array), type_hint
     if which == "struct" and isinstance(type_hint, computation_types.StructType):
         values: list[tuple[str | None, object]] = []
