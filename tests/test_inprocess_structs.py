@@ -49,6 +49,8 @@ def test_unnamed():
         ([("a", 1), ("a", 2)], ValueError),  # duplicated name
         ([("_asdict", 1)], ValueError),  # reserved name
         ([(3, 1)], TypeError),  # not a string
+        ([("a", 1, 2)], TypeError),  # not a pair
+        ([7], TypeError),  # not a pair
     ],
 )
 def test_struct_of_leaves_bad_names_to_tff(elements, error):

@@ -29,7 +29,10 @@ def struct_of(elements: Sequence[tuple[str | None, Any]]) -> structure.Struct:
     values: list[Any] = []
     index: dict[str, int] = {}
     named = 0
-    for position, (name, value) in enumerate(elements):
+    for position, element in enumerate(elements):
+        if type(element) is not tuple or len(element) != 2:
+            return structure.Struct(elements)
+        name, value = element
         names.append(name)
         values.append(value)
         if name is not None:
