@@ -187,7 +187,8 @@ def _compiled(bb: building_blocks.CompiledComputation) -> HostFn:
     for name in results:
         if _node_name(name) not in nodes:
             raise _Unsupported(f"result {name} not in graph")
-    _check_dtypes(nodes, [_node_name(r) for r in results], dtypes)
+    outputs = [_node_name(r) for r in results]
+    _check_dtypes(nodes, outputs, dtypes)
     pack = _packer(fn_type.result)
     # TensorFlow (grappler's constant folding, in every session) computes a
     # float division by a constant as a multiplication by its reciprocal:
@@ -199,8 +200,7 @@ def _compiled(bb: building_blocks.CompiledComputation) -> HostFn:
             if node.op == "RealDiv" and (divisor := _node_name(node.input[1])) in constants
         }
 
-    program = _program(nodes, [_node_name(r) for r in results], {*constants, *placeholders})
-    outputs = [_node_name(r) for r in results]
+    program = _program(nodes, outputs, {*constants, *placeholders})
 
     def run(arg: Any) -> Any:
         leaves = _leaves(arg, len(placeholders))
@@ -353,7 +353,7 @@ def _packer(type_spec: computation_types.Type) -> Callable[[list[Any]], Any]:
     """`structure.pack_sequence_as(type_spec, leaves)` as a function of the
     leaves, the type read once rather than at every call."""
     layout = _layout(type_spec)
-    count = len(_leaf_layouts(layout))
+    count = _leaf_count(layout)
 
     def pack(leaves: list[Any]) -> Any:
         if len(leaves) != count:
@@ -365,10 +365,10 @@ def _packer(type_spec: computation_types.Type) -> Callable[[list[Any]], Any]:
     return pack
 
 
-def _leaf_layouts(layout: _Layout) -> list[None]:
+def _leaf_count(layout: _Layout) -> int:
     if layout is None:
-        return [None]
-    return [leaf for _, element in layout for leaf in _leaf_layouts(element)]
+        return 1
+    return sum(_leaf_count(element) for _, element in layout)
 
 
 def _pack(layout: list[tuple[str | None, _Layout]], leaves: Any) -> Any:

@@ -27,8 +27,13 @@ from typing import Any
 
 import numpy as np
 from tensorflow_federated.python.common_libs import structure
-from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
-from tensorflow_federated.python.core.impl.types import computation_types, placements
+from tensorflow_federated.python.core.impl.compiler import array, building_blocks, intrinsic_defs
+from tensorflow_federated.python.core.impl.types import (
+    array_shape,
+    computation_types,
+    dtype_utils,
+    placements,
+)
 
 from tff_amqp.inprocess import numpy_ops, value_wire
 from tff_amqp.inprocess.structs import struct_of, unnamed
@@ -308,9 +313,6 @@ class _Federated:
 
 def _read(value: Any) -> tuple[Any, Any]:
     """(host value, a key equal for values of equal types)."""
-    from tensorflow_federated.python.core.impl.compiler import array
-    from tensorflow_federated.python.core.impl.types import array_shape, dtype_utils
-
     which = value.WhichOneof("value")
     if which == "array":
         scalar = value_wire.read_scalar(value.array)
