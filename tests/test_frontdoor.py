@@ -247,6 +247,34 @@ def test_connect_gives_up_within_its_budget_backoff_included():
     assert 4.5 < time.monotonic() - started < 5.8
 
 
+def test_an_attempt_cut_short_by_the_budget_reports_the_last_real_error(monkeypatch):
+    # On a loaded machine the budget can end while an attempt is still
+    # connecting: the message names the error before it, not the cancellation.
+    from tff_amqp.errors import BrokerUnreachableError
+    from tff_amqp.retry import connect_within
+    from tff_amqp.transport import connection as transport_connection
+
+    attempts = []
+
+    async def refused_then_hanging(self, timeout=None):
+        attempts.append(timeout)
+        if len(attempts) == 1:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(transport_connection.FailoverConnection, "connect", refused_then_hanging)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnreachableError, match="Connect call failed") as caught:
+        asyncio.run(
+            transport_connection.connect(
+                "amqp://guest:guest@127.0.0.1:1/", name="frontdoor test", policy=connect_within(1)
+            )
+        )
+    assert len(attempts) == 2
+    assert "CancelledError" not in str(caught.value)
+    assert time.monotonic() - started < 3
+
+
 def test_wrong_password_is_a_broker_auth_error_in_python(amqp_url):
     from tff_amqp.errors import BrokerAuthError, BrokerUnreachableError
     from tff_amqp.transport.connection import connect

@@ -139,7 +139,10 @@ async def connect(
     errors: list[BaseException] = []
 
     def retryable(error: BaseException) -> bool:
-        errors.append(error)
+        # An attempt cut short by the budget ends in CancelledError, which
+        # says nothing: the error reported is the last real one.
+        if not isinstance(error, asyncio.CancelledError):
+            errors.append(error)
         # Wrong credentials or a forbidden vhost will not fix themselves.
         if isinstance(error, _REFUSALS):
             return False
