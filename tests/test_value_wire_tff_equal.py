@@ -65,6 +65,10 @@ VALID: dict[str, tuple[object, Any]] = {
     "python int as int32": (-7, tff.TensorType(np.int32)),
     "python int as int64": (2**40, tff.TensorType(np.int64)),
     "python int as uint8": (200, tff.TensorType(np.uint8)),
+    "python float rounded to float32": (0.1, tff.TensorType(np.float32)),
+    "python float inf as float64": (float("-inf"), tff.TensorType(np.float64)),
+    "python int at int32's bounds": (-(2**31), tff.TensorType(np.int32)),
+    "python int at int64's bounds": (2**63 - 1, tff.TensorType(np.int64)),
     "python bool": (True, tff.TensorType(np.bool_)),
     "python complex": (1 + 2j, tff.TensorType(np.complex64)),
     "float32 scalar widened to float64": (np.float32(0.1), tff.TensorType(np.float64)),
@@ -294,6 +298,11 @@ REFUSED: dict[str, tuple[object, Any]] = {
     "int as float": (1, tff.TensorType(np.float32)),
     "float as int": (1.5, tff.TensorType(np.int32)),
     "int out of range": (2**40, tff.TensorType(np.int32)),
+    "int just past int32": (2**31, tff.TensorType(np.int32)),
+    "int out of int64's range": (2**70, tff.TensorType(np.int64)),
+    "float out of float32's range": (1e300, tff.TensorType(np.float32)),
+    "python bool as int32": (True, tff.TensorType(np.int32)),
+    "python bool as float32": (False, tff.TensorType(np.float32)),
     "bool as int": (np.array([True]), tff.TensorType(np.int32, [1])),
     "None as a tensor": (None, tff.TensorType(np.float32)),
     "too few struct elements": ([1.0], STRUCT_AB),
@@ -340,3 +349,24 @@ def test_common_values_avoid_tffs_traced_functions(case: str, monkeypatch) -> No
     monkeypatch.setattr(value_serialization, "deserialize_value", traced)
     assert value_wire.serialize_value(value, type_spec)[0] == expected
     value_wire.deserialize(expected, type_spec)
+
+
+@pytest.mark.parametrize(
+    "value, type_spec",
+    [
+        (1.5, tff.TensorType(np.float32)),
+        (-3, tff.TensorType(np.int64)),
+        (float("nan"), tff.TensorType(np.float32)),  # bytes: NaN is unequal to itself
+        ([float(i) for i in range(9)], tff.FederatedType(np.float32, tff.CLIENTS)),
+    ],
+)
+def test_python_scalars_are_written_directly(value, type_spec, monkeypatch) -> None:
+    # Arguments such as `[1.0, 2.5]` skip TFF's array conversion (its checks
+    # and a NumPy array per scalar) and still give TFF's bytes.
+    expected = value_serialization.serialize_value(value, type_spec)[0].SerializeToString()
+
+    def converted(*args: object, **kwargs: object) -> None:
+        raise AssertionError("TFF's array conversion was called")
+
+    monkeypatch.setattr(value_wire.array, "to_proto", converted)
+    assert value_wire.serialize(value, type_spec)[0] == expected

@@ -238,6 +238,9 @@ _SCALAR_FIELDS = {
     np.dtype(np.int64): "int64_list",
 }
 _SCALAR_DTYPES = {dtype: dtype_utils.to_proto(dtype.type) for dtype in _SCALAR_FIELDS}
+# Python scalars TFF takes for a dtype of the same kind (`bool` is not an
+# int here: TFF refuses it for integer dtypes).
+_PYTHON_SCALAR_KINDS = {float: "f", int: "i"}
 _SCALAR_READS = {
     _SCALAR_DTYPES[dtype]: (dtype.type, field) for dtype, field in _SCALAR_FIELDS.items()
 }
@@ -268,6 +271,21 @@ def _write_tensor(
         written.dtype = _SCALAR_DTYPES[value.dtype]
         written.shape.SetInParent()
         getattr(written, _SCALAR_FIELDS[value.dtype]).value.append(value.item())
+        return True
+    if (
+        _PYTHON_SCALAR_KINDS.get(type(value)) == type_spec.dtype.kind
+        and type_spec.dtype in _SCALAR_FIELDS
+        and type_spec.shape == ()
+    ):
+        # A Python float or int (arguments such as `[1.0, 2.5]`): TFF's
+        # value-based range check, then the value as the dtype rounds it.
+        if not dtype_utils.can_cast(value, type_spec.dtype.type):  # type: ignore[arg-type]
+            return False  # TFF refuses it, with its message
+        written = proto.array
+        written.dtype = _SCALAR_DTYPES[type_spec.dtype]
+        written.shape.SetInParent()
+        field = getattr(written, _SCALAR_FIELDS[type_spec.dtype])
+        field.value.append(type_spec.dtype.type(value).item())
         return True
     if isinstance(value, np.ndarray | np.generic):
         if value.dtype.kind not in _NUMERIC_KINDS:
