@@ -288,6 +288,10 @@ def test_a_refused_batch_that_closes_its_invocation_still_frees_it(
     batches left at the silo now, not at the deadline's sweep."""
     silo = sorted(silo_federation.silos)[0]
     membership = amqp_context.runtime.membership
+    # Invocations an earlier test left open at the silo (freed by its sweep
+    # at their deadlines) are not this test's.
+    record = membership.record(silo)
+    left_open = record.status.active_invocations if record is not None else 0
     _, digest = _function_no_silo_holds()
     with _RawCoordinator(
         amqp_url, silo_federation.name, silo, amqp_context.runtime.link
@@ -307,14 +311,14 @@ def test_a_refused_batch_that_closes_its_invocation_still_frees_it(
         codes = _codes(coordinator.answers(named, closing))
         assert codes == [p.ErrorCode.MISSING_FUNCTIONS, p.ErrorCode.EARLIER_BATCH_REFUSED], codes
     # The silo's status reports come every second: one after the close
-    # shows no invocation left (the session fixture runs nothing else now).
+    # shows this invocation gone (the session fixture runs nothing else now).
     until = time.monotonic() + 5
     active = None
     while time.monotonic() < until:
         record = membership.record(silo)
         if record is not None and record.last_seen > sent + 0.1:
             active = record.status.active_invocations
-            if active == 0:
+            if active <= left_open:
                 break
         time.sleep(0.05)
-    assert active == 0, active
+    assert active is not None and active <= left_open, (active, left_open)
