@@ -69,6 +69,18 @@ def test_a_function_sent_in_full_is_given_back_in_full_when_named():
     assert taken.seq == later.seq
 
 
+def test_the_silo_keeps_only_functions_the_coordinator_may_name():
+    # Below the protocol's size a function always travels in full: the silo
+    # does not hash and keep it on every batch.
+    store = FunctionStore()
+    small = _function(1, size=p.NAMED_FUNCTION_MIN_BYTES // 2)
+    large = _function(2, size=p.NAMED_FUNCTION_MIN_BYTES)
+    assert len(small) < p.NAMED_FUNCTION_MIN_BYTES <= len(large)
+    store.take(_batch(p.CreateValue(target=1, value=small), p.CreateValue(target=2, value=large)))
+    assert _digest(large) in store and _digest(small) not in store and len(store) == 1
+    assert MIN_BYTES == p.NAMED_FUNCTION_MIN_BYTES  # what the coordinator names
+
+
 def test_a_batch_naming_a_function_the_silo_lacks_is_refused_whole():
     store = FunctionStore()
     missing = _digest(_function(2))

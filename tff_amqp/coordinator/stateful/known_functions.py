@@ -25,8 +25,9 @@ from tff_amqp.tff_worker.client import serialized_is_computation
 
 MAX_FUNCTIONS = p.HELD_FUNCTIONS // 4
 MAX_BYTES = p.HELD_FUNCTION_BYTES // 4
-# Functions smaller than a digest reference gain nothing by being named.
-MIN_BYTES = 256
+# Functions smaller than a digest reference gain nothing by being named
+# (silos do not keep them).
+MIN_BYTES = p.NAMED_FUNCTION_MIN_BYTES
 
 
 @dataclass

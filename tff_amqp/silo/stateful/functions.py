@@ -2,7 +2,9 @@
 
 A coordinator ships the same computations every round (a FedAvg round's are
 ~85 KB of its ~113 KB request per silo). Every function a batch carries in
-full (a `CreateValue` of a computation) is kept here under its SHA-256; a
+full (a `CreateValue` of a computation) of at least the protocol's
+NAMED_FUNCTION_MIN_BYTES (smaller ones always travel in full) is kept here
+under its SHA-256; a
 later batch names it with `CreateKnownFunction`, which becomes that
 `CreateValue` again before any session sees the batch. Batches are taken in
 the order the silo's queue delivers them, which is the order the coordinator
@@ -88,7 +90,11 @@ class FunctionStore:
                 self._functions.move_to_end(op.digest)
                 operations.append(p.CreateValue(target=op.target, value=self._functions[op.digest]))
             else:
-                if isinstance(op, p.CreateValue) and serialized_is_computation(op.value):
+                if (
+                    isinstance(op, p.CreateValue)
+                    and len(op.value) >= p.NAMED_FUNCTION_MIN_BYTES
+                    and serialized_is_computation(op.value)
+                ):
                     self._keep(op.value)
                 operations.append(op)
         if not named_any:

@@ -299,6 +299,8 @@ class InvocationSession:
 
         computes: list[p.Compute] = []
         fused: set[int] = set()
+        # The functions among the batch's values (told apart once, in _plannable).
+        functions = {id(op) for op in planned if isinstance(op, p.CreateValue)}
         # The batch's argument values, sent to the worker as one struct (in
         # the order the plan takes them, known once the plan is).
         arguments = executor_pb2.Value()
@@ -313,7 +315,7 @@ class InvocationSession:
                 case p.Compute():
                     self._check_release(op.source, fused)
                     computes.append(op)
-                case p.CreateValue() if serialized_is_computation(op.value):
+                case p.CreateValue() if id(op) in functions:
                     self._claim(op.target, fused)
                     self._note_function(op)
                 case p.CreateValue():
