@@ -258,6 +258,14 @@ def read_scalar(array_pb: Any) -> np.generic | None:
     return read[0](items[0])
 
 
+def _write_scalar(proto: executor_pb2.Value, dtype: np.dtype, item: object) -> None:
+    """A scalar of one of `_SCALAR_FIELDS`' dtypes, as `array.to_proto` writes it."""
+    written = proto.array
+    written.dtype = _SCALAR_DTYPES[dtype]
+    written.shape.SetInParent()
+    getattr(written, _SCALAR_FIELDS[dtype]).value.append(item)
+
+
 def _write_tensor(
     proto: executor_pb2.Value, value: object, type_spec: computation_types.TensorType
 ) -> bool:
@@ -267,10 +275,7 @@ def _write_tensor(
         and value.dtype in _SCALAR_FIELDS
         and type_spec.shape == ()
     ):
-        written = proto.array
-        written.dtype = _SCALAR_DTYPES[value.dtype]
-        written.shape.SetInParent()
-        getattr(written, _SCALAR_FIELDS[value.dtype]).value.append(value.item())
+        _write_scalar(proto, value.dtype, value.item())
         return True
     if (
         _PYTHON_SCALAR_KINDS.get(type(value)) == type_spec.dtype.kind
@@ -281,11 +286,7 @@ def _write_tensor(
         # value-based range check, then the value as the dtype rounds it.
         if not dtype_utils.can_cast(value, type_spec.dtype.type):  # type: ignore[arg-type]
             return False  # TFF refuses it, with its message
-        written = proto.array
-        written.dtype = _SCALAR_DTYPES[type_spec.dtype]
-        written.shape.SetInParent()
-        field = getattr(written, _SCALAR_FIELDS[type_spec.dtype])
-        field.value.append(type_spec.dtype.type(value).item())
+        _write_scalar(proto, type_spec.dtype, type_spec.dtype.type(value).item())
         return True
     if isinstance(value, np.ndarray | np.generic):
         if value.dtype.kind not in _NUMERIC_KINDS:
