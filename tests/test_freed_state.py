@@ -15,7 +15,6 @@ result exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import threading
 import time
@@ -32,7 +31,7 @@ import tensorflow_federated as tff
 
 import tff_amqp
 from tests.support.computations import checked_sum, fed_sum
-from tests.support.federation import Federation, run_in, started_context
+from tests.support.federation import Federation, replies_in, run_in, started_context
 from tff_amqp import protocol as p
 from tff_amqp.errors import PartialResultWarning, SiloUnreachableError, SiloWorkerError
 from tff_amqp.local import LocalFederation
@@ -112,12 +111,7 @@ def test_batch_without_deadline_is_refused_and_pins_nothing(
     correlation = uuid.uuid4().hex
 
     def tap(payload: bytes) -> None:
-        try:
-            envelope = p.decode(payload)
-        except p.ProtocolError:
-            return
-        if envelope.correlation_id == correlation:
-            replies.append(envelope)
+        replies.extend(e for e in replies_in(payload) if e.correlation_id == correlation)
 
     link.taps.append(tap)
     try:
@@ -387,10 +381,9 @@ def test_sessions_of_a_replaced_coordinator_instance_are_freed(
         replies: list[p.Envelope] = []
 
         def tap(payload: bytes) -> None:
-            with contextlib.suppress(p.ProtocolError):
-                envelope = p.decode(payload)
-                if envelope.correlation_id == late.correlation_id:
-                    replies.append(envelope)
+            replies.extend(
+                e for e in replies_in(payload) if e.correlation_id == late.correlation_id
+            )
 
         link = second.runtime.link
         link.taps.append(tap)

@@ -25,6 +25,7 @@ from tests.support.data import write_xy_clients
 from tests.support.federation import (
     Federation,
     assert_close,
+    replies_in,
     run_in,
     started_context,
     wait_live,
@@ -164,12 +165,9 @@ class _RawCoordinator:
         self._link.taps.remove(self._tap)
 
     def _tap(self, payload: bytes) -> None:
-        try:
-            envelope = p.decode(payload)
-        except p.ProtocolError:
-            return
-        if envelope.invocation_id == self.invocation:
-            self._replies[envelope.correlation_id] = envelope
+        for envelope in replies_in(payload):
+            if envelope.invocation_id == self.invocation:
+                self._replies[envelope.correlation_id] = envelope
 
     def batch(self, seq: int, ops: list[p.Operation]) -> p.Envelope:
         return p.batch_envelope(

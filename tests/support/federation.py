@@ -95,6 +95,23 @@ def amqp_context(amqp_url: str, silo_federation: Federation) -> Iterator[Any]:
         yield context
 
 
+def replies_in(payload: bytes) -> list[Any]:
+    """The reply envelopes one message a coordinator's link received carries:
+    one, or a bundle's members (a silo bundles replies that queue up behind
+    an unconfirmed one whenever its latest coordinator takes bundles, so a
+    test reading raw payloads off `link.taps` must unpack them); nothing for
+    a message that does not decode."""
+    from tff_amqp import protocol as p
+
+    try:
+        envelope = p.decode(payload)
+    except p.ProtocolError:
+        return []
+    if envelope.kind is not p.Kind.BUNDLE:
+        return [envelope]
+    return [m for m in p.members(envelope) if isinstance(m, p.Envelope)]
+
+
 def run_in(context: Any, comp: Any, *args: Any) -> Any:
     import tensorflow_federated as tff
 
