@@ -251,7 +251,7 @@ def test_an_attempt_cut_short_by_the_budget_reports_the_last_real_error(monkeypa
     # On a loaded machine the budget can end while an attempt is still
     # connecting: the message names the error before it, not the cancellation.
     from tff_amqp.errors import BrokerUnreachableError
-    from tff_amqp.retry import connect_within
+    from tff_amqp.retry import RetryPolicy
     from tff_amqp.transport import connection as transport_connection
 
     attempts = []
@@ -263,11 +263,14 @@ def test_an_attempt_cut_short_by_the_budget_reports_the_last_real_error(monkeypa
         await asyncio.sleep(60)
 
     monkeypatch.setattr(transport_connection.FailoverConnection, "connect", refused_then_hanging)
+    # No jitter: the second attempt starts 0.05 s after the first, surely
+    # within the budget (the default jitter alone may wait past 1 s).
+    policy = RetryPolicy(initial_delay=0.05, jitter=0.0, total_timeout=1.0)
     started = time.monotonic()
     with pytest.raises(BrokerUnreachableError, match="Connect call failed") as caught:
         asyncio.run(
             transport_connection.connect(
-                "amqp://guest:guest@127.0.0.1:1/", name="frontdoor test", policy=connect_within(1)
+                "amqp://guest:guest@127.0.0.1:1/", name="frontdoor test", policy=policy
             )
         )
     assert len(attempts) == 2

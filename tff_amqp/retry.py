@@ -16,12 +16,15 @@ class RetryPolicy:
     """Exponential backoff with jitter, bounded in total time.
 
     `total_timeout` bounds every wait: an unreachable broker becomes a clear
-    error instead of a hang.
+    error instead of a hang. Wait n (from 0) is ``initial_delay * 2**n`` plus
+    a random part of up to `jitter` seconds (so silos started together do not
+    retry in step), at most `max_delay`.
     """
 
     initial_delay: float = 0.2
     max_delay: float = 5.0
     total_timeout: float = 30.0
+    jitter: float = 1.0
 
     def retrying(self, should_retry: Callable[[BaseException], bool]) -> tenacity.AsyncRetrying:
         """An async iterator of attempts; the last error is re-raised."""
@@ -46,7 +49,7 @@ class RetryPolicy:
         """The policy as tenacity's arguments, one definition for both kinds."""
         return dict(
             wait=tenacity.wait_exponential_jitter(
-                multiplier=self.initial_delay, max=self.max_delay
+                multiplier=self.initial_delay, max=self.max_delay, jitter=self.jitter
             ),
             stop=tenacity.stop_after_delay(self.total_timeout),
             retry=tenacity.retry_if_exception(should_retry),
