@@ -50,6 +50,16 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         quick_args=("--quick",),
     ),
     Benchmark(
+        "critical_path",
+        "Where an invocation's time goes",
+        "the critical path of the same federated means, one at a time: every AMQP message "
+        "time-stamped where it is published and delivered (coordinator and 3 silo processes, "
+        "one clock), each invocation cut into steps (coordinator before the first request, "
+        "broker hops, silo work, coordinator after the last reply) with each process's CPU "
+        "time in them, next to TFF native's time in the same run",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
         "stragglers",
         "Straggler timeout (K of N)",
         "round time of a federated mean over 8 silos / 16 clients when one client is slowed by "

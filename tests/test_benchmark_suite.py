@@ -391,3 +391,55 @@ def test_overhead_splits_wall_time_by_gather() -> None:
     both = split["overlapping"]
     assert both["gathers_ms"] == pytest.approx(50, abs=8)
     assert both["gathers_ms"] <= both["total_ms"]
+
+
+def test_critical_path_cuts_each_invocation_into_its_steps() -> None:
+    """Two invocations over two silos from hand-made timelines (ms on one
+    clock, CPU ms beside them): each step is the span it names; an
+    invocation with a reply never seen is left out, not half counted."""
+    from benchmarks import critical_path
+
+    ms = 1_000_000
+
+    def event(t: float, kind: str, label: str, cpu: float = 0.0) -> list[object]:
+        return [int(t * ms), kind, label, int(cpu * ms)]
+
+    coordinator = [
+        event(0, "mark", "start 0", 10),
+        event(1, "pub", "a0", 11),  # requests at 1.0 and 1.2
+        event(1.2, "pub", "b0", 11.2),
+        event(1.5, "recv", "", 11.3),  # a heartbeat: no correlation id
+        event(4.0, "recv", "a0", 11.5),
+        event(5.0, "recv", "b0", 12.0),  # the last reply, 0.5 after it left silo b
+        event(5.75, "mark", "end 0", 12.5),
+        event(10, "mark", "start 1", 13),
+        event(11, "pub", "a1", 14),
+        event(11.1, "pub", "b1", 14),
+        event(14, "recv", "a1", 14.5),  # b1's reply never arrives
+        event(20, "mark", "end 1", 15),
+    ]
+    silos = {
+        "a": [event(1.5, "recv", "a0", 100), event(3.5, "pub", "a0", 101.0)],
+        "b": [event(2.0, "recv", "b0", 200), event(4.5, "pub", "b0", 200.5)],
+    }
+    silos["a"] += [event(11.5, "recv", "a1"), event(13, "pub", "a1")]
+    silos["b"] += [event(11.6, "recv", "b1")]
+    steps, cpu, skipped = critical_path.critical_paths(coordinator, silos)
+    assert skipped == 1
+
+    def one(name: str) -> float:
+        (value,) = steps[name]
+        return round(value, 6)
+
+    assert one("coordinator, before the first request") == 1.0
+    assert one("requests published") == 0.2
+    assert one("broker to the first silo") == 0.5
+    assert one("requests delivered") == 1.0
+    assert one("silo work, each") == 2.25  # median of 2.0 and 2.5
+    assert one("silos done") == 3.0  # 1.5 -> 4.5
+    assert one("broker back to the coordinator") == 0.5
+    assert one("coordinator, after the last reply") == 0.75
+    assert one("whole invocation") == 5.75
+    assert [round(v, 6) for v in cpu["coordinator (event loop), silo phase"]] == [1.0]
+    assert sorted(round(v, 6) for v in cpu["silo, each"]) == [0.5, 1.0]
+    assert [name for name, _ in critical_path.STEPS] == list(steps)
