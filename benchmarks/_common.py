@@ -39,14 +39,60 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     return samples
 
 
-def summary(samples: list[float]) -> dict[str, float]:
+def summary(samples: list[float], unit: str = "s") -> dict[str, float]:
+    """Median, p10 and p90 of `samples` (keys named by their `unit`) and n."""
     ordered = sorted(samples)
     return {
-        "median_s": statistics.median(ordered),
-        "p10_s": ordered[int(0.1 * (len(ordered) - 1))],
-        "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
+        f"median_{unit}": statistics.median(ordered),
+        f"p10_{unit}": ordered[int(0.1 * (len(ordered) - 1))],
+        f"p90_{unit}": ordered[int(0.9 * (len(ordered) - 1))],
         "n": len(ordered),
     }
+
+
+def time_native(comp: Any, arg: Any, invocations: int, warmup: int) -> dict[str, float]:
+    """`summary` of `comp(arg)` run `invocations` times in TFF's native runtime."""
+    import tensorflow_federated as tff
+
+    with native_context() as context, tff.framework.get_context_stack().install(context):
+        return summary(timed(lambda: comp(arg), invocations, warmup=warmup))
+
+
+def hooked_silo_env(hook: Path, variable: str, out: Path) -> dict[str, str]:
+    """The environment of a silo process that imports `hook/sitecustomize.py`
+    at start-up (with this repository importable) and writes to `out`,
+    named by `variable`."""
+    repo = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(p for p in (str(hook), str(repo), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, variable: str(out)}
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        os.kill(pid, signum)
+
+
+def read_when_written(
+    paths: list[Path], read: Callable[[Path], Any], timeout: float = 30
+) -> list[Any]:
+    """`read(path)` of every path, once each has been written completely (a
+    read that raises ValueError or OSError means: not yet); RuntimeError
+    naming those still missing after `timeout` seconds."""
+    done: dict[Path, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(paths) and time.monotonic() < deadline:
+        for path in paths:
+            if path not in done and path.exists():
+                try:
+                    done[path] = read(path)
+                except (ValueError, OSError):
+                    pass  # still being written
+        if len(done) < len(paths):
+            time.sleep(0.1)
+    missing = [path.name for path in paths if path not in done]
+    if missing:
+        raise RuntimeError(f"not written within {timeout:.0f} s: {missing}")
+    return [done[path] for path in paths]
 
 
 @contextlib.contextmanager

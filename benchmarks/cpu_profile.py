@@ -34,15 +34,19 @@ if __package__ in (None, ""):
 
 from benchmarks._common import (
     delete_federation,
+    hooked_silo_env,
     machine,
-    native_context,
     print_table,
     progress,
+    read_when_written,
+    signal_all,
     stop_on_sigterm,
     summary,
+    time_native,
     timed,
     write_result,
 )
+from benchmarks.overhead import statistic
 
 HOOK = Path(__file__).resolve().parent / "profile_hook"
 SILOS = ["s1", "s2", "s3"]
@@ -90,15 +94,6 @@ def breakdown(stats: pstats.Stats) -> tuple[float, dict[str, float], list[tuple[
     return sum(by_part.values()), dict(by_part), functions[:TOP]
 
 
-def _invocations(which: str) -> tuple[Any, Any]:
-    from benchmarks.overhead import build, build_mean_variance
-
-    mean, values, _, _ = build()
-    if which == "mean":
-        return mean, values
-    return build_mean_variance(), values
-
-
 def _profile_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[str, Any]:
     import cProfile
 
@@ -107,9 +102,8 @@ def _profile_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[
     import tff_amqp
     from tff_amqp.local import LocalFederation, SiloOptions
 
-    comp, values = _invocations(which)
-    path = os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)
-    options = SiloOptions(env={"PYTHONPATH": path, "TFF_AMQP_PROFILE_DIR": str(out)})
+    comp, values = statistic(which)
+    options = SiloOptions(env=hooked_silo_env(HOOK, "TFF_AMQP_PROFILE_DIR", out))
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     try:
         with LocalFederation(broker, federation) as local:
@@ -134,23 +128,16 @@ def _profile_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[
                 async def stop() -> None:
                     profile.disable()
 
-                for pid in pids:
-                    os.kill(pid, signal.SIGUSR1)
+                signal_all(pids, signal.SIGUSR1)
                 ctx.run(start())
                 started = time.perf_counter()
                 for _ in range(invocations):
                     comp(values)
                 profiled_s = (time.perf_counter() - started) / invocations
                 ctx.run(stop())
-                for pid in pids:
-                    os.kill(pid, signal.SIGUSR2)
+                signal_all(pids, signal.SIGUSR2)
                 files = [out / f"{pid}.prof" for pid in pids]
-                deadline = time.monotonic() + 30
-                while not all(f.exists() for f in files) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                missing = [f.name for f in files if not f.exists()]
-                if missing:
-                    raise RuntimeError(f"silo profiles not written: {missing}")
+                read_when_written(files, lambda path: path.stat())
                 time.sleep(0.5)  # the last file is complete once its writer is done
                 silo_stats = pstats.Stats(*(str(f) for f in files))
         return {
@@ -161,14 +148,6 @@ def _profile_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[
         }
     finally:
         delete_federation(broker, federation, SILOS)
-
-
-def _native(which: str, invocations: int) -> dict[str, float]:
-    import tensorflow_federated as tff
-
-    comp, values = _invocations(which)
-    with native_context() as context, tff.framework.get_context_stack().install(context):
-        return summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
 
 
 def main() -> int:
@@ -184,7 +163,7 @@ def main() -> int:
 
     stop_on_sigterm()
     progress(f"profile: {args.computation}, {invocations} invocations, 3 silos")
-    native = _native(args.computation, invocations)
+    native = time_native(*statistic(args.computation), invocations, WARMUP)
     progress(f"  TFF native: {native['median_s'] * 1e3:.2f} ms")
     with tempfile.TemporaryDirectory(prefix="tff-amqp-profile-") as out:
         amqp = _profile_amqp(args.broker, args.computation, invocations, Path(out))

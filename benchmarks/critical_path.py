@@ -38,18 +38,21 @@ if __package__ in (None, ""):
 from benchmarks import _timeline
 from benchmarks._common import (
     delete_federation,
+    hooked_silo_env,
     machine,
-    native_context,
     print_table,
     progress,
+    read_when_written,
+    signal_all,
     stop_on_sigterm,
     summary,
+    time_native,
     timed,
     write_result,
 )
+from benchmarks.overhead import statistic
 
 HOOK = Path(__file__).resolve().parent / "timeline_hook"
-REPO = Path(__file__).resolve().parent.parent
 SILOS = ["s1", "s2", "s3"]
 WARMUP = 30
 
@@ -67,24 +70,14 @@ STEPS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _invocations(which: str) -> tuple[Any, Any]:
-    from benchmarks.overhead import build, build_mean_variance
-
-    mean, values, _, _ = build()
-    if which == "mean":
-        return mean, values
-    return build_mean_variance(), values
-
-
 def _record_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[str, Any]:
     import tensorflow_federated as tff
 
     import tff_amqp
     from tff_amqp.local import LocalFederation, SiloOptions
 
-    comp, values = _invocations(which)
-    path = os.pathsep.join(p for p in (str(HOOK), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    options = SiloOptions(env={"PYTHONPATH": path, "TFF_AMQP_TIMELINE_DIR": str(out)})
+    comp, values = statistic(which)
+    options = SiloOptions(env=hooked_silo_env(HOOK, "TFF_AMQP_TIMELINE_DIR", out))
     federation = f"bench-{uuid.uuid4().hex[:6]}"
     _timeline.install()  # before the coordinator consumes its queue
     try:
@@ -93,7 +86,7 @@ def _record_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[s
                 local.start_silo(name, options=options)
             progress(f"  starting {len(SILOS)} silos ...")
             local.wait_ready(timeout=180)
-            pids = {name: local.silos[name].process.pid for name in SILOS}  # type: ignore[union-attr]
+            pids = [local.silos[name].process.pid for name in SILOS]  # type: ignore[union-attr]
             with (
                 tff_amqp.create_sync_amqp_execution_context(
                     broker, federation=federation, min_silos=len(SILOS), cohort_timeout=120
@@ -102,8 +95,7 @@ def _record_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[s
             ):
                 unrecorded = summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
                 progress(f"  tff-amqp: {unrecorded['median_s'] * 1e3:.2f} ms; recording ...")
-                for pid in pids.values():
-                    os.kill(pid, signal.SIGUSR1)
+                signal_all(pids, signal.SIGUSR1)
                 time.sleep(0.5)  # every silo is recording before the first request
                 _timeline.start()
                 for i in range(invocations):
@@ -111,22 +103,11 @@ def _record_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[s
                     comp(values)
                     _timeline.mark(f"end {i}")
                 coordinator = _timeline.stop()
-                for pid in pids.values():
-                    os.kill(pid, signal.SIGUSR2)
-                files = {name: out / f"{pid}.json" for name, pid in pids.items()}
-                deadline = time.monotonic() + 30
-                silos: dict[str, list[Any]] = {}
-                while len(silos) < len(files) and time.monotonic() < deadline:
-                    for name, file in files.items():
-                        if name not in silos and file.exists():
-                            try:
-                                silos[name] = json.loads(file.read_text())
-                            except ValueError:
-                                pass  # still being written
-                    time.sleep(0.1)
-                if len(silos) < len(files):
-                    missing = sorted(set(files) - set(silos))
-                    raise RuntimeError(f"silo timelines not written: {missing}")
+                signal_all(pids, signal.SIGUSR2)
+                timelines = read_when_written(
+                    [out / f"{pid}.json" for pid in pids], lambda path: json.loads(path.read_text())
+                )
+                silos = dict(zip(SILOS, timelines, strict=True))
         return {"unrecorded": unrecorded, "coordinator": coordinator, "silos": silos}
     finally:
         delete_federation(broker, federation, SILOS)
@@ -193,23 +174,6 @@ def critical_paths(
     return steps, cpu, skipped
 
 
-def _native(which: str, invocations: int) -> dict[str, float]:
-    import tensorflow_federated as tff
-
-    comp, values = _invocations(which)
-    with native_context() as context, tff.framework.get_context_stack().install(context):
-        return summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
-
-
-def _stats(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_ms": statistics.median(ordered),
-        "p10_ms": ordered[int(0.1 * (len(ordered) - 1))],
-        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))],
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -223,7 +187,7 @@ def main() -> int:
 
     stop_on_sigterm()
     progress(f"critical path: {args.computation}, {invocations} invocations, 3 silos")
-    native = _native(args.computation, invocations)
+    native = time_native(*statistic(args.computation), invocations, WARMUP)
     progress(f"  TFF native: {native['median_s'] * 1e3:.2f} ms")
     with tempfile.TemporaryDirectory(prefix="tff-amqp-timeline-") as out:
         amqp = _record_amqp(args.broker, args.computation, invocations, Path(out))
@@ -231,8 +195,8 @@ def main() -> int:
     if not steps["whole invocation"]:
         raise SystemExit("no invocation had all its messages recorded")
 
-    rows = [{"step": name, "spans": spans, **_stats(steps[name])} for name, spans in STEPS]
-    cpu_rows = [{"process": name, **_stats(samples)} for name, samples in cpu.items()]
+    rows = [{"step": name, "spans": spans, **summary(steps[name], "ms")} for name, spans in STEPS]
+    cpu_rows = [{"process": name, **summary(samples, "ms")} for name, samples in cpu.items()]
     native_ms = native["median_s"] * 1e3
     print()
     print_table(

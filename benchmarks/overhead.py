@@ -95,6 +95,15 @@ def build(clients: int = CLIENTS):
     return mean, values, process, datasets
 
 
+def statistic(which: str) -> tuple[Any, Any]:
+    """The federated mean (`which` = "mean") or the mean and the variance
+    around it ("mean_variance"), and its argument: 9 clients' values."""
+    mean, values, _, _ = build()
+    if which == "mean":
+        return mean, values
+    return build_mean_variance(), values
+
+
 def build_mean_variance():
     """Two aggregation phases with a broadcast between: the mean, then the
     variance around it (the mean goes back to the clients first)."""
