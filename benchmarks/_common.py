@@ -11,6 +11,7 @@ import platform
 import signal
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,41 @@ def time_native(comp: Any, arg: Any, invocations: int, warmup: int) -> dict[str,
         return summary(timed(lambda: comp(arg), invocations, warmup=warmup))
 
 
-def hooked_silo_env(hook: Path, variable: str, out: Path) -> dict[str, str]:
-    """The environment of a silo process that imports `hook/sitecustomize.py`
-    at start-up (with this repository importable) and writes to `out`,
-    named by `variable`."""
+@contextlib.contextmanager
+def hooked_federation(
+    broker: str, silos: list[str], hook: Path, variable: str, out: Path
+) -> Iterator[tuple[Any, list[int]]]:
+    """A local federation of `silos` processes that import
+    `hook/sitecustomize.py` at start-up (this repository importable; `out`,
+    named by the environment `variable`, is where they write), and a started
+    synchronous context over all of them, installed as TFF's default:
+    (context, the silos' pids). Processes stopped and the federation deleted
+    from the broker afterwards."""
+    import tensorflow_federated as tff
+
+    import tff_amqp
+    from tff_amqp.local import LocalFederation, SiloOptions
+
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(p for p in (str(hook), str(repo), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, variable: str(out)}
+    options = SiloOptions(env={"PYTHONPATH": path, variable: str(out)})
+    federation = f"bench-{uuid.uuid4().hex[:6]}"
+    try:
+        with LocalFederation(broker, federation) as local:
+            for name in silos:
+                local.start_silo(name, options=options)
+            progress(f"  starting {len(silos)} silos ...")
+            local.wait_ready(timeout=180)
+            pids = [local.silos[name].process.pid for name in silos]  # type: ignore[union-attr]
+            with (
+                tff_amqp.create_sync_amqp_execution_context(
+                    broker, federation=federation, min_silos=len(silos), cohort_timeout=120
+                ) as context,
+                tff.framework.get_context_stack().install(context),
+            ):
+                yield context, pids
+    finally:
+        delete_federation(broker, federation, silos)
 
 
 def signal_all(pids: list[int], signum: int) -> None:

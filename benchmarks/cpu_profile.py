@@ -25,7 +25,6 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
-    delete_federation,
-    hooked_silo_env,
+    hooked_federation,
     machine,
     print_table,
     progress,
@@ -97,57 +95,36 @@ def breakdown(stats: pstats.Stats) -> tuple[float, dict[str, float], list[tuple[
 def _profile_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[str, Any]:
     import cProfile
 
-    import tensorflow_federated as tff
-
-    import tff_amqp
-    from tff_amqp.local import LocalFederation, SiloOptions
-
     comp, values = statistic(which)
-    options = SiloOptions(env=hooked_silo_env(HOOK, "TFF_AMQP_PROFILE_DIR", out))
-    federation = f"bench-{uuid.uuid4().hex[:6]}"
-    try:
-        with LocalFederation(broker, federation) as local:
-            for name in SILOS:
-                local.start_silo(name, options=options)
-            progress(f"  starting {len(SILOS)} silos ...")
-            local.wait_ready(timeout=180)
-            pids = [local.silos[name].process.pid for name in SILOS]  # type: ignore[union-attr]
-            with (
-                tff_amqp.create_sync_amqp_execution_context(
-                    broker, federation=federation, min_silos=len(SILOS), cohort_timeout=120
-                ) as ctx,
-                tff.framework.get_context_stack().install(ctx),
-            ):
-                unprofiled = summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
-                progress(f"  tff-amqp: {unprofiled['median_s'] * 1e3:.2f} ms; profiling ...")
-                profile = cProfile.Profile(timer=time.thread_time)
+    with hooked_federation(broker, SILOS, HOOK, "TFF_AMQP_PROFILE_DIR", out) as (ctx, pids):
+        unprofiled = summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
+        progress(f"  tff-amqp: {unprofiled['median_s'] * 1e3:.2f} ms; profiling ...")
+        profile = cProfile.Profile(timer=time.thread_time)
 
-                async def start() -> None:  # on the context's event-loop thread
-                    profile.enable()
+        async def start() -> None:  # on the context's event-loop thread
+            profile.enable()
 
-                async def stop() -> None:
-                    profile.disable()
+        async def stop() -> None:
+            profile.disable()
 
-                signal_all(pids, signal.SIGUSR1)
-                ctx.run(start())
-                started = time.perf_counter()
-                for _ in range(invocations):
-                    comp(values)
-                profiled_s = (time.perf_counter() - started) / invocations
-                ctx.run(stop())
-                signal_all(pids, signal.SIGUSR2)
-                files = [out / f"{pid}.prof" for pid in pids]
-                read_when_written(files, lambda path: path.stat())
-                time.sleep(0.5)  # the last file is complete once its writer is done
-                silo_stats = pstats.Stats(*(str(f) for f in files))
-        return {
-            "unprofiled": unprofiled,
-            "profiled_ms": profiled_s * 1e3,
-            "coordinator": breakdown(pstats.Stats(profile)),
-            "silos": breakdown(silo_stats),
-        }
-    finally:
-        delete_federation(broker, federation, SILOS)
+        signal_all(pids, signal.SIGUSR1)
+        ctx.run(start())
+        started = time.perf_counter()
+        for _ in range(invocations):
+            comp(values)
+        profiled_s = (time.perf_counter() - started) / invocations
+        ctx.run(stop())
+        signal_all(pids, signal.SIGUSR2)
+        files = [out / f"{pid}.prof" for pid in pids]
+        read_when_written(files, lambda path: path.stat())
+        time.sleep(0.5)  # the last file is complete once its writer is done
+        silo_stats = pstats.Stats(*(str(f) for f in files))
+    return {
+        "unprofiled": unprofiled,
+        "profiled_ms": profiled_s * 1e3,
+        "coordinator": breakdown(pstats.Stats(profile)),
+        "silos": breakdown(silo_stats),
+    }
 
 
 def main() -> int:

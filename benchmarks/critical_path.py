@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ if __package__ in (None, ""):
 
 from benchmarks import _timeline
 from benchmarks._common import (
-    delete_federation,
-    hooked_silo_env,
+    hooked_federation,
     machine,
     print_table,
     progress,
@@ -71,46 +69,28 @@ STEPS: tuple[tuple[str, str], ...] = (
 
 
 def _record_amqp(broker: str, which: str, invocations: int, out: Path) -> dict[str, Any]:
-    import tensorflow_federated as tff
-
-    import tff_amqp
-    from tff_amqp.local import LocalFederation, SiloOptions
-
     comp, values = statistic(which)
-    options = SiloOptions(env=hooked_silo_env(HOOK, "TFF_AMQP_TIMELINE_DIR", out))
-    federation = f"bench-{uuid.uuid4().hex[:6]}"
     _timeline.install()  # before the coordinator consumes its queue
-    try:
-        with LocalFederation(broker, federation) as local:
-            for name in SILOS:
-                local.start_silo(name, options=options)
-            progress(f"  starting {len(SILOS)} silos ...")
-            local.wait_ready(timeout=180)
-            pids = [local.silos[name].process.pid for name in SILOS]  # type: ignore[union-attr]
-            with (
-                tff_amqp.create_sync_amqp_execution_context(
-                    broker, federation=federation, min_silos=len(SILOS), cohort_timeout=120
-                ) as ctx,
-                tff.framework.get_context_stack().install(ctx),
-            ):
-                unrecorded = summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
-                progress(f"  tff-amqp: {unrecorded['median_s'] * 1e3:.2f} ms; recording ...")
-                signal_all(pids, signal.SIGUSR1)
-                time.sleep(0.5)  # every silo is recording before the first request
-                _timeline.start()
-                for i in range(invocations):
-                    _timeline.mark(f"start {i}")
-                    comp(values)
-                    _timeline.mark(f"end {i}")
-                coordinator = _timeline.stop()
-                signal_all(pids, signal.SIGUSR2)
-                timelines = read_when_written(
-                    [out / f"{pid}.json" for pid in pids], lambda path: json.loads(path.read_text())
-                )
-                silos = dict(zip(SILOS, timelines, strict=True))
-        return {"unrecorded": unrecorded, "coordinator": coordinator, "silos": silos}
-    finally:
-        delete_federation(broker, federation, SILOS)
+    with hooked_federation(broker, SILOS, HOOK, "TFF_AMQP_TIMELINE_DIR", out) as (_, pids):
+        unrecorded = summary(timed(lambda: comp(values), invocations, warmup=WARMUP))
+        progress(f"  tff-amqp: {unrecorded['median_s'] * 1e3:.2f} ms; recording ...")
+        signal_all(pids, signal.SIGUSR1)
+        time.sleep(0.5)  # every silo is recording before the first request
+        _timeline.start()
+        for i in range(invocations):
+            _timeline.mark(f"start {i}")
+            comp(values)
+            _timeline.mark(f"end {i}")
+        coordinator = _timeline.stop()
+        signal_all(pids, signal.SIGUSR2)
+        timelines = read_when_written(
+            [out / f"{pid}.json" for pid in pids], lambda path: json.loads(path.read_text())
+        )
+    return {
+        "unrecorded": unrecorded,
+        "coordinator": coordinator,
+        "silos": dict(zip(SILOS, timelines, strict=True)),
+    }
 
 
 def critical_paths(
