@@ -9,6 +9,7 @@ session's silo processes and compares each with TFF's native runtime."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import types
 
@@ -252,6 +253,46 @@ def test_bundle_capability_flags_round_trip_and_are_checked() -> None:
     assert p.Batch.from_wire(batch.to_wire()).accepts_bundles
     with pytest.raises(p.ProtocolError, match="'ab' must be a boolean"):
         p.Batch.from_wire({**batch.to_wire(), "ab": "yes"})
+
+
+class _RecordingEndpoint:
+    """A silo's endpoint that records each error reply with whether replies
+    were to be bundled when it went out."""
+
+    def __init__(self) -> None:
+        self.bundle_replies = False
+        self.max_message_bytes = p.DEFAULT_MAX_MESSAGE_BYTES
+        self.errors: list[tuple[p.ErrorCode, bool]] = []
+
+    async def reply_error(self, inv: str, corr: str, code: p.ErrorCode, text: str) -> None:
+        self.errors.append((code, self.bundle_replies))
+
+
+async def test_a_refusal_is_bundled_as_the_batch_it_refuses_says() -> None:
+    """A silo refusing a batch (functions it does not hold, past its
+    deadline) answers as that batch's coordinator reads replies, not as the
+    coordinator before it said."""
+    from tff_amqp.silo.stateful.agent import SiloAgent, SiloConfig
+
+    agent = SiloAgent(SiloConfig(name="alpha", broker_url="amqp://unused/", federation="fed"))
+    endpoint = _RecordingEndpoint()
+    agent.endpoint = endpoint  # type: ignore[assignment]
+
+    def batch(n: int, *, bundles: bool, deadline: float = 0.0) -> p.Envelope:
+        envelope = _batch(n, deadline=deadline)
+        assert isinstance(envelope.body, p.Batch)
+        missing = p.CreateKnownFunction(target=1, digest=bytes(32))
+        body = dataclasses.replace(envelope.body, operations=(missing,), accepts_bundles=bundles)
+        return dataclasses.replace(envelope, body=body)
+
+    assert await agent._accept(batch(1, bundles=True)) is None
+    assert await agent._accept(batch(2, bundles=False, deadline=time.time() - 1)) is None
+    assert await agent._accept(batch(3, bundles=True, deadline=time.time() - 1)) is None
+    assert endpoint.errors == [
+        (p.ErrorCode.MISSING_FUNCTIONS, True),
+        (p.ErrorCode.EXPIRED, False),
+        (p.ErrorCode.EXPIRED, True),
+    ]
 
 
 async def test_a_dead_lettered_bundle_fails_each_request_it_carried() -> None:

@@ -273,6 +273,10 @@ class SiloAgent(SiloServer):
     async def _accept(self, envelope: p.Envelope) -> asyncio.Future[None] | None:
         """Refuse `envelope` (None) or queue it for its invocation's runner:
         the future of its being applied."""
+        if isinstance(envelope.body, p.Batch) and not self._replaced(envelope):
+            # Replies, refusals included, as the latest coordinator reads
+            # them (one coordinator per federation).
+            self.endpoint.bundle_replies = envelope.body.accepts_bundles
         refusal = self._refusal(envelope)
         if refusal is not None:
             code, text = refusal
@@ -300,8 +304,6 @@ class SiloAgent(SiloServer):
             self._free_if_closing(envelope)
             return None
         await self._note_coordinator(envelope)
-        # As the latest coordinator says (one coordinator per federation).
-        self.endpoint.bundle_replies = envelope.body.accepts_bundles
         runner = self._runners.get(envelope.invocation_id)
         if runner is None:
             if not envelope.invocation_id:
